@@ -1,0 +1,5 @@
+import sys
+
+from omnirt.cli import main
+
+sys.exit(main())

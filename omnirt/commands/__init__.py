@@ -1,0 +1,1 @@
+"""One module per ``omnirt`` subcommand; each exposes ``register(subparsers)``."""

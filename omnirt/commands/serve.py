@@ -1,0 +1,12 @@
+"""`omnirt serve` (not built yet)."""
+
+from omnirt.cli import CliError
+
+
+def register(sub):
+    p = sub.add_parser("serve", help="(not yet available)")
+    p.set_defaults(func=run)
+
+
+def run(args):
+    raise CliError("'omnirt serve' is not available yet in this version")

@@ -1,0 +1,267 @@
+"""The wire contract as types: requests, results, artifacts, job records, events (pure, no I/O).
+
+Field names follow ``shared/API.md`` exactly. Every type is a pydantic v2 model, so one schema
+validates requests at the HTTP edge, encodes responses, and produces the OpenAPI document.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import json
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+SCHEMA_VERSION = "1"
+
+
+class Problem(BaseModel):
+    """One validation problem: where (field path) and what."""
+
+    model_config = ConfigDict(frozen=True)
+
+    loc: tuple[str | int, ...]
+    msg: str
+
+    def render(self) -> str:
+        where = ".".join(str(p) for p in self.loc) or "body"
+        return f"{where}: {self.msg}"
+
+
+class ContractError(Exception):
+    """Base for errors that map to a client-facing status (see ``gateway.errors``)."""
+
+    status = 400
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+
+class RequestInvalid(ContractError):
+    """The request breaks one or more rules; ``problems`` lists every one of them."""
+
+    status = 400
+
+    def __init__(self, problems: list[Problem]):
+        self.problems = list(problems)
+        super().__init__("; ".join(p.render() for p in self.problems) or "invalid request")
+
+    def detail(self) -> list[dict[str, Any]]:
+        return [{"loc": list(p.loc), "msg": p.msg} for p in self.problems]
+
+
+class UnknownModel(ContractError):
+    status = 404
+
+
+class ModelTierForbidden(ContractError):
+    status = 403
+
+
+# ---------------------------------------------------------------------------------------------
+# Requests
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class AdapterRef(_Strict):
+    kind: str = "lora"
+    path: str
+    scale: float = 1.0
+
+
+class GenerateRequest(_Strict):
+    """``POST /v1/generate`` and ``POST /v1/jobs`` body; also what a worker receives."""
+
+    task: str = Field(min_length=1, description="text2image or image2image")
+    model: str = Field(min_length=1, description="model id, e.g. sdxl-base-1.0")
+    backend: str = Field("auto", description="auto | cuda | ascend | cpu | cpu-stub")
+    inputs: dict[str, Any] = Field(default_factory=dict, description="prompt, negative_prompt, image")
+    config: dict[str, Any] = Field(default_factory=dict, description="width, height, steps, seed, ...")
+    adapters: list[AdapterRef] | None = None
+    async_run: bool = False
+    routing_tags: list[str] = Field(default_factory=list)
+
+
+def parse_generate_request(payload: Any) -> GenerateRequest:
+    """Validate a decoded JSON body; raise ``RequestInvalid`` listing every problem."""
+    if not isinstance(payload, dict):
+        raise RequestInvalid([Problem(loc=(), msg="request body must be a JSON object")])
+    try:
+        return GenerateRequest.model_validate(payload)
+    except ValidationError as exc:
+        raise RequestInvalid(problems_from_pydantic(exc)) from None
+
+
+def problems_from_pydantic(exc: ValidationError) -> list[Problem]:
+    return [Problem(loc=tuple(e["loc"]), msg=e["msg"]) for e in exc.errors(include_url=False)]
+
+
+def request_fingerprint(request: GenerateRequest) -> str:
+    """Stable hash of a request's content (idempotency: same key + same body = same job)."""
+    canonical = json.dumps(request.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# Results
+
+
+class Artifact(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    kind: str = "image"
+    mime: str = "image/png"
+    width: int = 0
+    height: int = 0
+    num_frames: int = 1
+    path: str = ""
+    transport: Literal["path", "inline_bytes"] = "inline_bytes"
+    data_b64: str | None = None
+    sha256: str = ""
+    bytes: int = 0
+    url: str | None = None
+
+
+class RunReport(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    run_id: str = ""
+    task: str = ""
+    model: str = ""
+    backend: str = ""
+    job_id: str = ""
+    trace_id: str = ""
+    worker_id: str = ""
+    execution_mode: str = ""
+    schema_version: str = SCHEMA_VERSION
+    enqueued_at_ms: int | None = None
+    queue_wait_ms: float | None = None
+    timings: dict[str, float] = Field(default_factory=dict)
+    memory: dict[str, float] = Field(default_factory=dict)
+    config_resolved: dict[str, Any] = Field(default_factory=dict)
+    batch_size: int = 1
+    error: str | None = None
+    stream_events: bool = False
+
+
+class GenerateResult(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    outputs: list[Artifact] = Field(default_factory=list)
+    metadata: RunReport = Field(default_factory=RunReport)
+
+
+# ---------------------------------------------------------------------------------------------
+# Jobs and events
+
+
+class JobState(enum.StrEnum):
+    queued = "queued"
+    running = "running"
+    cancelling = "cancelling"
+    succeeded = "succeeded"
+    failed = "failed"
+    cancelled = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in TERMINAL_STATES
+
+
+TERMINAL_STATES = frozenset({JobState.succeeded, JobState.failed, JobState.cancelled})
+
+#: The job state machine, in one place. ``running -> queued`` is a retry after a lost worker.
+ALLOWED_TRANSITIONS: dict[JobState, frozenset[JobState]] = {
+    JobState.queued: frozenset({JobState.running, JobState.cancelled, JobState.failed}),
+    JobState.running: frozenset(
+        {JobState.cancelling, JobState.succeeded, JobState.failed, JobState.cancelled, JobState.queued}
+    ),
+    JobState.cancelling: frozenset({JobState.cancelled, JobState.succeeded, JobState.failed}),
+    JobState.succeeded: frozenset(),
+    JobState.failed: frozenset(),
+    JobState.cancelled: frozenset(),
+}
+
+#: The terminal event each terminal state ends its stream with.
+TERMINAL_EVENT = {
+    JobState.succeeded: "job_finished",
+    JobState.failed: "job_failed",
+    JobState.cancelled: "job_cancelled",
+}
+TERMINAL_EVENT_NAMES = frozenset(TERMINAL_EVENT.values())
+
+
+class IllegalTransition(Exception):
+    def __init__(self, current: JobState, target: JobState):
+        super().__init__(f"illegal job transition {current.value} -> {target.value}")
+        self.current = current
+        self.target = target
+
+
+def check_transition(current: JobState, target: JobState) -> None:
+    """Raise ``IllegalTransition`` unless the table allows ``current -> target``."""
+    if target not in ALLOWED_TRANSITIONS[current]:
+        raise IllegalTransition(current, target)
+
+
+class JobEvent(BaseModel):
+    """One event of a job's stream; ``seq`` is 1, 2, 3... per job and is the SSE id."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    seq: int = 0
+    event: str
+    stage: str = "job"
+    timestamp_ms: int = 0
+    data: dict[str, Any] = Field(default_factory=dict)
+
+    @property
+    def terminal(self) -> bool:
+        return self.event in TERMINAL_EVENT_NAMES
+
+
+class JobRecord(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    id: str
+    state: JobState = JobState.queued
+    backend: str = "auto"
+    request: GenerateRequest
+    error: str | None = None
+    trace_id: str | None = None
+    worker_id: str | None = None
+    enqueued_at_ms: int = 0
+    started_at_ms: int | None = None
+    finished_at_ms: int | None = None
+    execution_mode: str = "async"
+    events: list[JobEvent] = Field(default_factory=list)
+    result: GenerateResult | None = None
+    attempts: int = 0
+    queue_position: int | None = None
+    #: server-side bookkeeping (not secret, but not part of the public contract)
+    idempotency_key: str | None = None
+    excluded_workers: list[str] = Field(default_factory=list)
+
+    def public(self, *, include_events: bool = True) -> dict[str, Any]:
+        """The JSON body clients see."""
+        body = self.model_dump(mode="json", exclude={"idempotency_key", "excluded_workers"})
+        if not include_events:
+            body.pop("events", None)
+        return body
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage names (events and timings)
+
+STAGES = ("load_pipeline", "encode_prompt", "denoise", "decode", "export")
+
+
+def encode_json(obj: Any) -> bytes:
+    if isinstance(obj, BaseModel):
+        obj = obj.model_dump(mode="json")
+    return json.dumps(obj, separators=(",", ":")).encode()

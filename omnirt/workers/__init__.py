@@ -1,0 +1,1 @@
+"""Reaching workers: one WorkerConnection interface, in-process and gRPC implementations, the pool."""

@@ -1,0 +1,98 @@
+"""The one interface through which the job service reaches any worker, local or remote."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from twisted.internet.defer import Deferred
+
+from omnirt.contract import GenerateRequest
+from omnirt.engine.base import JobCancelled, JobFailed, RunOutcome
+
+__all__ = [
+    "JobCancelled",
+    "JobFailed",
+    "RunOutcome",
+    "WorkerBusy",
+    "WorkerConnection",
+    "WorkerHealth",
+    "WorkerJob",
+    "WorkerLost",
+    "WorkerUpdate",
+]
+
+
+class WorkerLost(Exception):
+    """The transport to the worker failed (process died, stream dropped, deadline): retryable."""
+
+
+class WorkerBusy(Exception):
+    """The worker refused the job (RESOURCE_EXHAUSTED or draining): try again elsewhere/later."""
+
+
+@dataclasses.dataclass
+class WorkerJob:
+    job_id: str
+    request: GenerateRequest  # resolved; ``backend`` may still be "auto" (the worker resolves it)
+    attempt: int = 1
+    trace_id: str | None = None
+    execution_mode: str = "async"
+    enqueued_at_ms: int | None = None
+    #: W3C trace context (traceparent/tracestate) to carry to the worker
+    trace_context: dict[str, str] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class WorkerUpdate:
+    """One progress event from a worker: stage_start/stage_progress/stage_end/stage_error."""
+
+    event: str
+    stage: str
+    data: dict[str, Any]
+    timestamp_ms: int = 0
+
+
+@dataclasses.dataclass
+class WorkerHealth:
+    ok: bool
+    worker_id: str
+    state: str  # starting | ready | draining | error
+    inflight: int = 0
+    capacity: int = 1
+    models: tuple[str, ...] = ()  # served models; empty = every model
+    loaded_models: tuple[str, ...] = ()
+    backend: str = ""
+    tags: tuple[str, ...] = ()
+    draining: bool = False
+    last_error: str = ""
+    version: str = ""
+    queue_depth: int = 0
+    gpu_mem_used_gb: float = 0.0
+
+
+class WorkerConnection(Protocol):
+    """How the dispatcher reaches a worker. Implementations: ``local``, ``grpc``.
+
+    ``run`` returns a Deferred that fires with a ``RunOutcome`` or fails with ``JobFailed``
+    (not retried), ``JobCancelled``, ``WorkerBusy`` or ``WorkerLost`` (retried elsewhere).
+    Cancelling that Deferred cancels the job on the worker. ``on_update`` is called on the
+    reactor thread for each event, in order: first ``job_started`` (stage ``job``, data
+    ``{"backend": <resolved backend>}``) when the worker begins the job, then the engine's
+    ``stage_*`` events.
+    """
+
+    worker_id: str
+    address: str
+    models: tuple[str, ...]
+    tags: tuple[str, ...]
+    capacity: int
+
+    def run(self, job: WorkerJob, on_update: Callable[[WorkerUpdate], None]) -> Deferred[RunOutcome]: ...
+
+    def cancel(self, job_id: str) -> Deferred[bool]: ...
+
+    def health(self) -> Deferred[WorkerHealth]: ...
+
+    def close(self) -> Deferred[None]: ...
