@@ -1,12 +1,115 @@
-"""`omnirt serve` (not built yet)."""
+"""``omnirt serve``: the gateway. Builds the service tree in one place and runs it on the reactor.
+
+Startup: check flags -> store -> workers (local engine and/or probed remote workers) -> dispatcher
+and job service -> HTTP. Shutdown (SIGTERM/SIGINT): stop listening, stop admitting, let running
+jobs finish within ``--shutdown-grace-s``, cancel the rest, close workers, close the store.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
 
 from omnirt.cli import CliError
+from omnirt.commands.common import add_model_path_arg, parse_model_paths
+from omnirt.registry import DEFAULT_ALLOWED_TIERS, TIERS
 
 
-def register(sub):
-    p = sub.add_parser("serve", help="(not yet available)")
-    p.set_defaults(func=run)
+def register(sub) -> None:
+    p = sub.add_parser("serve", help="run the HTTP gateway (single process, or in front of remote workers)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed)")
+    p.add_argument("--backend", default="auto", choices=["auto", "cuda", "ascend", "cpu", "cpu-stub"],
+                   help="default backend for requests that say auto")
+    p.add_argument("--max-concurrency", type=int, default=1, help="jobs the in-process engine runs at once")
+    p.add_argument("--pipeline-cache-size", type=int, default=4)
+    p.add_argument("--model-tier", action="append", choices=TIERS, default=None,
+                   help=f"allowed model tier (repeatable; default: {', '.join(DEFAULT_ALLOWED_TIERS)})")
+    p.add_argument("--api-key-file", default=None, help="file with one API key per line (# comments)")
+    p.add_argument("--redis-url", default=None, help="Redis job store (not supported by this version yet)")
+    p.add_argument("--otlp-endpoint", default=None, help="OTLP/HTTP traces endpoint (not supported yet)")
+    p.add_argument("--remote-worker", action="append", default=[], metavar="SPEC",
+                   help="'worker_id=host:port@model1,model2#tag1,tag2' (repeatable)")
+    p.add_argument("--fleet", default=None, help="fleet file (not supported by this version yet)")
+    p.add_argument("--local-worker", action="store_true",
+                   help="also run an in-process engine when remote workers are configured")
+    p.add_argument("--max-queue", type=int, default=1000, help="jobs allowed to wait; beyond -> 429")
+    p.add_argument("--artifact-dir", default=None, help="where output images are stored (content-addressed)")
+    add_model_path_arg(p)
+    p.add_argument("--max-body-bytes", type=int, default=32 * 1024 * 1024)
+    p.add_argument("--shutdown-grace-s", type=float, default=30.0)
+    p.add_argument("--job-retention-s", type=float, default=86400.0)
+    p.add_argument("--max-attempts", type=int, default=3, help="dispatch attempts per job across workers")
+    p.add_argument("--health-interval-s", type=float, default=2.0)
+    p.add_argument("--health-failure-threshold", type=int, default=2)
+    p.add_argument("--keepalive-s", type=float, default=15.0, help="SSE/WebSocket keep-alive interval")
+    p.set_defaults(func=run, needs_reactor=True)
 
 
-def run(args):
-    raise CliError("'omnirt serve' is not available yet in this version")
+def _check(args) -> None:
+    if args.redis_url:
+        raise CliError("--redis-url is not supported by this version yet (memory store only)")
+    if args.otlp_endpoint:
+        raise CliError("--otlp-endpoint is not supported by this version yet")
+    if args.fleet:
+        raise CliError("--fleet is not supported by this version yet")
+    for name in ("max_concurrency", "pipeline_cache_size", "max_queue", "max_body_bytes", "max_attempts",
+                 "health_failure_threshold"):
+        if getattr(args, name) < 1:
+            raise CliError(f"--{name.replace('_', '-')} must be at least 1")
+    if not 0 <= args.port <= 65535:
+        raise CliError(f"--port must be 0..65535 (got {args.port})")
+
+
+def default_artifact_dir() -> str:
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(Path.home(), ".local", "share")
+    return os.path.join(base, "omnirt", "artifacts")
+
+
+def run(args) -> int:
+    _check(args)
+    model_paths = parse_model_paths(args.model_path)
+    from omnirt.gateway.auth import ApiKeys, AuthConfigError, load_api_keys
+
+    keys = ApiKeys()
+    if args.api_key_file:
+        try:
+            keys = ApiKeys(load_api_keys(args.api_key_file))
+        except AuthConfigError as exc:
+            raise CliError(str(exc)) from None
+    remote_specs = []
+    if args.remote_worker:
+        from omnirt.workers.spec import SpecError, parse_remote_workers
+
+        try:
+            remote_specs = parse_remote_workers(args.remote_worker)
+        except SpecError as exc:
+            raise CliError(str(exc)) from None
+
+    from omnirt.gateway.server import Gateway
+
+    gateway = Gateway(
+        host=args.host,
+        port=args.port,
+        backend=args.backend,
+        max_concurrency=args.max_concurrency,
+        pipeline_cache_size=args.pipeline_cache_size,
+        allowed_tiers=tuple(args.model_tier or DEFAULT_ALLOWED_TIERS),
+        api_keys=keys,
+        remote_specs=remote_specs,
+        local_worker=args.local_worker or not remote_specs,
+        max_queue=args.max_queue,
+        artifact_dir=args.artifact_dir or default_artifact_dir(),
+        model_paths=model_paths,
+        max_body_bytes=args.max_body_bytes,
+        shutdown_grace_s=args.shutdown_grace_s,
+        job_retention_s=args.job_retention_s,
+        max_attempts=args.max_attempts,
+        health_interval_s=args.health_interval_s,
+        health_failure_threshold=args.health_failure_threshold,
+        keepalive_s=args.keepalive_s,
+    )
+    code = gateway.run_forever()
+    sys.stdout.flush()
+    return code

@@ -1,0 +1,299 @@
+"""The gateway's HTTP API: thin Klein routes over the job service (parse -> service -> encode)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+from typing import Any
+
+from klein import Klein
+from twisted.internet.defer import CancelledError
+from twisted.web.resource import Resource
+
+from omnirt.contract import JobRecord, JobState, parse_generate_request
+from omnirt.gateway import sse
+from omnirt.gateway.auth import ApiKeys
+from omnirt.gateway.edge import parse_int_arg, parse_json_body
+from omnirt.gateway.errors import HTTPError, error_response
+from omnirt.jobs.service import JobService
+from omnirt.registry import TIERS, list_models
+from omnirt.store.base import StoreUnavailable
+from omnirt.telemetry.metrics import GatewayMetrics
+
+JSON = b"application/json"
+OPEN_PATHS = frozenset({b"/healthz", b"/readyz"})
+
+_ROUTE_LABELS = [
+    (re.compile(r"^/v1/jobs/[^/]+/events$"), "/v1/jobs/{id}/events"),
+    (re.compile(r"^/v1/jobs/[^/]+/stream$"), "/v1/jobs/{id}/stream"),
+    (re.compile(r"^/v1/jobs/[^/]+/trace$"), "/v1/jobs/{id}/trace"),
+    (re.compile(r"^/v1/jobs/[^/]+$"), "/v1/jobs/{id}"),
+    (re.compile(r"^/v1/artifacts/[^/]+$"), "/v1/artifacts/{sha256}"),
+]
+_KNOWN_ROUTES = {
+    "/healthz", "/readyz", "/metrics", "/v1/models", "/v1/generate", "/v1/jobs", "/v1/images/generations",
+    "/openapi.json",
+}
+
+
+def route_label(path: str) -> str:
+    if path in _KNOWN_ROUTES:
+        return path
+    for pattern, label in _ROUTE_LABELS:
+        if pattern.match(path):
+            return label
+    return "other"
+
+
+def write_json(request, status: int, body: Any, headers: dict[str, str] | None = None) -> bytes:
+    request.setResponseCode(status)
+    request.setHeader(b"Content-Type", JSON)
+    for name, value in (headers or {}).items():
+        request.setHeader(name.encode(), value.encode())
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+class GatewayAPI:
+    """Routes of API.md. Fields are the domain services; handlers parse, call, encode."""
+
+    app = Klein()
+
+    def __init__(
+        self,
+        *,
+        service: JobService,
+        metrics: GatewayMetrics,
+        reactor,
+        api_keys: ApiKeys | None = None,
+        readiness=None,
+        keepalive_s: float = 15.0,
+    ):
+        self.service = service
+        self.metrics = metrics
+        self.reactor = reactor
+        self.api_keys = api_keys or ApiKeys()
+        #: async () -> (ok, body) extra readiness facts (set by the composition root)
+        self.readiness = readiness
+        self.keepalive_s = keepalive_s
+
+    def resource(self) -> Resource:
+        return GatewayResource(self)
+
+    # -- errors ------------------------------------------------------------------------------
+
+    @app.handle_errors(Exception)
+    def _errors(self, request, failure):
+        if failure.check(CancelledError):
+            return b""
+        status, body, headers = error_response(failure.value)
+        return write_json(request, status, body, headers)
+
+    # -- health ------------------------------------------------------------------------------
+
+    @app.route("/healthz", methods=["GET"])
+    def healthz(self, request):
+        return write_json(request, 200, {"ok": True})
+
+    @app.route("/readyz", methods=["GET"])
+    async def readyz(self, request):
+        pool = self.service.dispatcher.pool
+        store = self.service.store
+        body: dict[str, Any] = {
+            "ok": True,
+            "job_store_backend": store.backend_name,
+            "remote_worker_count": sum(1 for e in pool.entries.values() if e.conn.address != "in-process"),
+            "allowed_model_tiers": list(self.service.allowed_tiers),
+            "workers": pool.snapshot(),
+            "queue_depth": self.service.dispatcher.depth(),
+            "backend": self.service.default_backend,
+            "accepting": self.service.accepting,
+        }
+        problems = []
+        try:
+            await store.ping()
+        except StoreUnavailable as exc:
+            problems.append(f"job store unreachable: {exc}")
+            body["job_store_error"] = str(exc)
+        if pool.usable_count() == 0:
+            problems.append("no usable worker")
+        if not self.service.accepting:
+            problems.append("shutting down")
+        if self.readiness is not None:
+            extra_ok, extra = await self.readiness()
+            body.update(extra)
+            if not extra_ok:
+                problems.append(extra.get("reason", "not ready"))
+        if problems:
+            body["ok"] = False
+            body["reason"] = "; ".join(problems)
+            return write_json(request, 503, body)
+        return write_json(request, 200, body)
+
+    @app.route("/metrics", methods=["GET"])
+    def metrics_route(self, request):
+        request.setHeader(b"Content-Type", self.metrics.content_type.encode())
+        return self.metrics.render()
+
+    # -- models ------------------------------------------------------------------------------
+
+    @app.route("/v1/models", methods=["GET"])
+    def models(self, request):
+        tier = (request.args.get(b"tier") or [b"all"])[0].decode("utf-8", "replace")
+        allowed = self.service.allowed_tiers
+        if tier == "all":
+            tiers = allowed
+        elif tier in TIERS:
+            tiers = tuple(t for t in allowed if t == tier)
+        else:
+            raise HTTPError(400, f"unknown tier {tier!r} (one of: {', '.join(TIERS)}, all)")
+        data = [m.to_openai() for m in list_models(tiers)] if tiers else []
+        return write_json(request, 200, {"object": "list", "data": data})
+
+    # -- jobs --------------------------------------------------------------------------------
+
+    def _parse_submit(self, request):
+        payload = parse_json_body(request.getHeader(b"content-type"), request.content.read())
+        generate = parse_generate_request(payload)
+        key = request.getHeader(b"idempotency-key")
+        if key is not None and not (0 < len(key) <= 255):
+            raise HTTPError(400, "Idempotency-Key must be 1 to 255 characters")
+        return generate, key
+
+    @app.route("/v1/generate", methods=["POST"])
+    async def generate(self, request):
+        generate, key = self._parse_submit(request)
+        if generate.async_run:
+            record, created = await self.service.submit(generate, execution_mode="async", idempotency_key=key)
+            return write_json(request, 202 if created else 200, record.public())
+        record, _ = await self.service.submit(generate, execution_mode="sync", idempotency_key=key)
+        final = await self._wait_or_cancel(record.id)
+        return await self._sync_result(request, final)
+
+    async def _wait_or_cancel(self, job_id: str) -> JobRecord:
+        """Wait for a sync job; a client that goes away cancels it."""
+        try:
+            return await self.service.wait(job_id)
+        except CancelledError:
+            try:
+                await self.service.cancel(job_id)
+            except Exception:  # noqa: BLE001 - already terminal or gone: nothing to stop
+                pass
+            raise
+
+    async def _sync_result(self, request, final: JobRecord):
+        if final.state == JobState.succeeded and final.result is not None:
+            outputs = []
+            for artifact in final.result.outputs:
+                blob = await self.service.dispatcher.artifacts.read(artifact.sha256)
+                inline = {"transport": "inline_bytes", "data_b64": base64.b64encode(blob or b"").decode()}
+                outputs.append(artifact.model_copy(update=inline))
+            body = final.result.model_copy(update={"outputs": outputs}).model_dump(mode="json")
+            return write_json(request, 200, body)
+        if final.state == JobState.cancelled:
+            return write_json(request, 409, {"detail": f"job {final.id} was cancelled", "job_id": final.id})
+        return write_json(request, 500, {"detail": f"job {final.id} failed: {final.error}", "job_id": final.id})
+
+    @app.route("/v1/jobs", methods=["POST"])
+    async def submit_job(self, request):
+        generate, key = self._parse_submit(request)
+        record, created = await self.service.submit(generate, execution_mode="async", idempotency_key=key)
+        return write_json(request, 202 if created else 200, record.public())
+
+    @app.route("/v1/jobs", methods=["GET"])
+    async def list_jobs(self, request):
+        raw_state = (request.args.get(b"state") or [None])[0]
+        state = None
+        if raw_state:
+            try:
+                state = JobState(raw_state.decode("utf-8", "replace"))
+            except ValueError:
+                raise HTTPError(400, f"unknown state (one of: {', '.join(s.value for s in JobState)})") from None
+        model = (request.args.get(b"model") or [None])[0]
+        limit = parse_int_arg((request.args.get(b"limit") or [None])[0], "limit", minimum=1, maximum=1000, default=50)
+        records = await self.service.list(state=state, model=model.decode("utf-8", "replace") if model else None, limit=limit)
+        return write_json(request, 200, {"data": [r.public(include_events=False) for r in records]})
+
+    @app.route("/v1/jobs/<job_id>", methods=["GET"])
+    async def get_job(self, request, job_id):
+        record = await self.service.get(job_id)
+        return write_json(request, 200, record.public())
+
+    @app.route("/v1/jobs/<job_id>", methods=["DELETE"])
+    async def cancel_job(self, request, job_id):
+        record = await self.service.cancel(job_id)
+        return write_json(request, 200, record.public(include_events=False))
+
+    @app.route("/v1/jobs/<job_id>/events", methods=["GET"])
+    async def job_events(self, request, job_id):
+        after = sse.resume_point(request)
+        await sse.stream_events(self.service, self.reactor, request, job_id, after, self.keepalive_s)
+        return b""
+
+    @app.route("/v1/jobs/<job_id>/stream", methods=["GET"])
+    def job_stream(self, request, job_id):
+        from omnirt.gateway.websocket import job_stream_resource
+
+        return job_stream_resource(self, job_id)
+
+    # -- artifacts ---------------------------------------------------------------------------
+
+    @app.route("/v1/artifacts/<sha256>", methods=["GET"])
+    async def artifact(self, request, sha256):
+        artifacts = self.service.dispatcher.artifacts
+        found = artifacts.find(sha256)
+        if found is None:
+            raise HTTPError(404, f"unknown artifact {sha256!r}")
+        etag = f'"{sha256}"'.encode()
+        request.setHeader(b"ETag", etag)
+        request.setHeader(b"Cache-Control", b"public, max-age=31536000, immutable")
+        if request.getHeader(b"if-none-match") == etag:
+            request.setResponseCode(304)
+            return b""
+        blob = await artifacts.read(sha256)  # read on a thread, not the reactor
+        if blob is None:
+            raise HTTPError(404, f"unknown artifact {sha256!r}")
+        request.setHeader(b"Content-Type", found[1].encode())
+        return blob
+
+    # -- OpenAI-compatible -------------------------------------------------------------------
+
+    @app.route("/v1/images/generations", methods=["POST"])
+    async def openai_images(self, request):
+        from omnirt.gateway.openai import images_generations
+
+        return await images_generations(self, request)
+
+
+class GatewayResource(Resource):
+    """Wraps the Klein resource: API-key check (all but /healthz, /readyz; the WebSocket route
+    checks its key itself to close with 4401) and HTTP request metrics."""
+
+    isLeaf = True
+
+    def __init__(self, api: GatewayAPI):
+        super().__init__()
+        self.api = api
+        self.inner = api.app.resource()
+
+    def render(self, request):
+        path = request.path.decode("latin-1")
+        label = route_label(path)
+        counter = self.api.metrics.http_requests
+
+        def count(_=None):
+            counter.labels(route=label, code=str(request.code)).inc()
+
+        request.notifyFinish().addBoth(count)
+        keys = self.api.api_keys
+        if keys.enabled and request.path not in OPEN_PATHS and label != "/v1/jobs/{id}/stream":
+            presented = keys.from_headers(request.getHeader(b"authorization"), request.getHeader(b"x-api-key"))
+            if not keys.check(presented):
+                request.setHeader(b"WWW-Authenticate", b'Bearer realm="omnirt"')
+                if label == "/v1/images/generations":
+                    return write_json(request, 401, {"error": {
+                        "message": "missing or invalid API key", "type": "invalid_request_error",
+                        "code": "invalid_api_key"}})
+                return write_json(request, 401, {"detail": "missing or invalid API key"})
+        return self.inner.render(request)
+

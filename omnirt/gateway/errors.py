@@ -1,0 +1,40 @@
+"""Exceptions -> (status, JSON body): the one place where errors meet HTTP."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.python import log
+
+from omnirt.contract import ContractError, IllegalTransition, RequestInvalid
+from omnirt.jobs.errors import QueueFull
+from omnirt.store.base import StoreUnavailable
+
+
+class HTTPError(Exception):
+    """Raised by edge parsing: a status and a message."""
+
+    def __init__(self, status: int, detail: Any, headers: dict[str, str] | None = None):
+        super().__init__(str(detail))
+        self.status = status
+        self.detail = detail
+        self.headers = headers or {}
+
+
+def error_response(exc: BaseException) -> tuple[int, dict[str, Any], dict[str, str]]:
+    """Map an exception to (status, body, extra headers). Unknown errors are logged and get a
+    generic 500 body without internals."""
+    if isinstance(exc, HTTPError):
+        return exc.status, {"detail": exc.detail}, exc.headers
+    if isinstance(exc, RequestInvalid):
+        return 400, {"detail": exc.detail()}, {}
+    if isinstance(exc, QueueFull):
+        return 429, {"detail": exc.message, "retry_after_s": exc.retry_after_s}, {"Retry-After": str(exc.retry_after_s)}
+    if isinstance(exc, ContractError):
+        return exc.status, {"detail": exc.message}, {}
+    if isinstance(exc, StoreUnavailable):
+        return 503, {"detail": f"job store unavailable: {exc}"}, {"Retry-After": "1"}
+    if isinstance(exc, IllegalTransition):
+        return 409, {"detail": str(exc)}, {}
+    log.err(exc, "unhandled error in request")
+    return 500, {"detail": "internal error (logged on the server)"}, {}

@@ -1,0 +1,107 @@
+"""POST /v1/images/generations: the OpenAI Images API shape over the same job service."""
+
+from __future__ import annotations
+
+import base64
+import time
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from omnirt.contract import ContractError, GenerateRequest, JobState, RequestInvalid
+from omnirt.gateway.edge import parse_json_body
+from omnirt.gateway.errors import HTTPError, error_response
+
+QUALITY_PRESETS = {"standard": None, "auto": None, "low": "fast", "medium": "balanced", "high": "quality", "hd": "quality"}
+
+
+class OpenAIImagesRequest(BaseModel):
+    """The fields of OpenAI's images.generate we honour; others are refused, not ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(min_length=1)
+    model: str = "sdxl-base-1.0"
+    n: int = Field(1, ge=1, le=4)
+    size: str = "1024x1024"
+    response_format: str = Field("url", pattern="^(url|b64_json)$")
+    quality: str | None = None
+    user: str | None = None
+    # OmniRT extensions
+    negative_prompt: str | None = None
+    seed: int | None = None
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
+
+
+def _openai_error(request, status: int, message: str, code: str, headers: dict[str, str] | None = None) -> bytes:
+    from omnirt.gateway.app import write_json
+
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    return write_json(request, status, {"error": {"message": message, "type": kind, "code": code}}, headers)
+
+
+def to_generate_request(body: OpenAIImagesRequest) -> GenerateRequest:
+    try:
+        w_text, h_text = body.size.lower().split("x", 1)
+        width, height = int(w_text), int(h_text)
+    except ValueError:
+        raise HTTPError(400, f"size must look like 1024x1024 (got {body.size!r})") from None
+    config: dict[str, Any] = {"width": width, "height": height, "num_images_per_prompt": body.n}
+    if body.quality is not None:
+        if body.quality not in QUALITY_PRESETS:
+            raise HTTPError(400, f"quality must be one of {', '.join(QUALITY_PRESETS)}")
+        if QUALITY_PRESETS[body.quality]:
+            config["preset"] = QUALITY_PRESETS[body.quality]
+    for key in ("seed", "num_inference_steps", "guidance_scale"):
+        value = getattr(body, key)
+        if value is not None:
+            config[key] = value
+    inputs = {"prompt": body.prompt}
+    if body.negative_prompt:
+        inputs["negative_prompt"] = body.negative_prompt
+    return GenerateRequest(task="text2image", model=body.model, inputs=inputs, config=config)
+
+
+async def images_generations(api, request):
+    try:
+        payload = parse_json_body(request.getHeader(b"content-type"), request.content.read())
+        if not isinstance(payload, dict):
+            raise HTTPError(400, "request body must be a JSON object")
+        try:
+            body = OpenAIImagesRequest.model_validate(payload)
+        except ValidationError as exc:
+            first = exc.errors(include_url=False)
+            message = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in first)
+            raise HTTPError(400, message) from None
+        generate = to_generate_request(body)
+        record, _ = await api.service.submit(generate, execution_mode="sync")
+    except (HTTPError, ContractError, RequestInvalid) as exc:
+        status, detail, headers = error_response(exc)
+        message = detail["detail"]
+        if isinstance(message, list):
+            message = "; ".join(f"{'.'.join(str(p) for p in d['loc'])}: {d['msg']}" for d in message)
+        return _openai_error(request, status, str(message), {404: "model_not_found", 429: "rate_limit_exceeded"}.get(status, "invalid_request"), headers)
+    final = await api._wait_or_cancel(record.id)
+    if final.state != JobState.succeeded or final.result is None:
+        return _openai_error(request, 500, f"image generation {final.state.value}: {final.error or ''}".strip(), "generation_failed")
+    data = []
+    base = _base_url(request)
+    for artifact in final.result.outputs:
+        if body.response_format == "b64_json":
+            blob = await api.service.dispatcher.artifacts.read(artifact.sha256)
+            data.append({"b64_json": base64.b64encode(blob or b"").decode(), "revised_prompt": body.prompt})
+        else:
+            data.append({"url": f"{base}/v1/artifacts/{artifact.sha256}", "revised_prompt": body.prompt})
+    from omnirt.gateway.app import write_json
+
+    return write_json(request, 200, {"created": int(time.time()), "data": data})
+
+
+def _base_url(request) -> str:
+    host = request.getHeader(b"host")
+    scheme = "https" if request.isSecure() else "http"
+    if host:
+        return f"{scheme}://{host.decode('latin-1')}"
+    addr = request.getHost()
+    return f"{scheme}://{addr.host}:{addr.port}"

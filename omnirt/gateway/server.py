@@ -1,0 +1,151 @@
+"""The gateway process: one service tree on one reactor, started and stopped in order."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+from twisted.internet import reactor as global_reactor
+from twisted.internet.defer import Deferred, DeferredList
+from twisted.python import log
+from twisted.web.server import Site
+
+from omnirt.gateway.app import GatewayAPI
+from omnirt.gateway.auth import ApiKeys
+from omnirt.gateway.edge import limited_request_factory
+from omnirt.jobs.dispatcher import Dispatcher
+from omnirt.jobs.service import JobService
+from omnirt.store.artifacts import ArtifactStore
+from omnirt.store.memory import MemoryJobStore
+from omnirt.telemetry.metrics import GatewayMetrics
+from omnirt.workers.pool import WorkerPool
+
+
+class StartupError(Exception):
+    """A one-line reason the gateway cannot start (exit status 2)."""
+
+
+class Gateway:
+    def __init__(self, *, host, port, backend, max_concurrency, pipeline_cache_size, allowed_tiers, api_keys: ApiKeys,
+                 remote_specs, local_worker, max_queue, artifact_dir, model_paths, max_body_bytes, shutdown_grace_s,
+                 job_retention_s, max_attempts, health_interval_s, health_failure_threshold, keepalive_s,
+                 reactor=None):
+        self.reactor = reactor or global_reactor
+        self.host = host
+        self.port = port
+        self.backend = backend
+        self.max_concurrency = max_concurrency
+        self.pipeline_cache_size = pipeline_cache_size
+        self.allowed_tiers = allowed_tiers
+        self.api_keys = api_keys
+        self.remote_specs = remote_specs
+        self.local_worker = local_worker
+        self.max_queue = max_queue
+        self.artifact_dir = artifact_dir
+        self.model_paths = model_paths
+        self.max_body_bytes = max_body_bytes
+        self.shutdown_grace_s = shutdown_grace_s
+        self.job_retention_s = job_retention_s
+        self.max_attempts = max_attempts
+        self.health_interval_s = health_interval_s
+        self.health_failure_threshold = health_failure_threshold
+        self.keepalive_s = keepalive_s
+        self.exit_code = 0
+        self.listening_port = None
+        self.connections = []
+
+    # -- building ----------------------------------------------------------------------------
+
+    def _local_connection(self):
+        from omnirt.engine.engine import Engine
+        from omnirt.workers.local import LocalWorkerConnection
+
+        engine = Engine(backend=self.backend, pipeline_cache_size=self.pipeline_cache_size,
+                        model_paths=self.model_paths, worker_id="local", max_concurrency=self.max_concurrency)
+        conn = LocalWorkerConnection(engine, self.reactor, worker_id="local", capacity=self.max_concurrency)
+        conn.start()
+        return conn
+
+    async def _remote_connections(self):
+        from omnirt.workers.grpc import GrpcWorkerConnection, probe
+
+        conns = []
+        for spec in self.remote_specs:
+            address = f"{spec.host}:{spec.port}"
+            try:
+                await Deferred.fromFuture(asyncio.ensure_future(probe(address, 5.0)))
+            except Exception as exc:  # noqa: BLE001 - any failure is "unreachable"
+                reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                raise StartupError(f"remote worker {spec.worker_id} at {address} is unreachable: {reason}") from None
+            conns.append(GrpcWorkerConnection(spec.worker_id, address, models=spec.models, tags=spec.tags))
+        return conns
+
+    async def start(self) -> None:
+        clock = self.reactor
+        self.metrics = GatewayMetrics()
+        self.store = MemoryJobStore(clock, retention_s=self.job_retention_s)
+        self.artifacts = ArtifactStore(self.artifact_dir, self.reactor, self.reactor.getThreadPool())
+        if self.remote_specs:
+            self.connections.extend(await self._remote_connections())
+        if self.local_worker:
+            self.connections.append(self._local_connection())
+        self.pool = WorkerPool(clock, self.connections, health_interval_s=self.health_interval_s,
+                               failure_threshold=self.health_failure_threshold)
+        self.dispatcher = Dispatcher(clock=clock, store=self.store, pool=self.pool, artifacts=self.artifacts,
+                                     metrics=self.metrics, max_attempts=self.max_attempts)
+        self.service = JobService(clock=clock, store=self.store, dispatcher=self.dispatcher,
+                                  allowed_tiers=self.allowed_tiers, max_queue=self.max_queue,
+                                  default_backend=self.backend)
+        await self.pool.start()
+        self.service.start()
+        self.api = GatewayAPI(service=self.service, metrics=self.metrics, reactor=self.reactor,
+                              api_keys=self.api_keys, keepalive_s=self.keepalive_s)
+        site = Site(self.api.resource(), requestFactory=limited_request_factory(self.max_body_bytes))
+        site.noisy = False
+        site.displayTracebacks = False
+        try:
+            self.listening_port = self.reactor.listenTCP(self.port, site, interface=self.host)
+        except Exception as exc:  # noqa: BLE001 - CannotListenError and friends
+            raise StartupError(f"cannot listen on {self.host}:{self.port}: {exc}") from None
+        bound = self.listening_port.getHost()
+        print(f"omnirt serve listening on http://{self.host}:{bound.port} "
+              f"(workers: {', '.join(c.worker_id for c in self.connections)})", flush=True)
+        self.reactor.addSystemEventTrigger("before", "shutdown", self._shutdown)
+
+    async def _shutdown_async(self) -> None:
+        if self.listening_port is not None:
+            await self.listening_port.stopListening()
+        print(f"omnirt serve: shutting down (grace {self.shutdown_grace_s:g}s)", flush=True)
+        await self.service.shutdown(self.shutdown_grace_s)
+        self.pool.stop()
+        await DeferredList([c.close() for c in self.connections], consumeErrors=True)
+        await self.store.close()
+
+    def _shutdown(self) -> Deferred:
+        d = Deferred.fromCoroutine(self._shutdown_async())
+        d.addErrback(log.err, "error during shutdown")
+        return d
+
+    # -- running -----------------------------------------------------------------------------
+
+    def run_forever(self) -> int:
+        def begin():
+            d = Deferred.fromCoroutine(self.start())
+
+            def failed(f):
+                if f.check(StartupError):
+                    print(f"error: {f.value}", file=sys.stderr, flush=True)
+                else:
+                    log.err(f, "gateway failed to start")
+                    print(f"error: gateway failed to start: {f.value}", file=sys.stderr, flush=True)
+                self.exit_code = 2
+                self.reactor.stop()
+
+            d.addErrback(failed)
+
+        if self.max_concurrency < 1:
+            raise StartupError("--max-concurrency must be at least 1")
+        log.startLogging(sys.stderr, setStdout=False)
+        self.reactor.callWhenRunning(begin)
+        self.reactor.run()
+        return self.exit_code

@@ -1,0 +1,66 @@
+"""Server-sent events for /v1/jobs/{id}/events: replay from any seq, then live, keep-alives,
+closed after the terminal event."""
+
+from __future__ import annotations
+
+import json
+
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.task import LoopingCall
+
+from omnirt.contract import JobEvent
+from omnirt.gateway.edge import parse_int_arg
+
+
+def resume_point(request) -> int:
+    """``Last-Event-ID`` header (preferred) or ``?after=``; 0 = from the start."""
+    header = request.getHeader(b"last-event-id")
+    if header is not None and header.strip():
+        return parse_int_arg(header, "Last-Event-ID", minimum=0) or 0
+    return parse_int_arg((request.args.get(b"after") or [None])[0], "after", minimum=0, default=0) or 0
+
+
+def encode_event(event: JobEvent) -> bytes:
+    data = json.dumps(event.model_dump(mode="json"), separators=(",", ":"))
+    return f"id: {event.seq}\nevent: {event.event}\ndata: {data}\n\n".encode()
+
+
+async def stream_events(service, reactor, request, job_id: str, after: int, keepalive_s: float) -> None:
+    done: Deferred = Deferred()
+    headers_sent = [False]
+
+    def send_headers() -> None:
+        if not headers_sent[0]:
+            headers_sent[0] = True
+            request.setHeader(b"Content-Type", b"text/event-stream; charset=utf-8")
+            request.setHeader(b"Cache-Control", b"no-cache")
+            request.setHeader(b"X-Accel-Buffering", b"no")
+
+    def on_event(event: JobEvent) -> None:
+        if done.called:
+            return
+        send_headers()
+        request.write(encode_event(event))
+        if event.terminal:
+            done.callback(None)
+
+    # subscribe raises JobNotFoundError (404) before anything is written
+    subscription = await service.subscribe(job_id, after, on_event)
+    send_headers()
+    if not done.called and (await service.get(job_id, with_events=False)).state.terminal:
+        done.callback(None)  # resumed after the terminal event: nothing more will come
+    keepalive = LoopingCall(lambda: request.write(b": keep-alive\n\n"))
+    keepalive.clock = reactor
+    try:
+        if not done.called:
+            send_headers()
+            request.write(b": connected\n\n")
+            request.notifyFinish().addBoth(lambda _: done.called or done.cancel())
+            keepalive.start(keepalive_s, now=False)
+            await done
+    except CancelledError:
+        pass  # the client went away
+    finally:
+        subscription.close()
+        if keepalive.running:
+            keepalive.stop()

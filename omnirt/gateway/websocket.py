@@ -1,0 +1,135 @@
+"""WebSocket /v1/jobs/{id}/stream (autobahn): each event as JSON, cancel from the client,
+keep-alives, close 1000 after the terminal event, 4404 unknown job, 4401 unauthorized."""
+
+from __future__ import annotations
+
+import json
+import time
+
+from autobahn.twisted.resource import WebSocketResource
+from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from twisted.internet.defer import Deferred
+from twisted.internet.task import LoopingCall
+from twisted.python import log
+
+from omnirt.contract import ContractError, JobEvent
+from omnirt.jobs.errors import JobNotFoundError
+
+CLOSE_NORMAL = 1000
+CLOSE_UNAUTHORIZED = 4401
+CLOSE_UNKNOWN_JOB = 4404
+MAX_MESSAGE_BYTES = 64 * 1024
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class JobStreamProtocol(WebSocketServerProtocol):
+    api = None  # set by the factory
+    job_id = ""
+
+    def onConnect(self, request):
+        headers = request.headers
+        presented = self.api.api_keys.from_headers(
+            (headers.get("authorization") or "").encode() or None, (headers.get("x-api-key") or "").encode() or None
+        )
+        if presented is None and request.params.get("api_key"):
+            presented = request.params["api_key"][0].encode()
+        self._presented = presented
+        after = (request.params.get("after") or ["0"])[0]
+        self._after = int(after) if after.isdigit() else 0
+        self._subscription = None
+        self._keepalive = None
+        self._closed = False
+        return None
+
+    def onOpen(self):
+        if not self.api.api_keys.check(self._presented):
+            self.sendClose(CLOSE_UNAUTHORIZED, "missing or invalid API key")
+            return
+        d = Deferred.fromCoroutine(self.api.service.subscribe(self.job_id, self._after, self._on_event))
+
+        def subscribed(sub):
+            if self._closed:
+                sub.close()
+                return
+            self._subscription = sub
+            Deferred.fromCoroutine(self.api.service.get(self.job_id, with_events=False)).addCallback(
+                lambda rec: rec.state.terminal and not self._closed and self.sendClose(CLOSE_NORMAL, "job finished")
+            ).addErrback(lambda _f: None)
+            self._keepalive = LoopingCall(self._send_keepalive)
+            self._keepalive.clock = self.api.reactor
+            self._keepalive.start(self.api.keepalive_s, now=False)
+
+        def failed(f):
+            if f.check(JobNotFoundError):
+                self.sendClose(CLOSE_UNKNOWN_JOB, f"unknown job {self.job_id}")
+            else:
+                log.err(f, "websocket subscribe failed")
+                self.sendClose(1011, "internal error")
+
+        d.addCallbacks(subscribed, failed)
+
+    def _send(self, body: dict) -> None:
+        if not self._closed:
+            self.sendMessage(json.dumps(body, separators=(",", ":")).encode())
+
+    def _send_keepalive(self) -> None:
+        self._send({"event": "keep_alive", "stage": "job", "timestamp_ms": _now_ms(), "data": {"job_id": self.job_id}})
+
+    def _on_event(self, event: JobEvent) -> None:
+        self._send(event.model_dump(mode="json"))
+        if event.terminal and not self._closed:
+            self.sendClose(CLOSE_NORMAL, "job finished")
+
+    def _error(self, message: str) -> None:
+        self._send({"event": "error", "stage": "job", "timestamp_ms": _now_ms(), "data": {"error": message}})
+
+    def onMessage(self, payload, isBinary):
+        if isBinary:
+            self._error("binary messages are not supported; send JSON text")
+            return
+        try:
+            message = json.loads(payload.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            self._error(f"invalid JSON: {exc}")
+            return
+        if not isinstance(message, dict):
+            self._error("messages must be JSON objects like {\"action\": \"cancel\"}")
+            return
+        action = message.get("action")
+        if action != "cancel":
+            self._error(f"unknown action {action!r} (supported: cancel)")
+            return
+        d = Deferred.fromCoroutine(self.api.service.cancel(self.job_id))
+
+        def acked(_record, cancelled=True, reason=None):
+            data = {"job_id": self.job_id, "cancelled": cancelled}
+            if reason:
+                data["reason"] = reason
+            self._send({"event": "control_ack", "stage": "job", "timestamp_ms": _now_ms(), "data": data})
+
+        def refused(f):
+            if f.check(ContractError):
+                acked(None, cancelled=False, reason=f.value.message)
+            else:
+                log.err(f, "websocket cancel failed")
+                acked(None, cancelled=False, reason="internal error")
+
+        d.addCallbacks(acked, refused)
+
+    def onClose(self, wasClean, code, reason):
+        self._closed = True
+        if self._subscription is not None:
+            self._subscription.close()
+            self._subscription = None
+        if self._keepalive is not None and self._keepalive.running:
+            self._keepalive.stop()
+
+
+def job_stream_resource(api, job_id: str) -> WebSocketResource:
+    factory = WebSocketServerFactory()
+    factory.protocol = type("BoundJobStreamProtocol", (JobStreamProtocol,), {"api": api, "job_id": job_id})
+    factory.setProtocolOptions(maxMessagePayloadSize=MAX_MESSAGE_BYTES, maxFramePayloadSize=MAX_MESSAGE_BYTES)
+    return WebSocketResource(factory)

@@ -1,0 +1,1 @@
+"""The job service (state machine, admission, idempotency), the dispatcher, retention."""

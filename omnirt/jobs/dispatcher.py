@@ -1,0 +1,374 @@
+"""The dispatcher: a bounded FIFO of queued jobs, handed to the best worker as soon as one is free.
+
+It owns every transition after ``queued``: dispatch (``job_dispatched``), the worker's events in
+order, and the terminal outcome, retries after a lost worker (``job_retried``), and cancels.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+
+from twisted.internet.defer import CancelledError, Deferred, DeferredLock
+from twisted.internet.interfaces import IReactorTime
+from twisted.python import log
+
+from omnirt.contract import TERMINAL_EVENT, GenerateResult, JobRecord, JobState
+from omnirt.store.artifacts import ArtifactStore
+from omnirt.store.base import JobStore, NewEvent
+from omnirt.telemetry.metrics import GatewayMetrics
+from omnirt.workers.base import (
+    JobCancelled,
+    JobFailed,
+    RunOutcome,
+    WorkerBusy,
+    WorkerJob,
+    WorkerLost,
+    WorkerUpdate,
+)
+from omnirt.workers.pool import WorkerEntry, WorkerPool
+
+RUNNING_STATES = (JobState.running, JobState.cancelling)
+
+
+@dataclasses.dataclass
+class QueuedJob:
+    job_id: str
+    model: str
+    tags: tuple[str, ...]
+    attempts: int = 0
+    excluded: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass
+class RunningJob:
+    job_id: str
+    entry: WorkerEntry
+    attempt: int
+    deferred: Deferred | None = None
+    cancel_requested_at: float | None = None
+    started: bool = False
+
+
+class EventWriter:
+    """Appends a job's worker events to the store strictly in arrival order."""
+
+    def __init__(self, store: JobStore, job_id: str, on_event: Callable[[WorkerUpdate], None]):
+        self._store = store
+        self._job_id = job_id
+        self._lock = DeferredLock()
+        self._on_event = on_event
+
+    def push(self, update: WorkerUpdate) -> None:
+        self._on_event(update)
+        event = NewEvent(update.event, update.stage, update.data)
+        d = self._lock.run(lambda: Deferred.fromCoroutine(self._store.append_event(self._job_id, event)))
+        d.addErrback(log.err, f"could not record event {update.event} of job {self._job_id}")
+
+    def drain(self) -> Deferred:
+        """Fires once every pushed event is stored."""
+        return self._lock.run(lambda: None)
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        *,
+        clock: IReactorTime,
+        store: JobStore,
+        pool: WorkerPool,
+        artifacts: ArtifactStore,
+        metrics: GatewayMetrics,
+        max_attempts: int = 3,
+        cancel_timeout_s: float = 30.0,
+    ):
+        self._clock = clock
+        self.store = store
+        self.pool = pool
+        self.artifacts = artifacts
+        self.metrics = metrics
+        self.max_attempts = max_attempts
+        self.cancel_timeout_s = cancel_timeout_s
+        self.queue: list[QueuedJob] = []
+        self.running: dict[str, RunningJob] = {}
+        self._tasks: set[Deferred] = set()
+        #: exponentially weighted mean of job service time (s), for Retry-After
+        self.mean_service_s: float | None = None
+        self._pumping = False
+        #: job id -> clock time its cancel was asked for (cancel latency metric)
+        self._cancel_times: dict[str, float] = {}
+        pool.on_change = self.pump
+
+    # -- queue -------------------------------------------------------------------------------
+
+    def enqueue(self, job: QueuedJob, *, front: bool = False) -> None:
+        if front:
+            self.queue.insert(0, job)
+        else:
+            self.queue.append(job)
+        self._gauge()
+        self.pump()
+
+    def remove(self, job_id: str) -> bool:
+        for i, q in enumerate(self.queue):
+            if q.job_id == job_id:
+                del self.queue[i]
+                self._gauge()
+                return True
+        return False
+
+    def queue_position(self, job_id: str) -> int | None:
+        for i, q in enumerate(self.queue):
+            if q.job_id == job_id:
+                return i + 1
+        return None
+
+    def depth(self) -> int:
+        return len(self.queue)
+
+    def _gauge(self) -> None:
+        self.metrics.queue_depth.labels(priority="normal").set(len(self.queue))
+        self.metrics.jobs_inflight.set(len(self.running))
+        for entry in self.pool.entries.values():
+            self.metrics.worker_inflight.labels(worker_id=entry.worker_id).set(entry.inflight)
+            self.metrics.worker_up.labels(worker_id=entry.worker_id).set(1 if entry.state == "healthy" else 0)
+
+    def pump(self) -> None:
+        """Hand every queued job that has an eligible worker to the best one, in queue order."""
+        if self._pumping:
+            return
+        self._pumping = True
+        try:
+            i = 0
+            while i < len(self.queue):
+                q = self.queue[i]
+                entry = self.pool.pick(q.model, q.tags, exclude=q.excluded)
+                if entry is None and q.excluded:
+                    entry = self.pool.pick(q.model, q.tags)
+                if entry is None:
+                    i += 1
+                    continue
+                del self.queue[i]
+                self.pool.acquire(entry)
+                self._track(Deferred.fromCoroutine(self._dispatch(q, entry)))
+        finally:
+            self._pumping = False
+            self._gauge()
+
+    def _track(self, d: Deferred) -> None:
+        self._tasks.add(d)
+        d.addErrback(log.err, "dispatch failed unexpectedly")
+        d.addBoth(lambda _: self._tasks.discard(d))
+
+    # -- one dispatch ------------------------------------------------------------------------
+
+    def _now_ms(self) -> int:
+        return int(self._clock.seconds() * 1000)
+
+    async def _dispatch(self, q: QueuedJob, entry: WorkerEntry) -> None:
+        attempt = q.attempts + 1
+        current = await self.store.get(q.job_id)
+        if current is None or current.state != JobState.queued:
+            self.pool.release(entry)
+            return
+        fields = {"worker_id": entry.worker_id, "attempts": attempt, "queue_position": None}
+        if current.started_at_ms is None:
+            fields["started_at_ms"] = self._now_ms()
+        record = await self.store.transition(
+            q.job_id, (JobState.queued,), JobState.running,
+            NewEvent("job_dispatched", "job", {"job_id": q.job_id, "worker_id": entry.worker_id, "attempt": attempt}),
+            fields,
+        )
+        if record is None:  # cancelled meanwhile
+            self.pool.release(entry)
+            return
+        if attempt == 1:
+            self.metrics.queue_wait.observe(max(0.0, (self._now_ms() - record.enqueued_at_ms) / 1000))
+        running = RunningJob(q.job_id, entry, attempt)
+        self.running[q.job_id] = running
+        self._gauge()
+        dispatched_at = time.monotonic()
+        first_progress = [False]
+
+        def observe(update: WorkerUpdate) -> None:
+            if update.event == "job_started" and not running.started:
+                running.started = True
+                self.metrics.dispatch_seconds.observe(time.monotonic() - dispatched_at)
+                update.data = {"job_id": q.job_id, "worker_id": entry.worker_id, **update.data}
+            elif update.event == "stage_end" and "elapsed_ms" in update.data:
+                self.metrics.stage_duration.labels(stage=update.stage, model=q.model).observe(
+                    float(update.data["elapsed_ms"]) / 1000
+                )
+            elif update.event == "stage_progress" and not first_progress[0] and attempt == 1:
+                first_progress[0] = True
+                self.metrics.time_to_first_progress.observe(
+                    max(0.0, (self._now_ms() - record.enqueued_at_ms) / 1000)
+                )
+
+        writer = EventWriter(self.store, q.job_id, observe)
+        job = WorkerJob(
+            job_id=q.job_id,
+            request=record.request,
+            attempt=attempt,
+            trace_id=record.trace_id,
+            execution_mode=record.execution_mode,
+            enqueued_at_ms=record.enqueued_at_ms,
+        )
+        outcome: RunOutcome | None = None
+        error: BaseException | None = None
+        try:
+            running.deferred = entry.conn.run(job, writer.push)
+            if running.cancel_requested_at is not None:
+                self._send_cancel(running)
+            outcome = await running.deferred
+        except BaseException as exc:  # noqa: BLE001 - every failure becomes a job outcome
+            error = exc
+        finally:
+            self.running.pop(q.job_id, None)
+            self.pool.release(entry)
+        await writer.drain()
+        try:
+            await self._finish(q, record, running, outcome, error)
+        finally:
+            self._gauge()
+            self.pump()
+
+    async def _finish(
+        self, q: QueuedJob, record: JobRecord, running: RunningJob, outcome: RunOutcome | None, error: BaseException | None
+    ) -> None:
+        job_id = q.job_id
+        if outcome is not None:
+            result = await self._store_outputs(record, running, outcome)
+            await self._terminal(record, JobState.succeeded, fields={"result": result})
+            return
+        if isinstance(error, JobFailed):
+            await self._terminal(record, JobState.failed, error=str(error) or "job failed")
+            return
+        if isinstance(error, (JobCancelled, CancelledError)):
+            await self._terminal(record, JobState.cancelled, error=None)
+            return
+        # the worker is gone or refused: never the job's fault
+        busy = isinstance(error, WorkerBusy)
+        reason = "worker_busy" if busy else "worker_lost"
+        detail = f"{reason}: {error}" if str(error) else reason
+        if busy:
+            self.pool.mark_busy(running.entry.worker_id, str(error))
+        else:
+            self.pool.mark_failed(running.entry.worker_id, detail)
+            if not isinstance(error, WorkerLost):
+                log.err(error, f"unexpected error from worker {running.entry.worker_id} for job {job_id}")
+        current = await self.store.get(job_id)
+        if current is None:
+            return
+        if current.state == JobState.cancelling:
+            await self._terminal(record, JobState.cancelled, error=None)
+            return
+        attempts_used = running.attempt - (1 if busy else 0)
+        if attempts_used >= self.max_attempts:
+            await self._terminal(record, JobState.failed, error=f"worker_lost: gave up after {attempts_used} attempts ({detail})")
+            return
+        retried = await self.store.transition(
+            job_id, (JobState.running,), JobState.queued,
+            NewEvent("job_retried", "job", {
+                "job_id": job_id, "attempt": running.attempt, "reason": reason,
+                "previous_worker_id": running.entry.worker_id, "error": str(error),
+            }),
+            {"worker_id": None, "attempts": attempts_used,
+             "excluded_workers": [*q.excluded, running.entry.worker_id]},
+        )
+        if retried is None:
+            return
+        self.metrics.job_retries.labels(reason=reason).inc()
+        self.enqueue(
+            QueuedJob(job_id, q.model, q.tags, attempts=attempts_used, excluded=(*q.excluded, running.entry.worker_id)),
+            front=True,
+        )
+
+    async def _store_outputs(self, record: JobRecord, running: RunningJob, outcome: RunOutcome) -> GenerateResult:
+        outputs = []
+        for artifact, blob in zip(outcome.result.outputs, outcome.blobs, strict=False):
+            sha, path = await self.artifacts.put(blob, artifact.mime)
+            outputs.append(
+                artifact.model_copy(update={
+                    "sha256": sha, "bytes": len(blob), "path": path, "transport": "path", "data_b64": None,
+                    "url": f"/v1/artifacts/{sha}",
+                })
+            )
+        meta = outcome.result.metadata.model_copy(update={
+            "job_id": record.id,
+            "trace_id": record.trace_id or outcome.result.metadata.trace_id,
+            "worker_id": running.entry.worker_id,
+            "execution_mode": record.execution_mode,
+            "enqueued_at_ms": record.enqueued_at_ms,
+            "queue_wait_ms": float(max(0, (record.started_at_ms or record.enqueued_at_ms) - record.enqueued_at_ms)),
+        })
+        return GenerateResult(outputs=outputs, metadata=meta)
+
+    async def _terminal(self, record: JobRecord, state: JobState, *, error: str | None = None, fields=None) -> None:
+        now = self._now_ms()
+        data = {"job_id": record.id}
+        if error:
+            data["error"] = error
+        update = {"finished_at_ms": now, "error": error, **(fields or {})}
+        done = await self.store.transition(
+            record.id, RUNNING_STATES, state, NewEvent(TERMINAL_EVENT[state], "job", data), update
+        )
+        if done is None:
+            return
+        self.observe_terminal(done, now)
+
+    def observe_terminal(self, record: JobRecord, now_ms: int) -> None:
+        req = record.request
+        self.metrics.jobs_total.labels(
+            task=req.task, model=req.model, execution_mode=record.execution_mode, state=record.state.value
+        ).inc()
+        duration = max(0.0, (now_ms - record.enqueued_at_ms) / 1000)
+        self.metrics.job_duration.labels(model=req.model, state=record.state.value).observe(duration)
+        if record.state == JobState.succeeded and record.started_at_ms is not None:
+            service = max(0.0, (now_ms - record.started_at_ms) / 1000)
+            prev = self.mean_service_s
+            self.mean_service_s = service if prev is None else 0.8 * prev + 0.2 * service
+        asked = self._cancel_times.pop(record.id, None)
+        if record.state == JobState.cancelled and asked is not None:
+            self.metrics.cancel_latency.observe(max(0.0, self._clock.seconds() - asked))
+
+    # -- cancel ------------------------------------------------------------------------------
+
+    def request_cancel(self, job_id: str) -> bool:
+        """Tell the worker running ``job_id`` to stop; False when this gateway does not run it."""
+        running = self.running.get(job_id)
+        self._cancel_times.setdefault(job_id, self._clock.seconds())
+        if running is None:
+            return False
+        if running.cancel_requested_at is None:
+            running.cancel_requested_at = self._clock.seconds()
+            if running.deferred is not None:
+                self._send_cancel(running)
+        return True
+
+    def _send_cancel(self, running: RunningJob) -> None:
+        d = running.entry.conn.cancel(running.job_id)
+
+        def answered(found: bool) -> None:
+            if not found and running.deferred is not None and not running.deferred.called:
+                running.deferred.cancel()  # not known by id there (old worker): drop the call
+
+        def failed(_f) -> None:
+            if running.deferred is not None and not running.deferred.called:
+                running.deferred.cancel()
+
+        d.addCallbacks(answered, failed)
+
+        def give_up() -> None:
+            if running.deferred is not None and not running.deferred.called:
+                running.deferred.cancel()
+
+        call = self._clock.callLater(self.cancel_timeout_s, give_up)
+        if running.deferred is not None:
+            running.deferred.addBoth(lambda r: (call.active() and call.cancel(), r)[1])
+
+    # -- shutdown ----------------------------------------------------------------------------
+
+    def pending(self) -> list[Deferred]:
+        return list(self._tasks)

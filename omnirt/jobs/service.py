@@ -1,0 +1,283 @@
+"""JobService: submit, get, list, cancel, observe. Knows no transport (no HTTP, no gRPC).
+
+Submit resolves the model and task in the registry, applies tier policy, presets and defaults,
+honours an idempotency key, admits into the bounded queue (429 with a computed Retry-After), and
+records the job (``job_enqueued``) before the dispatcher sees it.
+"""
+
+from __future__ import annotations
+
+import base64
+import math
+import uuid
+from collections.abc import Callable
+
+from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.python import log
+
+from omnirt.contract import (
+    TERMINAL_EVENT,
+    GenerateRequest,
+    JobEvent,
+    JobRecord,
+    JobState,
+    Problem,
+    RequestInvalid,
+    request_fingerprint,
+)
+from omnirt.jobs.dispatcher import Dispatcher, QueuedJob
+from omnirt.jobs.errors import JobConflict, JobNotFoundError, NoWorkerForModel, QueueFull, ServiceUnavailable
+from omnirt.registry import DEFAULT_ALLOWED_TIERS, resolve_request
+from omnirt.store.base import JobStore, NewEvent, StoreUnavailable, Subscription
+
+
+class JobService:
+    def __init__(
+        self,
+        *,
+        clock: IReactorTime,
+        store: JobStore,
+        dispatcher: Dispatcher,
+        allowed_tiers: tuple[str, ...] = DEFAULT_ALLOWED_TIERS,
+        max_queue: int = 1000,
+        default_backend: str = "auto",
+        retention_sweep_s: float = 60.0,
+    ):
+        self._clock = clock
+        self.store = store
+        self.dispatcher = dispatcher
+        self.allowed_tiers = tuple(allowed_tiers)
+        self.max_queue = max_queue
+        self.default_backend = default_backend
+        self.accepting = True
+        self._sweep = LoopingCall(self._expire)
+        self._sweep.clock = clock
+        self._retention_sweep_s = retention_sweep_s
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._sweep.start(self._retention_sweep_s, now=False).addErrback(log.err, "retention sweep stopped")
+
+    def stop(self) -> None:
+        if self._sweep.running:
+            self._sweep.stop()
+
+    async def _expire(self) -> None:
+        try:
+            await self.store.expire()
+        except StoreUnavailable as exc:
+            log.msg(f"retention sweep skipped: {exc}")
+
+    def _now_ms(self) -> int:
+        return int(self._clock.seconds() * 1000)
+
+    # -- submit ------------------------------------------------------------------------------
+
+    def retry_after_s(self) -> int:
+        """Seconds until the queue has room, from its depth and the observed mean service time."""
+        capacity = sum(e.capacity for e in self.dispatcher.pool.entries.values()) or 1
+        mean = self.dispatcher.mean_service_s or 1.0
+        return max(1, math.ceil((self.dispatcher.depth() + 1) * mean / capacity))
+
+    async def submit(
+        self,
+        request: GenerateRequest,
+        *,
+        execution_mode: str = "async",
+        idempotency_key: str | None = None,
+        trace_id: str | None = None,
+    ) -> tuple[JobRecord, bool]:
+        """Accept a job; return (record, created). ``created`` is False for an idempotent replay."""
+        if not self.accepting:
+            raise ServiceUnavailable("server is shutting down; not accepting new jobs")
+        resolved = resolve_request(request, self.allowed_tiers)
+        pool = self.dispatcher.pool
+        if not pool.configured_for(resolved.model):
+            raise NoWorkerForModel(f"no configured worker serves model {resolved.model!r}")
+        if resolved.routing_tags and not pool.configured_for_tags(resolved.model, resolved.routing_tags):
+            raise NoWorkerForModel(
+                f"no configured worker serves model {resolved.model!r} with tags {', '.join(resolved.routing_tags)}"
+            )
+        if resolved.backend == "auto" and self.default_backend != "auto":
+            resolved = resolved.model_copy(update={"backend": self.default_backend})
+
+        job_id = uuid.uuid4().hex
+        if idempotency_key is not None:
+            fingerprint = request_fingerprint(request)
+            held = await self.store.claim_idempotency(idempotency_key, fingerprint, job_id)
+            if held is not None:
+                held_id, held_fingerprint = held
+                if held_fingerprint != fingerprint:
+                    raise JobConflict("Idempotency-Key was already used with a different request body")
+                existing = await self.store.get(held_id)
+                if existing is not None:
+                    return self._decorate(existing), False
+
+        if self.dispatcher.depth() >= self.max_queue:
+            retry = self.retry_after_s()
+            raise QueueFull(f"queue is full ({self.dispatcher.depth()} jobs waiting); retry in {retry}s", retry)
+
+        resolved = await self._resolve_artifact_refs(resolved)
+        record = JobRecord(
+            id=job_id,
+            state=JobState.queued,
+            backend=resolved.backend,
+            request=resolved,
+            trace_id=trace_id or uuid.uuid4().hex,
+            enqueued_at_ms=self._now_ms(),
+            execution_mode=execution_mode,
+            idempotency_key=idempotency_key,
+        )
+        position = self.dispatcher.depth() + 1
+        record = await self.store.create(
+            record, NewEvent("job_enqueued", "job", {"job_id": job_id, "queue_position": position})
+        )
+        self.dispatcher.enqueue(QueuedJob(job_id, resolved.model, tuple(resolved.routing_tags)))
+        return self._decorate(record), True
+
+    async def _resolve_artifact_refs(self, request: GenerateRequest) -> GenerateRequest:
+        """Replace an ``artifact:<sha256>`` / ``{"artifact": sha}`` input image with its bytes
+        (workers share no filesystem with the gateway)."""
+        image = request.inputs.get("image")
+        sha = None
+        if isinstance(image, dict):
+            sha = str(image.get("artifact", ""))
+        elif isinstance(image, str) and image.startswith("artifact:"):
+            sha = image.removeprefix("artifact:")
+        if sha is None:
+            return request
+        blob = await self.dispatcher.artifacts.read(sha)
+        if blob is None:
+            raise RequestInvalid([Problem(loc=("inputs", "image"), msg=f"unknown artifact {sha!r}")])
+        inputs = dict(request.inputs)
+        inputs["image"] = base64.b64encode(blob).decode()
+        return request.model_copy(update={"inputs": inputs})
+
+    # -- read --------------------------------------------------------------------------------
+
+    def _decorate(self, record: JobRecord) -> JobRecord:
+        if record.state == JobState.queued:
+            return record.model_copy(update={"queue_position": self.dispatcher.queue_position(record.id)})
+        return record
+
+    async def get(self, job_id: str, *, with_events: bool = True) -> JobRecord:
+        record = await self.store.get(job_id, with_events=with_events)
+        if record is None:
+            raise JobNotFoundError(f"unknown job {job_id!r}")
+        return self._decorate(record)
+
+    async def list(self, *, state: JobState | None = None, model: str | None = None, limit: int = 50) -> list[JobRecord]:
+        records = await self.store.list(state=state, model=model, limit=limit)
+        return [self._decorate(r) for r in records]
+
+    # -- cancel ------------------------------------------------------------------------------
+
+    async def cancel(self, job_id: str) -> JobRecord:
+        """queued -> cancelled at once; running -> cancelling, the worker is told; 409 if terminal."""
+        for _ in range(5):  # a lost compare-and-set means the state moved: look again
+            record = await self.store.get(job_id)
+            if record is None:
+                raise JobNotFoundError(f"unknown job {job_id!r}")
+            if record.state.terminal:
+                raise JobConflict(f"job {job_id} is already {record.state.value}")
+            if record.state == JobState.cancelling:
+                return record
+            if record.state == JobState.queued:
+                self.dispatcher.request_cancel(job_id)
+                now = self._now_ms()
+                done = await self.store.transition(
+                    job_id, (JobState.queued,), JobState.cancelled,
+                    NewEvent(TERMINAL_EVENT[JobState.cancelled], "job", {"job_id": job_id}),
+                    {"finished_at_ms": now, "queue_position": None},
+                )
+                if done is not None:
+                    self.dispatcher.remove(job_id)
+                    self.dispatcher.observe_terminal(done, now)
+                    return done
+                continue
+            # running
+            moved = await self.store.transition(job_id, (JobState.running,), JobState.cancelling)
+            if moved is not None:
+                self.dispatcher.request_cancel(job_id)
+                return moved
+        raise JobConflict(f"job {job_id} changed state during cancel; try again")
+
+    # -- events ------------------------------------------------------------------------------
+
+    async def subscribe(self, job_id: str, after_seq: int, on_event: Callable[[JobEvent], None]) -> Subscription:
+        """Replay then live events of a job; raises JobNotFoundError."""
+        record = await self.store.get(job_id)
+        if record is None:
+            raise JobNotFoundError(f"unknown job {job_id!r}")
+        metrics = self.dispatcher.metrics
+        metrics.event_subscribers.inc()
+        sub = self.store.subscribe(job_id, after_seq, on_event)
+        return _CountedSubscription(sub, metrics)
+
+    async def wait(self, job_id: str) -> JobRecord:
+        """Fires with the job's record once it is terminal (cancelling the wait cancels nothing)."""
+        done: Deferred = Deferred()
+
+        def on_event(event: JobEvent) -> None:
+            if event.terminal and not done.called:
+                done.callback(None)
+
+        sub = self.store.subscribe(job_id, 0, on_event)
+        try:
+            await done
+        finally:
+            sub.close()
+        return await self.get(job_id)
+
+    # -- shutdown ----------------------------------------------------------------------------
+
+    async def shutdown(self, grace_s: float) -> None:
+        """Stop admitting, let running jobs finish within ``grace_s``, cancel the rest."""
+        self.accepting = False
+        self.stop()
+        for q in list(self.dispatcher.queue):
+            try:
+                await self.cancel(q.job_id)
+            except Exception as exc:  # noqa: BLE001 - keep shutting down
+                log.msg(f"cancel of queued job {q.job_id} at shutdown failed: {exc}")
+        pending = self.dispatcher.pending()
+        if pending:
+            waited = DeferredList(pending, consumeErrors=True)
+            timer = self._clock.callLater(grace_s, lambda: waited.called or waited.cancel())
+            try:
+                await waited
+            except Exception:  # noqa: BLE001 - the grace period ran out
+                pass
+            if timer.active():
+                timer.cancel()
+        for job_id in list(self.dispatcher.running):
+            try:
+                await self.cancel(job_id)
+            except Exception as exc:  # noqa: BLE001
+                log.msg(f"cancel of running job {job_id} at shutdown failed: {exc}")
+        pending = self.dispatcher.pending()
+        if pending:
+            waited = DeferredList(pending, consumeErrors=True)
+            timer = self._clock.callLater(5.0, lambda: waited.called or waited.cancel())
+            try:
+                await waited
+            except Exception:  # noqa: BLE001
+                pass
+            if timer.active():
+                timer.cancel()
+
+
+class _CountedSubscription(Subscription):
+    def __init__(self, inner: Subscription, metrics):
+        self._inner = inner
+        self._metrics = metrics
+        self._closed = False
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._metrics.event_subscribers.dec()
+            self._inner.close()

@@ -1,0 +1,104 @@
+"""The JobStore interface: job records and their event streams, one write path for state.
+
+Two implementations pass one shared test suite (``tests/unit/store_suite.py``): ``memory`` and
+``redis``. Methods are coroutines (they may await Twisted Deferreds); the caller drives them with
+``Deferred.fromCoroutine`` or awaits them from another coroutine on the reactor.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from collections.abc import Callable, Collection
+from typing import Any
+
+from omnirt.contract import JobEvent, JobRecord, JobState
+
+
+class StoreUnavailable(Exception):
+    """The store cannot be reached (timeout, connection refused): a 503, never a hang."""
+
+
+class JobNotFound(Exception):
+    pass
+
+
+@dataclasses.dataclass(frozen=True)
+class NewEvent:
+    """An event to append; the store assigns ``seq`` and ``timestamp_ms``."""
+
+    event: str
+    stage: str = "job"
+    data: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+class Subscription(abc.ABC):
+    """A live view of one job's events; ``close`` releases it (idempotent)."""
+
+    @abc.abstractmethod
+    def close(self) -> None: ...
+
+
+#: called on the reactor thread with each event, in seq order, replay first then live
+EventCallback = Callable[[JobEvent], None]
+
+
+class JobStore(abc.ABC):
+    backend_name: str = "abstract"
+
+    @abc.abstractmethod
+    async def create(self, record: JobRecord, event: NewEvent) -> JobRecord:
+        """Persist a new job and its first event (``job_enqueued``, seq 1)."""
+
+    @abc.abstractmethod
+    async def get(self, job_id: str, *, with_events: bool = False) -> JobRecord | None:
+        """The job, or None; ``events`` filled when ``with_events``."""
+
+    @abc.abstractmethod
+    async def list(self, *, state: JobState | None = None, model: str | None = None, limit: int = 50) -> list[JobRecord]:
+        """Jobs newest first (without events)."""
+
+    @abc.abstractmethod
+    async def transition(
+        self,
+        job_id: str,
+        expected: Collection[JobState],
+        target: JobState,
+        event: NewEvent | None = None,
+        fields: dict[str, Any] | None = None,
+    ) -> JobRecord | None:
+        """Atomically: if the job's state is in ``expected``, move it to ``target`` (a transition
+        the state machine allows), set ``fields``, append ``event``; return the new record.
+        Return None when the compare-and-set lost (state not in ``expected``). Entering a
+        terminal state starts the job's retention clock."""
+
+    @abc.abstractmethod
+    async def update(self, job_id: str, fields: dict[str, Any], event: NewEvent | None = None) -> JobRecord | None:
+        """Set non-state fields (and append an event) without a state change."""
+
+    @abc.abstractmethod
+    async def append_event(self, job_id: str, event: NewEvent) -> JobEvent:
+        """Append an event (persist, then publish to subscribers)."""
+
+    @abc.abstractmethod
+    async def events(self, job_id: str, after_seq: int = 0) -> list[JobEvent]:
+        """Events with ``seq > after_seq`` in order."""
+
+    @abc.abstractmethod
+    def subscribe(self, job_id: str, after_seq: int, on_event: EventCallback) -> Subscription:
+        """Deliver every event with ``seq > after_seq``: the stored ones, then live ones, with no
+        gap and no duplicate. The subscriber closes the subscription (e.g. after a terminal event)."""
+
+    @abc.abstractmethod
+    async def claim_idempotency(self, key: str, fingerprint: str, job_id: str) -> tuple[str, str] | None:
+        """Claim ``key`` for ``job_id``; when already claimed return the (job_id, fingerprint) held."""
+
+    @abc.abstractmethod
+    async def expire(self) -> int:
+        """Drop terminal jobs older than the retention; return how many were dropped."""
+
+    async def ping(self) -> None:
+        """Raise StoreUnavailable when the store cannot answer."""
+
+    async def close(self) -> None:
+        """Release connections."""

@@ -1,0 +1,196 @@
+"""In-process JobStore: the default for one gateway. Bounded: terminal jobs expire after the
+retention, and at most ``max_terminal_jobs`` finished jobs are kept (oldest dropped first)."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Collection
+from typing import Any
+
+from twisted.internet.interfaces import IReactorTime
+from twisted.python import log
+
+from omnirt.contract import JobEvent, JobRecord, JobState, check_transition
+from omnirt.store.base import EventCallback, JobNotFound, JobStore, NewEvent, Subscription
+
+
+class _Job:
+    __slots__ = ("record", "events", "listeners")
+
+    def __init__(self, record: JobRecord):
+        self.record = record
+        self.events: list[JobEvent] = []
+        self.listeners: list[_MemorySubscription] = []
+
+
+class _MemorySubscription(Subscription):
+    def __init__(self, store: MemoryJobStore, job_id: str, on_event: EventCallback):
+        self._store = store
+        self.job_id = job_id
+        self.on_event = on_event
+        self.closed = False
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        job = self._store._jobs.get(self.job_id)
+        if job is not None and self in job.listeners:
+            job.listeners.remove(self)
+
+
+class MemoryJobStore(JobStore):
+    backend_name = "memory"
+
+    def __init__(self, clock: IReactorTime, *, retention_s: float = 86400.0, max_terminal_jobs: int = 100_000):
+        self._clock = clock
+        self.retention_s = retention_s
+        self.max_terminal_jobs = max_terminal_jobs
+        self._jobs: dict[str, _Job] = {}
+        #: terminal job id -> time it became terminal, oldest first
+        self._terminal: OrderedDict[str, float] = OrderedDict()
+        self._idempotency: dict[str, tuple[str, str]] = {}
+
+    def _now_ms(self) -> int:
+        return int(self._clock.seconds() * 1000)
+
+    def _job(self, job_id: str) -> _Job:
+        job = self._jobs.get(job_id)
+        if job is None:
+            raise JobNotFound(job_id)
+        return job
+
+    def _append(self, job: _Job, event: NewEvent) -> JobEvent:
+        stored = JobEvent(
+            seq=len(job.events) + 1,
+            event=event.event,
+            stage=event.stage,
+            timestamp_ms=self._now_ms(),
+            data=dict(event.data),
+        )
+        job.events.append(stored)
+        for sub in list(job.listeners):
+            if not sub.closed:
+                try:
+                    sub.on_event(stored)
+                except Exception:
+                    log.err(None, f"event subscriber of job {job.record.id} failed")
+        return stored
+
+    async def create(self, record: JobRecord, event: NewEvent) -> JobRecord:
+        if record.id in self._jobs:
+            raise ValueError(f"job {record.id} exists")
+        job = _Job(record.model_copy(update={"events": []}))
+        self._jobs[record.id] = job
+        self._append(job, event)
+        return job.record
+
+    async def get(self, job_id: str, *, with_events: bool = False) -> JobRecord | None:
+        job = self._jobs.get(job_id)
+        if job is None:
+            return None
+        if with_events:
+            return job.record.model_copy(update={"events": list(job.events)})
+        return job.record
+
+    async def list(self, *, state: JobState | None = None, model: str | None = None, limit: int = 50) -> list[JobRecord]:
+        out: list[JobRecord] = []
+        for job in reversed(self._jobs.values()):  # dicts keep insertion order: newest last
+            rec = job.record
+            if state is not None and rec.state != state:
+                continue
+            if model is not None and rec.request.model != model:
+                continue
+            out.append(rec)
+            if len(out) >= limit:
+                break
+        return out
+
+    async def transition(
+        self,
+        job_id: str,
+        expected: Collection[JobState],
+        target: JobState,
+        event: NewEvent | None = None,
+        fields: dict[str, Any] | None = None,
+    ) -> JobRecord | None:
+        job = self._job(job_id)
+        current = job.record.state
+        if current not in expected:
+            return None
+        check_transition(current, target)
+        update = dict(fields or {})
+        update["state"] = target
+        job.record = job.record.model_copy(update=update)
+        if target.terminal:
+            self._terminal[job_id] = self._clock.seconds()
+            self._enforce_bound()
+        if event is not None:
+            self._append(job, event)
+        return job.record
+
+    async def update(self, job_id: str, fields: dict[str, Any], event: NewEvent | None = None) -> JobRecord | None:
+        job = self._jobs.get(job_id)
+        if job is None:
+            return None
+        if "state" in fields:
+            raise ValueError("state changes go through transition()")
+        job.record = job.record.model_copy(update=fields)
+        if event is not None:
+            self._append(job, event)
+        return job.record
+
+    async def append_event(self, job_id: str, event: NewEvent) -> JobEvent:
+        return self._append(self._job(job_id), event)
+
+    async def events(self, job_id: str, after_seq: int = 0) -> list[JobEvent]:
+        return list(self._job(job_id).events[max(after_seq, 0):])
+
+    def subscribe(self, job_id: str, after_seq: int, on_event: EventCallback) -> Subscription:
+        job = self._job(job_id)
+        sub = _MemorySubscription(self, job_id, on_event)
+        # Replay and registration happen in one reactor turn: no gap, no duplicate.
+        for stored in job.events[max(after_seq, 0):]:
+            if sub.closed:
+                return sub
+            on_event(stored)
+        if not sub.closed:
+            job.listeners.append(sub)
+        return sub
+
+    async def claim_idempotency(self, key: str, fingerprint: str, job_id: str) -> tuple[str, str] | None:
+        held = self._idempotency.get(key)
+        if held is not None and held[0] in self._jobs:
+            return held
+        self._idempotency[key] = (job_id, fingerprint)
+        return None
+
+    def _drop(self, job_id: str) -> None:
+        job = self._jobs.pop(job_id, None)
+        self._terminal.pop(job_id, None)
+        if job is None:
+            return
+        for sub in list(job.listeners):
+            sub.close()
+        key = job.record.idempotency_key
+        if key is not None and self._idempotency.get(key, ("",))[0] == job_id:
+            del self._idempotency[key]
+
+    def _enforce_bound(self) -> None:
+        while len(self._terminal) > self.max_terminal_jobs:
+            oldest = next(iter(self._terminal))
+            self._drop(oldest)
+
+    async def expire(self) -> int:
+        cutoff = self._clock.seconds() - self.retention_s
+        dropped = 0
+        while self._terminal:
+            job_id, finished = next(iter(self._terminal.items()))
+            if finished > cutoff:
+                break
+            self._drop(job_id)
+            dropped += 1
+        return dropped
+
+    def __len__(self) -> int:
+        return len(self._jobs)

@@ -1,0 +1,1 @@
+"""Metrics (prometheus-client, one registry per process) and tracing (OpenTelemetry)."""

@@ -1,0 +1,260 @@
+"""The worker pool: health loop, circuit breaker, and routing (warm first, least loaded, round-robin).
+
+Worker lifecycle (one table, checked in ``_set_state``)::
+
+    unknown -> healthy | down        (first probe)
+    healthy -> suspect               (a dispatch failed: no job until a probe succeeds)
+    healthy -> draining | down       (probe says draining / probes keep failing)
+    suspect|down|draining -> healthy (a probe succeeded and the worker is not draining)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from collections.abc import Callable, Iterable
+
+from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.python import log
+
+from omnirt.workers.base import WorkerConnection, WorkerHealth
+
+HEALTHY = "healthy"
+SUSPECT = "suspect"
+DOWN = "down"
+DRAINING = "draining"
+UNKNOWN = "unknown"
+
+WORKER_TRANSITIONS = {
+    UNKNOWN: {HEALTHY, DOWN, DRAINING, SUSPECT},
+    HEALTHY: {SUSPECT, DOWN, DRAINING},
+    SUSPECT: {HEALTHY, DOWN, DRAINING},
+    DOWN: {HEALTHY, DRAINING, SUSPECT},
+    DRAINING: {HEALTHY, DOWN, SUSPECT},
+}
+
+
+@dataclasses.dataclass
+class WorkerEntry:
+    conn: WorkerConnection
+    state: str = UNKNOWN
+    inflight: int = 0
+    consecutive_failures: int = 0
+    last_error: str = ""
+    health: WorkerHealth | None = None
+    #: extra reason from outside (e.g. supervisord says BACKOFF)
+    external_reason: str = ""
+    #: the worker refused a job for lack of room; cleared by the next good probe
+    busy: bool = False
+
+    @property
+    def worker_id(self) -> str:
+        return self.conn.worker_id
+
+    @property
+    def capacity(self) -> int:
+        if self.health is not None and self.health.capacity > 0:
+            return self.health.capacity
+        return max(1, self.conn.capacity)
+
+    @property
+    def loaded_models(self) -> tuple[str, ...]:
+        return self.health.loaded_models if self.health else ()
+
+    def serves(self, model: str) -> bool:
+        models = self.conn.models or (self.health.models if self.health else ())
+        return not models or model in models
+
+    def has_tags(self, tags: Iterable[str]) -> bool:
+        mine = set(self.conn.tags) | set(self.health.tags if self.health else ())
+        return set(tags) <= mine
+
+    def snapshot(self) -> dict:
+        return {
+            "worker_id": self.worker_id,
+            "address": self.conn.address,
+            "state": self.state,
+            "models": list(self.conn.models or (self.health.models if self.health else ())),
+            "loaded_models": list(self.loaded_models),
+            "inflight": self.inflight,
+            "capacity": self.capacity,
+            "tags": list(self.conn.tags),
+            "backend": self.health.backend if self.health else "",
+            "last_error": self.external_reason or self.last_error,
+        }
+
+
+class WorkerPool:
+    def __init__(
+        self,
+        clock: IReactorTime,
+        connections: Iterable[WorkerConnection] = (),
+        *,
+        health_interval_s: float = 2.0,
+        failure_threshold: int = 2,
+        on_change: Callable[[], None] | None = None,
+    ):
+        self._clock = clock
+        self.health_interval_s = health_interval_s
+        self.failure_threshold = failure_threshold
+        self.on_change = on_change
+        self.entries: dict[str, WorkerEntry] = {}
+        self._rr = itertools.count()
+        self._loop: LoopingCall | None = None
+        self._probing: set[str] = set()
+        for conn in connections:
+            self.add(conn)
+
+    # -- membership -------------------------------------------------------------------------
+
+    def add(self, conn: WorkerConnection) -> WorkerEntry:
+        if conn.worker_id in self.entries:
+            raise ValueError(f"duplicate worker id {conn.worker_id!r}")
+        entry = WorkerEntry(conn=conn)
+        self.entries[conn.worker_id] = entry
+        return entry
+
+    def get(self, worker_id: str) -> WorkerEntry | None:
+        return self.entries.get(worker_id)
+
+    # -- state ------------------------------------------------------------------------------
+
+    def _set_state(self, entry: WorkerEntry, state: str) -> None:
+        if entry.state == state:
+            return
+        if state not in WORKER_TRANSITIONS[entry.state]:
+            raise ValueError(f"illegal worker transition {entry.state} -> {state}")
+        entry.state = state
+        if self.on_change is not None:
+            self.on_change()
+
+    def mark_failed(self, worker_id: str, reason: str) -> None:
+        """Circuit breaker: a failed dispatch takes the worker out of rotation at once."""
+        entry = self.entries.get(worker_id)
+        if entry is None:
+            return
+        entry.last_error = reason
+        entry.consecutive_failures += 1
+        if entry.state != DOWN:
+            self._set_state(entry, SUSPECT)
+
+    def mark_busy(self, worker_id: str, reason: str) -> None:
+        """The worker refused a job for lack of room: treat it as full until the next probe."""
+        entry = self.entries.get(worker_id)
+        if entry is None:
+            return
+        entry.last_error = reason
+        entry.busy = True
+
+    def record_health(self, worker_id: str, health: WorkerHealth | None, error: str = "") -> None:
+        entry = self.entries.get(worker_id)
+        if entry is None:
+            return
+        draining = health is not None and (health.draining or health.state == "draining")
+        if health is None or (not health.ok and not draining):
+            entry.consecutive_failures += 1
+            entry.last_error = error or (health.last_error if health else "") or "health probe failed"
+            if entry.state == HEALTHY and entry.consecutive_failures < self.failure_threshold:
+                return  # one lost probe is tolerated; a failed dispatch is not (mark_failed)
+            self._set_state(entry, DOWN)
+            return
+        entry.health = health
+        entry.consecutive_failures = 0
+        entry.busy = False
+        entry.last_error = health.last_error
+        self._set_state(entry, DRAINING if draining else HEALTHY)
+
+    # -- routing ----------------------------------------------------------------------------
+
+    def configured_for(self, model: str) -> bool:
+        """Does any configured worker serve ``model`` (whatever its health)?"""
+        return any(e.serves(model) for e in self.entries.values())
+
+    def configured_for_tags(self, model: str, tags: Iterable[str]) -> bool:
+        tags = tuple(tags)
+        return any(e.serves(model) and e.has_tags(tags) for e in self.entries.values())
+
+    def eligible(self, model: str, tags: Iterable[str] = (), exclude: Iterable[str] = ()) -> list[WorkerEntry]:
+        tags = tuple(tags)
+        excluded = set(exclude)
+        return [
+            e
+            for e in self.entries.values()
+            if e.state == HEALTHY
+            and e.worker_id not in excluded
+            and e.serves(model)
+            and e.has_tags(tags)
+            and e.inflight < e.capacity
+            and not e.busy
+        ]
+
+    def pick(self, model: str, tags: Iterable[str] = (), exclude: Iterable[str] = ()) -> WorkerEntry | None:
+        """Warm model first, then lowest inflight/capacity, then round-robin."""
+        candidates = self.eligible(model, tags, exclude)
+        if not candidates:
+            return None
+        turn = next(self._rr)
+        n = len(self.entries)
+        order = {wid: (i - turn) % n for i, wid in enumerate(self.entries)}
+
+        def rank(e: WorkerEntry):
+            return (0 if model in e.loaded_models else 1, e.inflight / e.capacity, order[e.worker_id])
+
+        return min(candidates, key=rank)
+
+    def acquire(self, entry: WorkerEntry) -> None:
+        entry.inflight += 1
+
+    def release(self, entry: WorkerEntry) -> None:
+        entry.inflight = max(0, entry.inflight - 1)
+        if self.on_change is not None:
+            self.on_change()
+
+    def usable_count(self) -> int:
+        return sum(1 for e in self.entries.values() if e.state == HEALTHY)
+
+    def snapshot(self) -> list[dict]:
+        return [e.snapshot() for e in self.entries.values()]
+
+    # -- health loop ------------------------------------------------------------------------
+
+    def probe(self, entry: WorkerEntry) -> Deferred:
+        if entry.worker_id in self._probing:
+            return Deferred.fromCoroutine(_noop())
+        self._probing.add(entry.worker_id)
+        d = entry.conn.health()
+
+        def ok(health: WorkerHealth):
+            self.record_health(entry.worker_id, health)
+
+        def failed(f):
+            self.record_health(entry.worker_id, None, error=str(f.value) or f.type.__name__)
+
+        def done(_):
+            self._probing.discard(entry.worker_id)
+
+        d.addCallbacks(ok, failed)
+        d.addBoth(done)
+        return d
+
+    def probe_all(self) -> Deferred:
+        return DeferredList([self.probe(e) for e in list(self.entries.values())], consumeErrors=True)
+
+    def start(self) -> Deferred:
+        """Probe every worker now, then every ``health_interval_s``."""
+        self._loop = LoopingCall(self.probe_all)
+        self._loop.clock = self._clock
+        d = self._loop.start(self.health_interval_s, now=True)
+        d.addErrback(log.err, "worker health loop stopped")
+        return self.probe_all()
+
+    def stop(self) -> None:
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        self._loop = None
+
+
+async def _noop() -> None:
+    return None

@@ -1,0 +1,1 @@
+"""Shared test helpers: tiny weights, real processes on free ports."""

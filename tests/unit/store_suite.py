@@ -1,0 +1,177 @@
+"""The JobStore contract as one test mixin: every store implementation runs it.
+
+A concrete TestCase mixes ``JobStoreSuite`` in and implements ``make_store()`` (returning a
+Deferred or a store) and ``advance(seconds)`` (move the store's clock forward).
+"""
+
+from __future__ import annotations
+
+from twisted.internet.defer import Deferred, ensureDeferred, inlineCallbacks
+
+from omnirt.contract import GenerateRequest, IllegalTransition, JobRecord, JobState
+from omnirt.store.base import NewEvent
+
+
+def _record(job_id: str, model: str = "sdxl-base-1.0", key: str | None = None) -> JobRecord:
+    request = GenerateRequest(task="text2image", model=model, inputs={"prompt": "p"})
+    return JobRecord(id=job_id, request=request, enqueued_at_ms=1, idempotency_key=key)
+
+
+def d(coro) -> Deferred:
+    return ensureDeferred(coro)
+
+
+class JobStoreSuite:
+    retention_s = 100.0
+
+    def make_store(self):
+        raise NotImplementedError
+
+    def advance(self, seconds: float) -> None:
+        raise NotImplementedError
+
+    @inlineCallbacks
+    def setUp(self):
+        self.store = yield self.make_store()
+
+    @inlineCallbacks
+    def _create(self, job_id="j1", **kw):
+        rec = yield d(self.store.create(_record(job_id, **kw), NewEvent("job_enqueued", "job", {"job_id": job_id})))
+        return rec
+
+    @inlineCallbacks
+    def test_create_and_get(self):
+        """A created job reads back queued, with its first event at seq 1."""
+        yield self._create("j1")
+        rec = yield d(self.store.get("j1", with_events=True))
+        self.assertEqual(rec.state, JobState.queued)
+        self.assertEqual([(e.seq, e.event) for e in rec.events], [(1, "job_enqueued")])
+        self.assertEqual(rec.request.model, "sdxl-base-1.0")
+        missing = yield d(self.store.get("nope"))
+        self.assertIsNone(missing)
+
+    @inlineCallbacks
+    def test_events_numbered_in_order(self):
+        """Appended events get seq 2, 3, ... and replay from any seq returns exactly the rest."""
+        yield self._create("j1")
+        for i in range(5):
+            ev = yield d(self.store.append_event("j1", NewEvent("stage_progress", "denoise", {"step": i + 1})))
+            self.assertEqual(ev.seq, i + 2)
+        for after in range(0, 7):
+            events = yield d(self.store.events("j1", after))
+            self.assertEqual([e.seq for e in events], list(range(after + 1, 7)))
+
+    @inlineCallbacks
+    def test_transition_compare_and_set(self):
+        """A transition applies only from an expected state; a lost CAS returns None and changes nothing."""
+        yield self._create("j1")
+        rec = yield d(self.store.transition("j1", [JobState.queued], JobState.running,
+                                            NewEvent("job_dispatched", "job", {"worker_id": "w"}), {"worker_id": "w"}))
+        self.assertEqual(rec.state, JobState.running)
+        self.assertEqual(rec.worker_id, "w")
+        lost = yield d(self.store.transition("j1", [JobState.queued], JobState.cancelled, NewEvent("job_cancelled")))
+        self.assertIsNone(lost)
+        rec = yield d(self.store.get("j1", with_events=True))
+        self.assertEqual(rec.state, JobState.running)
+        self.assertEqual([e.event for e in rec.events], ["job_enqueued", "job_dispatched"])
+
+    @inlineCallbacks
+    def test_illegal_transition_refused(self):
+        """The state machine refuses an illegal move even when the expected state matches."""
+        yield self._create("j1")
+        yield self.assertFailure(
+            d(self.store.transition("j1", [JobState.queued], JobState.succeeded, NewEvent("job_finished"))),
+            IllegalTransition,
+        )
+        rec = yield d(self.store.get("j1"))
+        self.assertEqual(rec.state, JobState.queued)
+
+    @inlineCallbacks
+    def test_update_fields(self):
+        """update() sets fields without touching state and may append an event."""
+        yield self._create("j1")
+        rec = yield d(self.store.update("j1", {"attempts": 2}, NewEvent("note")))
+        self.assertEqual(rec.attempts, 2)
+        self.assertEqual(rec.state, JobState.queued)
+        events = yield d(self.store.events("j1"))
+        self.assertEqual(events[-1].event, "note")
+
+    @inlineCallbacks
+    def test_subscribe_replay_then_live_no_gap_no_duplicate(self):
+        """A subscriber from any seq sees every later event exactly once, replayed then live."""
+        yield self._create("j1")
+        yield d(self.store.append_event("j1", NewEvent("a")))
+        yield d(self.store.append_event("j1", NewEvent("b")))
+        for after in range(0, 4):
+            seen = []
+            sub = self.store.subscribe("j1", after, lambda e, seen=seen: seen.append(e.seq))
+            yield self._settle()
+            self.addCleanup(sub.close)
+            seen_at_start = list(seen)
+            self.assertEqual(seen_at_start, list(range(after + 1, 4)))
+        seen = []
+        sub = self.store.subscribe("j1", 1, lambda e: seen.append(e.seq))
+        self.addCleanup(sub.close)
+        yield d(self.store.append_event("j1", NewEvent("c")))
+        yield d(self.store.transition("j1", [JobState.queued], JobState.cancelled, NewEvent("job_cancelled")))
+        yield self._settle(until=lambda: len(seen) >= 4)
+        self.assertEqual(seen, [2, 3, 4, 5])
+
+    @inlineCallbacks
+    def test_closed_subscription_gets_nothing(self):
+        """After close(), a subscriber receives no more events."""
+        yield self._create("j1")
+        seen = []
+        sub = self.store.subscribe("j1", 0, lambda e: seen.append(e.seq))
+        yield self._settle(until=lambda: seen)
+        sub.close()
+        sub.close()  # idempotent
+        yield d(self.store.append_event("j1", NewEvent("x")))
+        yield self._settle()
+        self.assertEqual(seen, [1])
+
+    @inlineCallbacks
+    def test_list_newest_first_with_filters(self):
+        """list() returns newest first and filters by state and model."""
+        yield self._create("j1")
+        yield self._create("j2", model="sdxl-refiner-1.0")
+        yield self._create("j3")
+        yield d(self.store.transition("j3", [JobState.queued], JobState.running, NewEvent("job_dispatched")))
+        all_ = yield d(self.store.list())
+        self.assertEqual([r.id for r in all_], ["j3", "j2", "j1"])
+        queued = yield d(self.store.list(state=JobState.queued))
+        self.assertEqual([r.id for r in queued], ["j2", "j1"])
+        refiner = yield d(self.store.list(model="sdxl-refiner-1.0"))
+        self.assertEqual([r.id for r in refiner], ["j2"])
+        limited = yield d(self.store.list(limit=1))
+        self.assertEqual([r.id for r in limited], ["j3"])
+
+    @inlineCallbacks
+    def test_idempotency_claim(self):
+        """The first claim of a key wins; later claims see the holder's job id and fingerprint."""
+        yield self._create("j1", key="k")
+        first = yield d(self.store.claim_idempotency("k", "fp1", "j1"))
+        self.assertIsNone(first)
+        again = yield d(self.store.claim_idempotency("k", "fp2", "j2"))
+        self.assertEqual(again, ("j1", "fp1"))
+
+    @inlineCallbacks
+    def test_retention_expires_terminal_jobs_only(self):
+        """Terminal jobs and their events disappear after the retention; unfinished jobs stay."""
+        yield self._create("done")
+        yield self._create("waiting")
+        yield d(self.store.transition("done", [JobState.queued], JobState.cancelled, NewEvent("job_cancelled")))
+        self.advance(self.retention_s / 2)
+        dropped = yield d(self.store.expire())
+        self.assertEqual(dropped, 0)
+        self.assertIsNotNone((yield d(self.store.get("done"))))
+        self.advance(self.retention_s)
+        yield d(self.store.expire())
+        self.assertIsNone((yield d(self.store.get("done"))))
+        self.assertIsNotNone((yield d(self.store.get("waiting"))))
+
+    def _settle(self, until=None):
+        """Let asynchronous stores deliver; the memory store is synchronous."""
+        from twisted.internet.defer import succeed
+
+        return succeed(None)
