@@ -1,12 +1,274 @@
-"""`omnirt worker` (not built yet)."""
+"""`omnirt worker`: serve the engine on this host over gRPC (and /metrics, /healthz over HTTP).
+
+One asyncio-based Twisted reactor runs the grpc.aio server and the twisted.web metrics site.
+SIGTERM (or SIGINT) drains: new jobs are refused, running ones get ``--drain-grace-s`` to finish,
+the rest are cancelled, then the process exits 0. A second signal cancels at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ipaddress
+import logging
+import signal
+import sys
+from pathlib import Path
 
 from omnirt.cli import CliError
+from omnirt.commands.common import add_model_path_arg, parse_model_paths
+
+DEFAULT_PORT = 50061
 
 
-def register(sub):
-    p = sub.add_parser("worker", help="(not yet available)")
-    p.set_defaults(func=run)
+def _comma_list(text: str) -> tuple[str, ...]:
+    items: dict[str, None] = {}
+    for item in text.split(","):
+        item = item.strip()
+        if item:
+            items.setdefault(item, None)
+    return tuple(items)
 
 
-def run(args):
-    raise CliError("'omnirt worker' is not available yet in this version")
+def register(sub) -> None:
+    p = sub.add_parser(
+        "worker",
+        help="serve the engine on this host to gateways over gRPC",
+        description="Serve the engine on this host to gateways over gRPC (omnirt.worker.Worker).",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help="gRPC port; 0 picks a free one (default 50061)")
+    p.add_argument("--worker-id", default="worker", help="this worker's id as gateways and job records show it")
+    p.add_argument("--backend", default="auto", help="auto | cuda | ascend | cpu | cpu-stub (auto resolves here)")
+    p.add_argument("--max-concurrency", type=int, default=1, help="jobs run at once; more are refused (default 1)")
+    p.add_argument("--pipeline-cache-size", type=int, default=4, help="pipelines kept loaded (LRU, default 4)")
+    p.add_argument("--models", default="", help="comma list of model ids served here (default: every model)")
+    p.add_argument("--tags", default="", help="comma list of routing tags (e.g. gpu,a100)")
+    add_model_path_arg(p)
+    p.add_argument("--metrics-port", type=int, default=None, help="serve /metrics and /healthz over HTTP (0 = any)")
+    p.add_argument("--drain-grace-s", type=float, default=30.0, help="on SIGTERM, seconds running jobs get to finish")
+    p.add_argument("--heartbeat-s", type=float, default=1.0, help="heartbeat period of a silent Run stream (default 1)")
+    p.add_argument("--redis-url", default=None, help="(not supported by this worker yet)")
+    p.add_argument("--otlp-endpoint", default=None, help="(not supported by this worker yet)")
+    p.set_defaults(func=run, needs_reactor=True)
+
+
+def _check_args(args: argparse.Namespace) -> tuple[tuple[str, ...], tuple[str, ...], dict[str, str]]:
+    from omnirt.backends import BACKEND_NAMES
+    from omnirt.contract import UnknownModel
+    from omnirt.registry import get_model
+
+    for flag in ("redis_url", "otlp_endpoint"):
+        if getattr(args, flag):
+            raise CliError(f"--{flag.replace('_', '-')} is not supported by this worker yet")
+    if not 0 <= args.port <= 65535:
+        raise CliError(f"--port {args.port} is out of range 0..65535")
+    if args.metrics_port is not None and not 0 <= args.metrics_port <= 65535:
+        raise CliError(f"--metrics-port {args.metrics_port} is out of range 0..65535")
+    if args.max_concurrency < 1:
+        raise CliError("--max-concurrency must be at least 1")
+    if args.pipeline_cache_size < 1:
+        raise CliError("--pipeline-cache-size must be at least 1")
+    if args.drain_grace_s < 0:
+        raise CliError("--drain-grace-s must not be negative")
+    if args.heartbeat_s <= 0:
+        raise CliError("--heartbeat-s must be positive")
+    if not args.worker_id.strip():
+        raise CliError("--worker-id must not be empty")
+    if args.backend not in BACKEND_NAMES:
+        raise CliError(f"--backend {args.backend!r} is unknown (one of: {', '.join(BACKEND_NAMES)})")
+    models = _comma_list(args.models)
+    tags = _comma_list(args.tags)
+    try:
+        for model in models:
+            get_model(model)
+    except UnknownModel as exc:
+        raise CliError(f"--models: {exc.message}") from None
+    model_paths = parse_model_paths(args.model_path)
+    for model, folder in model_paths.items():
+        if not Path(folder).is_dir():
+            raise CliError(f"--model-path {model}={folder}: {folder} is not a directory")
+        model_paths[model] = str(Path(folder).resolve())
+    return models, tags, model_paths
+
+
+def _grpc_address(host: str, port: int) -> str:
+    try:
+        if ipaddress.ip_address(host).version == 6:
+            return f"[{host}]:{port}"
+    except ValueError:
+        pass
+    return f"{host}:{port}"
+
+
+def run(args: argparse.Namespace) -> int:
+    models, tags, model_paths = _check_args(args)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    from twisted.internet import reactor
+
+    from omnirt.engine.engine import Engine
+
+    try:
+        engine = Engine(
+            backend=args.backend,
+            pipeline_cache_size=args.pipeline_cache_size,
+            model_paths=model_paths or None,
+            worker_id=args.worker_id,
+            max_concurrency=args.max_concurrency,
+        )
+    except (ValueError, OSError) as exc:
+        raise CliError(f"cannot start the engine: {exc}") from None
+
+    app = _WorkerApp(args, engine, models, tags, reactor)
+    reactor.callLater(0, app.begin)  # runs inside the asyncio loop (callWhenRunning runs before it)
+    reactor.run(installSignalHandlers=False)
+    if app.error:
+        raise CliError(app.error)
+    return 0
+
+
+class _WorkerApp:
+    """Startup and the planned shutdown of one worker process, on the reactor's loop."""
+
+    def __init__(self, args, engine, models, tags, reactor):
+        from omnirt.workers.server import WorkerCore, WorkerMetrics
+
+        self.args = args
+        self.engine = engine
+        self.reactor = reactor
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.metrics = WorkerMetrics()
+        self.core = WorkerCore(
+            engine,
+            worker_id=args.worker_id,
+            capacity=args.max_concurrency,
+            models=models,
+            tags=tags,
+            backend=args.backend,
+            heartbeat_s=args.heartbeat_s,
+            metrics=self.metrics,
+        )
+        self.server = None
+        self.metrics_port = None
+        self.error: str | None = None
+        self._stopping: asyncio.Task | None = None
+        self._signals = 0
+
+    def begin(self) -> None:
+        # called by the running reactor: its asyncio loop is the running loop (grpc.aio runs on it)
+        self.loop = asyncio.get_running_loop()
+        self._task = self.loop.create_task(self._start())
+
+    async def _start(self) -> None:
+        from omnirt.backends import BackendUnavailable
+        from omnirt.workers.server import build_server
+
+        args = self.args
+        try:
+            self.server = build_server(self.core)
+            address = _grpc_address(args.host, args.port)
+            try:
+                port = self.server.add_insecure_port(address)
+            except RuntimeError as exc:
+                raise CliError(f"cannot listen on {address}: {exc} (port in use?)") from None
+            if not port:
+                raise CliError(f"cannot listen on {address} (port in use?)")
+            await self.server.start()
+            if args.metrics_port is not None:
+                self.metrics_port = self._listen_metrics(args.host, args.metrics_port)
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self.loop.add_signal_handler(sig, self._on_signal, sig)
+            try:
+                await self.core.startup()
+            except BackendUnavailable as exc:
+                raise CliError(str(exc)) from None
+        except CliError as exc:
+            self.error = str(exc)
+            await self._stop(drain=False)
+            return
+        except Exception as exc:  # startup bug: say it in one line, exit 2
+            logging.getLogger(__name__).exception("worker startup failed")
+            self.error = f"worker startup failed: {type(exc).__name__}: {exc}"
+            await self._stop(drain=False)
+            return
+        if self.metrics_port is not None:
+            mhost = self.metrics_port.getHost()
+            print(f"omnirt worker {args.worker_id} metrics on http://{_grpc_address(args.host, mhost.port)}/metrics",
+                  flush=True)
+        print(f"omnirt worker {args.worker_id}: backend {self.core.backend}, capacity {self.core.capacity}, "
+              f"models {','.join(self.core.models) or 'all'}, tags {','.join(self.core.tags) or '-'}", flush=True)
+        # the readiness line (tests and supervisors wait for it): keep its format exactly
+        print(f"omnirt worker {args.worker_id} listening on {_grpc_address(args.host, port)}", flush=True)
+
+    def _listen_metrics(self, host: str, port: int):
+        from twisted.internet.error import CannotListenError
+        from twisted.web.server import Site
+
+        from omnirt.workers.server import health_json
+
+        core = self.core
+        metrics = self.metrics
+        resource = _metrics_resource(metrics, core, health_json)
+        try:
+            return self.reactor.listenTCP(port, Site(resource), interface=host)
+        except CannotListenError as exc:
+            raise CliError(f"cannot listen on {host}:{port} for metrics: {exc.socketError}") from None
+
+    def _on_signal(self, sig: int) -> None:
+        self._signals += 1
+        if self._signals == 1:
+            print(f"omnirt worker {self.args.worker_id}: {signal.Signals(sig).name}, draining "
+                  f"(up to {self.args.drain_grace_s:g}s)", file=sys.stderr, flush=True)
+            self._stopping = asyncio.ensure_future(self._stop(drain=True), loop=self.loop)
+        else:
+            print(f"omnirt worker {self.args.worker_id}: cancelling running jobs now", file=sys.stderr, flush=True)
+            for job_id in list(self.core._running):
+                self.core.cancel(job_id, "worker shutting down")
+
+    async def _stop(self, *, drain: bool) -> None:
+        try:
+            if drain:
+                await self.core.drain(self.args.drain_grace_s)
+            else:
+                self.core.state = "draining"
+            if self.server is not None:
+                await self.server.stop(5.0)
+            if self.metrics_port is not None:
+                stopped = self.metrics_port.stopListening()
+                if stopped is not None:
+                    await stopped.asFuture(self.loop)
+            await self.core.close()
+        except Exception:
+            logging.getLogger(__name__).exception("error while stopping the worker")
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self.loop.remove_signal_handler(sig)
+            self.reactor.stop()
+
+
+def _metrics_resource(metrics, core, health_json):
+    from twisted.web.resource import Resource
+
+    class _Leaf(Resource):
+        isLeaf = True
+
+        def __init__(self, render_body, content_type):
+            super().__init__()
+            self._render_body = render_body
+            self._content_type = content_type
+
+        def render_GET(self, request):
+            request.setHeader(b"content-type", self._content_type)
+            return self._render_body(request)
+
+    def render_health(request):
+        # always 200 while the process serves (liveness); "ok"/"state" say whether it takes jobs
+        return health_json(core.health())
+
+    from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+    root = Resource()
+    root.putChild(b"metrics", _Leaf(lambda _r: metrics.render(), CONTENT_TYPE_LATEST.encode()))
+    root.putChild(b"healthz", _Leaf(render_health, b"application/json"))
+    return root

@@ -110,7 +110,7 @@ class StubServerTests(ServerTestCase):
         code, rec = yield self.jcall("GET", f"/v1/jobs/{job['id']}")
         expected = [e["seq"] for e in rec["events"]]
         self.assertEqual(rec["events"][-1]["event"], "job_finished")
-        for _ok, (resp, content) in results:
+        for _ok, (_resp, content) in results:
             frames = sse_frames(content)
             self.assertEqual([f["seq"] for f in frames], expected)
             self.assertEqual(frames[-1]["event"], "job_finished")
