@@ -71,7 +71,7 @@ class Gateway:
 
         conns = []
         for spec in self.remote_specs:
-            address = f"{spec.host}:{spec.port}"
+            address = spec.address
             try:
                 await Deferred.fromFuture(asyncio.ensure_future(probe(address, 5.0)))
             except Exception as exc:  # noqa: BLE001 - any failure is "unreachable"
@@ -146,6 +146,7 @@ class Gateway:
         if self.max_concurrency < 1:
             raise StartupError("--max-concurrency must be at least 1")
         log.startLogging(sys.stderr, setStdout=False)
-        self.reactor.callWhenRunning(begin)
+        # callLater(0): callWhenRunning fires before the asyncio loop runs (grpc.aio needs it running)
+        self.reactor.callLater(0, begin)
         self.reactor.run()
         return self.exit_code

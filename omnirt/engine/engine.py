@@ -1,0 +1,248 @@
+"""The engine: runs generation jobs on this host (backend choice, pipeline cache, job threads, results).
+
+``Engine.run`` is blocking and is called from a job thread (never the reactor). It resolves the
+backend, then hands the job to one of the engine's own job threads and waits for it, so that
+torch only ever runs on at most ``max_concurrency`` long-lived threads, whatever thread pool the
+caller uses.
+
+Threading, decided on purpose: on CPU, OpenMP gives every OS thread that runs torch its own team
+of intra-op threads, and once more threads have run torch than there are cores, every job slows
+(tiny SDXL 64x64 on 2 cores: 30 ms when one thread runs torch, 74 ms on a second thread after the
+first had run it; 4 threads x 2 intra-op threads: 21 jobs/s instead of 30). So the engine runs
+torch only on its ``max_concurrency`` long-lived job threads and gives each
+``cpu_count // max_concurrency`` intra-op threads (set once per process, at the first load,
+unless ``OMP_NUM_THREADS`` is set). Jobs beyond ``max_concurrency`` wait in FIFO order; a job
+cancelled while waiting never starts. On a 2-core host max_concurrency 1 gives the most jobs/s
+(``scripts/bench-engine`` measures concurrency 1, 4 and 16); more pays off where one job cannot
+use the whole device.
+
+Imports stay light: torch and diffusers are imported on the job thread by
+``omnirt.models.sdxl`` the first time a torch backend runs; the gateway imports this module.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import secrets
+import threading
+import time
+import uuid
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
+
+from omnirt.backends import BackendUnavailable, default_dtype, resolve_backend
+from omnirt.contract import Artifact, GenerateResult, RunReport
+from omnirt.engine.base import CancelToken, EmitFn, EngineJob, JobCancelled, JobFailed, RunOutcome
+from omnirt.engine.cache import PipelineCache
+from omnirt.engine.images import decode_input_image, png_bytes
+from omnirt.engine.render import RenderJob, StageTracker, describe_error
+from omnirt.registry import get_model
+
+log = logging.getLogger(__name__)
+
+#: how often a caller waiting for a queued job looks at its cancel token
+_QUEUED_CANCEL_POLL_S = 0.05
+
+
+def cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def resolve_dtype(requested: str | None, backend: str) -> str:
+    """``auto`` -> fp16 on accelerators, fp32 on CPU; fp16 asked of a CPU backend runs as fp32."""
+    if requested in (None, "auto"):
+        return default_dtype(backend)
+    if requested == "fp16" and backend in ("cpu", "cpu-stub"):
+        return "fp32"
+    return requested
+
+
+def peak_rss_mb() -> float:
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not Unix
+        return 0.0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
+
+
+def _renderer(backend: str):
+    if backend == "cpu-stub":
+        from omnirt.models import stub
+
+        return stub
+    from omnirt.models import sdxl
+
+    return sdxl
+
+
+class Engine:
+    """Runs jobs on this host; one per worker process (``omnirt serve`` local worker or ``omnirt worker``)."""
+
+    def __init__(
+        self,
+        *,
+        backend: str = "auto",
+        pipeline_cache_size: int = 4,
+        model_paths: dict[str, str] | None = None,
+        worker_id: str = "local",
+        max_concurrency: int = 1,
+    ):
+        self.backend = backend
+        self.pipeline_cache_size = pipeline_cache_size
+        self.model_paths = dict(model_paths or {})
+        self.worker_id = worker_id
+        self.max_concurrency = max(1, int(max_concurrency))
+        #: intra-op threads each torch job gets (applied once per process, at the first load)
+        self.torch_threads = max(1, cpu_count() // self.max_concurrency)
+        self.cache = PipelineCache(pipeline_cache_size)
+        self._executor = ThreadPoolExecutor(
+            max_workers=self.max_concurrency, thread_name_prefix=f"omnirt-engine-{worker_id}"
+        )
+        self._closed = threading.Event()
+
+    # -- public API ------------------------------------------------------------------------
+
+    def resolve_backend(self, requested: str) -> str:
+        """``auto`` -> this engine's default backend -> ``omnirt.backends.resolve_backend``.
+
+        Raises ``BackendUnavailable`` (naming what is missing) for a backend that cannot run here.
+        """
+        if requested == "auto":
+            requested = self.backend
+        return resolve_backend(requested)
+
+    def run(self, job: EngineJob, emit: EmitFn, cancel: CancelToken) -> RunOutcome:
+        """Run ``job`` to completion (blocking); raise ``JobFailed`` or ``JobCancelled``.
+
+        ``emit`` is called on an engine job thread with the stage_* events, in order.
+        """
+        if self._closed.is_set():
+            raise JobFailed("the engine is shut down")
+        try:
+            backend = self.resolve_backend(job.request.backend)
+        except BackendUnavailable as exc:
+            raise JobFailed(str(exc)) from None
+        cancel.raise_if_cancelled()
+        try:
+            future = self._executor.submit(self._run_job, job, backend, emit, cancel)
+        except RuntimeError:  # shut down between the check above and here
+            raise JobFailed("the engine is shut down") from None
+        return self._wait(future, cancel)
+
+    def loaded_models(self) -> list[str]:
+        """Model ids with a loaded pipeline in the cache (any backend, dtype or device)."""
+        return sorted({key[0] for key in self.cache.keys()})
+
+    def close(self) -> None:
+        """Refuse new jobs, drop queued ones, release cached pipelines (running jobs finish)."""
+        if self._closed.is_set():
+            return
+        self._closed.set()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        self.cache.clear()
+
+    # -- internals -------------------------------------------------------------------------
+
+    @staticmethod
+    def _wait(future: Future, cancel: CancelToken) -> RunOutcome:
+        """Wait for the job; one still queued when its token fires is dropped at once."""
+        while True:
+            try:
+                return future.result(timeout=None if future.running() else _QUEUED_CANCEL_POLL_S)
+            except TimeoutError:
+                if cancel.cancelled and future.cancel():
+                    raise JobCancelled(cancel.reason or "cancelled") from None
+            except CancelledError:  # dropped from the queue by close()
+                raise JobFailed("the engine shut down before the job started") from None
+
+    def _source(self, model_id: str) -> tuple[str, bool]:
+        """Where the weights come from: ``(folder, True)`` or ``(hub id, False)``."""
+        path = self.model_paths.get(model_id)
+        if path:
+            return os.path.abspath(os.path.expanduser(path)), True
+        return get_model(model_id).default_source, False
+
+    def _run_job(self, job: EngineJob, backend: str, emit: EmitFn, cancel: CancelToken) -> RunOutcome:
+        try:
+            return self._run_stages(job, backend, emit, cancel)
+        except (JobCancelled, JobFailed):
+            raise
+        except Exception as exc:  # a bug outside any stage: still a clean one-line failure
+            log.exception("job %s failed outside a stage", job.job_id)
+            raise JobFailed(f"internal error: {describe_error(exc)}") from exc
+
+    def _run_stages(self, job: EngineJob, backend: str, emit: EmitFn, cancel: CancelToken) -> RunOutcome:
+        started = time.perf_counter()
+        started_ms = int(time.time() * 1000)
+        cancel.raise_if_cancelled()
+        request = job.request
+        config = dict(request.config)
+        requested_dtype = config.get("dtype", "auto")
+        dtype = resolve_dtype(requested_dtype, backend)
+        config.update(
+            seed=config.get("seed") if config.get("seed") is not None else secrets.randbelow(2**32),
+            dtype=dtype,
+            scheduler=config.get("scheduler") or "euler-discrete",
+        )
+        if requested_dtype not in ("auto", dtype):
+            config["dtype_requested"] = requested_dtype
+        image = None
+        if request.task == "image2image":
+            image = decode_input_image(request.inputs.get("image"), int(config["width"]), int(config["height"]))
+        render_job = RenderJob(
+            task=request.task,
+            model=request.model,
+            prompt=request.inputs.get("prompt") or "",
+            negative_prompt=request.inputs.get("negative_prompt"),
+            image=image,
+            config=config,
+        )
+        renderer = _renderer(backend)
+        key = (request.model, backend, dtype, renderer.placement(backend))
+        tracker = StageTracker(request.model, emit, cancel)
+
+        with tracker.stage("load_pipeline") as end:
+            source, local = self._source(request.model)
+            loaded, end["cached"] = self.cache.get_or_load(
+                key,
+                lambda: renderer.load(
+                    request.model, source=source, local=local, backend=backend, dtype=dtype,
+                    threads=self.torch_threads,
+                ),
+            )
+        images = loaded.generate(render_job, tracker)
+        with tracker.stage("export"):
+            blobs = [png_bytes(im) for im in images]
+            outputs = [
+                Artifact(
+                    kind="image", mime="image/png", width=im.width, height=im.height, num_frames=1,
+                    transport="inline_bytes", data_b64=None, sha256=hashlib.sha256(blob).hexdigest(),
+                    bytes=len(blob),
+                )
+                for im, blob in zip(images, blobs, strict=True)
+            ]
+
+        timings = dict(tracker.timings)
+        timings["total_ms"] = (time.perf_counter() - started) * 1000.0
+        report = RunReport(
+            run_id=uuid.uuid4().hex,
+            task=request.task,
+            model=request.model,
+            backend=backend,
+            job_id=job.job_id,
+            trace_id=job.trace_id or "",
+            worker_id=self.worker_id,
+            execution_mode=job.execution_mode,
+            enqueued_at_ms=job.enqueued_at_ms,
+            queue_wait_ms=float(started_ms - job.enqueued_at_ms) if job.enqueued_at_ms else None,
+            timings=timings,
+            memory={"peak_rss_mb": peak_rss_mb(), **loaded.memory()},
+            config_resolved=config,
+            batch_size=len(outputs),
+        )
+        return RunOutcome(result=GenerateResult(outputs=outputs, metadata=report), blobs=blobs)
+

@@ -1,0 +1,117 @@
+"""What a model renderer gets from the engine: the job's inputs, and a tracker for stages, progress, cancel.
+
+A renderer (``omnirt.models.stub``, ``omnirt.models.sdxl``) exposes ``placement(backend)`` and
+``load(model_id, source=, backend=, dtype=, threads=)``; the loaded object's
+``generate(job, tracker)`` runs the encode_prompt, denoise and decode stages through the tracker
+and returns Pillow images. The engine runs load_pipeline and export around it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import time
+from collections.abc import Iterator
+from typing import Any, Protocol
+
+from omnirt.engine.base import CancelToken, EmitFn, JobCancelled, JobFailed
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class RenderJob:
+    """One job as a renderer sees it: config fully resolved (seed chosen, dtype decided)."""
+
+    task: str
+    model: str
+    prompt: str
+    negative_prompt: str | None
+    image: Any  # PIL.Image.Image (RGB, already width x height) for image2image, else None
+    config: dict[str, Any]
+
+    @property
+    def seed(self) -> int:
+        return int(self.config["seed"])
+
+    @property
+    def width(self) -> int:
+        return int(self.config["width"])
+
+    @property
+    def height(self) -> int:
+        return int(self.config["height"])
+
+    @property
+    def steps(self) -> int:
+        return int(self.config["num_inference_steps"])
+
+    @property
+    def num_images(self) -> int:
+        return int(self.config.get("num_images_per_prompt", 1))
+
+
+class LoadedModel(Protocol):
+    def generate(self, job: RenderJob, tracker: StageTracker) -> list[Any]: ...
+
+    def memory(self) -> dict[str, float]: ...
+
+
+def describe_error(exc: BaseException, limit: int = 400) -> str:
+    """One line for a client: the exception's first line (no traceback), bounded in length."""
+    text = str(exc).strip().splitlines()
+    first = text[0].strip() if text else ""
+    message = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+    return message if len(message) <= limit else message[: limit - 3] + "..."
+
+
+class StageTracker:
+    """Runs a job's stages in order and reports them through ``emit`` (on the calling thread).
+
+    Each ``stage`` block checks the cancel token first, emits ``stage_start``, times the block and
+    emits ``stage_end`` (with any extra data the block put in the yielded dict). An exception
+    inside the block becomes ``stage_error`` plus ``JobFailed`` with a one-line message;
+    ``JobCancelled`` passes through untouched (a cancel is not an error).
+    """
+
+    def __init__(self, model: str, emit: EmitFn, cancel: CancelToken, clock=time.perf_counter):
+        self.model = model
+        self.emit = emit
+        self.cancel = cancel
+        self.clock = clock
+        self.timings: dict[str, float] = {}
+        self._stage_started = 0.0
+
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[dict[str, Any]]:
+        self.cancel.raise_if_cancelled()
+        self.emit("stage_start", name, {"model": self.model})
+        self._stage_started = started = self.clock()
+        end_data: dict[str, Any] = {}
+        try:
+            yield end_data
+        except JobCancelled:
+            raise
+        except JobFailed as exc:
+            self.emit("stage_error", name, {"model": self.model, "error": str(exc)})
+            raise
+        except Exception as exc:
+            log.exception("stage %s of model %s failed", name, self.model)
+            message = f"{name} failed: {describe_error(exc)}"
+            self.emit("stage_error", name, {"model": self.model, "error": message})
+            raise JobFailed(message) from exc
+        elapsed_ms = (self.clock() - started) * 1000.0
+        self.timings[f"{name}_ms"] = elapsed_ms
+        self.emit("stage_end", name, {"model": self.model, "elapsed_ms": elapsed_ms, **end_data})
+
+    def progress(self, step: int, total: int, timestep: int) -> None:
+        """Report denoise step ``step`` of ``total`` (1-based); stop here if the job was cancelled."""
+        self.cancel.raise_if_cancelled()
+        elapsed_ms = (self.clock() - self._stage_started) * 1000.0
+        eta_ms = elapsed_ms / step * max(total - step, 0) if step > 0 else 0.0
+        self.emit(
+            "stage_progress",
+            "denoise",
+            {"step": step, "total": total, "timestep": int(timestep), "eta_ms": eta_ms},
+        )

@@ -1,0 +1,255 @@
+"""SDXL base and refiner on diffusers: load a pipeline once, run each job on a private shallow copy.
+
+Concurrency: a cached pipeline's modules (UNet, VAE, text encoders) are shared, read-only, by
+every job; each job gets its own pipeline object built from those modules
+(``Pipeline(**components)``, ~0.2 ms) with its own scheduler instance of the requested class.
+Two jobs on one cached pipeline therefore never share scheduler state (step index, sigmas) or
+per-call pipeline attributes, and changing the scheduler never reloads anything.
+
+The stages are run here, not inside one pipeline call, so their timings are real:
+encode_prompt is ``pipe.encode_prompt``; denoise is the pipeline call with
+``output_type="latent"`` (``callback_on_step_end`` reports each step and raises ``JobCancelled``
+to stop); decode is the VAE. The VAE is also run here for image2image (the input is passed to the
+pipeline as latents) because diffusers would otherwise cast the shared VAE between fp16 and fp32
+mid-call; on accelerators a ``force_upcast`` VAE is simply kept in fp32.
+
+Threading: torch runs only on the engine's own job threads (at most ``max_concurrency``), and the
+first load sets torch's intra-op threads to ``threads`` (cpu count // max_concurrency) unless
+``OMP_NUM_THREADS`` is set. More threads than cores thrashes OpenMP (see the module docstring of
+``omnirt.engine.engine``).
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import logging
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+from omnirt.backends import torch_device
+from omnirt.engine.base import JobFailed
+from omnirt.engine.render import RenderJob, StageTracker, describe_error
+
+log = logging.getLogger(__name__)
+
+SCHEDULER_CLASSES = {
+    "euler-discrete": "EulerDiscreteScheduler",
+    "euler-ancestral": "EulerAncestralDiscreteScheduler",
+    "ddim": "DDIMScheduler",
+    "dpm-solver": "DPMSolverMultistepScheduler",
+}
+TASK_PIPELINES = {
+    "text2image": "StableDiffusionXLPipeline",
+    "image2image": "StableDiffusionXLImg2ImgPipeline",
+}
+
+_torch_configured = threading.Lock()
+_torch_ready = False
+
+
+def quiet_libraries() -> None:
+    """No loading bars, and no warning that the unused CLIP image processor lacks torchvision."""
+    logging.getLogger("transformers.utils.import_utils").setLevel(logging.ERROR)
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+
+
+def configure_torch(threads: int) -> None:
+    """Once per process, before the first torch work: intra-op threads, quiet libraries."""
+    global _torch_ready
+    with _torch_configured:
+        if _torch_ready:
+            return
+        quiet_libraries()
+        import torch
+
+        if "OMP_NUM_THREADS" not in os.environ:
+            torch.set_num_threads(max(1, threads))
+        _torch_ready = True
+
+
+def placement(backend: str) -> str:
+    return torch_device(backend)
+
+
+def _torch_dtype(dtype: str):
+    import torch
+
+    return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
+
+
+def load(model_id: str, *, source: str, local: bool, backend: str, dtype: str, threads: int) -> SdxlModel:
+    """Load ``source`` (a local diffusers folder, or a hub id when ``local`` is False)."""
+    configure_torch(threads)
+    if local:
+        folder = Path(source)
+        if not (folder / "model_index.json").is_file():
+            raise JobFailed(
+                f"model path for {model_id} is not a diffusers folder (no model_index.json): {source}"
+            )
+    import diffusers
+    import torch
+
+    if backend == "ascend":
+        import torch_npu  # noqa: F401  (registers the npu device)
+
+    torch_dtype = _torch_dtype(dtype)
+    kwargs: dict[str, Any] = {"dtype": torch_dtype, "add_watermarker": False}
+    if not local and torch_dtype == torch.float16:
+        kwargs["variant"] = "fp16"  # the hub's SDXL repositories publish fp16 weights
+    try:
+        pipe = diffusers.DiffusionPipeline.from_pretrained(source, **kwargs)
+    except Exception as exc:
+        if local:
+            raise JobFailed(f"cannot load {model_id} from {source}: {describe_error(exc)}") from exc
+        raise JobFailed(
+            f"cannot load {model_id} from the Hugging Face hub ({source}): {describe_error(exc, 200)}; "
+            f"on a host without the hub, pass --model-path {model_id}=DIR "
+            f"(offline test weights: omnirt models make-tiny DIR)"
+        ) from exc
+    device = placement(backend)
+    pipe.to(device)
+    if torch_dtype == torch.float16 and getattr(pipe.vae.config, "force_upcast", False):
+        pipe.vae.to(torch.float32)  # what diffusers does per call, done once, without mutating mid-job
+    return SdxlModel(model_id, pipe, device, backend)
+
+
+class SdxlModel:
+    """A loaded SDXL pipeline (base or refiner); ``generate`` is safe to call from several threads."""
+
+    def __init__(self, model_id: str, pipe, device: str, backend: str):
+        self.model_id = model_id
+        self.pipe = pipe
+        self.device = device
+        self.backend = backend
+        #: one pristine scheduler per name, never stepped: jobs get deep copies (~0.1 ms, from_config ~0.6 ms)
+        self._scheduler_templates: dict[str, Any] = {}
+
+    def _scheduler(self, name: str):
+        template = self._scheduler_templates.get(name)
+        if template is None:
+            import diffusers
+
+            scheduler_cls = getattr(diffusers, SCHEDULER_CLASSES[name])
+            template = self._scheduler_templates.setdefault(name, scheduler_cls.from_config(self.pipe.scheduler.config))
+        return copy.deepcopy(template)
+
+    def job_pipeline(self, task: str, scheduler: str):
+        """A private pipeline over the shared modules, with its own ``scheduler`` instance."""
+        import diffusers
+
+        cls = getattr(diffusers, TASK_PIPELINES[task])
+        params = inspect.signature(cls.__init__).parameters
+        components = {k: v for k, v in self.pipe.components.items() if k in params}
+        flags = {k: v for k, v in self.pipe.config.items() if k in params and k not in components}
+        components["scheduler"] = self._scheduler(scheduler)
+        pipe = cls(**components, **flags, add_watermarker=False)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def generate(self, job: RenderJob, tracker: StageTracker) -> list:
+        import torch
+
+        pipe = self.job_pipeline(job.task, job.config["scheduler"])
+        guidance = float(job.config["guidance_scale"])
+        use_cfg = guidance > 1 and pipe.unet.config.time_cond_proj_dim is None
+        generator = torch.Generator("cpu").manual_seed(job.seed)  # portable seeds across devices
+
+        def on_step_end(p, i, t, _tensors):
+            tracker.progress(i + 1, p.num_timesteps, int(t))
+            return {}
+
+        with torch.inference_mode():
+            with tracker.stage("encode_prompt"):
+                embeds, negative, pooled, negative_pooled = pipe.encode_prompt(
+                    prompt=job.prompt,
+                    device=torch.device(self.device),
+                    num_images_per_prompt=1,  # the pipeline call repeats embeddings per image
+                    do_classifier_free_guidance=use_cfg,
+                    negative_prompt=job.negative_prompt,
+                )
+            with tracker.stage("denoise"):
+                call: dict[str, Any] = {
+                    "prompt_embeds": embeds,
+                    "negative_prompt_embeds": negative,
+                    "pooled_prompt_embeds": pooled,
+                    "negative_pooled_prompt_embeds": negative_pooled,
+                    "num_inference_steps": job.steps,
+                    "guidance_scale": guidance,
+                    "num_images_per_prompt": job.num_images,
+                    "generator": generator,
+                    "output_type": "latent",
+                    "callback_on_step_end": on_step_end,
+                }
+                if job.task == "image2image":
+                    call["image"] = self._encode_image(pipe, job.image, generator)
+                    call["strength"] = float(job.config["strength"])
+                    for key in ("aesthetic_score", "negative_aesthetic_score"):
+                        if key in job.config:
+                            call[key] = float(job.config[key])
+                else:
+                    call["width"], call["height"] = job.width, job.height
+                latents = pipe(**call).images
+            with tracker.stage("decode"):
+                return self._decode(pipe, latents)
+
+    def _encode_image(self, pipe, image, generator):
+        """The input image as scaled latents (4 channels: the pipeline then skips its own VAE pass)."""
+        vae = pipe.vae
+        pixels = pipe.image_processor.preprocess(image).to(device=self.device, dtype=vae.dtype)
+        latents = vae.encode(pixels).latent_dist.sample(generator)
+        mean, std = _latents_stats(vae, latents)
+        if mean is not None:
+            latents = (latents - mean) * vae.config.scaling_factor / std
+        else:
+            latents = latents * vae.config.scaling_factor
+        return latents.to(pipe.unet.dtype)
+
+    def _decode(self, pipe, latents) -> list:
+        vae = pipe.vae
+        latents = latents.to(device=self.device, dtype=vae.dtype)
+        mean, std = _latents_stats(vae, latents)
+        if mean is not None:
+            latents = latents * std / vae.config.scaling_factor + mean
+        else:
+            latents = latents / vae.config.scaling_factor
+        pixels = vae.decode(latents, return_dict=False)[0]
+        return pipe.image_processor.postprocess(pixels, output_type="pil")
+
+    def memory(self) -> dict[str, float]:
+        """Process-wide peak accelerator memory, in MiB (empty on CPU)."""
+        import torch
+
+        if self.backend == "cuda":
+            return {"peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20}
+        if self.backend == "ascend":
+            return {"peak_gpu_mb": torch.npu.max_memory_allocated() / 2**20}  # type: ignore[attr-defined]
+        return {}
+
+    def release(self) -> None:
+        """Evicted from the cache: hand cached accelerator blocks back (running jobs keep their references)."""
+        if self.backend == "cuda":
+            import gc
+
+            import torch
+
+            gc.collect()
+            torch.cuda.empty_cache()
+
+
+def _latents_stats(vae, latents):
+    cfg = vae.config
+    if getattr(cfg, "latents_mean", None) is None or getattr(cfg, "latents_std", None) is None:
+        return None, None
+    import torch
+
+    channels = len(cfg.latents_mean)
+    mean = torch.tensor(cfg.latents_mean).view(1, channels, 1, 1).to(latents.device, latents.dtype)
+    std = torch.tensor(cfg.latents_std).view(1, channels, 1, 1).to(latents.device, latents.dtype)
+    return mean, std
