@@ -43,6 +43,8 @@ def register(sub) -> None:
     p.add_argument("--max-attempts", type=int, default=3, help="dispatch attempts per job across workers")
     p.add_argument("--health-interval-s", type=float, default=2.0)
     p.add_argument("--health-failure-threshold", type=int, default=2)
+    p.add_argument("--worker-idle-timeout-s", type=float, default=10.0,
+                   help="a remote job with no event or heartbeat this long counts as a lost worker")
     p.add_argument("--keepalive-s", type=float, default=15.0, help="SSE/WebSocket keep-alive interval")
     p.set_defaults(func=run, needs_reactor=True)
 
@@ -109,6 +111,7 @@ def run(args) -> int:
         health_interval_s=args.health_interval_s,
         health_failure_threshold=args.health_failure_threshold,
         keepalive_s=args.keepalive_s,
+        worker_idle_timeout_s=args.worker_idle_timeout_s,
     )
     code = gateway.run_forever()
     sys.stdout.flush()

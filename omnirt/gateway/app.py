@@ -275,6 +275,8 @@ class GatewayResource(Resource):
         super().__init__()
         self.api = api
         self.inner = api.app.resource()
+        #: requests not yet answered (shutdown waits for them, bounded)
+        self.inflight: set = set()
 
     def render(self, request):
         path = request.path.decode("latin-1")
@@ -282,8 +284,10 @@ class GatewayResource(Resource):
         counter = self.api.metrics.http_requests
 
         def count(_=None):
+            self.inflight.discard(request)
             counter.labels(route=label, code=str(request.code)).inc()
 
+        self.inflight.add(request)
         request.notifyFinish().addBoth(count)
         keys = self.api.api_keys
         if keys.enabled and request.path not in OPEN_PATHS and label != "/v1/jobs/{id}/stream":

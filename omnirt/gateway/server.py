@@ -7,6 +7,7 @@ import sys
 
 from twisted.internet import reactor as global_reactor
 from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.task import deferLater
 from twisted.python import log
 from twisted.web.server import Site
 
@@ -29,7 +30,7 @@ class Gateway:
     def __init__(self, *, host, port, backend, max_concurrency, pipeline_cache_size, allowed_tiers, api_keys: ApiKeys,
                  remote_specs, local_worker, max_queue, artifact_dir, model_paths, max_body_bytes, shutdown_grace_s,
                  job_retention_s, max_attempts, health_interval_s, health_failure_threshold, keepalive_s,
-                 reactor=None):
+                 worker_idle_timeout_s=10.0, reactor=None):
         self.reactor = reactor or global_reactor
         self.host = host
         self.port = port
@@ -50,6 +51,7 @@ class Gateway:
         self.health_interval_s = health_interval_s
         self.health_failure_threshold = health_failure_threshold
         self.keepalive_s = keepalive_s
+        self.worker_idle_timeout_s = worker_idle_timeout_s
         self.exit_code = 0
         self.listening_port = None
         self.connections = []
@@ -77,7 +79,8 @@ class Gateway:
             except Exception as exc:  # noqa: BLE001 - any failure is "unreachable"
                 reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
                 raise StartupError(f"remote worker {spec.worker_id} at {address} is unreachable: {reason}") from None
-            conns.append(GrpcWorkerConnection(spec.worker_id, address, models=spec.models, tags=spec.tags))
+            conns.append(GrpcWorkerConnection(spec.worker_id, address, models=spec.models, tags=spec.tags,
+                                              idle_timeout_s=self.worker_idle_timeout_s))
         return conns
 
     async def start(self) -> None:
@@ -100,7 +103,8 @@ class Gateway:
         self.service.start()
         self.api = GatewayAPI(service=self.service, metrics=self.metrics, reactor=self.reactor,
                               api_keys=self.api_keys, keepalive_s=self.keepalive_s)
-        site = Site(self.api.resource(), requestFactory=limited_request_factory(self.max_body_bytes))
+        self.http_resource = self.api.resource()
+        site = Site(self.http_resource, requestFactory=limited_request_factory(self.max_body_bytes))
         site.noisy = False
         site.displayTracebacks = False
         try:
@@ -117,6 +121,11 @@ class Gateway:
             await self.listening_port.stopListening()
         print(f"omnirt serve: shutting down (grace {self.shutdown_grace_s:g}s)", flush=True)
         await self.service.shutdown(self.shutdown_grace_s)
+        # let answers to requests whose jobs just ended go out (bounded)
+        for _ in range(100):
+            if not self.http_resource.inflight:
+                break
+            await deferLater(self.reactor, 0.05, lambda: None)
         self.pool.stop()
         await DeferredList([c.close() for c in self.connections], consumeErrors=True)
         await self.store.close()

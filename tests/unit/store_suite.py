@@ -170,8 +170,33 @@ class JobStoreSuite:
         self.assertIsNone((yield d(self.store.get("done"))))
         self.assertIsNotNone((yield d(self.store.get("waiting"))))
 
+    #: asynchronous stores (Redis) deliver subscriptions later: after ``until`` holds (or at
+    #: once when there is none), let the real reactor run this long more so that a stray late
+    #: delivery (a duplicate, an event after close) would still be seen. 0 = synchronous store.
+    settle_quiet_s = 0.0
+    #: the most ``_settle`` waits for ``until`` before failing the test
+    settle_timeout_s = 5.0
+
     def _settle(self, until=None):
-        """Let asynchronous stores deliver; the memory store is synchronous."""
+        """Let asynchronous stores deliver: poll the real reactor (bounded) until ``until()``
+        holds, then wait ``settle_quiet_s``. The memory store is synchronous: nothing to wait."""
         from twisted.internet.defer import succeed
 
-        return succeed(None)
+        if (until is None or until()) and not self.settle_quiet_s:
+            return succeed(None)
+        return self._poll_reactor(until)
+
+    @inlineCallbacks
+    def _poll_reactor(self, until):
+        import time
+
+        from twisted.internet import reactor
+        from twisted.internet.task import deferLater
+
+        deadline = time.monotonic() + self.settle_timeout_s
+        while until is not None and not until():
+            if time.monotonic() > deadline:
+                self.fail(f"store did not settle within {self.settle_timeout_s}s")
+            yield deferLater(reactor, 0.005, lambda: None)
+        if self.settle_quiet_s:
+            yield deferLater(reactor, self.settle_quiet_s, lambda: None)

@@ -1,0 +1,392 @@
+"""The shared JobStore suite on RedisJobStore (a private redis-server per test), plus what only
+Redis has: TTLs, one reader connection for many subscribers, the Lua CAS under concurrency,
+timeouts during an outage, AOF restarts, TLS, and URLs whose password never leaks."""
+
+from __future__ import annotations
+
+import time
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, ensureDeferred, gatherResults, inlineCallbacks
+from twisted.internet.task import deferLater
+from twisted.trial import unittest
+
+from omnirt.contract import GenerateRequest, JobRecord, JobState
+from omnirt.store.base import JobNotFound, NewEvent, StoreUnavailable
+from omnirt.store.redis import RedisJobStore, parse_redis_url
+from tests.support.redis import start_redis
+from tests.unit.store_suite import JobStoreSuite, _record
+
+
+def d(coro) -> Deferred:
+    return ensureDeferred(coro)
+
+
+def sleep(seconds: float) -> Deferred:
+    return deferLater(reactor, seconds, lambda: None)
+
+
+@inlineCallbacks
+def wait_until(check, timeout: float = 5.0, what: str = "condition"):
+    """Poll ``check`` on the running reactor (bounded)."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not reached within {timeout}s")
+        yield sleep(0.01)
+
+
+class _RedisStores:
+    """Open stores against ``self.redis``; each is closed at cleanup."""
+
+    store_kw: dict = {}
+
+    @inlineCallbacks
+    def open_store(self, url: str | None = None, **kw):
+        params = {"retention_s": 60.0, "call_timeout_s": 2.0, **self.store_kw, **kw}
+        store = RedisJobStore(reactor, url=url or self.redis.url(), **params)
+        yield d(store.connect())
+        self.addCleanup(lambda: d(store.close()))
+        return store
+
+
+class RedisJobStoreSuiteTests(_RedisStores, JobStoreSuite, unittest.TestCase):
+    """Exactly the suite the memory store passes."""
+
+    retention_s = 0.6  # real seconds: advance() sleeps, Redis expires the keys itself
+    settle_quiet_s = 0.1
+
+    def make_store(self):
+        self.redis = start_redis(self)
+        return self.open_store(retention_s=self.retention_s)
+
+    def advance(self, seconds: float) -> None:
+        assert seconds <= 2.0, "keep the Redis retention test fast"
+        time.sleep(seconds)
+
+
+def _request(model: str = "sdxl-base-1.0") -> GenerateRequest:
+    return GenerateRequest(task="text2image", model=model, inputs={"prompt": "p"})
+
+
+class RedisStoreTests(_RedisStores, unittest.TestCase):
+    def setUp(self):
+        self.redis = start_redis(self)
+
+    @inlineCallbacks
+    def _job(self, store, job_id: str, key: str | None = None):
+        rec = yield d(store.create(_record(job_id, key=key), NewEvent("job_enqueued", "job", {"job_id": job_id})))
+        return rec
+
+    @inlineCallbacks
+    def test_ttl_on_every_key_of_terminal_job_only(self):
+        """A terminal job's hash, event stream and idempotency key all carry the retention TTL;
+        a running job's keys have none, and the job appears in the retention index."""
+        store = yield self.open_store(retention_s=30.0)
+        for job_id in ("done", "busy"):
+            yield d(store.claim_idempotency(f"k-{job_id}", "fp", job_id))
+            yield self._job(store, job_id, key=f"k-{job_id}")
+            yield d(store.transition(job_id, [JobState.queued], JobState.running, NewEvent("job_dispatched")))
+        yield d(store.transition("done", [JobState.running], JobState.succeeded, NewEvent("job_finished")))
+        for key in ("omnirt:job:done", "omnirt:job:done:events", "omnirt:idem:k-done"):
+            pttl = self.redis.command("PTTL", key)
+            self.assertTrue(0 < pttl <= 30_000, f"{key} PTTL {pttl}")
+        for key in ("omnirt:job:busy", "omnirt:job:busy:events", "omnirt:idem:k-busy"):
+            self.assertEqual(self.redis.command("PTTL", key), -1, key)
+        members = self.redis.command("ZRANGE", "omnirt:terminal", 0, -1)
+        self.assertEqual(members, ['["done","sdxl-base-1.0"]'])
+
+    @inlineCallbacks
+    def test_claim_before_create_survives_until_the_job_exists(self):
+        """An idempotency key claimed before its job is created (the service's order) is held for
+        that job, made permanent by create(), and expires with the job once it is terminal."""
+        store = yield self.open_store(retention_s=30.0)
+        self.assertIsNone((yield d(store.claim_idempotency("k", "fp1", "j1"))))
+        self.assertEqual((yield d(store.claim_idempotency("k", "fp2", "j2"))), ("j1", "fp1"))
+        self.assertGreater(self.redis.command("PTTL", "omnirt:idem:k"), 0)  # pending claim
+        yield self._job(store, "j1", key="k")
+        self.assertEqual(self.redis.command("PTTL", "omnirt:idem:k"), -1)
+        yield d(store.transition("j1", [JobState.queued], JobState.cancelled, NewEvent("job_cancelled")))
+        self.assertGreater(self.redis.command("PTTL", "omnirt:idem:k"), 0)
+
+    @inlineCallbacks
+    def test_many_subscribers_share_one_reader_connection(self):
+        """200 subscribers on one job cost one blocking reader connection (CLIENT LIST counts the
+        store's connections: one for commands, one reader), and each gets every event once."""
+        store = yield self.open_store(gateway_id="gw-a")
+        yield self._job(store, "j1")
+        seen: list[list[int]] = []
+        for i in range(200):
+            got: list[int] = []
+            seen.append(got)
+            sub = store.subscribe("j1", i % 3, got.append)
+            self.addCleanup(sub.close)
+        yield wait_until(lambda: store.subscriber_count() == 200, what="200 live subscribers")
+        for i in range(5):
+            yield d(store.append_event("j1", NewEvent("stage_progress", "denoise", {"step": i})))
+        yield d(store.transition("j1", [JobState.queued], JobState.cancelled, NewEvent("job_cancelled")))
+        yield wait_until(lambda: all(len(g) and g[-1].seq == 7 for g in seen), what="all events delivered")
+        yield sleep(0.1)
+        for i, got in enumerate(seen):
+            self.assertEqual([e.seq for e in got], list(range(i % 3 + 1, 8)))
+        self.assertEqual(seen[0][-1].event, "job_cancelled")
+        names = [c.get("name", "") for c in self.redis.clients()]
+        self.assertEqual(names.count("omnirt-gw-a-reader"), 1)
+        self.assertEqual(names.count("omnirt-gw-a-cmd"), 1)
+        self.assertEqual(len([n for n in names if n.startswith("omnirt-gw-a")]), 2)
+
+    @inlineCallbacks
+    def test_subscribers_across_jobs_and_stores(self):
+        """Events written through one store reach subscribers of another store (another gateway)
+        live, for several jobs at once, without gaps or duplicates."""
+        writer = yield self.open_store()
+        reader = yield self.open_store()
+        jobs = [f"j{i}" for i in range(20)]
+        for job_id in jobs:
+            yield self._job(writer, job_id)
+        seen = {job_id: [] for job_id in jobs}
+        for job_id in jobs:
+            self.addCleanup(reader.subscribe(job_id, 0, lambda e, j=job_id: seen[j].append(e.seq)).close)
+        yield wait_until(lambda: reader.subscriber_count() == 20, what="subscribers live")
+        writes = []
+        for step in range(10):
+            for job_id in jobs:
+                writes.append(d(writer.append_event(job_id, NewEvent("stage_progress", "denoise", {"step": step}))))
+        yield gatherResults(writes)
+        yield wait_until(lambda: all(len(s) == 11 for s in seen.values()), what="every event")
+        for job_id in jobs:
+            self.assertEqual(seen[job_id], list(range(1, 12)))
+
+    @inlineCallbacks
+    def test_subscriber_past_the_end_does_not_hide_events_from_others(self):
+        """A first subscriber asking for events after seq 100 of a 2-event job (a stale
+        Last-Event-ID) gets only seq > 100; a later subscriber from 0 still gets every event live."""
+        store = yield self.open_store()
+        yield self._job(store, "j1")
+        yield d(store.append_event("j1", NewEvent("a")))
+        far, near = [], []
+        self.addCleanup(store.subscribe("j1", 100, lambda e: far.append(e.seq)).close)
+        yield wait_until(lambda: store.subscriber_count() == 1, what="first subscriber live")
+        self.addCleanup(store.subscribe("j1", 0, lambda e: near.append(e.seq)).close)
+        yield wait_until(lambda: near == [1, 2], what="replay")
+        # live on the shared reader, not re-replaying in a loop behind a cursor stuck at 100
+        yield wait_until(lambda: store.subscriber_count() == 2, what="second subscriber live")
+        for _ in range(3):
+            yield d(store.append_event("j1", NewEvent("b")))
+        yield wait_until(lambda: near[-1:] == [5], what="live events")
+        self.assertEqual(near, [1, 2, 3, 4, 5])
+        self.assertEqual(far, [])
+
+    @inlineCallbacks
+    def test_compare_and_set_is_atomic_under_concurrency(self):
+        """50 concurrent queued->running transitions from 5 connections: exactly one wins, and
+        the stream holds exactly one job_dispatched."""
+        stores = []
+        for _ in range(5):
+            stores.append((yield self.open_store()))
+        yield self._job(stores[0], "j1")
+        attempts = [
+            d(stores[i % 5].transition("j1", [JobState.queued], JobState.running,
+                                       NewEvent("job_dispatched", "job", {"worker_id": f"w{i}"}), {"worker_id": f"w{i}"}))
+            for i in range(50)
+        ]
+        results = yield gatherResults(attempts)
+        winners = [r for r in results if r is not None]
+        self.assertEqual(len(winners), 1)
+        rec = yield d(stores[0].get("j1", with_events=True))
+        self.assertEqual(rec.state, JobState.running)
+        self.assertEqual(rec.worker_id, winners[0].worker_id)
+        self.assertEqual([e.event for e in rec.events], ["job_enqueued", "job_dispatched"])
+
+    @inlineCallbacks
+    def test_calls_time_out_while_redis_is_stopped_then_recover(self):
+        """With redis-server SIGSTOPped every store call fails with StoreUnavailable within about
+        call_timeout_s (never hangs); after SIGCONT the same store works again, and a live
+        subscriber receives the events written after the outage."""
+        store = yield self.open_store(call_timeout_s=0.5)
+        yield self._job(store, "j1")
+        seen = []
+        self.addCleanup(store.subscribe("j1", 0, lambda e: seen.append(e.seq)).close)
+        yield wait_until(lambda: seen == [1], what="replay")
+        self.addCleanup(self.redis.resume)
+        self.redis.pause()
+        for call in (lambda: store.ping(), lambda: store.get("j1"),
+                     lambda: store.append_event("j1", NewEvent("x")),
+                     lambda: store.create(_record("j2"), NewEvent("job_enqueued"))):
+            started = time.monotonic()
+            failure = yield self.assertFailure(d(call()), StoreUnavailable)
+            self.assertLess(time.monotonic() - started, 2.0)
+            self.assertIn(f"127.0.0.1:{self.redis.port}", str(failure))
+        self.redis.resume()
+        ok = []
+
+        @inlineCallbacks
+        def ping_ok():
+            try:
+                yield d(store.ping())
+                ok.append(True)
+            except StoreUnavailable:
+                pass
+
+        deadline = time.monotonic() + 10
+        while not ok and time.monotonic() < deadline:
+            yield ping_ok()
+        self.assertTrue(ok, "store did not recover after SIGCONT")
+        ev = yield d(store.append_event("j1", NewEvent("after")))
+        yield wait_until(lambda: ev.seq in seen, timeout=10, what="live event after the outage")
+        self.assertEqual(seen, sorted(set(seen)))
+
+    @inlineCallbacks
+    def test_aof_restart_keeps_finished_jobs_and_resumes_streams(self):
+        """redis-server with AOF (everysec) SIGKILLed after the fsync and started again: finished
+        jobs keep their record and every event; the same store reconnects, and a subscriber of a
+        running job gets the later events from where it stopped, each once."""
+        self.redis.stop()
+        self.redis = start_redis(self, appendonly=True)
+        store = yield self.open_store(call_timeout_s=1.0)
+        yield self._job(store, "done")
+        yield d(store.transition("done", [JobState.queued], JobState.running, NewEvent("job_dispatched"),
+                                 {"worker_id": "w1"}))
+        for i in range(3):
+            yield d(store.append_event("done", NewEvent("stage_progress", "denoise", {"step": i})))
+        yield d(store.transition("done", [JobState.running], JobState.succeeded, NewEvent("job_finished"),
+                                 {"finished_at_ms": 5}))
+        yield self._job(store, "live")
+        seen = []
+        self.addCleanup(store.subscribe("live", 0, lambda e: seen.append(e.seq)).close)
+        yield wait_until(lambda: seen == [1], what="replay")
+        before = yield d(store.get("done", with_events=True))
+        yield sleep(1.5)  # appendfsync everysec
+        self.redis.stop()
+        self.redis.start()
+        after = None
+        deadline = time.monotonic() + 10
+        while after is None and time.monotonic() < deadline:
+            try:
+                after = yield d(store.get("done", with_events=True))
+            except StoreUnavailable:
+                yield sleep(0.1)
+        self.assertIsNotNone(after)
+        self.assertEqual(after.model_dump(), before.model_dump())
+        self.assertEqual([e.seq for e in after.events], [1, 2, 3, 4, 5, 6])
+        self.assertEqual(after.state, JobState.succeeded)
+        yield d(store.append_event("live", NewEvent("later")))
+        yield d(store.transition("live", [JobState.queued], JobState.cancelled, NewEvent("job_cancelled")))
+        yield wait_until(lambda: seen[-1:] == [3], timeout=10, what="events after the restart")
+        self.assertEqual(seen, [1, 2, 3])
+
+    @inlineCallbacks
+    def test_password_never_in_messages_or_repr(self):
+        """A password in the URL works, and shows up in no repr, error message or log-able form:
+        not on a wrong password, not on an unreachable host, not during an outage."""
+        secret = "s3cr3t-Pa55"
+        self.redis.stop()
+        self.redis = start_redis(self, password=secret)
+        store = yield self.open_store(url=self.redis.url(db=2), call_timeout_s=0.5)
+        yield self._job(store, "j1")
+        self.assertEqual(self.redis.command("SELECT", 2), "OK")
+        texts = [repr(store), str(store.target), repr(parse_redis_url(self.redis.url()))]
+        wrong = RedisJobStore(reactor, url=self.redis.url(password="wrong-" + secret), call_timeout_s=0.5)
+        failure = yield self.assertFailure(d(wrong.connect()), StoreUnavailable)
+        texts.append(str(failure))
+        self.assertIn(f"127.0.0.1:{self.redis.port}", str(failure))
+        gone = RedisJobStore(reactor, url=f"redis://:{secret}@127.0.0.1:1/0", call_timeout_s=0.5)
+        failure = yield self.assertFailure(d(gone.connect()), StoreUnavailable)
+        texts.append(str(failure))
+        self.assertIn("127.0.0.1:1", str(failure))
+        self.addCleanup(self.redis.resume)
+        self.redis.pause()
+        failure = yield self.assertFailure(d(store.get("j1")), StoreUnavailable)
+        texts.append(str(failure))
+        self.redis.resume()
+        for bad in (f"redis://:{secret}@host:notaport", f"redis://:{secret}@host/notadb",
+                    f"redis://:{secret}@host/0?ssl_ca_certs=x", f"http://:{secret}@host"):
+            try:
+                parse_redis_url(bad)
+            except ValueError as exc:
+                texts.append(str(exc))
+            else:
+                self.fail(f"accepted a bad URL ({len(bad)} chars)")
+        for text in texts:
+            self.assertNotIn(secret, text)
+        self.assertIn(":***@", repr(store))
+
+    @inlineCallbacks
+    def test_unreachable_redis_fails_fast(self):
+        """connect() to a port nobody listens on raises StoreUnavailable naming host:port, quickly."""
+        port = self.redis.port
+        self.redis.stop()
+        store = RedisJobStore(reactor, url=f"redis://127.0.0.1:{port}/0", call_timeout_s=1.0)
+        started = time.monotonic()
+        failure = yield self.assertFailure(d(store.connect()), StoreUnavailable)
+        self.assertLess(time.monotonic() - started, 1.5)
+        self.assertIn(f"127.0.0.1:{port}", str(failure))
+
+    @inlineCallbacks
+    def test_scripts_reloaded_after_script_flush(self):
+        """EVALSHA falls back to EVAL when Redis lost the scripts (NOSCRIPT), e.g. after SCRIPT FLUSH."""
+        store = yield self.open_store()
+        yield self._job(store, "j1")
+        self.redis.command("SCRIPT", "FLUSH")
+        ev = yield d(store.append_event("j1", NewEvent("x")))
+        self.assertEqual(ev.seq, 2)
+
+    @inlineCallbacks
+    def test_expire_cleans_indexes_of_dropped_jobs(self):
+        """After Redis drops a terminal job (TTL), expire() removes it from every index and
+        reports it; list() never shows it, even before expire() runs."""
+        store = yield self.open_store(retention_s=0.2)
+        yield self._job(store, "gone")
+        yield self._job(store, "kept")
+        yield d(store.transition("gone", [JobState.queued], JobState.failed, NewEvent("job_failed"), {"error": "x"}))
+        yield sleep(0.4)
+        listed = yield d(store.list())
+        self.assertEqual([r.id for r in listed], ["kept"])
+        self.assertEqual((yield d(store.expire())), 1)
+        self.assertEqual((yield d(store.expire())), 0)
+        for key in ("omnirt:jobs", "omnirt:state:failed", "omnirt:model:sdxl-base-1.0"):
+            self.assertEqual(self.redis.command("ZSCORE", key, "gone"), None, key)
+        self.assertEqual(self.redis.command("ZCARD", "omnirt:terminal"), 0)
+
+    @inlineCallbacks
+    def test_record_fields_round_trip(self):
+        """Every JobRecord field survives the hash encoding (result, errors, lists, None), and
+        unknown fields are refused before anything is written."""
+        store = yield self.open_store()
+        rec = JobRecord(id="j1", request=_request(), trace_id="t", enqueued_at_ms=7, excluded_workers=["w0"],
+                        idempotency_key="k", execution_mode="sync")
+        yield d(store.create(rec, NewEvent("job_enqueued")))
+        got = yield d(store.get("j1"))
+        self.assertEqual(got.model_dump(), rec.model_dump())
+        result = {"outputs": [{"sha256": "ab", "bytes": 3}], "metadata": {"run_id": "r"}}
+        yield d(store.transition("j1", [JobState.queued], JobState.running, None, {"started_at_ms": 9}))
+        done = yield d(store.transition("j1", [JobState.running], JobState.succeeded, NewEvent("job_finished"),
+                                        {"result": result, "queue_position": None, "attempts": 2}))
+        self.assertEqual(done.result.outputs[0].sha256, "ab")
+        self.assertEqual((done.started_at_ms, done.attempts, done.queue_position), (9, 2, None))
+        yield self.assertFailure(d(store.update("j1", {"bogus": 1})), ValueError)
+        yield self.assertFailure(d(store.append_event("nope", NewEvent("x"))), JobNotFound)
+        yield self.assertFailure(d(store.events("nope")), JobNotFound)
+        self.assertIsNone((yield d(store.update("nope", {"attempts": 1}))))
+
+    @inlineCallbacks
+    def test_database_number_from_url(self):
+        """The /db part of the URL selects the database; nothing lands in db 0."""
+        store = yield self.open_store(url=self.redis.url(db=3))
+        yield self._job(store, "j1")
+        self.assertEqual(self.redis.command("DBSIZE"), 0)
+        self.redis.command("SELECT", 3)  # a fresh connection per command: just proves SELECT works
+
+
+class RedisTLSTests(_RedisStores, unittest.TestCase):
+    @inlineCallbacks
+    def test_rediss_url_with_ca(self):
+        """rediss:// with ssl_ca_certs connects over verified TLS; writes, reads and live events work."""
+        self.redis = start_redis(self, tls=True, password="tls-pw")
+        store = yield self.open_store()
+        yield d(store.create(_record("j1"), NewEvent("job_enqueued")))
+        seen = []
+        self.addCleanup(store.subscribe("j1", 0, lambda e: seen.append(e.seq)).close)
+        yield d(store.append_event("j1", NewEvent("x")))
+        yield wait_until(lambda: seen == [1, 2], what="events over TLS")
+        self.assertEqual((yield d(store.get("j1"))).state, JobState.queued)
