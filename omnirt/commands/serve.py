@@ -27,7 +27,12 @@ def register(sub) -> None:
     p.add_argument("--model-tier", action="append", choices=TIERS, default=None,
                    help=f"allowed model tier (repeatable; default: {', '.join(DEFAULT_ALLOWED_TIERS)})")
     p.add_argument("--api-key-file", default=None, help="file with one API key per line (# comments)")
-    p.add_argument("--redis-url", default=None, help="Redis job store (not supported by this version yet)")
+    p.add_argument("--redis-url", default=None,
+                   help="shared, durable job store: redis://[:password@]host:port/db or rediss://")
+    p.add_argument("--redis-namespace", default="omnirt", help="prefix of every Redis key")
+    p.add_argument("--gateway-id", default=None, help="this gateway's id in Redis (default: host-port-random)")
+    p.add_argument("--lease-ttl-s", type=float, default=10.0,
+                   help="a gateway silent this long is dead; another adopts its unfinished jobs")
     p.add_argument("--otlp-endpoint", default=None, help="OTLP/HTTP traces endpoint (not supported yet)")
     p.add_argument("--remote-worker", action="append", default=[], metavar="SPEC",
                    help="'worker_id=host:port@model1,model2#tag1,tag2' (repeatable)")
@@ -50,8 +55,6 @@ def register(sub) -> None:
 
 
 def _check(args) -> None:
-    if args.redis_url:
-        raise CliError("--redis-url is not supported by this version yet (memory store only)")
     if args.otlp_endpoint:
         raise CliError("--otlp-endpoint is not supported by this version yet")
     if args.fleet:
@@ -112,6 +115,10 @@ def run(args) -> int:
         health_failure_threshold=args.health_failure_threshold,
         keepalive_s=args.keepalive_s,
         worker_idle_timeout_s=args.worker_idle_timeout_s,
+        redis_url=args.redis_url,
+        redis_namespace=args.redis_namespace,
+        gateway_id=args.gateway_id,
+        lease_ttl_s=args.lease_ttl_s,
     )
     code = gateway.run_forever()
     sys.stdout.flush()

@@ -240,20 +240,17 @@ class GatewayAPI:
 
     @app.route("/v1/artifacts/<sha256>", methods=["GET"])
     async def artifact(self, request, sha256):
-        artifacts = self.service.dispatcher.artifacts
-        found = artifacts.find(sha256)
+        etag = f'"{sha256}"'.encode()
+        found = await self.service.dispatcher.artifacts.get(sha256)  # off the reactor thread
         if found is None:
             raise HTTPError(404, f"unknown artifact {sha256!r}")
-        etag = f'"{sha256}"'.encode()
+        blob, mime = found
         request.setHeader(b"ETag", etag)
         request.setHeader(b"Cache-Control", b"public, max-age=31536000, immutable")
         if request.getHeader(b"if-none-match") == etag:
             request.setResponseCode(304)
             return b""
-        blob = await artifacts.read(sha256)  # read on a thread, not the reactor
-        if blob is None:
-            raise HTTPError(404, f"unknown artifact {sha256!r}")
-        request.setHeader(b"Content-Type", found[1].encode())
+        request.setHeader(b"Content-Type", mime.encode())
         return blob
 
     # -- OpenAI-compatible -------------------------------------------------------------------

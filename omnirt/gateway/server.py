@@ -15,11 +15,21 @@ from omnirt.gateway.app import GatewayAPI
 from omnirt.gateway.auth import ApiKeys
 from omnirt.gateway.edge import limited_request_factory
 from omnirt.jobs.dispatcher import Dispatcher
+from omnirt.jobs.leases import GatewayLease
 from omnirt.jobs.service import JobService
-from omnirt.store.artifacts import ArtifactStore
+from omnirt.store.artifacts import ArtifactStore, RedisArtifactStore
+from omnirt.store.base import StoreUnavailable
+from omnirt.store.instrumented import InstrumentedStore
 from omnirt.store.memory import MemoryJobStore
 from omnirt.telemetry.metrics import GatewayMetrics
 from omnirt.workers.pool import WorkerPool
+
+
+def default_gateway_id(port: int) -> str:
+    import socket
+    import uuid
+
+    return f"{socket.gethostname()}-{port}-{uuid.uuid4().hex[:6]}"
 
 
 class StartupError(Exception):
@@ -30,7 +40,8 @@ class Gateway:
     def __init__(self, *, host, port, backend, max_concurrency, pipeline_cache_size, allowed_tiers, api_keys: ApiKeys,
                  remote_specs, local_worker, max_queue, artifact_dir, model_paths, max_body_bytes, shutdown_grace_s,
                  job_retention_s, max_attempts, health_interval_s, health_failure_threshold, keepalive_s,
-                 worker_idle_timeout_s=10.0, reactor=None):
+                 worker_idle_timeout_s=10.0, redis_url=None, redis_namespace="omnirt", gateway_id=None,
+                 lease_ttl_s=10.0, reactor=None):
         self.reactor = reactor or global_reactor
         self.host = host
         self.port = port
@@ -52,6 +63,12 @@ class Gateway:
         self.health_failure_threshold = health_failure_threshold
         self.keepalive_s = keepalive_s
         self.worker_idle_timeout_s = worker_idle_timeout_s
+        self.redis_url = redis_url
+        self.redis_namespace = redis_namespace
+        self.gateway_id = gateway_id or default_gateway_id(port)
+        self.lease_ttl_s = lease_ttl_s
+        self.lease = None
+        self._cancel_watch = None
         self.exit_code = 0
         self.listening_port = None
         self.connections = []
@@ -86,8 +103,23 @@ class Gateway:
     async def start(self) -> None:
         clock = self.reactor
         self.metrics = GatewayMetrics()
-        self.store = MemoryJobStore(clock, retention_s=self.job_retention_s)
-        self.artifacts = ArtifactStore(self.artifact_dir, self.reactor, self.reactor.getThreadPool())
+        if self.redis_url:
+            from omnirt.store.redis import RedisJobStore
+
+            try:
+                raw_store = RedisJobStore(clock, url=self.redis_url, namespace=self.redis_namespace,
+                                          retention_s=self.job_retention_s, gateway_id=self.gateway_id)
+            except ValueError as exc:
+                raise StartupError(f"bad --redis-url: {exc}") from None
+            try:
+                await raw_store.connect()
+            except StoreUnavailable as exc:
+                raise StartupError(str(exc)) from None
+            self.artifacts = RedisArtifactStore(raw_store)
+        else:
+            raw_store = MemoryJobStore(clock, retention_s=self.job_retention_s)
+            self.artifacts = ArtifactStore(self.artifact_dir, self.reactor, self.reactor.getThreadPool())
+        self.store = InstrumentedStore(raw_store, self.metrics)
         if self.remote_specs:
             self.connections.extend(await self._remote_connections())
         if self.local_worker:
@@ -101,6 +133,11 @@ class Gateway:
                                   default_backend=self.backend)
         await self.pool.start()
         self.service.start()
+        if self.store.shared:
+            self.lease = GatewayLease(clock=clock, store=self.store, dispatcher=self.dispatcher,
+                                      gateway_id=self.gateway_id, ttl_s=self.lease_ttl_s)
+            self.lease.start()
+            self._cancel_watch = self.dispatcher.watch_remote_cancels()
         self.api = GatewayAPI(service=self.service, metrics=self.metrics, reactor=self.reactor,
                               api_keys=self.api_keys, keepalive_s=self.keepalive_s)
         self.http_resource = self.api.resource()
@@ -112,8 +149,10 @@ class Gateway:
         except Exception as exc:  # noqa: BLE001 - CannotListenError and friends
             raise StartupError(f"cannot listen on {self.host}:{self.port}: {exc}") from None
         bound = self.listening_port.getHost()
+        store = raw_store.target.redacted if self.redis_url else "memory"
         print(f"omnirt serve listening on http://{self.host}:{bound.port} "
-              f"(workers: {', '.join(c.worker_id for c in self.connections)})", flush=True)
+              f"(gateway {self.gateway_id}, store {store}, workers: {', '.join(c.worker_id for c in self.connections)})",
+              flush=True)
         self.reactor.addSystemEventTrigger("before", "shutdown", self._shutdown)
 
     async def _shutdown_async(self) -> None:
@@ -127,6 +166,14 @@ class Gateway:
                 break
             await deferLater(self.reactor, 0.05, lambda: None)
         self.pool.stop()
+        if self._cancel_watch is not None and self._cancel_watch.running:
+            self._cancel_watch.stop()
+        if self.lease is not None:
+            self.lease.stop()
+            try:  # let the other gateways adopt what is left at once
+                await self.store.refresh_lease(self.gateway_id, 0.001)
+            except StoreUnavailable:
+                pass
         await DeferredList([c.close() for c in self.connections], consumeErrors=True)
         await self.store.close()
 

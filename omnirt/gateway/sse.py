@@ -47,7 +47,7 @@ async def stream_events(service, reactor, request, job_id: str, after: int, keep
     # subscribe raises JobNotFoundError (404) before anything is written
     subscription = await service.subscribe(job_id, after, on_event)
     send_headers()
-    if not done.called and (await service.get(job_id, with_events=False)).state.terminal:
+    if not done.called and await service.ended_before(job_id, after):
         done.callback(None)  # resumed after the terminal event: nothing more will come
     keepalive = LoopingCall(lambda: request.write(b": keep-alive\n\n"))
     keepalive.clock = reactor

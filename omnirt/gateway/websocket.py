@@ -55,8 +55,8 @@ class JobStreamProtocol(WebSocketServerProtocol):
                 sub.close()
                 return
             self._subscription = sub
-            Deferred.fromCoroutine(self.api.service.get(self.job_id, with_events=False)).addCallback(
-                lambda rec: rec.state.terminal and not self._closed and self.sendClose(CLOSE_NORMAL, "job finished")
+            Deferred.fromCoroutine(self.api.service.ended_before(self.job_id, self._after)).addCallback(
+                lambda ended: ended and not self._closed and self.sendClose(CLOSE_NORMAL, "job finished")
             ).addErrback(lambda _f: None)
             self._keepalive = LoopingCall(self._send_keepalive)
             self._keepalive.clock = self.api.reactor

@@ -12,11 +12,12 @@ from collections.abc import Callable
 
 from twisted.internet.defer import CancelledError, Deferred, DeferredLock
 from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall, deferLater
 from twisted.python import log
 
 from omnirt.contract import TERMINAL_EVENT, GenerateResult, JobRecord, JobState
 from omnirt.store.artifacts import ArtifactStore
-from omnirt.store.base import JobStore, NewEvent
+from omnirt.store.base import JobStore, NewEvent, StoreUnavailable
 from omnirt.telemetry.metrics import GatewayMetrics
 from omnirt.workers.base import (
     JobCancelled,
@@ -30,6 +31,8 @@ from omnirt.workers.base import (
 from omnirt.workers.pool import WorkerEntry, WorkerPool
 
 RUNNING_STATES = (JobState.running, JobState.cancelling)
+#: attempts to record a job's outcome while the store is unreachable (backoff up to 5 s: ~10 min)
+STORE_RETRIES = 130
 
 
 @dataclasses.dataclass
@@ -49,6 +52,8 @@ class RunningJob:
     deferred: Deferred | None = None
     cancel_requested_at: float | None = None
     started: bool = False
+    #: stopped because this gateway shuts down: the job goes back to the queue, not cancelled
+    handed_back: bool = False
 
 
 class EventWriter:
@@ -245,6 +250,9 @@ class Dispatcher:
         if isinstance(error, JobFailed):
             await self._terminal(record, JobState.failed, error=str(error) or "job failed")
             return
+        if running.handed_back:
+            await self._requeue(q, running, "gateway_shutdown", str(error or ""), count_attempt=False, enqueue=False)
+            return
         if isinstance(error, (JobCancelled, CancelledError)):
             await self._terminal(record, JobState.cancelled, error=None)
             return
@@ -264,26 +272,29 @@ class Dispatcher:
         if current.state == JobState.cancelling:
             await self._terminal(record, JobState.cancelled, error=None)
             return
-        attempts_used = running.attempt - (1 if busy else 0)
-        if attempts_used >= self.max_attempts:
-            await self._terminal(record, JobState.failed, error=f"worker_lost: gave up after {attempts_used} attempts ({detail})")
+        if not busy and running.attempt >= self.max_attempts:
+            await self._terminal(record, JobState.failed, error=f"worker_lost: gave up after {running.attempt} attempts ({detail})")
             return
+        await self._requeue(q, running, reason, str(error), count_attempt=not busy)
+
+    async def _requeue(self, q: QueuedJob, running: RunningJob, reason: str, error: str, *, count_attempt: bool,
+                       enqueue: bool = True) -> None:
+        """running -> queued with ``job_retried``; the job goes to the front of the queue."""
+        attempts_used = running.attempt if count_attempt else running.attempt - 1
+        excluded = (*q.excluded, running.entry.worker_id) if count_attempt else q.excluded
         retried = await self.store.transition(
-            job_id, (JobState.running,), JobState.queued,
+            q.job_id, (JobState.running,), JobState.queued,
             NewEvent("job_retried", "job", {
-                "job_id": job_id, "attempt": running.attempt, "reason": reason,
-                "previous_worker_id": running.entry.worker_id, "error": str(error),
+                "job_id": q.job_id, "attempt": running.attempt, "reason": reason,
+                "previous_worker_id": running.entry.worker_id, "error": error,
             }),
-            {"worker_id": None, "attempts": attempts_used,
-             "excluded_workers": [*q.excluded, running.entry.worker_id]},
+            {"worker_id": None, "attempts": attempts_used, "excluded_workers": list(excluded)},
         )
         if retried is None:
             return
         self.metrics.job_retries.labels(reason=reason).inc()
-        self.enqueue(
-            QueuedJob(job_id, q.model, q.tags, attempts=attempts_used, excluded=(*q.excluded, running.entry.worker_id)),
-            front=True,
-        )
+        if enqueue:
+            self.enqueue(QueuedJob(q.job_id, q.model, q.tags, attempts=attempts_used, excluded=excluded), front=True)
 
     async def _store_outputs(self, record: JobRecord, running: RunningJob, outcome: RunOutcome) -> GenerateResult:
         outputs = []
@@ -306,14 +317,27 @@ class Dispatcher:
         return GenerateResult(outputs=outputs, metadata=meta)
 
     async def _terminal(self, record: JobRecord, state: JobState, *, error: str | None = None, fields=None) -> None:
+        """Record the outcome; while the store is unreachable keep trying (bounded), so an accepted
+        job still reaches its terminal state once the store is back."""
         now = self._now_ms()
         data = {"job_id": record.id}
         if error:
             data["error"] = error
         update = {"finished_at_ms": now, "error": error, **(fields or {})}
-        done = await self.store.transition(
-            record.id, RUNNING_STATES, state, NewEvent(TERMINAL_EVENT[state], "job", data), update
-        )
+        delay = 0.2
+        for _ in range(STORE_RETRIES):
+            try:
+                done = await self.store.transition(
+                    record.id, RUNNING_STATES, state, NewEvent(TERMINAL_EVENT[state], "job", data), update
+                )
+                break
+            except StoreUnavailable as exc:
+                log.msg(f"recording {state.value} for job {record.id} failed ({exc}); retrying in {delay:g}s")
+                await deferLater(self._clock, delay)
+                delay = min(delay * 2, 5.0)
+        else:
+            log.msg(f"gave up recording the outcome of job {record.id}: store unreachable")
+            return
         if done is None:
             return
         self.observe_terminal(done, now)
@@ -347,6 +371,15 @@ class Dispatcher:
                 self._send_cancel(running)
         return True
 
+    def hand_back(self, job_id: str) -> None:
+        """Stop running ``job_id`` here (drop the worker call) and put it back in the shared queue."""
+        running = self.running.get(job_id)
+        if running is None:
+            return
+        running.handed_back = True
+        if running.deferred is not None and not running.deferred.called:
+            running.deferred.cancel()
+
     def _send_cancel(self, running: RunningJob) -> None:
         d = running.entry.conn.cancel(running.job_id)
 
@@ -367,6 +400,27 @@ class Dispatcher:
         call = self._clock.callLater(self.cancel_timeout_s, give_up)
         if running.deferred is not None:
             running.deferred.addBoth(lambda r: (call.active() and call.cancel(), r)[1])
+
+    def watch_remote_cancels(self, interval_s: float = 0.5) -> LoopingCall:
+        """With a shared store a cancel may arrive at another gateway, which only moves the job
+        to ``cancelling``: look at the state of the jobs this gateway runs and pass such cancels on."""
+
+        async def look() -> None:
+            ids = [job_id for job_id, r in self.running.items() if r.cancel_requested_at is None]
+            if not ids:
+                return
+            try:
+                states = await self.store.states(ids)
+            except StoreUnavailable:
+                return
+            for job_id, state in states.items():
+                if state == JobState.cancelling:
+                    self.request_cancel(job_id)
+
+        loop = LoopingCall(lambda: Deferred.fromCoroutine(look()))
+        loop.clock = self._clock
+        loop.start(interval_s, now=False).addErrback(log.err, "remote cancel watch stopped")
+        return loop
 
     # -- shutdown ----------------------------------------------------------------------------
 

@@ -217,6 +217,14 @@ class JobService:
         sub = self.store.subscribe(job_id, after_seq, on_event)
         return _CountedSubscription(sub, metrics)
 
+    async def ended_before(self, job_id: str, after_seq: int) -> bool:
+        """True when the job is terminal and its terminal event is at or before ``after_seq``
+        (a subscriber resuming there will get nothing more)."""
+        record = await self.store.get(job_id)
+        if record is None or not record.state.terminal:
+            return False
+        return not await self.store.events(job_id, after_seq)
+
     async def wait(self, job_id: str) -> JobRecord:
         """Fires with the job's record once it is terminal (cancelling the wait cancels nothing)."""
         done: Deferred = Deferred()
@@ -235,9 +243,16 @@ class JobService:
     # -- shutdown ----------------------------------------------------------------------------
 
     async def shutdown(self, grace_s: float) -> None:
-        """Stop admitting, let running jobs finish within ``grace_s``, cancel the rest."""
+        """Stop admitting, let running jobs finish within ``grace_s``, cancel the rest.
+
+        With a shared store (Redis) nothing is cancelled: queued jobs stay queued and running
+        ones that outlast the grace go back to the queue, for another gateway (or this one,
+        restarted) to adopt."""
         self.accepting = False
         self.stop()
+        shared = self.store.shared
+        if shared:
+            self.dispatcher.queue.clear()
         for q in list(self.dispatcher.queue):
             try:
                 await self.cancel(q.job_id)
@@ -254,6 +269,9 @@ class JobService:
             if timer.active():
                 timer.cancel()
         for job_id in list(self.dispatcher.running):
+            if shared:
+                self.dispatcher.hand_back(job_id)
+                continue
             try:
                 await self.cancel(job_id)
             except Exception as exc:  # noqa: BLE001

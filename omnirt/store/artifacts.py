@@ -1,6 +1,8 @@
-"""Content-addressed artifact files under ``--artifact-dir``, served at /v1/artifacts/{sha256}.
+"""Content-addressed artifacts served at /v1/artifacts/{sha256}: files under ``--artifact-dir``
+(one gateway), or bytes in Redis kept for the job retention (several gateways: any of them
+serves any job's outputs, and no shared filesystem is assumed).
 
-Writes run on a thread pool (the reactor never does file I/O of unbounded size).
+File reads and writes run on a thread pool (the reactor never does file I/O of unbounded size).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import re
 import tempfile
 from pathlib import Path
 
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
@@ -58,11 +61,38 @@ class ArtifactStore:
             return bin_path, "application/octet-stream"
         return None
 
-    def read(self, sha256: str):
-        """Deferred[bytes | None]."""
+    def get(self, sha256: str):
+        """Deferred[(bytes, mime) | None]."""
         found = self.find(sha256)
         if found is None:
-            from twisted.internet.defer import succeed
-
             return succeed(None)
-        return deferToThreadPool(self._reactor, self._pool, found[0].read_bytes)
+        path, mime = found
+        return deferToThreadPool(self._reactor, self._pool, lambda: (path.read_bytes(), mime))
+
+    def read(self, sha256: str):
+        """Deferred[bytes | None]."""
+        return self.get(sha256).addCallback(lambda found: None if found is None else found[0])
+
+
+class RedisArtifactStore:
+    """Artifacts as Redis values next to the jobs (same retention), for several gateways."""
+
+    def __init__(self, store):
+        self._store = store
+
+    def put(self, blob: bytes, mime: str = "image/png"):
+        sha = hashlib.sha256(blob).hexdigest()
+
+        async def put():
+            await self._store.put_artifact(sha, mime, blob)
+            return sha, ""
+
+        return Deferred.fromCoroutine(put())
+
+    def get(self, sha256: str):
+        if not SHA256_RE.match(sha256):
+            return succeed(None)
+        return Deferred.fromCoroutine(self._store.get_artifact(sha256))
+
+    def read(self, sha256: str):
+        return self.get(sha256).addCallback(lambda found: None if found is None else found[0])

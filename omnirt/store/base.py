@@ -97,6 +97,37 @@ class JobStore(abc.ABC):
     async def expire(self) -> int:
         """Drop terminal jobs older than the retention; return how many were dropped."""
 
+    # -- several gateways on one store (leases, adoption, cross-gateway cancel) ---------------
+
+    #: True when other gateways may share this store (Redis): the job service then watches the
+    #: state of its running jobs (a cancel may come from another gateway) and adopts orphans.
+    shared = False
+
+    async def states(self, job_ids: Collection[str]) -> dict[str, JobState]:
+        """Current state of each job that still exists."""
+        out = {}
+        for job_id in job_ids:
+            record = await self.get(job_id)
+            if record is not None:
+                out[job_id] = record.state
+        return out
+
+    async def refresh_lease(self, gateway_id: str, ttl_s: float) -> None:
+        """Say this gateway is alive for the next ``ttl_s`` seconds."""
+
+    async def live_gateways(self) -> set[str]:
+        """Gateways whose lease has not run out."""
+        return set()
+
+    async def orphans(self, live: Collection[str], limit: int = 500) -> list[tuple[str, str, JobState]]:
+        """Unfinished jobs (queued, running, cancelling) whose owner gateway is not in ``live``:
+        (job_id, owner, state)."""
+        return []
+
+    async def adopt(self, job_id: str, from_owner: str, to_owner: str) -> bool:
+        """Atomically take ownership of a job still owned by ``from_owner``."""
+        return False
+
     async def ping(self) -> None:
         """Raise StoreUnavailable when the store cannot answer."""
 

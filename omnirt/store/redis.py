@@ -30,6 +30,7 @@ a live subscriber and fans entries out in-process; subscribers never cost a conn
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import json
 import uuid
@@ -345,6 +346,57 @@ end
 return {n, #members}
 """
 
+# ARGV: P, gateway_id, ttl_ms. A lease is a member of the P gateways zset scored by its deadline.
+_LEASE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZADD', ARGV[1] .. 'gateways', now + tonumber(ARGV[3]), ARGV[2])
+redis.call('ZREMRANGEBYSCORE', ARGV[1] .. 'gateways', '-inf', now - 86400000)
+return now
+"""
+
+# ARGV: P. Returns the ids of gateways whose lease has not run out.
+_LIVE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+return cjson.encode(redis.call('ZRANGEBYSCORE', ARGV[1] .. 'gateways', now, '+inf'))
+"""
+
+# ARGV: P, limit, ",live1,live2,". Returns {{id, owner, state}...} of unfinished jobs whose owner
+# is not live.
+_ORPHANS = """
+local P, limit, live = ARGV[1], tonumber(ARGV[2]), ARGV[3]
+local out = {}
+for _, state in ipairs({'queued', 'running', 'cancelling'}) do
+  local ids = redis.call('ZRANGE', P .. 'state:' .. state, 0, -1)
+  for _, id in ipairs(ids) do
+    local v = redis.call('HMGET', P .. 'job:' .. id, 'state', '_owner')
+    if v[1] and not string.find(live, ',' .. (v[2] or '') .. ',', 1, true) then
+      out[#out + 1] = {id, v[2] or '', v[1]}
+      if #out >= limit then return cjson.encode(out) end
+    end
+  end
+end
+return cjson.encode(out)
+"""
+
+# KEYS: hash. ARGV: from_owner, to_owner. 1 when the job moved to the new owner.
+_ADOPT = """
+local v = redis.call('HGET', KEYS[1], '_owner')
+if v == false or v ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], '_owner', ARGV[2])
+return 1
+"""
+
+# ARGV: P, id1, id2, ... Returns {state or '' per id}.
+_STATES = """
+local out = {}
+for i = 2, #ARGV do
+  out[#out + 1] = redis.call('HGET', ARGV[1] .. 'job:' .. ARGV[i], 'state') or ''
+end
+return cjson.encode(out)
+"""
+
 # KEYS: wake stream. ARGV: ttl_ms.
 _WAKE = """
 redis.call('XADD', KEYS[1], 'MAXLEN', '1', '*', 'w', '1')
@@ -367,6 +419,7 @@ _SCRIPTS = {
     for name, src in {
         "create": _CREATE, "transition": _TRANSITION, "update": _UPDATE, "append": _APPEND_EVENT,
         "get": _GET, "events": _EVENTS, "replay": _REPLAY, "claim": _CLAIM, "list": _LIST, "expire": _EXPIRE, "wake": _WAKE,
+        "lease": _LEASE, "live": _LIVE, "orphans": _ORPHANS, "adopt": _ADOPT, "states": _STATES,
     }.items()
 }
 
@@ -1054,6 +1107,46 @@ class RedisJobStore(JobStore):
             if int(scanned) < self.expire_batch or int(dropped) == 0:
                 break
         return total
+
+    # -- several gateways ---------------------------------------------------------------------
+
+    shared = True
+
+    async def states(self, job_ids) -> dict[str, JobState]:
+        ids = list(job_ids)
+        if not ids:
+            return {}
+        reply = _arr(_unpack(await self._eval("states", [], [self._prefix, *ids])))
+        return {job_id: JobState(state) for job_id, state in zip(ids, reply, strict=False) if state}
+
+    async def refresh_lease(self, gateway_id: str, ttl_s: float) -> None:
+        await self._eval("lease", [], [self._prefix, gateway_id, max(1, int(ttl_s * 1000))])
+
+    async def live_gateways(self) -> set[str]:
+        return set(_arr(_unpack(await self._eval("live", [], [self._prefix]))))
+
+    async def orphans(self, live, limit: int = 500) -> list[tuple[str, str, JobState]]:
+        reply = _arr(_unpack(await self._eval("orphans", [], [self._prefix, int(limit), _csv(live)])))
+        return [(job_id, owner, JobState(state)) for job_id, owner, state in reply]
+
+    async def adopt(self, job_id: str, from_owner: str, to_owner: str) -> bool:
+        return int(await self._eval("adopt", [self._job_key(job_id)], [from_owner, to_owner])) == 1
+
+    # -- artifacts (bytes shared by every gateway, kept for the retention) --------------------
+
+    def _artifact_key(self, sha256: str) -> str:
+        return f"{self._prefix}artifact:{sha256}"
+
+    async def put_artifact(self, sha256: str, mime: str, blob: bytes) -> None:
+        payload = mime + "\n" + base64.b64encode(blob).decode()
+        await self._call("SET", self._artifact_key(sha256), payload, "PX", self._retention_ms)
+
+    async def get_artifact(self, sha256: str) -> tuple[bytes, str] | None:
+        payload = await self._call("GET", self._artifact_key(sha256))
+        if not payload:
+            return None
+        mime, _, data = str(payload).partition("\n")
+        return base64.b64decode(data), mime
 
     # -- introspection (tests, readiness) -----------------------------------------------------
 

@@ -47,6 +47,12 @@ class GatewayMetrics:
             "omnirt_dispatch_seconds", "Time from dispatch to job_started on the worker",
             buckets=_LATENCY_BUCKETS, registry=r,
         )
+        self.store_latency = Histogram(
+            "omnirt_store_latency_seconds", "Job store call latency", ["op"],
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5), registry=r,
+        )
+        self.store_errors = Counter("omnirt_store_errors", "Job store calls that failed (unreachable)", ["op"],
+                                    registry=r)
         self.queue_depth.labels(priority="normal").set(0)
 
     def render(self) -> bytes:

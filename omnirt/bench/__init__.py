@@ -1,0 +1,1 @@
+"""``omnirt bench``: an HTTP-only load generator for OmniRT-compatible gateways (treq, Twisted)."""

@@ -1,0 +1,105 @@
+"""Gateway leases and adoption: with a shared store (Redis) no accepted job is lost with its gateway.
+
+Each gateway refreshes a lease every ``ttl_s / 3``. On start, and at every refresh, a gateway
+looks for unfinished jobs whose owner's lease ran out and adopts them (one atomic owner swap, so
+two survivors never both take a job):
+
+- queued -> back into this gateway's dispatcher;
+- running -> ``job_retried`` (reason ``gateway_lost``) and queued again, within the attempts
+  limit (a worker cancels a job whose gateway stream broke, so nothing is running it);
+- cancelling -> cancelled.
+"""
+
+from __future__ import annotations
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.python import log
+
+from omnirt.contract import TERMINAL_EVENT, JobState
+from omnirt.jobs.dispatcher import Dispatcher, QueuedJob
+from omnirt.store.base import JobStore, NewEvent, StoreUnavailable
+
+
+class GatewayLease:
+    def __init__(self, *, clock: IReactorTime, store: JobStore, dispatcher: Dispatcher, gateway_id: str,
+                 ttl_s: float = 10.0):
+        self._clock = clock
+        self.store = store
+        self.dispatcher = dispatcher
+        self.gateway_id = gateway_id
+        self.ttl_s = ttl_s
+        self._loop = LoopingCall(lambda: Deferred.fromCoroutine(self.tick()))
+        self._loop.clock = clock
+        self._first = True
+        self.adopted = 0
+
+    def start(self) -> Deferred:
+        d = self._loop.start(max(0.2, self.ttl_s / 3), now=True)
+        d.addErrback(log.err, "gateway lease loop stopped")
+        return d
+
+    def stop(self) -> None:
+        if self._loop.running:
+            self._loop.stop()
+
+    async def tick(self) -> None:
+        try:
+            await self.store.refresh_lease(self.gateway_id, self.ttl_s)
+            live = await self.store.live_gateways()
+            if self._first:
+                # a restart with the same --gateway-id: the jobs it owned died with the old process
+                live.discard(self.gateway_id)
+            orphans = await self.store.orphans(live)
+            self._first = False
+        except StoreUnavailable as exc:
+            log.msg(f"lease refresh skipped: {exc}")
+            return
+        for job_id, owner, state in orphans:
+            if job_id in self.dispatcher.running or self.dispatcher.queue_position(job_id) is not None:
+                continue
+            try:
+                if await self.store.adopt(job_id, owner, self.gateway_id):
+                    await self._take(job_id, owner, state)
+            except StoreUnavailable as exc:
+                log.msg(f"adoption of job {job_id} postponed: {exc}")
+                return
+
+    async def _take(self, job_id: str, owner: str, state: JobState) -> None:
+        record = await self.store.get(job_id)
+        if record is None or record.state.terminal:
+            return
+        self.adopted += 1
+        log.msg(f"adopting job {job_id} ({record.state.value}) from gateway {owner or '?'}")
+        queued = QueuedJob(job_id, record.request.model, tuple(record.request.routing_tags),
+                           attempts=record.attempts)
+        if record.state == JobState.queued:
+            self.dispatcher.enqueue(queued)
+            return
+        now = int(self._clock.seconds() * 1000)
+        if record.state == JobState.cancelling:
+            done = await self.store.transition(
+                job_id, (JobState.cancelling,), JobState.cancelled,
+                NewEvent(TERMINAL_EVENT[JobState.cancelled], "job", {"job_id": job_id}), {"finished_at_ms": now})
+            if done is not None:
+                self.dispatcher.observe_terminal(done, now)
+            return
+        # running: its gateway's stream to the worker broke, so the worker dropped the job
+        if record.attempts >= self.dispatcher.max_attempts:
+            error = f"gateway_lost: gateway {owner} died and the job used all {record.attempts} attempts"
+            done = await self.store.transition(
+                job_id, (JobState.running,), JobState.failed,
+                NewEvent(TERMINAL_EVENT[JobState.failed], "job", {"job_id": job_id, "error": error}),
+                {"finished_at_ms": now, "error": error})
+            if done is not None:
+                self.dispatcher.observe_terminal(done, now)
+            return
+        retried = await self.store.transition(
+            job_id, (JobState.running,), JobState.queued,
+            NewEvent("job_retried", "job", {"job_id": job_id, "attempt": record.attempts, "reason": "gateway_lost",
+                                            "previous_worker_id": record.worker_id, "previous_gateway_id": owner}),
+            {"worker_id": None})
+        if retried is not None:
+            self.dispatcher.metrics.job_retries.labels(reason="gateway_lost").inc()
+            self.dispatcher.enqueue(queued)
