@@ -225,6 +225,10 @@ class JobEvent(BaseModel):
         return self.event in TERMINAL_EVENT_NAMES
 
 
+#: JobRecord fields kept for the server's own bookkeeping, never sent to clients
+INTERNAL_RECORD_FIELDS = {"idempotency_key", "excluded_workers", "runner"}
+
+
 class JobRecord(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
@@ -246,10 +250,12 @@ class JobRecord(BaseModel):
     #: server-side bookkeeping (not secret, but not part of the public contract)
     idempotency_key: str | None = None
     excluded_workers: list[str] = Field(default_factory=list)
+    #: "worker:<id>" when a worker with its own store connection records this job itself
+    runner: str | None = None
 
     def public(self, *, include_events: bool = True) -> dict[str, Any]:
         """The JSON body clients see."""
-        body = self.model_dump(mode="json", exclude={"idempotency_key", "excluded_workers"})
+        body = self.model_dump(mode="json", exclude=INTERNAL_RECORD_FIELDS)
         if not include_events:
             body.pop("events", None)
         return body

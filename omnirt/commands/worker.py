@@ -48,7 +48,9 @@ def register(sub) -> None:
     p.add_argument("--metrics-port", type=int, default=None, help="serve /metrics and /healthz over HTTP (0 = any)")
     p.add_argument("--drain-grace-s", type=float, default=30.0, help="on SIGTERM, seconds running jobs get to finish")
     p.add_argument("--heartbeat-s", type=float, default=1.0, help="heartbeat period of a silent Run stream (default 1)")
-    p.add_argument("--redis-url", default=None, help="(not supported by this worker yet)")
+    p.add_argument("--redis-url", default=None,
+                   help="also record jobs' events and outcomes in the gateways' Redis store (same URL as serve)")
+    p.add_argument("--redis-namespace", default="omnirt", help="prefix of every Redis key (as on serve)")
     p.add_argument("--otlp-endpoint", default=None, help="(not supported by this worker yet)")
     p.set_defaults(func=run, needs_reactor=True)
 
@@ -58,7 +60,7 @@ def _check_args(args: argparse.Namespace) -> tuple[tuple[str, ...], tuple[str, .
     from omnirt.contract import UnknownModel
     from omnirt.registry import get_model
 
-    for flag in ("redis_url", "otlp_endpoint"):
+    for flag in ("otlp_endpoint",):
         if getattr(args, flag):
             raise CliError(f"--{flag.replace('_', '-')} is not supported by this worker yet")
     if not 0 <= args.port <= 65535:
@@ -179,6 +181,8 @@ class _WorkerApp:
                 self.metrics_port = self._listen_metrics(args.host, args.metrics_port)
             for sig in (signal.SIGTERM, signal.SIGINT):
                 self.loop.add_signal_handler(sig, self._on_signal, sig)
+            if args.redis_url:
+                await self._connect_store()
             try:
                 await self.core.startup()
             except BackendUnavailable as exc:
@@ -200,6 +204,25 @@ class _WorkerApp:
               f"models {','.join(self.core.models) or 'all'}, tags {','.join(self.core.tags) or '-'}", flush=True)
         # the readiness line (tests and supervisors wait for it): keep its format exactly
         print(f"omnirt worker {args.worker_id} listening on {_grpc_address(args.host, port)}", flush=True)
+
+    async def _connect_store(self) -> None:
+        from twisted.internet.defer import Deferred
+
+        from omnirt.store.base import StoreUnavailable
+        from omnirt.store.redis import RedisJobStore
+        from omnirt.workers.recorder import StoreRecorder
+
+        try:
+            store = RedisJobStore(self.reactor, url=self.args.redis_url, namespace=self.args.redis_namespace,
+                                  gateway_id=f"worker-{self.args.worker_id}")
+        except ValueError as exc:
+            raise CliError(f"bad --redis-url: {exc}") from None
+        try:
+            await Deferred.fromCoroutine(store.connect()).asFuture(self.loop)
+        except StoreUnavailable as exc:
+            raise CliError(str(exc)) from None
+        self.core.recorder = StoreRecorder(store, self.args.worker_id, self.reactor)
+        self.core.recorder.start()
 
     def _listen_metrics(self, host: str, port: int):
         from twisted.internet.error import CannotListenError
@@ -239,6 +262,10 @@ class _WorkerApp:
                 if stopped is not None:
                     await stopped.asFuture(self.loop)
             await self.core.close()
+            if self.core.recorder is not None:
+                from twisted.internet.defer import Deferred
+
+                await Deferred.fromCoroutine(self.core.recorder.stop()).asFuture(self.loop)
         except Exception:
             logging.getLogger(__name__).exception("error while stopping the worker")
         finally:

@@ -15,7 +15,8 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.python import log
 
-from omnirt.contract import TERMINAL_EVENT, GenerateResult, JobRecord, JobState
+from omnirt.contract import GenerateResult, JobRecord, JobState
+from omnirt.jobs.outcomes import record_terminal, store_outputs
 from omnirt.store.artifacts import ArtifactStore
 from omnirt.store.base import JobStore, NewEvent, StoreUnavailable
 from omnirt.telemetry.metrics import GatewayMetrics
@@ -30,7 +31,6 @@ from omnirt.workers.base import (
 )
 from omnirt.workers.pool import WorkerEntry, WorkerPool
 
-RUNNING_STATES = (JobState.running, JobState.cancelling)
 #: attempts to record a job's outcome while the store is unreachable (backoff up to 5 s: ~10 min)
 STORE_RETRIES = 130
 
@@ -59,16 +59,21 @@ class RunningJob:
 class EventWriter:
     """Appends a job's worker events to the store strictly in arrival order."""
 
-    def __init__(self, store: JobStore, job_id: str, on_event: Callable[[WorkerUpdate], None]):
+    def __init__(self, store: JobStore, job_id: str, attempt: int, on_event: Callable[[WorkerUpdate], None]):
         self._store = store
         self._job_id = job_id
+        self._attempt = attempt
+        self._index = 0
         self._lock = DeferredLock()
         self._on_event = on_event
 
     def push(self, update: WorkerUpdate) -> None:
         self._on_event(update)
         event = NewEvent(update.event, update.stage, update.data)
-        d = self._lock.run(lambda: Deferred.fromCoroutine(self._store.append_event(self._job_id, event)))
+        self._index += 1
+        index = self._index
+        d = self._lock.run(lambda: Deferred.fromCoroutine(
+            self._store.append_worker_event(self._job_id, self._attempt, index, event)))
         d.addErrback(log.err, f"could not record event {update.event} of job {self._job_id}")
 
     def drain(self) -> Deferred:
@@ -211,7 +216,7 @@ class Dispatcher:
                     max(0.0, (self._now_ms() - record.enqueued_at_ms) / 1000)
                 )
 
-        writer = EventWriter(self.store, q.job_id, observe)
+        writer = EventWriter(self.store, q.job_id, attempt, observe)
         job = WorkerJob(
             job_id=q.job_id,
             request=record.request,
@@ -297,39 +302,16 @@ class Dispatcher:
             self.enqueue(QueuedJob(q.job_id, q.model, q.tags, attempts=attempts_used, excluded=excluded), front=True)
 
     async def _store_outputs(self, record: JobRecord, running: RunningJob, outcome: RunOutcome) -> GenerateResult:
-        outputs = []
-        for artifact, blob in zip(outcome.result.outputs, outcome.blobs, strict=False):
-            sha, path = await self.artifacts.put(blob, artifact.mime)
-            outputs.append(
-                artifact.model_copy(update={
-                    "sha256": sha, "bytes": len(blob), "path": path, "transport": "path", "data_b64": None,
-                    "url": f"/v1/artifacts/{sha}",
-                })
-            )
-        meta = outcome.result.metadata.model_copy(update={
-            "job_id": record.id,
-            "trace_id": record.trace_id or outcome.result.metadata.trace_id,
-            "worker_id": running.entry.worker_id,
-            "execution_mode": record.execution_mode,
-            "enqueued_at_ms": record.enqueued_at_ms,
-            "queue_wait_ms": float(max(0, (record.started_at_ms or record.enqueued_at_ms) - record.enqueued_at_ms)),
-        })
-        return GenerateResult(outputs=outputs, metadata=meta)
+        return await store_outputs(self.artifacts, record, running.entry.worker_id, outcome)
 
     async def _terminal(self, record: JobRecord, state: JobState, *, error: str | None = None, fields=None) -> None:
         """Record the outcome; while the store is unreachable keep trying (bounded), so an accepted
         job still reaches its terminal state once the store is back."""
         now = self._now_ms()
-        data = {"job_id": record.id}
-        if error:
-            data["error"] = error
-        update = {"finished_at_ms": now, "error": error, **(fields or {})}
         delay = 0.2
         for _ in range(STORE_RETRIES):
             try:
-                done = await self.store.transition(
-                    record.id, RUNNING_STATES, state, NewEvent(TERMINAL_EVENT[state], "job", data), update
-                )
+                done = await record_terminal(self.store, record.id, state, now_ms=now, error=error, fields=fields)
                 break
             except StoreUnavailable as exc:
                 log.msg(f"recording {state.value} for job {record.id} failed ({exc}); retrying in {delay:g}s")

@@ -5,8 +5,11 @@ looks for unfinished jobs whose owner's lease ran out and adopts them (one atomi
 two survivors never both take a job):
 
 - queued -> back into this gateway's dispatcher;
-- running -> ``job_retried`` (reason ``gateway_lost``) and queued again, within the attempts
-  limit (a worker cancels a job whose gateway stream broke, so nothing is running it);
+- running on a worker that records jobs in the store itself (``omnirt worker --redis-url``,
+  whose lease is alive) -> left to that worker, which records the outcome; watched, and retried
+  if that worker's lease runs out first;
+- other running jobs -> ``job_retried`` (reason ``gateway_lost``) and queued again, within the
+  attempts limit (a worker without a store cancels a job whose gateway stream broke);
 - cancelling -> cancelled.
 """
 
@@ -34,6 +37,8 @@ class GatewayLease:
         self._loop.clock = clock
         self._first = True
         self.adopted = 0
+        #: running jobs left to the worker recording them: job id -> "worker:<id>"
+        self.watching: dict[str, str] = {}
 
     def start(self) -> Deferred:
         d = self._loop.start(max(0.2, self.ttl_s / 3), now=True)
@@ -56,19 +61,32 @@ class GatewayLease:
         except StoreUnavailable as exc:
             log.msg(f"lease refresh skipped: {exc}")
             return
-        for job_id, owner, state in orphans:
+        for job_id, owner, _state in orphans:
             if job_id in self.dispatcher.running or self.dispatcher.queue_position(job_id) is not None:
                 continue
             try:
                 if await self.store.adopt(job_id, owner, self.gateway_id):
-                    await self._take(job_id, owner, state)
+                    await self._take(job_id, owner, live)
             except StoreUnavailable as exc:
                 log.msg(f"adoption of job {job_id} postponed: {exc}")
                 return
+        for job_id, runner in list(self.watching.items()):
+            if runner in live:
+                continue
+            del self.watching[job_id]  # its worker is gone too: retry it if it did not finish
+            try:
+                await self._take(job_id, self.gateway_id, live)
+            except StoreUnavailable as exc:
+                self.watching[job_id] = runner
+                log.msg(f"check of job {job_id} postponed: {exc}")
 
-    async def _take(self, job_id: str, owner: str, state: JobState) -> None:
+    async def _take(self, job_id: str, owner: str, live: set[str]) -> None:
         record = await self.store.get(job_id)
         if record is None or record.state.terminal:
+            return
+        if record.state in (JobState.running, JobState.cancelling) and record.runner in live:
+            self.watching[job_id] = record.runner
+            log.msg(f"job {job_id} of gateway {owner} is left to {record.runner}, which records it")
             return
         self.adopted += 1
         log.msg(f"adopting job {job_id} ({record.state.value}) from gateway {owner or '?'}")

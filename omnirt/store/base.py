@@ -80,6 +80,12 @@ class JobStore(abc.ABC):
     async def append_event(self, job_id: str, event: NewEvent) -> JobEvent:
         """Append an event (persist, then publish to subscribers)."""
 
+    async def append_worker_event(self, job_id: str, attempt: int, index: int, event: NewEvent) -> JobEvent | None:
+        """Append the ``index``-th event (1, 2, ...) a worker reported in dispatch ``attempt``,
+        unless it is already stored: the gateway and a worker that writes to the store itself both
+        record the same events, and each lands once, in order. None when it was already there."""
+        return await self.append_event(job_id, event)
+
     @abc.abstractmethod
     async def events(self, job_id: str, after_seq: int = 0) -> list[JobEvent]:
         """Events with ``seq > after_seq`` in order."""

@@ -242,6 +242,17 @@ if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
 return append(KEYS[1], KEYS[2], ARGV[1])
 """
 
+# KEYS: hash, stream. ARGV: attempt, index, event. Appends unless this attempt's event #index is
+# already stored. Returns the new seq, 0 (already there) or -1 (no job).
+_APPEND_WORKER_EVENT = _APPEND + """
+if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+local field = '_w' .. ARGV[1]
+local have = tonumber(redis.call('HGET', KEYS[1], field) or '0')
+if tonumber(ARGV[2]) <= have then return 0 end
+redis.call('HSET', KEYS[1], field, ARGV[2])
+return append(KEYS[1], KEYS[2], ARGV[3])
+"""
+
 # KEYS: hash, stream. ARGV: with_events ('1'/'0'). Returns {hgetall[, entries]} or nil.
 _GET = """
 local h = redis.call('HGETALL', KEYS[1])
@@ -419,7 +430,7 @@ _SCRIPTS = {
     for name, src in {
         "create": _CREATE, "transition": _TRANSITION, "update": _UPDATE, "append": _APPEND_EVENT,
         "get": _GET, "events": _EVENTS, "replay": _REPLAY, "claim": _CLAIM, "list": _LIST, "expire": _EXPIRE, "wake": _WAKE,
-        "lease": _LEASE, "live": _LIVE, "orphans": _ORPHANS, "adopt": _ADOPT, "states": _STATES,
+        "append_worker": _APPEND_WORKER_EVENT, "lease": _LEASE, "live": _LIVE, "orphans": _ORPHANS, "adopt": _ADOPT, "states": _STATES,
     }.items()
 }
 
@@ -1039,6 +1050,16 @@ class RedisJobStore(JobStore):
         seq = int(await self._eval("append", self._job_keys(job_id), [_encode_event(event, now)]))
         if seq < 0:
             raise JobNotFound(job_id)
+        return JobEvent(seq=seq, event=event.event, stage=event.stage, timestamp_ms=now, data=dict(event.data))
+
+    async def append_worker_event(self, job_id: str, attempt: int, index: int, event: NewEvent) -> JobEvent | None:
+        now = self._now_ms()
+        seq = int(await self._eval("append_worker", self._job_keys(job_id),
+                                   [int(attempt), int(index), _encode_event(event, now)]))
+        if seq < 0:
+            raise JobNotFound(job_id)
+        if seq == 0:
+            return None
         return JobEvent(seq=seq, event=event.event, stage=event.stage, timestamp_ms=now, data=dict(event.data))
 
     async def events(self, job_id: str, after_seq: int = 0) -> list[JobEvent]:

@@ -111,6 +111,7 @@ class WorkerCore:
         backend: str = "auto",
         heartbeat_s: float = 1.0,
         metrics: WorkerMetrics | None = None,
+        recorder=None,
     ):
         if capacity < 1:
             raise ValueError("capacity must be at least 1")
@@ -123,6 +124,8 @@ class WorkerCore:
         self.backend = ""  # resolved in ``startup``
         self.heartbeat_s = heartbeat_s
         self.metrics = metrics or WorkerMetrics()
+        #: writes jobs' events and outcomes to the shared store itself (``--redis-url``), or None
+        self.recorder = recorder
         self.state = "starting"
         self.last_error = ""
         self._running: dict[str, _Running] = {}
@@ -251,6 +254,8 @@ class WorkerCore:
     def start(self, running: _Running, job: WorkerJob) -> None:
         """Run the job on a job thread; its updates, then the final one, go to ``running.queue``."""
         loop = asyncio.get_running_loop()
+        if self.recorder is not None:
+            self.recorder.begin(job.job_id, job.attempt)
         running.future = loop.run_in_executor(self._executor, self._work, loop, running, job)
         running.future.add_done_callback(lambda fut: self._finished(running, fut))
 
@@ -270,6 +275,10 @@ class WorkerCore:
         else:
             final, state = fut.result()
         self.metrics.jobs_total.labels(model=running.model, state=state).inc()
+        if self.recorder is not None:
+            outcome = wire.outcome_from_pb(final.result) if final.HasField("result") else None
+            message = final.end.message if final.HasField("end") else ""
+            self.recorder.finish(running.job_id, state, outcome, message)
         running.queue.put_nowait((_FINAL, final))
 
     def _work(self, loop: asyncio.AbstractEventLoop, running: _Running, job: WorkerJob) -> tuple[pb.RunUpdate, str]:
@@ -277,12 +286,15 @@ class WorkerCore:
         queue = running.queue
         model = running.model
         stage_hist = self.metrics.stage_duration
+        recorder = self.recorder
 
         def emit(event: str, stage: str, data: dict[str, Any]) -> None:
             update = wire.event_update(event, stage, data)
             if event == "stage_end" and isinstance(data.get("elapsed_ms"), (int, float)):
                 stage_hist.labels(stage=stage, model=model).observe(data["elapsed_ms"] / 1000.0)
             loop.call_soon_threadsafe(queue.put_nowait, ("event", update))
+            if recorder is not None:
+                loop.call_soon_threadsafe(recorder.event, job.job_id, event, stage, data)
 
         try:
             running.token.raise_if_cancelled()
@@ -290,7 +302,7 @@ class WorkerCore:
                 backend = self.engine.resolve_backend(job.request.backend)
             except BackendUnavailable as exc:
                 raise JobFailed(str(exc)) from None
-            emit("job_started", "job", {"backend": backend})
+            emit("job_started", "job", {"job_id": job.job_id, "worker_id": self.worker_id, "backend": backend})
             outcome = self.engine.run(
                 EngineJob(
                     job_id=job.job_id,
@@ -406,10 +418,14 @@ class WorkerServicer(pb_grpc.WorkerServicer):
                 yield update
             delivered = True
         finally:
-            if not delivered:
+            if not delivered and self.core.recorder is None:
                 # the client cancelled the call or went away (asyncio.CancelledError here;
                 # context.cancelled() stays False): the job must stop too
                 self.core.cancel(job.job_id, "client cancelled the call")
+            elif not delivered:
+                # this worker records the job in the shared store itself: a lost gateway stream
+                # does not stop it (a cancel comes as a Cancel call); it finishes and records
+                log.info("job %s continues without its gateway stream; its outcome goes to the store", job.job_id)
 
     async def RunSync(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResult:
         try:

@@ -142,7 +142,7 @@ class RunTests(WorkerTestCase):
         outcome = yield conn.run(job("j-run", request(steps=4)), rec)
         events = [(u.event, u.stage) for u in rec.updates]
         self.assertEqual(events[0], ("job_started", "job"))
-        self.assertEqual(rec.updates[0].data, {"backend": "cpu-stub"})
+        self.assertEqual(rec.updates[0].data, {"job_id": "j-run", "worker_id": "w1", "backend": "cpu-stub"})
         self.assertEqual([s for e, s in events if e == "stage_start"], list(STAGES))
         self.assertEqual([s for e, s in events if e == "stage_end"], list(STAGES))
         progress = [u.data for u in rec.updates if u.event == "stage_progress"]
@@ -498,11 +498,17 @@ class CliTests(WorkerTestCase):
     def run_cli(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
         return subprocess.run(omnirt_argv("worker", *args), capture_output=True, text=True, timeout=timeout)
 
-    def test_unsupported_flags_exit_2(self):
-        """--redis-url / --otlp-endpoint are refused with one line and status 2, never ignored."""
-        done = self.run_cli("--port", "0", "--redis-url", "redis://127.0.0.1:6379")
+    def test_unreachable_redis_exit_2(self):
+        """--redis-url naming a Redis that does not answer: one line, status 2."""
+        port = free_port()
+        done = self.run_cli("--port", "0", "--redis-url", f"redis://127.0.0.1:{port}")
         self.assertEqual(done.returncode, 2)
-        self.assertEqual(done.stderr.strip(), "error: --redis-url is not supported by this worker yet")
+        self.assertTrue(done.stderr.strip().endswith(f"error: cannot connect to redis at 127.0.0.1:{port}: "
+                                                     "Connection was refused by other side: 111: Connection refused."),
+                        done.stderr)
+
+    def test_unsupported_flags_exit_2(self):
+        """--otlp-endpoint is refused with one line and status 2 while unsupported, never ignored."""
         done = self.run_cli("--port", "0", "--otlp-endpoint", "http://127.0.0.1:4318/v1/traces")
         self.assertEqual(done.returncode, 2)
         self.assertEqual(done.stderr.strip(), "error: --otlp-endpoint is not supported by this worker yet")

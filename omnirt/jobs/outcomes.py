@@ -1,0 +1,42 @@
+"""Recording a job's outcome: one path used by the gateway's dispatcher and by a worker that
+writes to the shared store itself (``omnirt worker --redis-url``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from omnirt.contract import TERMINAL_EVENT, GenerateResult, JobRecord, JobState
+from omnirt.engine.base import RunOutcome
+from omnirt.store.base import JobStore, NewEvent
+
+RUNNING_STATES = (JobState.running, JobState.cancelling)
+
+
+async def store_outputs(artifacts, record: JobRecord, worker_id: str, outcome: RunOutcome) -> GenerateResult:
+    """Put the artifact bytes in the artifact store; the result names them by URL."""
+    outputs = []
+    for artifact, blob in zip(outcome.result.outputs, outcome.blobs, strict=False):
+        sha, path = await artifacts.put(blob, artifact.mime)
+        outputs.append(artifact.model_copy(update={
+            "sha256": sha, "bytes": len(blob), "path": path, "transport": "path", "data_b64": None,
+            "url": f"/v1/artifacts/{sha}",
+        }))
+    meta = outcome.result.metadata.model_copy(update={
+        "job_id": record.id,
+        "trace_id": record.trace_id or outcome.result.metadata.trace_id,
+        "worker_id": worker_id,
+        "execution_mode": record.execution_mode,
+        "enqueued_at_ms": record.enqueued_at_ms,
+        "queue_wait_ms": float(max(0, (record.started_at_ms or record.enqueued_at_ms) - record.enqueued_at_ms)),
+    })
+    return GenerateResult(outputs=outputs, metadata=meta)
+
+
+async def record_terminal(store: JobStore, job_id: str, state: JobState, *, now_ms: int, error: str | None = None,
+                          fields: dict[str, Any] | None = None) -> JobRecord | None:
+    """running|cancelling -> ``state`` with its terminal event; None when another writer was first."""
+    data = {"job_id": job_id}
+    if error:
+        data["error"] = error
+    update = {"finished_at_ms": now_ms, "error": error, **(fields or {})}
+    return await store.transition(job_id, RUNNING_STATES, state, NewEvent(TERMINAL_EVENT[state], "job", data), update)
