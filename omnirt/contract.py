@@ -147,6 +147,9 @@ class RunReport(BaseModel):
     batch_size: int = 1
     error: str | None = None
     stream_events: bool = False
+    #: the worker's span summaries of this run (omnirt.telemetry.tracing): moved into
+    #: ``JobRecord.spans`` by the gateway, never part of the public result
+    spans: list[dict[str, Any]] = Field(default_factory=list, exclude=True)
 
 
 class GenerateResult(BaseModel):
@@ -226,7 +229,7 @@ class JobEvent(BaseModel):
 
 
 #: JobRecord fields kept for the server's own bookkeeping, never sent to clients
-INTERNAL_RECORD_FIELDS = {"idempotency_key", "excluded_workers", "runner"}
+INTERNAL_RECORD_FIELDS = {"idempotency_key", "excluded_workers", "runner", "spans", "trace_context"}
 
 
 class JobRecord(BaseModel):
@@ -252,6 +255,11 @@ class JobRecord(BaseModel):
     excluded_workers: list[str] = Field(default_factory=list)
     #: "worker:<id>" when a worker with its own store connection records this job itself
     runner: str | None = None
+    #: W3C context (traceparent/tracestate) of the job's root span, so any gateway can parent
+    #: later spans of the job under it
+    trace_context: dict[str, str] = Field(default_factory=dict)
+    #: finished span summaries of the job, gateway's and worker's (the trace view)
+    spans: list[dict[str, Any]] = Field(default_factory=list)
 
     def public(self, *, include_events: bool = True) -> dict[str, Any]:
         """The JSON body clients see."""

@@ -36,7 +36,10 @@ def register(sub) -> None:
     p.add_argument("--otlp-endpoint", default=None, help="OTLP/HTTP traces endpoint (not supported yet)")
     p.add_argument("--remote-worker", action="append", default=[], metavar="SPEC",
                    help="'worker_id=host:port@model1,model2#tag1,tag2' (repeatable)")
-    p.add_argument("--fleet", default=None, help="fleet file (not supported by this version yet)")
+    p.add_argument("--fleet", default=None, metavar="FILE",
+                   help="fleet file (TOML): start or adopt its supervisord and serve its workers (see omnirt fleet)")
+    p.add_argument("--fleet-stop-on-exit", action="store_true",
+                   help="stop the fleet (workers drain) when the gateway exits (default: leave it running)")
     p.add_argument("--local-worker", action="store_true",
                    help="also run an in-process engine when remote workers are configured")
     p.add_argument("--max-queue", type=int, default=1000, help="jobs allowed to wait; beyond -> 429")
@@ -57,8 +60,8 @@ def register(sub) -> None:
 def _check(args) -> None:
     if args.otlp_endpoint:
         raise CliError("--otlp-endpoint is not supported by this version yet")
-    if args.fleet:
-        raise CliError("--fleet is not supported by this version yet")
+    if args.fleet_stop_on_exit and not args.fleet:
+        raise CliError("--fleet-stop-on-exit needs --fleet FILE")
     for name in ("max_concurrency", "pipeline_cache_size", "max_queue", "max_body_bytes", "max_attempts",
                  "health_failure_threshold"):
         if getattr(args, name) < 1:
@@ -91,6 +94,17 @@ def run(args) -> int:
             remote_specs = parse_remote_workers(args.remote_worker)
         except SpecError as exc:
             raise CliError(str(exc)) from None
+    fleet = None
+    if args.fleet:
+        from omnirt.fleet import FleetError, load_fleet
+
+        try:
+            fleet = load_fleet(args.fleet)
+        except FleetError as exc:
+            raise CliError("\nerror: ".join(exc.lines())) from None
+        clash = sorted({w.id for w in fleet.workers} & {s.worker_id for s in remote_specs})
+        if clash:
+            raise CliError(f"worker id(s) {', '.join(clash)} are both --remote-worker and fleet workers")
 
     from omnirt.gateway.server import Gateway
 
@@ -103,7 +117,7 @@ def run(args) -> int:
         allowed_tiers=tuple(args.model_tier or DEFAULT_ALLOWED_TIERS),
         api_keys=keys,
         remote_specs=remote_specs,
-        local_worker=args.local_worker or not remote_specs,
+        local_worker=args.local_worker or not (remote_specs or fleet),
         max_queue=args.max_queue,
         artifact_dir=args.artifact_dir or default_artifact_dir(),
         model_paths=model_paths,
@@ -119,6 +133,8 @@ def run(args) -> int:
         redis_namespace=args.redis_namespace,
         gateway_id=args.gateway_id,
         lease_ttl_s=args.lease_ttl_s,
+        fleet=fleet,
+        fleet_stop_on_exit=args.fleet_stop_on_exit,
     )
     code = gateway.run_forever()
     sys.stdout.flush()

@@ -41,7 +41,7 @@ class Gateway:
                  remote_specs, local_worker, max_queue, artifact_dir, model_paths, max_body_bytes, shutdown_grace_s,
                  job_retention_s, max_attempts, health_interval_s, health_failure_threshold, keepalive_s,
                  worker_idle_timeout_s=10.0, redis_url=None, redis_namespace="omnirt", gateway_id=None,
-                 lease_ttl_s=10.0, reactor=None):
+                 lease_ttl_s=10.0, fleet=None, fleet_stop_on_exit=False, reactor=None):
         self.reactor = reactor or global_reactor
         self.host = host
         self.port = port
@@ -72,6 +72,10 @@ class Gateway:
         self.exit_code = 0
         self.listening_port = None
         self.connections = []
+        #: omnirt.fleet.Fleet of ``--fleet`` (workers under a local supervisord) and its gateway side
+        self.fleet = fleet
+        self.fleet_stop_on_exit = fleet_stop_on_exit
+        self.gateway_fleet = None
 
     # -- building ----------------------------------------------------------------------------
 
@@ -100,6 +104,17 @@ class Gateway:
                                               idle_timeout_s=self.worker_idle_timeout_s))
         return conns
 
+    async def _fleet_connections(self):
+        """Start or adopt the fleet's supervisord; its workers are registered even if not up yet."""
+        from omnirt.fleet import FleetError, GatewayFleet
+
+        self.gateway_fleet = GatewayFleet(self.fleet, self.reactor, stop_on_exit=self.fleet_stop_on_exit,
+                                          worker_idle_timeout_s=self.worker_idle_timeout_s)
+        try:
+            return await self.gateway_fleet.start()
+        except FleetError as exc:
+            raise StartupError("; ".join(exc.lines())) from None
+
     async def start(self) -> None:
         clock = self.reactor
         self.metrics = GatewayMetrics()
@@ -122,6 +137,8 @@ class Gateway:
         self.store = InstrumentedStore(raw_store, self.metrics)
         if self.remote_specs:
             self.connections.extend(await self._remote_connections())
+        if self.fleet is not None:
+            self.connections.extend(await self._fleet_connections())
         if self.local_worker:
             self.connections.append(self._local_connection())
         self.pool = WorkerPool(clock, self.connections, health_interval_s=self.health_interval_s,
@@ -132,6 +149,8 @@ class Gateway:
                                   allowed_tiers=self.allowed_tiers, max_queue=self.max_queue,
                                   default_backend=self.backend)
         await self.pool.start()
+        if self.gateway_fleet is not None:
+            self.gateway_fleet.watch(self.pool)
         self.service.start()
         if self.store.shared:
             self.lease = GatewayLease(clock=clock, store=self.store, dispatcher=self.dispatcher,
@@ -139,7 +158,8 @@ class Gateway:
             self.lease.start()
             self._cancel_watch = self.dispatcher.watch_remote_cancels()
         self.api = GatewayAPI(service=self.service, metrics=self.metrics, reactor=self.reactor,
-                              api_keys=self.api_keys, keepalive_s=self.keepalive_s)
+                              api_keys=self.api_keys, keepalive_s=self.keepalive_s,
+                              readiness=self.gateway_fleet.readiness if self.gateway_fleet is not None else None)
         self.http_resource = self.api.resource()
         site = Site(self.http_resource, requestFactory=limited_request_factory(self.max_body_bytes))
         site.noisy = False
@@ -175,6 +195,8 @@ class Gateway:
             except StoreUnavailable:
                 pass
         await DeferredList([c.close() for c in self.connections], consumeErrors=True)
+        if self.gateway_fleet is not None:
+            await self.gateway_fleet.stop()  # leaves the fleet running unless --fleet-stop-on-exit
         await self.store.close()
 
     def _shutdown(self) -> Deferred:

@@ -20,6 +20,7 @@ from omnirt.jobs.outcomes import record_terminal, store_outputs
 from omnirt.store.artifacts import ArtifactStore
 from omnirt.store.base import JobStore, NewEvent, StoreUnavailable
 from omnirt.telemetry.metrics import GatewayMetrics
+from omnirt.telemetry.tracing import SERVICE_GATEWAY, Tracing, merge_spans
 from omnirt.workers.base import (
     JobCancelled,
     JobFailed,
@@ -92,8 +93,11 @@ class Dispatcher:
         metrics: GatewayMetrics,
         max_attempts: int = 3,
         cancel_timeout_s: float = 30.0,
+        tracing: Tracing | None = None,
     ):
         self._clock = clock
+        #: spans of the jobs (their roots live here from submit to the terminal transition)
+        self.tracing = tracing or Tracing(SERVICE_GATEWAY)
         self.store = store
         self.pool = pool
         self.artifacts = artifacts
@@ -181,6 +185,9 @@ class Dispatcher:
         current = await self.store.get(q.job_id)
         if current is None or current.state != JobState.queued:
             self.pool.release(entry)
+            live = self.tracing.live(q.job_id)
+            if current is not None and current.state.terminal and live is not None:
+                live.finish(current.state.value, current.error)  # ended elsewhere (another gateway's cancel)
             return
         fields = {"worker_id": entry.worker_id, "attempts": attempt, "queue_position": None}
         if current.started_at_ms is None:
@@ -198,6 +205,8 @@ class Dispatcher:
         running = RunningJob(q.job_id, entry, attempt)
         self.running[q.job_id] = running
         self._gauge()
+        trace = self.tracing.job(q.job_id, record)
+        trace_context = trace.begin_dispatch(attempt, entry.worker_id, entry.conn.address)
         dispatched_at = time.monotonic()
         first_progress = [False]
 
@@ -206,6 +215,7 @@ class Dispatcher:
                 running.started = True
                 self.metrics.dispatch_seconds.observe(time.monotonic() - dispatched_at)
                 update.data = {"job_id": q.job_id, "worker_id": entry.worker_id, **update.data}
+                trace.set_backend(update.data.get("backend"))
             elif update.event == "stage_end" and "elapsed_ms" in update.data:
                 self.metrics.stage_duration.labels(stage=update.stage, model=q.model).observe(
                     float(update.data["elapsed_ms"]) / 1000
@@ -224,6 +234,7 @@ class Dispatcher:
             trace_id=record.trace_id,
             execution_mode=record.execution_mode,
             enqueued_at_ms=record.enqueued_at_ms,
+            trace_context=trace_context,
         )
         outcome: RunOutcome | None = None
         error: BaseException | None = None
@@ -237,6 +248,7 @@ class Dispatcher:
         finally:
             self.running.pop(q.job_id, None)
             self.pool.release(entry)
+        trace.end_dispatch(attempt, _attempt_outcome(running, outcome, error), error, _take_worker_spans(outcome, error))
         await writer.drain()
         try:
             await self._finish(q, record, running, outcome, error)
@@ -287,14 +299,20 @@ class Dispatcher:
         """running -> queued with ``job_retried``; the job goes to the front of the queue."""
         attempts_used = running.attempt if count_attempt else running.attempt - 1
         excluded = (*q.excluded, running.entry.worker_id) if count_attempt else q.excluded
+        trace = self.tracing.job(q.job_id)
+        if enqueue:
+            trace.wait(f"retry: {reason}")
         retried = await self.store.transition(
             q.job_id, (JobState.running,), JobState.queued,
             NewEvent("job_retried", "job", {
                 "job_id": q.job_id, "attempt": running.attempt, "reason": reason,
                 "previous_worker_id": running.entry.worker_id, "error": error,
             }),
-            {"worker_id": None, "attempts": attempts_used, "excluded_workers": list(excluded)},
+            {"worker_id": None, "attempts": attempts_used, "excluded_workers": list(excluded),
+             "spans": trace.summaries()},
         )
+        if not enqueue:
+            self.tracing.forget(q.job_id)  # the job is another gateway's now (or this one's, restarted)
         if retried is None:
             return
         self.metrics.job_retries.labels(reason=reason).inc()
@@ -308,6 +326,8 @@ class Dispatcher:
         """Record the outcome; while the store is unreachable keep trying (bounded), so an accepted
         job still reaches its terminal state once the store is back."""
         now = self._now_ms()
+        spans = self.tracing.job(record.id, record).finish(state.value, error)
+        fields = {**(fields or {}), "spans": spans}
         delay = 0.2
         for _ in range(STORE_RETRIES):
             try:
@@ -320,9 +340,20 @@ class Dispatcher:
         else:
             log.msg(f"gave up recording the outcome of job {record.id}: store unreachable")
             return
-        if done is None:
+        if done is None:  # another writer recorded the outcome first: add our spans to it
+            await self._add_spans(record.id, spans)
             return
+        if done.state == JobState.failed:
+            log.msg(f"job {record.id} failed: {error}", job_id=record.id, trace_id=record.trace_id)
         self.observe_terminal(done, now)
+
+    async def _add_spans(self, job_id: str, spans: list[dict]) -> None:
+        try:
+            current = await self.store.get(job_id)
+            if current is not None:
+                await self.store.update(job_id, {"spans": merge_spans(current.spans, spans)})
+        except StoreUnavailable as exc:
+            log.msg(f"could not record the spans of job {job_id}: {exc}", job_id=job_id)
 
     def observe_terminal(self, record: JobRecord, now_ms: int) -> None:
         req = record.request
@@ -408,3 +439,28 @@ class Dispatcher:
 
     def pending(self) -> list[Deferred]:
         return list(self._tasks)
+
+
+def _attempt_outcome(running: RunningJob, outcome: RunOutcome | None, error: BaseException | None) -> str:
+    """How one dispatch attempt ended, as its span says it."""
+    if outcome is not None:
+        return "succeeded"
+    if isinstance(error, JobFailed):
+        return "failed"
+    if running.handed_back:
+        return "handed_back"
+    if isinstance(error, (JobCancelled, CancelledError)):
+        return "cancelled"
+    if isinstance(error, WorkerBusy):
+        return "worker_busy"
+    return "worker_lost"
+
+
+def _take_worker_spans(outcome: RunOutcome | None, error: BaseException | None) -> list[dict]:
+    """The worker's span summaries of the attempt: with the result (taken out of it: they are
+    kept with the job, not in its result), or on the exception that ended a run without one."""
+    if outcome is not None:
+        spans = list(outcome.result.metadata.spans)
+        outcome.result.metadata.spans = []
+        return spans
+    return list(getattr(error, "trace_spans", None) or [])

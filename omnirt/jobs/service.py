@@ -10,7 +10,7 @@ from __future__ import annotations
 import base64
 import math
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.interfaces import IReactorTime
@@ -88,9 +88,12 @@ class JobService:
         *,
         execution_mode: str = "async",
         idempotency_key: str | None = None,
-        trace_id: str | None = None,
+        trace_context: Mapping[str, str] | None = None,
     ) -> tuple[JobRecord, bool]:
-        """Accept a job; return (record, created). ``created`` is False for an idempotent replay."""
+        """Accept a job; return (record, created). ``created`` is False for an idempotent replay.
+
+        ``trace_context``: a W3C carrier (traceparent/tracestate) the job's root span continues;
+        by default the client's context of the HTTP request being handled, if any."""
         if not self.accepting:
             raise ServiceUnavailable("server is shutting down; not accepting new jobs")
         resolved = resolve_request(request, self.allowed_tiers)
@@ -121,20 +124,27 @@ class JobService:
             raise QueueFull(f"queue is full ({self.dispatcher.depth()} jobs waiting); retry in {retry}s", retry)
 
         resolved = await self._resolve_artifact_refs(resolved)
+        trace = self.dispatcher.tracing.start_job(job_id, model=resolved.model, task=resolved.task,
+                                                  backend=resolved.backend, parent=trace_context)
         record = JobRecord(
             id=job_id,
             state=JobState.queued,
             backend=resolved.backend,
             request=resolved,
-            trace_id=trace_id or uuid.uuid4().hex,
+            trace_id=trace.trace_id or uuid.uuid4().hex,
+            trace_context=trace.carrier,
             enqueued_at_ms=self._now_ms(),
             execution_mode=execution_mode,
             idempotency_key=idempotency_key,
         )
         position = self.dispatcher.depth() + 1
-        record = await self.store.create(
-            record, NewEvent("job_enqueued", "job", {"job_id": job_id, "queue_position": position})
-        )
+        try:
+            record = await self.store.create(
+                record, NewEvent("job_enqueued", "job", {"job_id": job_id, "queue_position": position})
+            )
+        except BaseException as exc:
+            trace.abandon(exc)
+            raise
         self.dispatcher.enqueue(QueuedJob(job_id, resolved.model, tuple(resolved.routing_tags)))
         return self._decorate(record), True
 
@@ -188,10 +198,11 @@ class JobService:
             if record.state == JobState.queued:
                 self.dispatcher.request_cancel(job_id)
                 now = self._now_ms()
+                spans = self.dispatcher.tracing.job(job_id, record).finish(JobState.cancelled.value)
                 done = await self.store.transition(
                     job_id, (JobState.queued,), JobState.cancelled,
                     NewEvent(TERMINAL_EVENT[JobState.cancelled], "job", {"job_id": job_id}),
-                    {"finished_at_ms": now, "queue_position": None},
+                    {"finished_at_ms": now, "queue_position": None, "spans": spans},
                 )
                 if done is not None:
                     self.dispatcher.remove(job_id)

@@ -248,3 +248,63 @@ class RedisTroubleTests(RedisTopology):
         log = proc.log()
         self.assertIn(f"error: cannot connect to redis at 127.0.0.1:{port}", log)
         self.assertNotIn("hunter2", log)
+
+
+class WorkerRecordsTests(RedisTopology):
+    @inlineCallbacks
+    def test_job_finishing_while_gateway_down_is_not_run_again(self):
+        """A worker with --redis-url records a job that finishes while its gateway is dead; the
+        restarted gateway finds it succeeded and does not run it again."""
+        _, wport = self.start_worker("w1", "--redis-url", self.redis.url(db=0))
+        spec = f"w1=127.0.0.1:{wport}"
+        a_proc, a = self.start_gateway([spec], name="a")
+        code, job = yield self.jcall(a, "POST", "/v1/jobs", body(steps=30, delay_ms=100))
+        for _ in range(100):
+            code, rec = yield self.jcall(a, "GET", f"/v1/jobs/{job['id']}")
+            if any(e["event"] == "stage_progress" for e in rec["events"]):
+                break
+            yield sleep(0.05)
+        a_proc.signal(signal.SIGKILL)
+        a_proc.wait(10)
+        yield sleep(4.0)  # the job (3 s) ends while no gateway is alive
+        self.assertEqual(self.redis.command("HGET", f"omnirt:job:{job['id']}", "state"), "succeeded")
+        _, b = self.start_gateway([spec], name="a-again")
+        yield sleep(2.0)  # past a lease period: adoption has looked at everything
+        records = yield self.wait_terminal(b, [job["id"]])
+        rec = records[job["id"]]
+        names = [e["event"] for e in rec["events"]]
+        self.assertEqual(rec["state"], "succeeded")
+        self.assertEqual(names.count("job_dispatched"), 1)
+        self.assertNotIn("job_retried", names)
+        self.assertEqual([e["data"]["step"] for e in rec["events"] if e["event"] == "stage_progress"],
+                         list(range(1, 31)))
+        self.assert_exactly_one_terminal(records)
+        url = rec["result"]["outputs"][0]["url"]
+        resp = yield treq.get(b + url, pool=self.pool)
+        self.assertEqual((yield treq.content(resp))[:8], b"\x89PNG\r\n\x1a\n")
+
+    @inlineCallbacks
+    def test_worker_killed_while_gateway_down(self):
+        """Gateway and then the recording worker die mid-job: once the worker's lease runs out the
+        restarted gateway retries the job on another worker; it succeeds exactly once."""
+        w1, port1 = self.start_worker("w1", "--redis-url", self.redis.url(db=0))
+        _, port2 = self.start_worker("w2", "--redis-url", self.redis.url(db=0))
+        a_proc, a = self.start_gateway([f"w1=127.0.0.1:{port1}"], name="a")
+        code, job = yield self.jcall(a, "POST", "/v1/jobs", body(steps=100, delay_ms=100))
+        for _ in range(100):
+            code, rec = yield self.jcall(a, "GET", f"/v1/jobs/{job['id']}")
+            if any(e["event"] == "stage_progress" for e in rec["events"]):
+                break
+            yield sleep(0.05)
+        a_proc.signal(signal.SIGKILL)
+        a_proc.wait(10)
+        w1.signal(signal.SIGKILL)
+        _, b = self.start_gateway([f"w2=127.0.0.1:{port2}"], name="b")  # w1 is gone for good
+        code, rec = yield self.jcall(b, "GET", f"/v1/jobs/{job['id']}")
+        self.assertEqual(rec["state"], "running")
+        records = yield self.wait_terminal(b, [job["id"]], timeout=90)
+        rec = records[job["id"]]
+        self.assertEqual((rec["state"], rec["worker_id"]), ("succeeded", "w2"))
+        retried = [e for e in rec["events"] if e["event"] == "job_retried"]
+        self.assertEqual([e["data"]["reason"] for e in retried], ["gateway_lost"])
+        self.assert_exactly_one_terminal(records)

@@ -80,7 +80,7 @@ class Artifact(_message.Message):
     def __init__(self, kind: _Optional[str] = ..., path: _Optional[str] = ..., mime: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., num_frames: _Optional[int] = ..., transport: _Optional[_Union[ArtifactTransport, str]] = ..., data: _Optional[bytes] = ..., sha256: _Optional[str] = ...) -> None: ...
 
 class RunReport(_message.Message):
-    __slots__ = ("run_id", "task", "model", "backend", "execution_mode", "schema_version", "job_id", "batch_group_id", "batch_size", "timings", "memory", "backend_timeline", "config_resolved", "stream_events", "error", "trace_id", "worker_id", "enqueued_at_ms", "queue_wait_ms")
+    __slots__ = ("run_id", "task", "model", "backend", "execution_mode", "schema_version", "job_id", "batch_group_id", "batch_size", "timings", "memory", "backend_timeline", "config_resolved", "stream_events", "error", "trace_id", "worker_id", "enqueued_at_ms", "queue_wait_ms", "trace")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     TASK_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -100,6 +100,7 @@ class RunReport(_message.Message):
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ENQUEUED_AT_MS_FIELD_NUMBER: _ClassVar[int]
     QUEUE_WAIT_MS_FIELD_NUMBER: _ClassVar[int]
+    TRACE_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     task: str
     model: str
@@ -119,7 +120,8 @@ class RunReport(_message.Message):
     worker_id: str
     enqueued_at_ms: int
     queue_wait_ms: float
-    def __init__(self, run_id: _Optional[str] = ..., task: _Optional[str] = ..., model: _Optional[str] = ..., backend: _Optional[str] = ..., execution_mode: _Optional[str] = ..., schema_version: _Optional[str] = ..., job_id: _Optional[str] = ..., batch_group_id: _Optional[str] = ..., batch_size: _Optional[int] = ..., timings: _Optional[_Union[JsonMap, _Mapping]] = ..., memory: _Optional[_Union[JsonMap, _Mapping]] = ..., backend_timeline: _Optional[_Union[JsonMap, _Mapping]] = ..., config_resolved: _Optional[_Union[JsonMap, _Mapping]] = ..., stream_events: _Optional[bool] = ..., error: _Optional[str] = ..., trace_id: _Optional[str] = ..., worker_id: _Optional[str] = ..., enqueued_at_ms: _Optional[int] = ..., queue_wait_ms: _Optional[float] = ...) -> None: ...
+    trace: JsonMap
+    def __init__(self, run_id: _Optional[str] = ..., task: _Optional[str] = ..., model: _Optional[str] = ..., backend: _Optional[str] = ..., execution_mode: _Optional[str] = ..., schema_version: _Optional[str] = ..., job_id: _Optional[str] = ..., batch_group_id: _Optional[str] = ..., batch_size: _Optional[int] = ..., timings: _Optional[_Union[JsonMap, _Mapping]] = ..., memory: _Optional[_Union[JsonMap, _Mapping]] = ..., backend_timeline: _Optional[_Union[JsonMap, _Mapping]] = ..., config_resolved: _Optional[_Union[JsonMap, _Mapping]] = ..., stream_events: _Optional[bool] = ..., error: _Optional[str] = ..., trace_id: _Optional[str] = ..., worker_id: _Optional[str] = ..., enqueued_at_ms: _Optional[int] = ..., queue_wait_ms: _Optional[float] = ..., trace: _Optional[_Union[JsonMap, _Mapping]] = ...) -> None: ...
 
 class GenerateResult(_message.Message):
     __slots__ = ("outputs", "metadata")
@@ -208,12 +210,14 @@ class Heartbeat(_message.Message):
     def __init__(self, timestamp_ms: _Optional[int] = ...) -> None: ...
 
 class RunEnd(_message.Message):
-    __slots__ = ("status", "message")
+    __slots__ = ("status", "message", "trace")
     STATUS_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    TRACE_FIELD_NUMBER: _ClassVar[int]
     status: RunEndStatus
     message: str
-    def __init__(self, status: _Optional[_Union[RunEndStatus, str]] = ..., message: _Optional[str] = ...) -> None: ...
+    trace: JsonMap
+    def __init__(self, status: _Optional[_Union[RunEndStatus, str]] = ..., message: _Optional[str] = ..., trace: _Optional[_Union[JsonMap, _Mapping]] = ...) -> None: ...
 
 class RunUpdate(_message.Message):
     __slots__ = ("event", "heartbeat", "result", "end", "events")
