@@ -260,6 +260,11 @@ class GrpcWorkerConnection:
     def _run_error(self, exc: grpc.aio.AioRpcError, job: WorkerJob) -> Exception:
         code = exc.code()
         where = f"worker {self.worker_id} at {self.address}"
+        if code == grpc.StatusCode.RESOURCE_EXHAUSTED and not _refusal(exc):
+            # not the worker's admission refusal (that one carries its reason in trailing
+            # metadata) but gRPC's message size limit: retrying elsewhere cannot help
+            return JobFailed(f"job {job.job_id}: a message exceeded the gRPC size limit "
+                             f"({wire.MAX_MESSAGE_BYTES} bytes; OMNIRT_GRPC_MAX_MESSAGE_BYTES): {exc.details()}")
         if code in _BUSY_CODES:
             return WorkerBusy(f"{where} refused job {job.job_id}: {exc.details()}")
         if code == grpc.StatusCode.UNAVAILABLE and _refusal(exc):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from typing import Any
 
@@ -33,7 +34,8 @@ __all__ = [
     "request_to_pb",
 ]
 
-MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+#: gRPC message size limit on both sides (outputs travel inline); override with the environment
+MAX_MESSAGE_BYTES = int(os.environ.get("OMNIRT_GRPC_MAX_MESSAGE_BYTES", 256 * 1024 * 1024))
 #: channel/server options both sides use: large artifacts travel inline
 MESSAGE_SIZE_OPTIONS = (
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),

@@ -236,6 +236,25 @@ class RoutingAndFailoverTests(Topology):
         code, ready = yield self.jcall("GET", "/readyz")
         self.assertEqual(ready["workers"][0]["inflight"], 0)
 
+    @inlineCallbacks
+    def test_result_over_message_limit_is_a_clear_job_error(self):
+        """A result larger than the gRPC message limit fails that job with a clear error (not a
+        retry loop, not a crash); the worker and gateway keep serving."""
+        port = free_port()
+        start_omnirt(self, ["worker", "--port", str(port), "--worker-id", "small", "--backend", "cpu-stub"], port,
+                     env={"OMNIRT_GRPC_MAX_MESSAGE_BYTES": "40000"}, name="worker-small")
+        self.start_gateway([f"small=127.0.0.1:{port}"])
+        big = body(steps=1)
+        big["config"].update(width=1024, height=1024, seed=3)
+        code, job = yield self.jcall("POST", "/v1/jobs", big)
+        records = yield self.wait_terminal([job["id"]], timeout=30)
+        rec = records[job["id"]]
+        self.assertEqual(rec["state"], "failed")
+        self.assertIn("gRPC size limit", rec["error"])
+        self.assertNotIn("job_retried", [e["event"] for e in rec["events"]])
+        code, small = yield self.jcall("POST", "/v1/generate", body(steps=1))
+        self.assertEqual(code, 200)
+
     def test_gateway_with_remote_workers_never_imports_torch(self):
         """With only remote workers the gateway process never loads torch."""
         _, port = self.start_worker("w1")
