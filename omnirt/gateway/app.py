@@ -130,6 +130,12 @@ class GatewayAPI:
             return write_json(request, 503, body)
         return write_json(request, 200, body)
 
+    @app.route("/openapi.json", methods=["GET"])
+    def openapi(self, request):
+        from omnirt.gateway.openapi import openapi_document
+
+        return write_json(request, 200, openapi_document())
+
     @app.route("/metrics", methods=["GET"])
     def metrics_route(self, request):
         request.setHeader(b"Content-Type", self.metrics.content_type.encode())
@@ -230,6 +236,11 @@ class GatewayAPI:
         await sse.stream_events(self.service, self.reactor, request, job_id, after, self.keepalive_s)
         return b""
 
+    @app.route("/v1/jobs/<job_id>/trace", methods=["GET"])
+    async def job_trace(self, request, job_id):
+        record = await self.service.get(job_id)
+        return write_json(request, 200, self.service.dispatcher.tracing.view(record))
+
     @app.route("/v1/jobs/<job_id>/stream", methods=["GET"])
     def job_stream(self, request, job_id):
         from omnirt.gateway.websocket import job_stream_resource
@@ -264,7 +275,8 @@ class GatewayAPI:
 
 class GatewayResource(Resource):
     """Wraps the Klein resource: API-key check (all but /healthz, /readyz; the WebSocket route
-    checks its key itself to close with 4401) and HTTP request metrics."""
+    checks its key itself to close with 4401), HTTP request metrics, and the request's trace (a
+    server span when exporting; an incoming ``traceparent`` is the parent of the jobs it submits)."""
 
     isLeaf = True
 
@@ -280,12 +292,25 @@ class GatewayResource(Resource):
         label = route_label(path)
         counter = self.api.metrics.http_requests
 
+        trace = self.api.service.dispatcher.tracing.begin_request(
+            request.method.decode("latin-1"), path, label,
+            {"traceparent": request.getHeader(b"traceparent"), "tracestate": request.getHeader(b"tracestate")},
+        )
+
         def count(_=None):
             self.inflight.discard(request)
             counter.labels(route=label, code=str(request.code)).inc()
+            trace.end(request.code)
 
         self.inflight.add(request)
         request.notifyFinish().addBoth(count)
+        token = trace.enter()
+        try:
+            return self._render(request, label)
+        finally:
+            trace.exit(token)
+
+    def _render(self, request, label: str):
         keys = self.api.api_keys
         if keys.enabled and request.path not in OPEN_PATHS and label != "/v1/jobs/{id}/stream":
             presented = keys.from_headers(request.getHeader(b"authorization"), request.getHeader(b"x-api-key"))

@@ -1,0 +1,219 @@
+"""The OpenAPI 3.1 document of the gateway, served at /openapi.json.
+
+Schemas come from the same pydantic models the gateway validates and encodes with (contract.py,
+gateway/openapi's response models), so the document cannot drift from what the server does;
+a test checks every Klein route is described.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+from pydantic import BaseModel, Field
+from pydantic.json_schema import models_json_schema
+
+from omnirt import __version__
+from omnirt.contract import GenerateRequest, GenerateResult, JobEvent, JobRecord
+from omnirt.gateway.openai import OpenAIImagesRequest
+
+
+class ErrorBody(BaseModel):
+    detail: str | list[dict[str, Any]] = Field(description="a message, or for validation every problem")
+
+
+class OpenAIErrorDetail(BaseModel):
+    message: str
+    type: str
+    code: str
+
+
+class OpenAIError(BaseModel):
+    error: OpenAIErrorDetail
+
+
+class OpenAIImage(BaseModel):
+    url: str | None = None
+    b64_json: str | None = None
+    revised_prompt: str | None = None
+
+
+class OpenAIImagesResponse(BaseModel):
+    created: int
+    data: list[OpenAIImage]
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: str = "model"
+    created: int
+    owned_by: str = "omnirt"
+    task: str
+    tasks: list[str]
+    status: str
+    tier: str
+    maturity: str
+    default_backend: str
+    summary: str
+
+
+class ModelList(BaseModel):
+    object: str = "list"
+    data: list[ModelCard]
+
+
+class JobList(BaseModel):
+    data: list[JobRecord]
+
+
+class WorkerView(BaseModel):
+    worker_id: str
+    address: str
+    state: str
+    models: list[str]
+    loaded_models: list[str]
+    inflight: int
+    capacity: int
+    tags: list[str]
+    backend: str
+    last_error: str
+
+
+class Readiness(BaseModel):
+    ok: bool
+    job_store_backend: str
+    remote_worker_count: int
+    allowed_model_tiers: list[str]
+    workers: list[WorkerView]
+    queue_depth: int
+    backend: str
+    reason: str | None = None
+
+
+class Health(BaseModel):
+    ok: bool
+
+
+class TraceView(BaseModel):
+    trace_id: str | None
+    job_id: str
+    task: str
+    model: str
+    state: str
+    worker_id: str | None
+    created_at_ms: int
+    error: str | None
+    spans: list[dict[str, Any]]
+    events: list[JobEvent]
+
+
+_MODELS = (GenerateRequest, GenerateResult, JobRecord, JobEvent, ErrorBody, OpenAIImagesRequest, OpenAIError,
+           OpenAIImagesResponse, ModelList, JobList, Readiness, Health, TraceView)
+
+
+def _ref(model: type[BaseModel]) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{model.__name__}"}
+
+
+def _json(model: type[BaseModel], description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": _ref(model)}}}
+
+
+def _errors(*codes: int, openai: bool = False) -> dict[str, Any]:
+    text = {400: "invalid request (every problem listed)", 401: "missing or invalid API key",
+            403: "model tier not allowed", 404: "unknown model, job or artifact", 409: "conflict",
+            413: "body too large", 415: "body is not JSON", 429: "queue full (see Retry-After)",
+            503: "no worker can serve the model, store unavailable, or shutting down"}
+    body = OpenAIError if openai else ErrorBody
+    return {str(code): _json(body, text[code]) for code in codes}
+
+
+JOB_ID = {"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}}
+IDEMPOTENCY = {"name": "Idempotency-Key", "in": "header", "required": False,
+               "schema": {"type": "string", "maxLength": 255},
+               "description": "same key + same body within the retention = the same job"}
+
+
+@functools.cache
+def openapi_document() -> dict[str, Any]:
+    _, defs = models_json_schema([(m, "serialization") for m in _MODELS],
+                                 ref_template="#/components/schemas/{model}")
+    schemas = defs.get("$defs", {})
+    submit_body = {"required": True, "content": {"application/json": {"schema": _ref(GenerateRequest)}}}
+    authed = [{"bearer": []}, {"apiKey": []}]
+    paths: dict[str, Any] = {
+        "/healthz": {"get": {"summary": "liveness", "security": [], "responses": {"200": _json(Health, "alive")}}},
+        "/readyz": {"get": {"summary": "readiness: store reachable and a usable worker", "security": [],
+                            "responses": {"200": _json(Readiness, "ready"), "503": _json(Readiness, "not ready")}}},
+        "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {
+            "200": {"description": "text exposition", "content": {"text/plain": {"schema": {"type": "string"}}}},
+            **_errors(401)}}},
+        "/openapi.json": {"get": {"summary": "this document", "responses": {
+            "200": {"description": "OpenAPI 3.1", "content": {"application/json": {"schema": {"type": "object"}}}},
+            **_errors(401)}}},
+        "/v1/models": {"get": {
+            "summary": "models this server allows",
+            "parameters": [{"name": "tier", "in": "query", "schema": {
+                "type": "string", "enum": ["core", "adjacent", "experimental", "all"]}}],
+            "responses": {"200": _json(ModelList, "models"), **_errors(400, 401)}}},
+        "/v1/generate": {"post": {
+            "summary": "generate: sync (waits; outputs inline) or async_run=true (202 job)",
+            "parameters": [IDEMPOTENCY], "requestBody": submit_body,
+            "responses": {"200": _json(GenerateResult, "sync result"), "202": _json(JobRecord, "async job accepted"),
+                          **_errors(400, 401, 403, 404, 409, 413, 415, 429, 503),
+                          "500": _json(ErrorBody, "the job failed (its error)")}}},
+        "/v1/jobs": {
+            "post": {"summary": "submit an async job", "parameters": [IDEMPOTENCY], "requestBody": submit_body,
+                     "responses": {"202": _json(JobRecord, "accepted"), "200": _json(JobRecord, "idempotent replay"),
+                                   **_errors(400, 401, 403, 404, 409, 413, 415, 429, 503)}},
+            "get": {"summary": "jobs, newest first", "parameters": [
+                {"name": "state", "in": "query", "schema": {"type": "string", "enum": [
+                    "queued", "running", "cancelling", "succeeded", "failed", "cancelled"]}},
+                {"name": "model", "in": "query", "schema": {"type": "string"}},
+                {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 1000}}],
+                "responses": {"200": _json(JobList, "jobs"), **_errors(400, 401)}}},
+        "/v1/jobs/{job_id}": {
+            "get": {"summary": "a job with its events", "parameters": [JOB_ID],
+                    "responses": {"200": _json(JobRecord, "the job"), **_errors(401, 404)}},
+            "delete": {"summary": "cancel: queued -> cancelled, running -> cancelling", "parameters": [JOB_ID],
+                       "responses": {"200": _json(JobRecord, "cancelled or cancelling"), **_errors(401, 404, 409)}}},
+        "/v1/jobs/{job_id}/events": {"get": {
+            "summary": "server-sent events: replay from Last-Event-ID / ?after=, then live; ends after the terminal event",
+            "parameters": [JOB_ID, {"name": "after", "in": "query", "schema": {"type": "integer", "minimum": 0}},
+                           {"name": "Last-Event-ID", "in": "header", "schema": {"type": "integer", "minimum": 0}}],
+            "responses": {"200": {"description": "id: <seq> / event: <name> / data: <JobEvent JSON>",
+                                  "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+                          **_errors(400, 401, 404)}}},
+        "/v1/jobs/{job_id}/stream": {"get": {
+            "summary": "WebSocket: each event as JSON; send {\"action\":\"cancel\"}; close 4404 unknown job, 4401 unauthorized",
+            "parameters": [JOB_ID],
+            "responses": {"101": {"description": "switching protocols"}}}},
+        "/v1/jobs/{job_id}/trace": {"get": {
+            "summary": "the job's trace: gateway and worker spans with parent links", "parameters": [JOB_ID],
+            "responses": {"200": _json(TraceView, "trace view"), **_errors(401, 404)}}},
+        "/v1/artifacts/{sha256}": {"get": {
+            "summary": "an output by content hash",
+            "parameters": [{"name": "sha256", "in": "path", "required": True,
+                            "schema": {"type": "string", "pattern": "^[0-9a-f]{64}$"}}],
+            "responses": {"200": {"description": "the bytes (ETag = sha256)",
+                                  "content": {"image/png": {"schema": {"type": "string", "format": "binary"}}}},
+                          "304": {"description": "not modified"}, **_errors(401, 404)}}},
+        "/v1/images/generations": {"post": {
+            "summary": "OpenAI Images API",
+            "requestBody": {"required": True, "content": {"application/json": {"schema": _ref(OpenAIImagesRequest)}}},
+            "responses": {"200": _json(OpenAIImagesResponse, "images"),
+                          **_errors(400, 401, 403, 404, 413, 415, 429, 503, openai=True),
+                          "500": _json(OpenAIError, "generation failed")}}},
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "OmniRT serving", "version": __version__,
+                 "description": "Image-generation jobs over HTTP: sync, async, SSE/WebSocket progress, cancel."},
+        "security": authed,
+        "components": {
+            "schemas": schemas,
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"},
+                                "apiKey": {"type": "apiKey", "in": "header", "name": "x-api-key"}},
+        },
+        "paths": paths,
+    }
