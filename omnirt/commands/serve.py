@@ -14,6 +14,8 @@ from pathlib import Path
 from omnirt.cli import CliError
 from omnirt.commands.common import add_model_path_arg, parse_model_paths
 from omnirt.registry import DEFAULT_ALLOWED_TIERS, TIERS
+from omnirt.telemetry.options import add_cli_args as add_tracing_args
+from omnirt.telemetry.options import cli_options as tracing_options
 
 
 def register(sub) -> None:
@@ -33,7 +35,7 @@ def register(sub) -> None:
     p.add_argument("--gateway-id", default=None, help="this gateway's id in Redis (default: host-port-random)")
     p.add_argument("--lease-ttl-s", type=float, default=10.0,
                    help="a gateway silent this long is dead; another adopts its unfinished jobs")
-    p.add_argument("--otlp-endpoint", default=None, help="OTLP/HTTP traces endpoint (not supported yet)")
+    add_tracing_args(p)
     p.add_argument("--remote-worker", action="append", default=[], metavar="SPEC",
                    help="'worker_id=host:port@model1,model2#tag1,tag2' (repeatable)")
     p.add_argument("--fleet", default=None, metavar="FILE",
@@ -53,13 +55,14 @@ def register(sub) -> None:
     p.add_argument("--health-failure-threshold", type=int, default=2)
     p.add_argument("--worker-idle-timeout-s", type=float, default=10.0,
                    help="a remote job with no event or heartbeat this long counts as a lost worker")
+    p.add_argument("--request-deadline-s", type=float, default=30.0,
+                   help="a client must deliver each request (headers and body) within this time (408)")
+    p.add_argument("--access-log", action="store_true", help="log one line per HTTP request")
     p.add_argument("--keepalive-s", type=float, default=15.0, help="SSE/WebSocket keep-alive interval")
     p.set_defaults(func=run, needs_reactor=True)
 
 
 def _check(args) -> None:
-    if args.otlp_endpoint:
-        raise CliError("--otlp-endpoint is not supported by this version yet")
     if args.fleet_stop_on_exit and not args.fleet:
         raise CliError("--fleet-stop-on-exit needs --fleet FILE")
     for name in ("max_concurrency", "pipeline_cache_size", "max_queue", "max_body_bytes", "max_attempts",
@@ -77,6 +80,10 @@ def default_artifact_dir() -> str:
 
 def run(args) -> int:
     _check(args)
+    try:
+        otlp_endpoint, otlp_headers = tracing_options(args)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
     model_paths = parse_model_paths(args.model_path)
     from omnirt.gateway.auth import ApiKeys, AuthConfigError, load_api_keys
 
@@ -133,8 +140,13 @@ def run(args) -> int:
         redis_namespace=args.redis_namespace,
         gateway_id=args.gateway_id,
         lease_ttl_s=args.lease_ttl_s,
+        request_deadline_s=args.request_deadline_s,
+        access_log=args.access_log,
         fleet=fleet,
         fleet_stop_on_exit=args.fleet_stop_on_exit,
+        otlp_endpoint=otlp_endpoint,
+        otlp_headers=otlp_headers,
+        log_format=args.log_format,
     )
     code = gateway.run_forever()
     sys.stdout.flush()

@@ -9,11 +9,10 @@ from twisted.internet import reactor as global_reactor
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.task import deferLater
 from twisted.python import log
-from twisted.web.server import Site
 
 from omnirt.gateway.app import GatewayAPI
 from omnirt.gateway.auth import ApiKeys
-from omnirt.gateway.edge import limited_request_factory
+from omnirt.gateway.http import GatewaySite
 from omnirt.jobs.dispatcher import Dispatcher
 from omnirt.jobs.leases import GatewayLease
 from omnirt.jobs.service import JobService
@@ -21,7 +20,9 @@ from omnirt.store.artifacts import ArtifactStore, RedisArtifactStore
 from omnirt.store.base import StoreUnavailable
 from omnirt.store.instrumented import InstrumentedStore
 from omnirt.store.memory import MemoryJobStore
+from omnirt.telemetry.logging import install_logging
 from omnirt.telemetry.metrics import GatewayMetrics
+from omnirt.telemetry.tracing import SERVICE_GATEWAY, Tracing
 from omnirt.workers.pool import WorkerPool
 
 
@@ -41,8 +42,14 @@ class Gateway:
                  remote_specs, local_worker, max_queue, artifact_dir, model_paths, max_body_bytes, shutdown_grace_s,
                  job_retention_s, max_attempts, health_interval_s, health_failure_threshold, keepalive_s,
                  worker_idle_timeout_s=10.0, redis_url=None, redis_namespace="omnirt", gateway_id=None,
-                 lease_ttl_s=10.0, fleet=None, fleet_stop_on_exit=False, reactor=None):
+                 lease_ttl_s=10.0, request_deadline_s=30.0, access_log=False, fleet=None, fleet_stop_on_exit=False, otlp_endpoint=None, otlp_headers=None,
+                 log_format="text", reactor=None):
         self.reactor = reactor or global_reactor
+        #: OTLP/HTTP traces URL (None: spans are made for the trace view but not exported)
+        self.otlp_endpoint = otlp_endpoint
+        self.otlp_headers = dict(otlp_headers or {})
+        self.log_format = log_format
+        self.tracing = None
         self.host = host
         self.port = port
         self.backend = backend
@@ -67,6 +74,8 @@ class Gateway:
         self.redis_namespace = redis_namespace
         self.gateway_id = gateway_id or default_gateway_id(port)
         self.lease_ttl_s = lease_ttl_s
+        self.request_deadline_s = request_deadline_s
+        self.access_log = access_log
         self.lease = None
         self._cancel_watch = None
         self.exit_code = 0
@@ -85,7 +94,8 @@ class Gateway:
 
         engine = Engine(backend=self.backend, pipeline_cache_size=self.pipeline_cache_size,
                         model_paths=self.model_paths, worker_id="local", max_concurrency=self.max_concurrency)
-        conn = LocalWorkerConnection(engine, self.reactor, worker_id="local", capacity=self.max_concurrency)
+        conn = LocalWorkerConnection(engine, self.reactor, worker_id="local", capacity=self.max_concurrency,
+                                     tracing=self.tracing)
         conn.start()
         return conn
 
@@ -118,6 +128,9 @@ class Gateway:
     async def start(self) -> None:
         clock = self.reactor
         self.metrics = GatewayMetrics()
+        self.tracing = Tracing(SERVICE_GATEWAY, endpoint=self.otlp_endpoint, headers=self.otlp_headers,
+                               resource_attributes={"omnirt.gateway_id": self.gateway_id},
+                               failure_counter=self.metrics.trace_export_failures)
         if self.redis_url:
             from omnirt.store.redis import RedisJobStore
 
@@ -144,7 +157,7 @@ class Gateway:
         self.pool = WorkerPool(clock, self.connections, health_interval_s=self.health_interval_s,
                                failure_threshold=self.health_failure_threshold)
         self.dispatcher = Dispatcher(clock=clock, store=self.store, pool=self.pool, artifacts=self.artifacts,
-                                     metrics=self.metrics, max_attempts=self.max_attempts)
+                                     metrics=self.metrics, max_attempts=self.max_attempts, tracing=self.tracing)
         self.service = JobService(clock=clock, store=self.store, dispatcher=self.dispatcher,
                                   allowed_tiers=self.allowed_tiers, max_queue=self.max_queue,
                                   default_backend=self.backend)
@@ -161,9 +174,8 @@ class Gateway:
                               api_keys=self.api_keys, keepalive_s=self.keepalive_s,
                               readiness=self.gateway_fleet.readiness if self.gateway_fleet is not None else None)
         self.http_resource = self.api.resource()
-        site = Site(self.http_resource, requestFactory=limited_request_factory(self.max_body_bytes))
-        site.noisy = False
-        site.displayTracebacks = False
+        site = GatewaySite(self.http_resource, clock=self.reactor, max_body_bytes=self.max_body_bytes,
+                           request_deadline_s=self.request_deadline_s, access_log=self.access_log)
         try:
             self.listening_port = self.reactor.listenTCP(self.port, site, interface=self.host)
         except Exception as exc:  # noqa: BLE001 - CannotListenError and friends
@@ -198,6 +210,8 @@ class Gateway:
         if self.gateway_fleet is not None:
             await self.gateway_fleet.stop()  # leaves the fleet running unless --fleet-stop-on-exit
         await self.store.close()
+        if self.tracing is not None:  # flush the last spans off the reactor thread, bounded
+            await self.tracing.shutdown(self.reactor, max(0.5, min(5.0, self.shutdown_grace_s)))
 
     def _shutdown(self) -> Deferred:
         d = Deferred.fromCoroutine(self._shutdown_async())
@@ -223,7 +237,8 @@ class Gateway:
 
         if self.max_concurrency < 1:
             raise StartupError("--max-concurrency must be at least 1")
-        log.startLogging(sys.stderr, setStdout=False)
+        install_logging(self.log_format, stream=sys.stderr,
+                        trace_lookup=lambda job_id: self.tracing.trace_id_for(job_id) if self.tracing else None)
         # callLater(0): callWhenRunning fires before the asyncio loop runs (grpc.aio needs it running)
         self.reactor.callLater(0, begin)
         self.reactor.run()

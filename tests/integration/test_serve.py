@@ -316,3 +316,42 @@ def ws_session(port: int, path: str, *, script: list[bytes] = (), headers: dict 
     timer = reactor.callLater(timeout, lambda: done.called or done.errback(AssertionError("websocket timed out")))
     done.addBoth(lambda r: (timer.active() and timer.cancel(), r)[1])
     return done
+
+
+class SlowClientTests(ServerTestCase):
+    serve_args = ["--backend", "cpu-stub", "--request-deadline-s", "1"]
+
+    @inlineCallbacks
+    def test_slowloris_is_cut_off(self):
+        """A client trickling its headers is answered 408 and disconnected at the request deadline,
+        while a normal request and an SSE stream longer than the deadline are unaffected."""
+        sock = socket.create_connection(("127.0.0.1", self.port))
+        sock.settimeout(5)
+        started = time.monotonic()
+
+        def trickle():
+            reply = b""
+            try:
+                for ch in b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 40:
+                    sock.sendall(bytes([ch]))
+                    time.sleep(0.1)
+            except OSError:
+                pass
+            try:
+                while True:
+                    chunk = sock.recv(4096)
+                    if not chunk:
+                        break
+                    reply += chunk
+            except OSError:
+                pass
+            return reply
+
+        reply = yield deferToThread(trickle)
+        sock.close()
+        self.assertTrue(reply.startswith(b"HTTP/1.1 408"), reply[:80])
+        self.assertLess(time.monotonic() - started, 4.0)
+        code, job = yield self.jcall("POST", "/v1/jobs", stub_body(steps=30, delay_ms=50))
+        self.assertEqual(code, 202)
+        resp, content = yield self.call("GET", f"/v1/jobs/{job['id']}/events")
+        self.assertEqual(sse_frames(content)[-1]["event"], "job_finished")
