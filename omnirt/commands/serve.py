@@ -57,6 +57,10 @@ def register(sub) -> None:
                    help="a remote job with no event or heartbeat this long counts as a lost worker")
     p.add_argument("--request-deadline-s", type=float, default=30.0,
                    help="a client must deliver each request (headers and body) within this time (408)")
+    p.add_argument("--rate-limit", type=float, default=None, metavar="PER_S",
+                   help="job submissions per second per client (API key, or address without auth); beyond -> 429")
+    p.add_argument("--max-jobs-per-key", type=int, default=None, metavar="N",
+                   help="unfinished jobs per client (API key, or address without auth); beyond -> 429")
     p.add_argument("--access-log", action="store_true", help="log one line per HTTP request")
     p.add_argument("--keepalive-s", type=float, default=15.0, help="SSE/WebSocket keep-alive interval")
     p.set_defaults(func=run, needs_reactor=True)
@@ -69,6 +73,10 @@ def _check(args) -> None:
                  "health_failure_threshold"):
         if getattr(args, name) < 1:
             raise CliError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.rate_limit is not None and args.rate_limit <= 0:
+        raise CliError("--rate-limit must be positive")
+    if args.max_jobs_per_key is not None and args.max_jobs_per_key < 1:
+        raise CliError("--max-jobs-per-key must be at least 1")
     if not 0 <= args.port <= 65535:
         raise CliError(f"--port must be 0..65535 (got {args.port})")
 
@@ -142,6 +150,8 @@ def run(args) -> int:
         lease_ttl_s=args.lease_ttl_s,
         request_deadline_s=args.request_deadline_s,
         access_log=args.access_log,
+        rate_limit=args.rate_limit,
+        max_jobs_per_key=args.max_jobs_per_key,
         fleet=fleet,
         fleet_stop_on_exit=args.fleet_stop_on_exit,
         otlp_endpoint=otlp_endpoint,

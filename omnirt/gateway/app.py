@@ -16,6 +16,7 @@ from omnirt.gateway import sse
 from omnirt.gateway.auth import ApiKeys
 from omnirt.gateway.edge import parse_int_arg, parse_json_body
 from omnirt.gateway.errors import HTTPError, error_response
+from omnirt.jobs.limits import RateLimited, principal_of
 from omnirt.jobs.service import JobService
 from omnirt.registry import TIERS, list_models
 from omnirt.store.base import StoreUnavailable
@@ -23,6 +24,7 @@ from omnirt.telemetry.metrics import GatewayMetrics
 
 JSON = b"application/json"
 OPEN_PATHS = frozenset({b"/healthz", b"/readyz"})
+SUBMIT_ROUTES = frozenset({"/v1/generate", "/v1/jobs", "/v1/images/generations"})
 
 _ROUTE_LABELS = [
     (re.compile(r"^/v1/jobs/[^/]+/events$"), "/v1/jobs/{id}/events"),
@@ -68,6 +70,7 @@ class GatewayAPI:
         api_keys: ApiKeys | None = None,
         readiness=None,
         keepalive_s: float = 15.0,
+        rate_limiter=None,
     ):
         self.service = service
         self.metrics = metrics
@@ -76,6 +79,8 @@ class GatewayAPI:
         #: async () -> (ok, body) extra readiness facts (set by the composition root)
         self.readiness = readiness
         self.keepalive_s = keepalive_s
+        #: jobs.limits.RateLimiter for submissions per client, or None
+        self.rate_limiter = rate_limiter
 
     def resource(self) -> Resource:
         return GatewayResource(self)
@@ -170,9 +175,11 @@ class GatewayAPI:
     async def generate(self, request):
         generate, key = self._parse_submit(request)
         if generate.async_run:
-            record, created = await self.service.submit(generate, execution_mode="async", idempotency_key=key)
+            record, created = await self.service.submit(generate, execution_mode="async", idempotency_key=key,
+                                                        principal=getattr(request, "omnirt_principal", None))
             return write_json(request, 202 if created else 200, record.public())
-        record, _ = await self.service.submit(generate, execution_mode="sync", idempotency_key=key)
+        record, _ = await self.service.submit(generate, execution_mode="sync", idempotency_key=key,
+                                             principal=getattr(request, "omnirt_principal", None))
         final = await self._wait_or_cancel(record.id)
         return await self._sync_result(request, final)
 
@@ -203,7 +210,8 @@ class GatewayAPI:
     @app.route("/v1/jobs", methods=["POST"])
     async def submit_job(self, request):
         generate, key = self._parse_submit(request)
-        record, created = await self.service.submit(generate, execution_mode="async", idempotency_key=key)
+        record, created = await self.service.submit(generate, execution_mode="async", idempotency_key=key,
+                                                        principal=getattr(request, "omnirt_principal", None))
         return write_json(request, 202 if created else 200, record.public())
 
     @app.route("/v1/jobs", methods=["GET"])
@@ -312,8 +320,8 @@ class GatewayResource(Resource):
 
     def _render(self, request, label: str):
         keys = self.api.api_keys
+        presented = keys.from_headers(request.getHeader(b"authorization"), request.getHeader(b"x-api-key"))
         if keys.enabled and request.path not in OPEN_PATHS and label != "/v1/jobs/{id}/stream":
-            presented = keys.from_headers(request.getHeader(b"authorization"), request.getHeader(b"x-api-key"))
             if not keys.check(presented):
                 request.setHeader(b"WWW-Authenticate", b'Bearer realm="omnirt"')
                 if label == "/v1/images/generations":
@@ -321,5 +329,16 @@ class GatewayResource(Resource):
                         "message": "missing or invalid API key", "type": "invalid_request_error",
                         "code": "invalid_api_key"}})
                 return write_json(request, 401, {"detail": "missing or invalid API key"})
+        client = request.getClientAddress()
+        request.omnirt_principal = principal_of(presented if keys.enabled else None, getattr(client, "host", None))
+        limiter = self.api.rate_limiter
+        if limiter is not None and request.method == b"POST" and label in SUBMIT_ROUTES:
+            try:
+                limiter.take(request.omnirt_principal)
+            except RateLimited as exc:
+                status, body, headers = error_response(exc)
+                if label == "/v1/images/generations":
+                    body = {"error": {"message": exc.message, "type": "rate_limit_error", "code": "rate_limit_exceeded"}}
+                return write_json(request, status, body, headers)
         return self.inner.render(request)
 

@@ -75,7 +75,8 @@ async def images_generations(api, request):
             message = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in first)
             raise HTTPError(400, message) from None
         generate = to_generate_request(body)
-        record, _ = await api.service.submit(generate, execution_mode="sync")
+        record, _ = await api.service.submit(generate, execution_mode="sync",
+                                             principal=getattr(request, "omnirt_principal", None))
     except (HTTPError, ContractError, RequestInvalid) as exc:
         status, detail, headers = error_response(exc)
         message = detail["detail"]

@@ -15,6 +15,7 @@ from omnirt.gateway.auth import ApiKeys
 from omnirt.gateway.http import GatewaySite
 from omnirt.jobs.dispatcher import Dispatcher
 from omnirt.jobs.leases import GatewayLease
+from omnirt.jobs.limits import RateLimiter
 from omnirt.jobs.service import JobService
 from omnirt.store.artifacts import ArtifactStore, RedisArtifactStore
 from omnirt.store.base import StoreUnavailable
@@ -42,7 +43,8 @@ class Gateway:
                  remote_specs, local_worker, max_queue, artifact_dir, model_paths, max_body_bytes, shutdown_grace_s,
                  job_retention_s, max_attempts, health_interval_s, health_failure_threshold, keepalive_s,
                  worker_idle_timeout_s=10.0, redis_url=None, redis_namespace="omnirt", gateway_id=None,
-                 lease_ttl_s=10.0, request_deadline_s=30.0, access_log=False, fleet=None, fleet_stop_on_exit=False, otlp_endpoint=None, otlp_headers=None,
+                 lease_ttl_s=10.0, request_deadline_s=30.0, access_log=False, rate_limit=None,
+                 max_jobs_per_key=None, fleet=None, fleet_stop_on_exit=False, otlp_endpoint=None, otlp_headers=None,
                  log_format="text", reactor=None):
         self.reactor = reactor or global_reactor
         #: OTLP/HTTP traces URL (None: spans are made for the trace view but not exported)
@@ -75,6 +77,8 @@ class Gateway:
         self.gateway_id = gateway_id or default_gateway_id(port)
         self.lease_ttl_s = lease_ttl_s
         self.request_deadline_s = request_deadline_s
+        self.rate_limit = rate_limit
+        self.max_jobs_per_key = max_jobs_per_key
         self.access_log = access_log
         self.lease = None
         self._cancel_watch = None
@@ -160,7 +164,7 @@ class Gateway:
                                      metrics=self.metrics, max_attempts=self.max_attempts, tracing=self.tracing)
         self.service = JobService(clock=clock, store=self.store, dispatcher=self.dispatcher,
                                   allowed_tiers=self.allowed_tiers, max_queue=self.max_queue,
-                                  default_backend=self.backend)
+                                  default_backend=self.backend, max_jobs_per_principal=self.max_jobs_per_key)
         await self.pool.start()
         if self.gateway_fleet is not None:
             self.gateway_fleet.watch(self.pool)
@@ -172,6 +176,7 @@ class Gateway:
             self._cancel_watch = self.dispatcher.watch_remote_cancels()
         self.api = GatewayAPI(service=self.service, metrics=self.metrics, reactor=self.reactor,
                               api_keys=self.api_keys, keepalive_s=self.keepalive_s,
+                              rate_limiter=RateLimiter(clock, self.rate_limit) if self.rate_limit else None,
                               readiness=self.gateway_fleet.readiness if self.gateway_fleet is not None else None)
         self.http_resource = self.api.resource()
         site = GatewaySite(self.http_resource, clock=self.reactor, max_body_bytes=self.max_body_bytes,

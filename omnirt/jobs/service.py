@@ -29,6 +29,7 @@ from omnirt.contract import (
 )
 from omnirt.jobs.dispatcher import Dispatcher, QueuedJob
 from omnirt.jobs.errors import JobConflict, JobNotFoundError, NoWorkerForModel, QueueFull, ServiceUnavailable
+from omnirt.jobs.limits import TooManyJobs
 from omnirt.registry import DEFAULT_ALLOWED_TIERS, resolve_request
 from omnirt.store.base import JobStore, NewEvent, StoreUnavailable, Subscription
 
@@ -44,6 +45,7 @@ class JobService:
         max_queue: int = 1000,
         default_backend: str = "auto",
         retention_sweep_s: float = 60.0,
+        max_jobs_per_principal: int | None = None,
     ):
         self._clock = clock
         self.store = store
@@ -52,6 +54,9 @@ class JobService:
         self.max_queue = max_queue
         self.default_backend = default_backend
         self.accepting = True
+        #: at most this many unfinished jobs per client (API key or address); None = no cap
+        self.max_jobs_per_principal = max_jobs_per_principal
+        self._principal_jobs: dict[str, set[str]] = {}
         self._sweep = LoopingCall(self._expire)
         self._sweep.clock = clock
         self._retention_sweep_s = retention_sweep_s
@@ -89,6 +94,7 @@ class JobService:
         execution_mode: str = "async",
         idempotency_key: str | None = None,
         trace_context: Mapping[str, str] | None = None,
+        principal: str | None = None,
     ) -> tuple[JobRecord, bool]:
         """Accept a job; return (record, created). ``created`` is False for an idempotent replay.
 
@@ -119,6 +125,8 @@ class JobService:
                 if existing is not None:
                     return self._decorate(existing), False
 
+        if principal is not None and self.max_jobs_per_principal is not None:
+            await self._check_principal(principal)
         if self.dispatcher.depth() >= self.max_queue:
             retry = self.retry_after_s()
             raise QueueFull(f"queue is full ({self.dispatcher.depth()} jobs waiting); retry in {retry}s", retry)
@@ -145,8 +153,26 @@ class JobService:
         except BaseException as exc:
             trace.abandon(exc)
             raise
+        if principal is not None and self.max_jobs_per_principal is not None:
+            self._principal_jobs.setdefault(principal, set()).add(job_id)
         self.dispatcher.enqueue(QueuedJob(job_id, resolved.model, tuple(resolved.routing_tags)))
         return self._decorate(record), True
+
+    async def _check_principal(self, principal: str) -> None:
+        """429 when the client already has ``max_jobs_per_principal`` unfinished jobs."""
+        held = self._principal_jobs.get(principal)
+        if not held or len(held) < self.max_jobs_per_principal:
+            return
+        states = await self.store.states(held)
+        held = {job_id for job_id, state in states.items() if not state.terminal}
+        if held:
+            self._principal_jobs[principal] = held
+        else:
+            self._principal_jobs.pop(principal, None)
+        if len(held) >= self.max_jobs_per_principal:
+            retry = max(1, math.ceil(self.dispatcher.mean_service_s or 1.0))
+            raise TooManyJobs(f"this client already has {len(held)} unfinished jobs "
+                              f"(limit {self.max_jobs_per_principal}); retry in {retry}s", retry)
 
     async def _resolve_artifact_refs(self, request: GenerateRequest) -> GenerateRequest:
         """Replace an ``artifact:<sha256>`` / ``{"artifact": sha}`` input image with its bytes

@@ -14,6 +14,7 @@ from twisted.python.failure import Failure
 from omnirt.gateway.app import GatewayAPI
 from omnirt.gateway.auth import ApiKeys
 from omnirt.jobs.dispatcher import Dispatcher
+from omnirt.jobs.limits import RateLimiter
 from omnirt.jobs.service import JobService
 from omnirt.store.artifacts import ArtifactStore
 from omnirt.store.memory import MemoryJobStore
@@ -32,7 +33,7 @@ def body_for(prompt="a lighthouse", **config):
 
 class Harness:
     def __init__(self, testcase, workers=None, *, keys=(), max_queue=1000, max_attempts=3,
-                 allowed_tiers=("core", "adjacent")):
+                 allowed_tiers=("core", "adjacent"), rate_limit=None, max_jobs_per_key=None):
         self.clock = Clock()
         self.workers = workers if workers is not None else [ControlledWorker("w1")]
         self.metrics = GatewayMetrics()
@@ -42,9 +43,11 @@ class Harness:
         self.dispatcher = Dispatcher(clock=self.clock, store=self.store, pool=self.pool, artifacts=self.artifacts,
                                      metrics=self.metrics, max_attempts=max_attempts, cancel_timeout_s=30)
         self.service = JobService(clock=self.clock, store=self.store, dispatcher=self.dispatcher,
-                                  allowed_tiers=allowed_tiers, max_queue=max_queue)
+                                  allowed_tiers=allowed_tiers, max_queue=max_queue,
+                                  max_jobs_per_principal=max_jobs_per_key)
         self.api = GatewayAPI(service=self.service, metrics=self.metrics, reactor=self.clock,
-                              api_keys=ApiKeys(tuple(keys)))
+                              api_keys=ApiKeys(tuple(keys)),
+                              rate_limiter=RateLimiter(self.clock, rate_limit) if rate_limit else None)
         self.treq = StubTreq(self.api.resource())
         testcase.addCleanup(self.pool.stop)
 

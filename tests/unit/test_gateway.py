@@ -464,3 +464,46 @@ class RoutingTests(unittest.TestCase):
         yield h.pool.probe_all()
         rec = yield h.record(job["id"])
         self.assertEqual(rec.state, JobState.running)
+
+
+class ClientLimitTests(GatewayTestCase):
+    harness_kw = {"keys": ("k1", "k2"), "rate_limit": 2.0, "max_jobs_per_key": 3}
+
+    @inlineCallbacks
+    def test_rate_limit_per_key(self):
+        """Submissions beyond the rate get 429 + Retry-After for that key only; time refills it."""
+        k1 = {"Authorization": "Bearer k1"}
+        codes = []
+        for _ in range(3):
+            code, body, resp = yield self.h.json("POST", "/v1/jobs", body_for(), headers=k1)
+            codes.append(code)
+        self.assertEqual(codes, [202, 202, 429])
+        self.assertEqual(resp.headers.getRawHeaders("retry-after"), ["1"])
+        code, _, _ = yield self.h.json("POST", "/v1/jobs", body_for(), headers={"x-api-key": "k2"})
+        self.assertEqual(code, 202)
+        code, _, _ = yield self.h.json("GET", "/v1/jobs", headers=k1)
+        self.assertEqual(code, 200)  # reads are not rate limited
+        self.h.clock.advance(1.0)
+        code, _, _ = yield self.h.json("POST", "/v1/jobs", body_for(), headers=k1)
+        self.assertEqual(code, 202)
+
+    @inlineCallbacks
+    def test_max_unfinished_jobs_per_key(self):
+        """A key with max unfinished jobs gets 429 until one of them ends."""
+        k1 = {"Authorization": "Bearer k1"}
+        ids = []
+        for _ in range(3):
+            self.h.clock.advance(1.0)
+            code, job, _ = yield self.h.json("POST", "/v1/jobs", body_for(), headers=k1)
+            self.assertEqual(code, 202)
+            ids.append(job["id"])
+        self.h.clock.advance(1.0)
+        code, out, resp = yield self.h.json("POST", "/v1/jobs", body_for(), headers=k1)
+        self.assertEqual(code, 429)
+        self.assertIn("unfinished jobs", out["detail"])
+        self.assertTrue(resp.headers.getRawHeaders("retry-after"))
+        code, _, _ = yield self.h.json("DELETE", f"/v1/jobs/{ids[2]}", headers=k1)
+        self.assertEqual(code, 200)
+        self.h.clock.advance(1.0)
+        code, _, _ = yield self.h.json("POST", "/v1/jobs", body_for(), headers=k1)
+        self.assertEqual(code, 202)
