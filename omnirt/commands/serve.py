@@ -38,6 +38,11 @@ def register(sub) -> None:
     add_tracing_args(p)
     p.add_argument("--remote-worker", action="append", default=[], metavar="SPEC",
                    help="'worker_id=host:port@model1,model2#tag1,tag2' (repeatable)")
+    p.add_argument("--remote-worker-tls-ca", default=None, metavar="PEM",
+                   help="connect to remote workers over TLS, trusting this CA")
+    p.add_argument("--remote-worker-tls-cert", default=None, metavar="PEM",
+                   help="client certificate for workers that require mutual TLS")
+    p.add_argument("--remote-worker-tls-key", default=None, metavar="PEM", help="the client certificate's key")
     p.add_argument("--fleet", default=None, metavar="FILE",
                    help="fleet file (TOML): start or adopt its supervisord and serve its workers (see omnirt fleet)")
     p.add_argument("--fleet-stop-on-exit", action="store_true",
@@ -81,6 +86,17 @@ def _check(args) -> None:
         raise CliError(f"--port must be 0..65535 (got {args.port})")
 
 
+def plaintext_warnings(remote_specs, worker_tls) -> list[str]:
+    """One warning per non-loopback worker reached without TLS."""
+    from omnirt.workers.tls import is_loopback_host
+
+    if worker_tls is not None:
+        return []
+    return [f"warning: remote worker {spec.worker_id} at {spec.address} is reached over plaintext gRPC; "
+            "use --remote-worker-tls-ca (and a worker started with --grpc-tls-cert/--grpc-tls-key)"
+            for spec in remote_specs if not is_loopback_host(spec.host)]
+
+
 def default_artifact_dir() -> str:
     base = os.environ.get("XDG_DATA_HOME") or os.path.join(Path.home(), ".local", "share")
     return os.path.join(base, "omnirt", "artifacts")
@@ -121,6 +137,16 @@ def run(args) -> int:
         if clash:
             raise CliError(f"worker id(s) {', '.join(clash)} are both --remote-worker and fleet workers")
 
+    from omnirt.workers.tls import ClientTLS, TLSConfigError
+
+    try:
+        worker_tls = ClientTLS.from_files(args.remote_worker_tls_ca, args.remote_worker_tls_cert,
+                                          args.remote_worker_tls_key)
+    except TLSConfigError as exc:
+        raise CliError(str(exc)) from None
+    for warning in plaintext_warnings(remote_specs, worker_tls):
+        print(warning, file=sys.stderr, flush=True)
+
     from omnirt.gateway.server import Gateway
 
     gateway = Gateway(
@@ -149,6 +175,7 @@ def run(args) -> int:
         gateway_id=args.gateway_id,
         lease_ttl_s=args.lease_ttl_s,
         request_deadline_s=args.request_deadline_s,
+        worker_tls=worker_tls,
         access_log=args.access_log,
         rate_limit=args.rate_limit,
         max_jobs_per_key=args.max_jobs_per_key,

@@ -17,6 +17,8 @@ from pathlib import Path
 
 from omnirt.cli import CliError
 from omnirt.commands.common import add_model_path_arg, parse_model_paths
+from omnirt.telemetry.options import add_cli_args as add_tracing_args
+from omnirt.telemetry.options import cli_options as tracing_options
 
 DEFAULT_PORT = 50061
 
@@ -46,12 +48,16 @@ def register(sub) -> None:
     p.add_argument("--tags", default="", help="comma list of routing tags (e.g. gpu,a100)")
     add_model_path_arg(p)
     p.add_argument("--metrics-port", type=int, default=None, help="serve /metrics and /healthz over HTTP (0 = any)")
+    p.add_argument("--grpc-tls-cert", default=None, metavar="PEM", help="serve gRPC over TLS with this certificate")
+    p.add_argument("--grpc-tls-key", default=None, metavar="PEM", help="the certificate's private key")
+    p.add_argument("--grpc-tls-ca", default=None, metavar="PEM",
+                   help="require client certificates signed by this CA (mutual TLS)")
     p.add_argument("--drain-grace-s", type=float, default=30.0, help="on SIGTERM, seconds running jobs get to finish")
     p.add_argument("--heartbeat-s", type=float, default=1.0, help="heartbeat period of a silent Run stream (default 1)")
     p.add_argument("--redis-url", default=None,
                    help="also record jobs' events and outcomes in the gateways' Redis store (same URL as serve)")
     p.add_argument("--redis-namespace", default="omnirt", help="prefix of every Redis key (as on serve)")
-    p.add_argument("--otlp-endpoint", default=None, help="(not supported by this worker yet)")
+    add_tracing_args(p)
     p.set_defaults(func=run, needs_reactor=True)
 
 
@@ -60,9 +66,10 @@ def _check_args(args: argparse.Namespace) -> tuple[tuple[str, ...], tuple[str, .
     from omnirt.contract import UnknownModel
     from omnirt.registry import get_model
 
-    for flag in ("otlp_endpoint",):
-        if getattr(args, flag):
-            raise CliError(f"--{flag.replace('_', '-')} is not supported by this worker yet")
+    try:
+        args.otlp_endpoint, args.otlp_headers = tracing_options(args)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
     if not 0 <= args.port <= 65535:
         raise CliError(f"--port {args.port} is out of range 0..65535")
     if args.metrics_port is not None and not 0 <= args.metrics_port <= 65535:
@@ -105,7 +112,11 @@ def _grpc_address(host: str, port: int) -> str:
 
 def run(args: argparse.Namespace) -> int:
     models, tags, model_paths = _check_args(args)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from omnirt.telemetry.logging import install_logging
+
+    tracing_holder: list = []
+    install_logging(args.log_format, stream=sys.stderr,
+                    trace_lookup=lambda job_id: tracing_holder[0].trace_id_for(job_id) if tracing_holder else None)
 
     from twisted.internet import reactor
 
@@ -123,6 +134,7 @@ def run(args: argparse.Namespace) -> int:
         raise CliError(f"cannot start the engine: {exc}") from None
 
     app = _WorkerApp(args, engine, models, tags, reactor)
+    tracing_holder.append(app.tracing)
     reactor.callLater(0, app.begin)  # runs inside the asyncio loop (callWhenRunning runs before it)
     reactor.run(installSignalHandlers=False)
     if app.error:
@@ -134,6 +146,7 @@ class _WorkerApp:
     """Startup and the planned shutdown of one worker process, on the reactor's loop."""
 
     def __init__(self, args, engine, models, tags, reactor):
+        from omnirt.telemetry.tracing import SERVICE_WORKER, Tracing
         from omnirt.workers.server import WorkerCore, WorkerMetrics
 
         self.args = args
@@ -141,6 +154,9 @@ class _WorkerApp:
         self.reactor = reactor
         self.loop: asyncio.AbstractEventLoop | None = None
         self.metrics = WorkerMetrics()
+        self.tracing = Tracing(SERVICE_WORKER, endpoint=args.otlp_endpoint, headers=args.otlp_headers,
+                               resource_attributes={"omnirt.worker_id": args.worker_id},
+                               failure_counter=self.metrics.trace_export_failures)
         self.core = WorkerCore(
             engine,
             worker_id=args.worker_id,
@@ -150,6 +166,7 @@ class _WorkerApp:
             backend=args.backend,
             heartbeat_s=args.heartbeat_s,
             metrics=self.metrics,
+            tracing=self.tracing,
         )
         self.server = None
         self.metrics_port = None
@@ -170,8 +187,17 @@ class _WorkerApp:
         try:
             self.server = build_server(self.core)
             address = _grpc_address(args.host, args.port)
+            from omnirt.workers.tls import TLSConfigError, server_credentials
+
             try:
-                port = self.server.add_insecure_port(address)
+                credentials = server_credentials(args.grpc_tls_cert, args.grpc_tls_key, args.grpc_tls_ca)
+            except TLSConfigError as exc:
+                raise CliError(str(exc)) from None
+            try:
+                if credentials is None:
+                    port = self.server.add_insecure_port(address)
+                else:
+                    port = self.server.add_secure_port(address, credentials)
             except RuntimeError as exc:
                 raise CliError(f"cannot listen on {address}: {exc} (port in use?)") from None
             if not port:
@@ -266,6 +292,8 @@ class _WorkerApp:
                 from twisted.internet.defer import Deferred
 
                 await Deferred.fromCoroutine(self.core.recorder.stop()).asFuture(self.loop)
+            # the last spans go out off the loop, bounded: a dead collector does not hold the exit
+            await self.tracing.shutdown(self.reactor, 5.0).asFuture(self.loop)
         except Exception:
             logging.getLogger(__name__).exception("error while stopping the worker")
         finally:

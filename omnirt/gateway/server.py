@@ -43,7 +43,7 @@ class Gateway:
                  remote_specs, local_worker, max_queue, artifact_dir, model_paths, max_body_bytes, shutdown_grace_s,
                  job_retention_s, max_attempts, health_interval_s, health_failure_threshold, keepalive_s,
                  worker_idle_timeout_s=10.0, redis_url=None, redis_namespace="omnirt", gateway_id=None,
-                 lease_ttl_s=10.0, request_deadline_s=30.0, access_log=False, rate_limit=None,
+                 lease_ttl_s=10.0, request_deadline_s=30.0, worker_tls=None, access_log=False, rate_limit=None,
                  max_jobs_per_key=None, fleet=None, fleet_stop_on_exit=False, otlp_endpoint=None, otlp_headers=None,
                  log_format="text", reactor=None):
         self.reactor = reactor or global_reactor
@@ -77,6 +77,8 @@ class Gateway:
         self.gateway_id = gateway_id or default_gateway_id(port)
         self.lease_ttl_s = lease_ttl_s
         self.request_deadline_s = request_deadline_s
+        #: omnirt.workers.tls.ClientTLS for remote workers, or None (plaintext)
+        self.worker_tls = worker_tls
         self.rate_limit = rate_limit
         self.max_jobs_per_key = max_jobs_per_key
         self.access_log = access_log
@@ -110,12 +112,12 @@ class Gateway:
         for spec in self.remote_specs:
             address = spec.address
             try:
-                await Deferred.fromFuture(asyncio.ensure_future(probe(address, 5.0)))
+                await Deferred.fromFuture(asyncio.ensure_future(probe(address, 5.0, self.worker_tls)))
             except Exception as exc:  # noqa: BLE001 - any failure is "unreachable"
                 reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
                 raise StartupError(f"remote worker {spec.worker_id} at {address} is unreachable: {reason}") from None
             conns.append(GrpcWorkerConnection(spec.worker_id, address, models=spec.models, tags=spec.tags,
-                                              idle_timeout_s=self.worker_idle_timeout_s))
+                                              idle_timeout_s=self.worker_idle_timeout_s, tls=self.worker_tls))
         return conns
 
     async def _fleet_connections(self):

@@ -33,10 +33,12 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from omnirt.engine.base import JobCancelled, JobFailed, RunOutcome
+from omnirt.telemetry.tracing import spans_from_json
 from omnirt.workers import wire
 from omnirt.workers.base import WorkerBusy, WorkerHealth, WorkerJob, WorkerLost, WorkerUpdate
 from omnirt.workers.proto.omnirt.worker.v1 import worker_pb2 as pb
 from omnirt.workers.proto.omnirt.worker.v1 import worker_pb2_grpc as pb_grpc
+from omnirt.workers.tls import ClientTLS, secure_or_insecure_channel
 
 __all__ = ["CHANNEL_OPTIONS", "GrpcWorkerConnection", "probe"]
 
@@ -130,8 +132,11 @@ class GrpcWorkerConnection:
         health_timeout_s: float = 2.0,
         cancel_timeout_s: float = 5.0,
         sync_timeout_s: float | None = None,
+        tls: ClientTLS | None = None,
     ):
         self.worker_id = worker_id
+        #: None = plaintext
+        self.tls = tls
         self.address = address
         self.models = tuple(models)
         self.tags = tuple(tags)
@@ -158,7 +163,7 @@ class GrpcWorkerConnection:
         if self._closed:
             raise WorkerLost(f"the connection to worker {self.worker_id} is closed")
         if self._stub is None:
-            self._channel = grpc.aio.insecure_channel(self.address, options=list(CHANNEL_OPTIONS))
+            self._channel = secure_or_insecure_channel(self.address, self.tls, list(CHANNEL_OPTIONS))
             self._stub = pb_grpc.WorkerStub(self._channel)
         return self._stub
 
@@ -229,17 +234,10 @@ class GrpcWorkerConnection:
                         self._deliver(on_update, update)
                 elif kind == "result":
                     finished = True
-                    try:
-                        return wire.outcome_from_pb(message.result)
-                    except wire.WireError as exc:
-                        raise JobFailed(f"worker {self.worker_id} sent an unusable result: {exc}") from None
+                    return self._outcome(message.result)
                 elif kind == "end":
                     finished = True
-                    if message.end.status == pb.RUN_END_STATUS_CANCELLED:
-                        raise JobCancelled(message.end.message or "cancelled")
-                    if message.end.status == pb.RUN_END_STATUS_ABORTED:
-                        raise WorkerLost(message.end.message or f"worker {self.worker_id} stopped the job")
-                    raise JobFailed(message.end.message or "job failed on the worker")
+                    raise _with_spans(self._end_error(message.end), message.end.trace.json)
                 # heartbeat, or an update kind from a newer worker: the stream is alive
         except asyncio.CancelledError:
             if _cancelled_from_outside():
@@ -256,6 +254,22 @@ class GrpcWorkerConnection:
         finally:
             if not finished:
                 call.cancel()  # a no-op when the call already ended; else the worker cancels the job
+
+    def _outcome(self, message: pb.GenerateResult) -> RunOutcome:
+        """The result as a RunOutcome, with the worker's span summaries (RunReport.trace)."""
+        try:
+            outcome = wire.outcome_from_pb(message)
+        except wire.WireError as exc:
+            raise JobFailed(f"worker {self.worker_id} sent an unusable result: {exc}") from None
+        outcome.result.metadata.spans = spans_from_json(message.metadata.trace.json)
+        return outcome
+
+    def _end_error(self, end: pb.RunEnd) -> Exception:
+        if end.status == pb.RUN_END_STATUS_CANCELLED:
+            return JobCancelled(end.message or "cancelled")
+        if end.status == pb.RUN_END_STATUS_ABORTED:
+            return WorkerLost(end.message or f"worker {self.worker_id} stopped the job")
+        return JobFailed(end.message or "job failed on the worker")
 
     def _run_error(self, exc: grpc.aio.AioRpcError, job: WorkerJob) -> Exception:
         code = exc.code()
@@ -305,10 +319,7 @@ class GrpcWorkerConnection:
             self._sync_calls.pop(job.job_id, None)
             self._sync_cancelled.discard(job.job_id)
             call.cancel()
-        try:
-            return wire.outcome_from_pb(message)
-        except wire.WireError as exc:
-            raise JobFailed(f"worker {self.worker_id} sent an unusable result: {exc}") from None
+        return self._outcome(message)
 
     async def _cancel(self, job_id: str) -> bool:
         if not self.legacy:
@@ -336,9 +347,16 @@ class GrpcWorkerConnection:
         return health
 
 
-async def probe(address: str, timeout: float = 5.0) -> WorkerHealth:
+def _with_spans(exc: Exception, trace_json: str) -> Exception:
+    """A run that ended without a result still brings its span summaries (RunEnd.trace): they
+    ride on the exception (``trace_spans``) to the dispatcher."""
+    exc.trace_spans = spans_from_json(trace_json)  # type: ignore[attr-defined]
+    return exc
+
+
+async def probe(address: str, timeout: float = 5.0, tls: ClientTLS | None = None) -> WorkerHealth:
     """One Health call on a channel of its own (e.g. before the gateway listens); ``WorkerLost`` on failure."""
-    channel = grpc.aio.insecure_channel(address, options=list(CHANNEL_OPTIONS))
+    channel = secure_or_insecure_channel(address, tls, list(CHANNEL_OPTIONS))
     try:
         reply = await pb_grpc.WorkerStub(channel).Health(pb.HealthRequest(), timeout=timeout, wait_for_ready=True)
     except grpc.aio.AioRpcError as exc:
