@@ -8,6 +8,8 @@
     omnirt fleet logs    FILE ID [-n N] [-f]  the tail of a worker's log
     omnirt fleet down    FILE                 stop every worker (each drains) and supervisord
 
+`status` exits 0 when every worker is RUNNING and answers ready, 1 otherwise, 3 when supervisord
+is not running; validation problems exit 2 (one `error:` line each).
 These are blocking commands (``xmlrpc.client`` over supervisord's unix socket); the gateway talks
 to the same supervisord without blocking (``omnirt.fleet.AsyncSupervisorClient``).
 """
@@ -24,8 +26,12 @@ from omnirt.cli import CliError
 
 
 def register(sub) -> None:
+    import argparse
+
     p = sub.add_parser("fleet", help="local worker fleet under supervisord (render, up, down, status, ...)",
-                       description=__doc__.split("\n\n")[0])
+                       description="Render a fleet file (TOML) to a supervisord.conf and drive that supervisord.\n\n"
+                                   + __doc__.split("\n\n")[1],
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     fsub = p.add_subparsers(dest="fleet_command", metavar="ACTION")
     fsub.required = True
 
@@ -38,7 +44,8 @@ def register(sub) -> None:
         return a
 
     action("check", "validate a fleet file (every problem listed)", _check)
-    action("render", "write the supervisord.conf for a fleet file", _render, dir_flag=("-o", "--output-dir"))
+    action("render", "write the supervisord.conf for a fleet file (-o DIR: the state folder; give the other "
+                     "commands the same --dir)", _render, dir_flag=("-o", "--output-dir"))
     up = action("up", "render, start (or adopt) supervisord, wait until every worker is RUNNING", _up)
     up.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for RUNNING (default 120)")
     down = action("down", "stop every worker (each drains) and supervisord; no process is left", _down)
@@ -128,7 +135,7 @@ def _render(args) -> int:
 def _up(args) -> int:
     fleet = _load(args, strict=True)
     control = _control(fleet)
-    how = control.ensure_started()
+    how = control.ensure_started(start_stopped=True)
     print(f"supervisord {how}: {fleet.conf_path}", flush=True)
     control.wait_running(timeout=args.timeout)
     return _print_status(fleet, control, as_json=False)
