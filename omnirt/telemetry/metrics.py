@@ -53,6 +53,10 @@ class GatewayMetrics:
         )
         self.store_errors = Counter("omnirt_store_errors", "Job store calls that failed (unreachable)", ["op"],
                                     registry=r)
+        self.trace_export_failures = Counter(
+            "omnirt_trace_export_failures", "Span exports to the OTLP collector that failed (their spans dropped)",
+            registry=r,
+        )
         self.queue_depth.labels(priority="normal").set(0)
 
     def render(self) -> bytes:

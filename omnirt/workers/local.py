@@ -31,8 +31,11 @@ class LocalWorkerConnection:
         capacity: int = 1,
         models: tuple[str, ...] = (),
         tags: tuple[str, ...] = (),
+        tracing=None,
     ):
         self.engine = engine
+        #: the gateway's Tracing: runs get ``omnirt.worker.run`` + stage spans, as on a remote worker
+        self.tracing = tracing
         self._reactor = reactor
         self.worker_id = worker_id
         self.capacity = capacity
@@ -53,9 +56,31 @@ class LocalWorkerConnection:
         token = CancelToken()
         self._tokens[job.job_id] = token
         reactor = self._reactor
+        spans = None
+        if self.tracing is not None:
+            steps = job.request.config.get("num_inference_steps")
+            spans = self.tracing.run_spans(job.trace_context, job_id=job.job_id, worker_id=self.worker_id,
+                                           model=job.request.model, attempt=job.attempt,
+                                           steps=steps if isinstance(steps, int) else None)
 
         def emit(event: str, stage: str, data: dict) -> None:
+            if spans is not None:
+                spans.event(event, stage, data)
             reactor.callFromThread(on_update, WorkerUpdate(event, stage, data, int(time.time() * 1000)))
+
+        def traced() -> RunOutcome:
+            if spans is None:
+                return work()
+            try:
+                outcome = work()
+            except JobCancelled as exc:
+                exc.trace_spans = spans.finish("cancelled", str(exc))
+                raise
+            except BaseException as exc:
+                exc.trace_spans = spans.finish("failed", str(exc))
+                raise
+            outcome.result.metadata.spans = spans.finish("succeeded")
+            return outcome
 
         def work() -> RunOutcome:
             try:
@@ -77,7 +102,7 @@ class LocalWorkerConnection:
             )
 
         result: Deferred[RunOutcome] = Deferred(lambda _d: token.cancel("call cancelled"))
-        inner = deferToThreadPool(reactor, self._threads, work)
+        inner = deferToThreadPool(reactor, self._threads, traced)
 
         def done(outcome):
             self._tokens.pop(job.job_id, None)

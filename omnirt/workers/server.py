@@ -28,6 +28,7 @@ from omnirt.backends import BackendUnavailable
 from omnirt.contract import ContractError
 from omnirt.engine.base import CancelToken, EngineJob, JobCancelled, JobFailed
 from omnirt.registry import resolve_request
+from omnirt.telemetry.tracing import SERVICE_WORKER, RunSpans, Tracing, spans_json, trace_carrier
 from omnirt.workers import wire
 from omnirt.workers.base import WorkerHealth, WorkerJob
 from omnirt.workers.proto.omnirt.worker.v1 import worker_pb2 as pb
@@ -67,6 +68,10 @@ class WorkerMetrics:
         self.refused_total = Counter(
             "omnirt_worker_refused", "Jobs refused at admission", ["reason"], registry=r
         )
+        self.trace_export_failures = Counter(
+            "omnirt_trace_export_failures", "Span exports to the OTLP collector that failed (their spans dropped)",
+            registry=r,
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -92,6 +97,8 @@ class _Running:
     future: asyncio.Future | None = None
     #: the worker itself stopped the job (drain deadline, shutdown): the gateway may retry it
     aborted: bool = False
+    #: the run's spans (made on the job thread from its events, finished with the final update)
+    spans: RunSpans | None = None
 
 
 _FINAL = "final"
@@ -112,6 +119,7 @@ class WorkerCore:
         heartbeat_s: float = 1.0,
         metrics: WorkerMetrics | None = None,
         recorder=None,
+        tracing: Tracing | None = None,
     ):
         if capacity < 1:
             raise ValueError("capacity must be at least 1")
@@ -124,6 +132,8 @@ class WorkerCore:
         self.backend = ""  # resolved in ``startup``
         self.heartbeat_s = heartbeat_s
         self.metrics = metrics or WorkerMetrics()
+        #: spans of the runs (exported when an endpoint is set; their summaries go back with the result)
+        self.tracing = tracing or Tracing(SERVICE_WORKER, resource_attributes={"omnirt.worker_id": worker_id})
         #: writes jobs' events and outcomes to the shared store itself (``--redis-url``), or None
         self.recorder = recorder
         self.state = "starting"
@@ -274,6 +284,8 @@ class WorkerCore:
             state = "failed"
         else:
             final, state = fut.result()
+        if running.spans is not None:
+            _attach_spans(final, running.spans.finish(state, final.end.message if final.HasField("end") else None))
         self.metrics.jobs_total.labels(model=running.model, state=state).inc()
         if self.recorder is not None:
             outcome = wire.outcome_from_pb(final.result) if final.HasField("result") else None
@@ -287,8 +299,14 @@ class WorkerCore:
         model = running.model
         stage_hist = self.metrics.stage_duration
         recorder = self.recorder
+        steps = job.request.config.get("num_inference_steps")
+        running.spans = spans = self.tracing.run_spans(
+            job.trace_context, job_id=job.job_id, worker_id=self.worker_id, model=model, attempt=job.attempt,
+            steps=steps if isinstance(steps, int) else None,
+        )
 
         def emit(event: str, stage: str, data: dict[str, Any]) -> None:
+            spans.event(event, stage, data)
             update = wire.event_update(event, stage, data)
             if event == "stage_end" and isinstance(data.get("elapsed_ms"), (int, float)):
                 stage_hist.labels(stage=stage, model=model).observe(data["elapsed_ms"] / 1000.0)
@@ -402,6 +420,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
     async def Run(self, request: pb.RunRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.RunUpdate]:
         try:
             job = prepare(wire.job_from_pb(request))
+            job.trace_context = trace_carrier(context.invocation_metadata())
         except (wire.WireError, ContractError) as exc:
             # a job that can never run anywhere: a final failure update, not a transport error
             yield wire.end_update(pb.RUN_END_STATUS_FAILED, str(exc))
@@ -430,7 +449,8 @@ class WorkerServicer(pb_grpc.WorkerServicer):
     async def RunSync(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResult:
         try:
             generate = wire.request_from_pb(request)
-            job = prepare(WorkerJob(job_id=f"sync-{uuid.uuid4().hex}", request=generate, execution_mode="sync"))
+            job = prepare(WorkerJob(job_id=f"sync-{uuid.uuid4().hex}", request=generate, execution_mode="sync",
+                                    trace_context=trace_carrier(context.invocation_metadata())))
         except (wire.WireError, ContractError) as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
             raise AssertionError("unreachable") from None
@@ -463,6 +483,16 @@ class WorkerServicer(pb_grpc.WorkerServicer):
     async def Cancel(self, request: pb.CancelRequest, context: grpc.aio.ServicerContext) -> pb.CancelResponse:
         found, cancelled = self.core.cancel(request.job_id)
         return pb.CancelResponse(found=found, cancelled=cancelled)
+
+
+def _attach_spans(final: pb.RunUpdate, spans: list[dict[str, Any]]) -> None:
+    """The run's span summaries travel in the final update (RunReport.trace or RunEnd.trace)."""
+    if not spans:
+        return
+    if final.HasField("result"):
+        final.result.metadata.trace.json = spans_json(spans)
+    elif final.HasField("end"):
+        final.end.trace.json = spans_json(spans)
 
 
 def build_server(core: WorkerCore) -> grpc.aio.Server:

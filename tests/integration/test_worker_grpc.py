@@ -507,11 +507,14 @@ class CliTests(WorkerTestCase):
                                                      "Connection was refused by other side: 111: Connection refused."),
                         done.stderr)
 
-    def test_unsupported_flags_exit_2(self):
-        """--otlp-endpoint is refused with one line and status 2 while unsupported, never ignored."""
-        done = self.run_cli("--port", "0", "--otlp-endpoint", "http://127.0.0.1:4318/v1/traces")
+    def test_bad_tracing_flags_exit_2(self):
+        """A malformed --otlp-endpoint or --otlp-header is refused with one line and status 2."""
+        done = self.run_cli("--port", "0", "--otlp-endpoint", "127.0.0.1:4318")
         self.assertEqual(done.returncode, 2)
-        self.assertEqual(done.stderr.strip(), "error: --otlp-endpoint is not supported by this worker yet")
+        self.assertIn("error: --otlp-endpoint '127.0.0.1:4318' must be an http(s) URL", done.stderr.strip())
+        done = self.run_cli("--port", "0", "--otlp-endpoint", "http://127.0.0.1:4318/v1/traces", "--otlp-header", "x")
+        self.assertEqual(done.returncode, 2)
+        self.assertEqual(done.stderr.strip(), "error: --otlp-header 'x' must look like NAME=VALUE")
 
     def test_bad_model_path_and_models_exit_2(self):
         """A malformed or missing --model-path, or an unknown --models entry, is a one-line error, status 2."""

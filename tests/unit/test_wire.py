@@ -92,14 +92,14 @@ class FieldNumberTests(SynchronousTestCase):
                          ["event", "heartbeat", "result", "end", "events"])
         self.assertEqual(self.fields(pb.RunEvent), {"event": 1, "stage": 2, "data": 3, "timestamp_ms": 4})
         self.assertEqual(self.fields(pb.RunEvents), {"events": 1})
-        self.assertEqual(self.fields(pb.RunEnd), {"status": 1, "message": 2})
+        self.assertEqual(self.fields(pb.RunEnd), {"status": 1, "message": 2, "trace": 3})
         self.assertEqual((pb.RUN_END_STATUS_FAILED, pb.RUN_END_STATUS_CANCELLED, pb.RUN_END_STATUS_ABORTED), (1, 2, 3))
         self.assertEqual(self.fields(pb.CancelRequest), {"job_id": 1})
         self.assertEqual(self.fields(pb.CancelResponse), {"found": 1, "cancelled": 2})
         self.assertEqual(self.fields(pb.Artifact)["sha256"], 9)
         report = self.fields(pb.RunReport)
-        self.assertEqual([report[n] for n in ("trace_id", "worker_id", "enqueued_at_ms", "queue_wait_ms")],
-                         [16, 17, 18, 19])
+        self.assertEqual([report[n] for n in ("trace_id", "worker_id", "enqueued_at_ms", "queue_wait_ms", "trace")],
+                         [16, 17, 18, 19, 20])
 
     def test_types_of_frozen_fields(self):
         """Field types that old peers rely on: JsonMap maps, int32 sizes, bytes data, bool flags."""
