@@ -137,8 +137,23 @@ def _up(args) -> int:
     control = _control(fleet)
     how = control.ensure_started(start_stopped=True)
     print(f"supervisord {how}: {fleet.conf_path}", flush=True)
+    started = time.monotonic()
     control.wait_running(timeout=args.timeout)
+    _wait_ready(fleet, deadline=started + args.timeout)
     return _print_status(fleet, control, as_json=False)
+
+
+def _wait_ready(fleet, deadline: float) -> None:
+    """RUNNING in supervisor is not serving yet (imports, backend probe): wait, bounded, until
+    every worker's own health says ready."""
+    from omnirt.fleet import probe_health
+
+    pending = list(fleet.workers)
+    while pending and time.monotonic() < deadline:
+        pending = [w for w in pending
+                   if not ((h := probe_health(w.address, 1.0)[0]) is not None and h.ok and h.state == "ready")]
+        if pending:
+            time.sleep(0.2)
 
 
 @_guard
