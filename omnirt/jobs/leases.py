@@ -70,6 +70,7 @@ class GatewayLease:
             except StoreUnavailable as exc:
                 log.msg(f"adoption of job {job_id} postponed: {exc}")
                 return
+        await self._heal_own(live)
         for job_id, runner in list(self.watching.items()):
             if runner in live:
                 continue
@@ -79,6 +80,29 @@ class GatewayLease:
             except StoreUnavailable as exc:
                 self.watching[job_id] = runner
                 log.msg(f"check of job {job_id} postponed: {exc}")
+
+    async def _heal_own(self, live: set[str]) -> None:
+        """A queued job of this gateway that its dispatcher does not hold (the store took the
+        create but its reply was lost, e.g. a timeout): give it to the dispatcher, once it is a
+        few seconds old (a submit still waiting for its reply enqueues it itself)."""
+        try:
+            mine = await self.store.orphans(live - {self.gateway_id})
+        except StoreUnavailable:
+            return
+        now_ms = int(self._clock.seconds() * 1000)
+        for job_id, owner, state in mine:
+            if owner != self.gateway_id or state != JobState.queued or job_id in self.dispatcher.running \
+                    or self.dispatcher.queue_position(job_id) is not None:
+                continue
+            try:
+                record = await self.store.get(job_id)
+            except StoreUnavailable:
+                return
+            if record is None or record.state != JobState.queued or now_ms - record.enqueued_at_ms < 5000:
+                continue
+            log.msg(f"job {job_id} was in the store but not in this gateway's queue: queueing it")
+            self.dispatcher.enqueue(QueuedJob(job_id, record.request.model, tuple(record.request.routing_tags),
+                                              attempts=record.attempts))
 
     async def _take(self, job_id: str, owner: str, live: set[str]) -> None:
         record = await self.store.get(job_id)

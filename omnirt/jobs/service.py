@@ -16,6 +16,7 @@ from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.python import log
+from twisted.python.failure import Failure
 
 from omnirt.contract import (
     TERMINAL_EVENT,
@@ -146,6 +147,14 @@ class JobService:
             idempotency_key=idempotency_key,
         )
         position = self.dispatcher.depth() + 1
+        # Once the create is sent the job must reach the dispatcher even if the client goes away
+        # mid-call (the store may already hold it): that part is shielded from cancellation.
+        created = await shielded(Deferred.fromCoroutine(
+            self._create_and_enqueue(record, position, trace, principal)))
+        return self._decorate(created), True
+
+    async def _create_and_enqueue(self, record: JobRecord, position: int, trace, principal: str | None) -> JobRecord:
+        job_id = record.id
         try:
             record = await self.store.create(
                 record, NewEvent("job_enqueued", "job", {"job_id": job_id, "queue_position": position})
@@ -155,8 +164,9 @@ class JobService:
             raise
         if principal is not None and self.max_jobs_per_principal is not None:
             self._principal_jobs.setdefault(principal, set()).add(job_id)
-        self.dispatcher.enqueue(QueuedJob(job_id, resolved.model, tuple(resolved.routing_tags)))
-        return self._decorate(record), True
+        request = record.request
+        self.dispatcher.enqueue(QueuedJob(job_id, request.model, tuple(request.routing_tags)))
+        return record
 
     async def _check_principal(self, principal: str) -> None:
         """429 when the client already has ``max_jobs_per_principal`` unfinished jobs."""
@@ -323,6 +333,22 @@ class JobService:
                 pass
             if timer.active():
                 timer.cancel()
+
+
+def shielded(d: Deferred) -> Deferred:
+    """A Deferred with ``d``'s result whose cancellation leaves ``d`` running to the end."""
+    outer: Deferred = Deferred()
+
+    def relay(result):
+        if not outer.called:
+            if isinstance(result, Failure):
+                outer.errback(result)
+            else:
+                outer.callback(result)
+        return None  # a failure after the caller left is dropped (the work logged its own)
+
+    d.addBoth(relay)
+    return outer
 
 
 class _CountedSubscription(Subscription):

@@ -946,6 +946,8 @@ class RedisJobStore(JobStore):
         d.addTimeout(self.call_timeout_s, self._clock)
         try:
             return await d
+        except defer.CancelledError:
+            raise  # our caller was cancelled (e.g. its HTTP client went away): not a store failure
         except Exception as exc:
             # txredisapi fails its waiting replies in a loop when a reply times out: a caller
             # that retried synchronously from here would be failed inside that same loop
@@ -955,7 +957,7 @@ class RedisJobStore(JobStore):
                 if str(exc).startswith(_UNAVAILABLE_REPLIES):
                     raise self._unavailable(str(args[0]), exc) from None
                 raise
-            if isinstance(exc, defer.TimeoutError | defer.CancelledError | txredisapi.ConnectionError | ConnectionError):
+            if isinstance(exc, defer.TimeoutError | txredisapi.ConnectionError | ConnectionError):
                 raise self._unavailable(str(args[0]), exc) from None
             raise
 

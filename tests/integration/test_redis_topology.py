@@ -308,3 +308,35 @@ class WorkerRecordsTests(RedisTopology):
         retried = [e for e in rec["events"] if e["event"] == "job_retried"]
         self.assertEqual([e["data"]["reason"] for e in retried], ["gateway_lost"])
         self.assert_exactly_one_terminal(records)
+
+
+class ClientGoneTests(RedisTopology):
+    @inlineCallbacks
+    def test_clients_leaving_mid_submit_lose_no_job(self):
+        """Sync clients that close their connection mid-request leave no job stuck in queued, no
+        store error counted, no traceback in the log (a created job always reaches the dispatcher)."""
+        import socket as socketlib
+
+        _, wport = self.start_worker("w1", "--max-concurrency", "2")
+        proc, a = self.start_gateway([f"w1=127.0.0.1:{wport}"])
+        port = int(a.rsplit(":", 1)[1])
+        payload = json.dumps(body(steps=2)).encode()
+        request = (b"POST /v1/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                   + f"Content-Length: {len(payload)}\r\n\r\n".encode() + payload)
+        for _ in range(120):
+            sock = socketlib.create_connection(("127.0.0.1", port))
+            sock.sendall(request)
+            sock.close()
+        for _ in range(150):
+            code, queued = yield self.jcall(a, "GET", "/v1/jobs?state=queued&limit=1000")
+            code, running = yield self.jcall(a, "GET", "/v1/jobs?state=running&limit=1000")
+            if not queued["data"] and not running["data"]:
+                break
+            yield sleep(0.2)
+        self.assertEqual((queued["data"], running["data"]), ([], []))
+        code, metrics = yield self.jcall(a, "GET", "/metrics")
+        errors = [line for line in metrics.decode().splitlines()
+                  if line.startswith("omnirt_store_errors_total") and not line.endswith(" 0.0")]
+        self.assertEqual(errors, [])
+        self.assertNotIn("Unhandled Error", proc.log())
+        self.assertNotIn("Traceback", proc.log())
