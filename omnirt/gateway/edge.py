@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from typing import Any
+from urllib.parse import unquote_to_bytes
 
 from twisted.web.server import Request
 
@@ -27,6 +28,10 @@ def parse_json_body(content_type: bytes | None, body: bytes) -> Any:
         return json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise HTTPError(400, f"malformed JSON: {exc}") from None
+    except ValueError:  # an integer literal over Python's 4300-digit conversion limit
+        raise HTTPError(400, "malformed JSON: a number is too long") from None
+    except RecursionError:
+        raise HTTPError(400, "malformed JSON: nested too deeply") from None
 
 
 def parse_int_arg(raw: bytes | str | None, name: str, *, minimum: int = 0, maximum: int | None = None,
@@ -42,6 +47,34 @@ def parse_int_arg(raw: bytes | str | None, name: str, *, minimum: int = 0, maxim
         bound = f"between {minimum} and {maximum}" if maximum is not None else f"at least {minimum}"
         raise HTTPError(400, f"{name} must be {bound} (got {value})")
     return value
+
+
+def parse_idempotency_key(raw: bytes | None) -> str | None:
+    """The ``Idempotency-Key`` header as text: 1 to 255 UTF-8 characters, or HTTPError(400)."""
+    if raw is None:
+        return None
+    try:
+        key = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise HTTPError(400, "Idempotency-Key must be UTF-8 text") from None
+    if not 0 < len(key) <= 255:
+        raise HTTPError(400, "Idempotency-Key must be 1 to 255 characters")
+    return key
+
+
+def url_problem(path: bytes, hostname: bytes) -> str | None:
+    """Why the router could not read this URL, or None. Klein needs UTF-8 path segments (after
+    percent-decoding) and a host name that werkzeug can IDNA-encode (``request.getRequestHostname()``)."""
+    try:
+        for segment in path.split(b"?", 1)[0].split(b"/"):
+            unquote_to_bytes(segment).decode("utf-8")
+    except UnicodeDecodeError:
+        return "the URL path must be UTF-8 (percent-encoded UTF-8 octets)"
+    try:
+        hostname.decode("utf-8").lower().partition(":")[0].encode("idna")
+    except UnicodeError:
+        return "the Host header is not a valid host name"
+    return None
 
 
 def _payload_too_large(limit: int) -> bytes:
@@ -60,6 +93,12 @@ class LimitedRequest(Request):
     max_body_bytes = DEFAULT_MAX_BODY_BYTES
     _refused = False
     _received = 0
+
+    def __init__(self, channel, *args, **kw):
+        # every body here is JSON: never parse form uploads into request.args (Twisted would
+        # answer a malformed multipart body itself, with a bare 400, before our routes run)
+        kw["parsePOSTFormSubmission"] = False
+        super().__init__(channel, *args, **kw)
 
     def _refuse(self) -> None:
         self._refused = True
@@ -88,6 +127,24 @@ class LimitedRequest(Request):
         if self._refused:
             return
         super().requestReceived(command, path, version)
+
+    def render(self, resrc):
+        # the router logs a traceback and answers plain text for such URLs: refuse them here
+        problem = url_problem(self.path, self.getRequestHostname())
+        if problem is not None:
+            if self.path.rstrip(b"/") == b"/v1/images/generations":  # that route answers OpenAI's error shape
+                error = {"error": {"message": problem, "type": "invalid_request_error", "code": "invalid_request"}}
+            else:
+                error = {"detail": problem}
+            body = json.dumps(error).encode()
+            self.setResponseCode(400)
+            self.setHeader(b"Content-Type", b"application/json")
+            self.setHeader(b"Content-Length", str(len(body)).encode())
+            if self.method != b"HEAD":
+                self.write(body)
+            self.finish()
+            return
+        super().render(resrc)
 
 
 def limited_request_factory(max_body_bytes: int):

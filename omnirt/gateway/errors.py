@@ -5,6 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.python import log
+from werkzeug.exceptions import HTTPException as RoutingException
+from werkzeug.exceptions import MethodNotAllowed
+from werkzeug.routing import RequestRedirect
 
 from omnirt.contract import ContractError, IllegalTransition, RequestInvalid
 from omnirt.jobs.errors import QueueFull
@@ -36,5 +39,14 @@ def error_response(exc: BaseException) -> tuple[int, dict[str, Any], dict[str, s
         return 503, {"detail": f"job store unavailable: {exc}"}, {"Retry-After": "1"}
     if isinstance(exc, IllegalTransition):
         return 409, {"detail": str(exc)}, {}
+    if isinstance(exc, RoutingException) and exc.code is not None and exc.code < 500:
+        # Klein's URL map: no route (404), wrong method (405, with Allow), a redirect to the
+        # canonical URL (308, with Location), and the like
+        headers = {}
+        if isinstance(exc, MethodNotAllowed) and exc.valid_methods:
+            headers["Allow"] = ", ".join(sorted(exc.valid_methods))
+        if isinstance(exc, RequestRedirect):
+            headers["Location"] = exc.new_url
+        return exc.code, {"detail": exc.name.lower()}, headers
     log.err(exc, "unhandled error in request")
     return 500, {"detail": "internal error (logged on the server)"}, {}

@@ -8,7 +8,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from omnirt.contract import ContractError, GenerateRequest, JobState, RequestInvalid
+from omnirt.contract import ContractError, GenerateRequest, JobState, RequestInvalid, problems_from_pydantic
 from omnirt.gateway.edge import parse_json_body
 from omnirt.gateway.errors import HTTPError, error_response
 
@@ -60,7 +60,10 @@ def to_generate_request(body: OpenAIImagesRequest) -> GenerateRequest:
     inputs = {"prompt": body.prompt}
     if body.negative_prompt:
         inputs["negative_prompt"] = body.negative_prompt
-    return GenerateRequest(task="text2image", model=body.model, inputs=inputs, config=config)
+    try:
+        return GenerateRequest(task="text2image", model=body.model, inputs=inputs, config=config)
+    except ValidationError as exc:  # e.g. a lone surrogate in model, which the strict request refuses
+        raise RequestInvalid(problems_from_pydantic(exc)) from None
 
 
 async def images_generations(api, request):

@@ -28,6 +28,12 @@ def _now_ms() -> int:
 class JobStreamProtocol(WebSocketServerProtocol):
     api = None  # set by the factory
     job_id = ""
+    # defaults for a connection that closes before (or without) its handshake
+    _presented = None
+    _after = 0
+    _subscription = None
+    _keepalive = None
+    _closed = False
 
     def onConnect(self, request):
         headers = request.headers
@@ -38,7 +44,7 @@ class JobStreamProtocol(WebSocketServerProtocol):
             presented = request.params["api_key"][0].encode()
         self._presented = presented
         after = (request.params.get("after") or ["0"])[0]
-        self._after = int(after) if after.isdigit() else 0
+        self._after = int(after) if after.isascii() and after.isdigit() else 0
         self._subscription = None
         self._keepalive = None
         self._closed = False
@@ -72,7 +78,9 @@ class JobStreamProtocol(WebSocketServerProtocol):
         d.addCallbacks(subscribed, failed)
 
     def _send(self, body: dict) -> None:
-        if not self._closed:
+        # not only after onClose: once autobahn has failed or started closing the connection
+        # (a protocol error, a message over the limit), sendMessage raises Disconnected
+        if not self._closed and self.state == self.STATE_OPEN:
             self.sendMessage(json.dumps(body, separators=(",", ":")).encode())
 
     def _send_keepalive(self) -> None:
@@ -80,7 +88,7 @@ class JobStreamProtocol(WebSocketServerProtocol):
 
     def _on_event(self, event: JobEvent) -> None:
         self._send(event.model_dump(mode="json"))
-        if event.terminal and not self._closed:
+        if event.terminal and not self._closed and self.state == self.STATE_OPEN:
             self.sendClose(CLOSE_NORMAL, "job finished")
 
     def _error(self, message: str) -> None:
@@ -94,6 +102,12 @@ class JobStreamProtocol(WebSocketServerProtocol):
             message = json.loads(payload.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             self._error(f"invalid JSON: {exc}")
+            return
+        except ValueError:  # an integer literal over Python's 4300-digit conversion limit
+            self._error("invalid JSON: a number is too long")
+            return
+        except RecursionError:
+            self._error("invalid JSON: nested too deeply")
             return
         if not isinstance(message, dict):
             self._error("messages must be JSON objects like {\"action\": \"cancel\"}")
@@ -128,8 +142,26 @@ class JobStreamProtocol(WebSocketServerProtocol):
             self._keepalive.stop()
 
 
+class JobStreamResource(WebSocketResource):
+    """Hands WebSocket upgrades to autobahn; a plain HTTP request gets a JSON 426."""
+
+    def render(self, request):
+        upgrade = (request.getHeader(b"upgrade") or b"").strip().lower()
+        if upgrade != b"websocket":
+            request.setResponseCode(426)
+            request.setHeader(b"Upgrade", b"websocket")
+            request.setHeader(b"Content-Type", b"application/json")
+            if request.method == b"HEAD":
+                return b""
+            return json.dumps({"detail": "this route speaks WebSocket only: send an Upgrade: websocket request"}).encode()
+        return super().render(request)
+
+
 def job_stream_resource(api, job_id: str) -> WebSocketResource:
     factory = WebSocketServerFactory()
     factory.protocol = type("BoundJobStreamProtocol", (JobStreamProtocol,), {"api": api, "job_id": job_id})
-    factory.setProtocolOptions(maxMessagePayloadSize=MAX_MESSAGE_BYTES, maxFramePayloadSize=MAX_MESSAGE_BYTES)
-    return WebSocketResource(factory)
+    # failByDrop=False: a protocol error gets a close frame with its code (1002, 1007, 1009)
+    # rather than a silently dropped TCP connection
+    factory.setProtocolOptions(maxMessagePayloadSize=MAX_MESSAGE_BYTES, maxFramePayloadSize=MAX_MESSAGE_BYTES,
+                               failByDrop=False)
+    return JobStreamResource(factory)
