@@ -12,10 +12,14 @@ from twisted.web.server import Site
 from omnirt.gateway.edge import limited_request_factory
 
 
-def _timeout_response() -> bytes:
-    body = json.dumps({"detail": "request not received in time"}).encode()
-    return (b"HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json\r\nConnection: close\r\n"
+def _close_response(status: bytes, detail: str) -> bytes:
+    body = json.dumps({"detail": detail}).encode()
+    return (b"HTTP/1.1 " + status + b"\r\nContent-Type: application/json\r\nConnection: close\r\n"
             + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+
+
+def _timeout_response() -> bytes:
+    return _close_response(b"408 Request Timeout", "request not received in time")
 
 
 class DeadlineHTTPChannel(HTTPChannel):
@@ -67,6 +71,12 @@ class DeadlineHTTPChannel(HTTPChannel):
         super().requestDone(request)
         if self.transport is not None and not getattr(self.transport, "disconnecting", False) and not self._receiving:
             self._arm(self.idle_s, answer=False)
+
+    def lineLengthExceeded(self, line):
+        # the request line or a header over 16 KiB: say so instead of just hanging up
+        if self.transport is not None:
+            self.transport.write(_close_response(b"414 URI Too Long", "request line or header too long (16 KiB max)"))
+            self.transport.loseConnection()
 
     def connectionLost(self, reason):
         self._disarm()

@@ -175,6 +175,21 @@ class StubServerTests(ServerTestCase):
         self.assertEqual(names[-1], "job_cancelled")
 
     @inlineCallbacks
+    def test_overlong_request_line_414(self):
+        """A request line over 16 KiB gets a JSON 414, not a silent hang-up."""
+        def ask():
+            import http.client
+
+            conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+            conn.request("GET", "/v1/jobs?limit=" + "1" * 20000)
+            reply = conn.getresponse()
+            return reply.status, json.loads(reply.read())
+
+        status, body = yield deferToThread(ask)
+        self.assertEqual(status, 414)
+        self.assertIn("too long", body["detail"])
+
+    @inlineCallbacks
     def test_websocket_unknown_job_4404(self):
         """WS on an unknown job closes with 4404."""
         messages, closed = yield ws_session(self.port, "/v1/jobs/nope/stream")
