@@ -17,6 +17,7 @@ from twisted.trial import unittest
 from twisted.web.client import HTTPConnectionPool
 
 from tests.integration.test_serve import sse_frames, ws_session
+from tests.support.http import json_call
 from tests.support.procs import Proc, free_port, omnirt_argv, start_omnirt
 from tests.support.redis import start_redis
 
@@ -57,19 +58,8 @@ class RedisTopology(unittest.TestCase):
         proc = start_omnirt(self, [*args, *extra], port, name=name)
         return proc, f"http://127.0.0.1:{port}"
 
-    @inlineCallbacks
     def jcall(self, base, method, path, payload=None, headers=None):
-        hdrs = {"Content-Type": ["application/json"]}
-        for k, v in (headers or {}).items():
-            hdrs[k] = [v]
-        data = json.dumps(payload).encode() if payload is not None else None
-        resp = yield treq.request(method, base + path, data=data, headers=hdrs, pool=self.pool)
-        content = yield treq.content(resp)
-        try:
-            parsed = json.loads(content) if content else None
-        except ValueError:
-            parsed = content
-        return resp.code, parsed
+        return json_call(self.pool, base, method, path, payload, headers)
 
     @inlineCallbacks
     def wait_terminal(self, base, job_ids, timeout=120.0):

@@ -19,6 +19,7 @@ from twisted.internet.task import deferLater
 from twisted.trial import unittest
 from twisted.web.client import HTTPConnectionPool
 
+from tests.support.http import json_call
 from tests.support.otlp import OtlpReceiver
 from tests.support.procs import free_port, start_omnirt
 from tests.support.redis import start_redis
@@ -80,19 +81,8 @@ class TracingTopology(unittest.TestCase):
         proc = start_omnirt(self, args, port, name=name, env=env)
         return proc, f"http://127.0.0.1:{port}"
 
-    @inlineCallbacks
     def jcall(self, base, method, path, payload=None, headers=None):
-        hdrs = {"Content-Type": ["application/json"]}
-        for k, v in (headers or {}).items():
-            hdrs[k] = [v]
-        data = json.dumps(payload).encode() if payload is not None else None
-        resp = yield treq.request(method, base + path, data=data, headers=hdrs, pool=self.pool)
-        content = yield treq.content(resp)
-        try:
-            parsed = json.loads(content) if content else None
-        except ValueError:
-            parsed = content
-        return resp.code, parsed
+        return json_call(self.pool, base, method, path, payload, headers)
 
     @inlineCallbacks
     def wait_terminal(self, base, job_id, timeout=60.0):
