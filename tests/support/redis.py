@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import datetime
+import json
+import os
 import shutil
 import signal
-import socket
-import ssl
+import subprocess
 import time
 from pathlib import Path
 from urllib.parse import quote
@@ -16,44 +17,41 @@ from tests.support.procs import Proc, free_port
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 
 
+REDIS_CLI = shutil.which("redis-cli") or "/usr/bin/redis-cli"
+
+
 class RedisReplyError(Exception):
     """An error reply (``-ERR ...``) from the server."""
 
 
-def _read_reply(f):
-    line = f.readline()
-    if not line:
-        raise ConnectionError("redis closed the connection")
-    kind, rest = line[:1], line[1:-2]
-    if kind == b"+":
-        return rest.decode()
-    if kind == b"-":
-        raise RedisReplyError(rest.decode())
-    if kind == b":":
-        return int(rest)
-    if kind == b"$":
-        n = int(rest)
-        if n < 0:
-            return None
-        data = f.read(n + 2)[:-2]
-        try:
-            return data.decode()
-        except UnicodeDecodeError:
-            return data
-    if kind == b"*":
-        n = int(rest)
-        if n < 0:
-            return None
-        return [_read_reply(f) for _ in range(n)]
-    raise ConnectionError(f"unexpected redis reply {line[:40]!r}")
-
-
-def _encode(*args) -> bytes:
-    out = [b"*%d\r\n" % len(args)]
-    for a in args:
-        b = a if isinstance(a, bytes) else str(a).encode()
-        out.append(b"$%d\r\n%s\r\n" % (len(b), b))
-    return b"".join(out)
+def redis_cli(port: int, *args, password: str | None = None, cacert: Path | None = None,
+              timeout: float = 5.0, host: str = "127.0.0.1", user: str | None = None):
+    """Run one command through ``redis-cli`` (RESP2, JSON output) on ``host``:``port`` and return
+    the reply as Python (str, int, None, lists); an error reply raises RedisReplyError, a server
+    that does not answer raises ConnectionError. Bounded by ``timeout``."""
+    argv = [REDIS_CLI, "-h", host, "-p", str(port), "-2", "--json"]
+    if cacert is not None:
+        argv += ["--tls", "--cacert", str(cacert)]
+    if user is not None:
+        argv += ["--user", user]
+    env = dict(os.environ)
+    env.pop("REDISCLI_AUTH", None)
+    if password is not None:
+        env["REDISCLI_AUTH"] = password  # not on the command line
+    try:
+        done = subprocess.run([*argv, *map(str, args)], capture_output=True, text=True, timeout=timeout,
+                              env=env, check=False)
+    except subprocess.TimeoutExpired:
+        raise ConnectionError(f"redis on {port}: no reply in {timeout}s") from None
+    out = done.stdout.rstrip("\n")
+    if done.returncode != 0 or out.startswith("Could not connect"):
+        raise ConnectionError(f"redis on {port}: {(done.stderr or out).strip()[:200]}")
+    if out.startswith("error:"):
+        raise RedisReplyError(json.loads(out[len("error:"):]))
+    try:
+        return json.loads(out)
+    except ValueError:
+        return out  # INFO / CLIENT LIST print their text as it is
 
 
 class RedisServer:
@@ -121,22 +119,10 @@ class RedisServer:
         host = "localhost" if self.tls else "127.0.0.1"
         return f"{scheme}://{auth}{host}:{self.port}{path}{query}"
 
-    def _connect(self, timeout: float) -> socket.socket:
-        sock = socket.create_connection(("127.0.0.1", self.port), timeout=timeout)
-        if self.tls:
-            ctx = ssl.create_default_context(cafile=str(self.cert))
-            sock = ctx.wrap_socket(sock, server_hostname="localhost")
-        return sock
-
     def command(self, *args, timeout: float = 5.0):
-        """Run one command synchronously on a fresh connection (bounded by ``timeout``)."""
-        with self._connect(timeout) as sock:
-            f = sock.makefile("rb")
-            if self.password is not None:
-                sock.sendall(_encode("AUTH", self.password))
-                _read_reply(f)
-            sock.sendall(_encode(*args))
-            return _read_reply(f)
+        """Run one command synchronously through ``redis-cli`` (bounded by ``timeout``)."""
+        return redis_cli(self.port, *args, password=self.password, cacert=self.cert if self.tls else None,
+                         timeout=timeout)
 
     def pingable(self) -> bool:
         try:

@@ -1,0 +1,21 @@
+--! include _retain.lua
+--! include _append.lua
+-- KEYS: hash, stream. ARGV: P, id, state, model, idem, owner, terminal, retention_ms, event, f1, v1, ...
+local P, id, state, model, idem = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('DEL', KEYS[2])
+local order = redis.call('INCR', P .. 'order')
+local fv = {'state', state, '_model', model, '_idem', idem, '_owner', ARGV[6], '_order', order, '_seq', 0}
+for i = 10, #ARGV do fv[#fv + 1] = ARGV[i] end
+redis.call('HSET', KEYS[1], unpack(fv))
+redis.call('ZADD', P .. 'jobs', order, id)
+redis.call('ZADD', P .. 'state:' .. state, order, id)
+redis.call('ZADD', P .. 'model:' .. model, order, id)
+if idem ~= '' then
+  local ik = P .. 'idem:' .. idem
+  local v = redis.call('GET', ik)
+  if v and cjson.decode(v)[1] == id then redis.call('PERSIST', ik) end
+end
+append(KEYS[1], KEYS[2], ARGV[9])
+if ARGV[7] == '1' then retain(P, id, KEYS[1], KEYS[2], tonumber(ARGV[8])) end
+return order
