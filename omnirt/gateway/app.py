@@ -16,6 +16,7 @@ from omnirt.gateway import sse
 from omnirt.gateway.auth import ApiKeys
 from omnirt.gateway.edge import parse_int_arg, parse_json_body
 from omnirt.gateway.errors import HTTPError, error_response
+from omnirt.gateway.trace_view import trace_view
 from omnirt.jobs.limits import RateLimited, principal_of
 from omnirt.jobs.service import JobService
 from omnirt.registry import TIERS, list_models
@@ -247,7 +248,7 @@ class GatewayAPI:
     @app.route("/v1/jobs/<job_id>/trace", methods=["GET"])
     async def job_trace(self, request, job_id):
         record = await self.service.get(job_id)
-        return write_json(request, 200, self.service.dispatcher.tracing.view(record))
+        return write_json(request, 200, trace_view(self.service.dispatcher.tracing, record))
 
     @app.route("/v1/jobs/<job_id>/stream", methods=["GET"])
     def job_stream(self, request, job_id):
