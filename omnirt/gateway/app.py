@@ -14,7 +14,7 @@ from twisted.web.resource import Resource
 from omnirt.contract import JobRecord, JobState, parse_generate_request
 from omnirt.gateway import sse
 from omnirt.gateway.auth import ApiKeys
-from omnirt.gateway.edge import parse_int_arg, parse_json_body
+from omnirt.gateway.edge import parse_idempotency_key, parse_int_arg, parse_json_body, scoped_idempotency_key
 from omnirt.gateway.errors import HTTPError, error_response
 from omnirt.jobs.limits import RateLimited, principal_of
 from omnirt.jobs.service import JobService
@@ -166,10 +166,8 @@ class GatewayAPI:
     def _parse_submit(self, request):
         payload = parse_json_body(request.getHeader(b"content-type"), request.content.read())
         generate = parse_generate_request(payload)
-        key = request.getHeader(b"idempotency-key")
-        if key is not None and not (0 < len(key) <= 255):
-            raise HTTPError(400, "Idempotency-Key must be 1 to 255 characters")
-        return generate, key
+        key = parse_idempotency_key(request.getHeader(b"idempotency-key"))
+        return generate, scoped_idempotency_key(getattr(request, "omnirt_principal", None), key)
 
     @app.route("/v1/generate", methods=["POST"])
     async def generate(self, request):

@@ -62,6 +62,15 @@ def parse_idempotency_key(raw: bytes | None) -> str | None:
     return key
 
 
+def scoped_idempotency_key(principal: str | None, key: str | None) -> str | None:
+    """The key the job service and the store see: the client's key within the client's own
+    namespace (``principal`` is its API key's hash, or its address without auth), so one client
+    reusing another's key never reaches the other's job."""
+    if key is None:
+        return None
+    return f"{principal or 'anonymous'}/{key}"
+
+
 def url_problem(path: bytes, hostname: bytes) -> str | None:
     """Why the router could not read this URL, or None. Klein needs UTF-8 path segments (after
     percent-decoding) and a host name that werkzeug can IDNA-encode (``request.getRequestHostname()``)."""

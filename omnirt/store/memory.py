@@ -41,6 +41,8 @@ class _MemorySubscription(Subscription):
 
 class MemoryJobStore(JobStore):
     backend_name = "memory"
+    #: a claimed idempotency key whose job does not exist yet is kept this long (as in Redis)
+    idem_pending_grace_s = 30.0
 
     def __init__(self, clock: IReactorTime, *, retention_s: float = 86400.0, max_terminal_jobs: int = 100_000):
         self._clock = clock
@@ -50,6 +52,10 @@ class MemoryJobStore(JobStore):
         #: terminal job id -> time it became terminal, oldest first
         self._terminal: OrderedDict[str, float] = OrderedDict()
         self._idempotency: dict[str, tuple[str, str]] = {}
+        #: claims whose job may not exist yet: key -> (job id, time claimed), oldest first; a
+        #: claim whose job was never created (the submit was refused after claiming) is dropped
+        #: by ``expire`` after ``idem_pending_grace_s``
+        self._pending_claims: OrderedDict[str, tuple[str, float]] = OrderedDict()
 
     def _now_ms(self) -> int:
         return int(self._clock.seconds() * 1000)
@@ -163,7 +169,24 @@ class MemoryJobStore(JobStore):
         if held is not None and held[0] in self._jobs:
             return held
         self._idempotency[key] = (job_id, fingerprint)
+        self._pending_claims.pop(key, None)
+        self._pending_claims[key] = (job_id, self._clock.seconds())
         return None
+
+    @property
+    def claim_count(self) -> int:
+        """Idempotency keys held (bounded by the retained jobs plus recent pending claims)."""
+        return len(self._idempotency)
+
+    def _expire_pending_claims(self) -> None:
+        cutoff = self._clock.seconds() - self.idem_pending_grace_s
+        while self._pending_claims:
+            key, (job_id, claimed) = next(iter(self._pending_claims.items()))
+            if claimed > cutoff:
+                break
+            del self._pending_claims[key]
+            if job_id not in self._jobs and self._idempotency.get(key, ("",))[0] == job_id:
+                del self._idempotency[key]  # the job was never created: nothing will drop it
 
     def _drop(self, job_id: str) -> None:
         job = self._jobs.pop(job_id, None)
@@ -175,6 +198,7 @@ class MemoryJobStore(JobStore):
         key = job.record.idempotency_key
         if key is not None and self._idempotency.get(key, ("",))[0] == job_id:
             del self._idempotency[key]
+            self._pending_claims.pop(key, None)
 
     def _enforce_bound(self) -> None:
         while len(self._terminal) > self.max_terminal_jobs:
@@ -182,6 +206,7 @@ class MemoryJobStore(JobStore):
             self._drop(oldest)
 
     async def expire(self) -> int:
+        self._expire_pending_claims()
         cutoff = self._clock.seconds() - self.retention_s
         dropped = 0
         while self._terminal:

@@ -1,0 +1,121 @@
+"""Claims the HTTP edge and the memory store make, through the real HTTP stack in memory:
+Idempotency-Key parsing and scoping, model status, artifact expiry, result URLs."""
+
+from __future__ import annotations
+
+from twisted.internet import reactor
+from twisted.internet.defer import ensureDeferred, inlineCallbacks
+from twisted.internet.task import deferLater
+from twisted.trial import unittest
+
+from omnirt.contract import JobState
+from tests.unit.gateway_harness import Harness, body_for
+
+
+@inlineCallbacks
+def wait_for(predicate, timeout=5.0):
+    """Poll (bounded) until predicate() is true; for work that hops through real threads."""
+    waited = 0.0
+    while True:
+        value = yield predicate()
+        if value:
+            return value
+        if waited > timeout:
+            raise AssertionError("condition not reached in time")
+        yield deferLater(reactor, 0.01, lambda: None)
+        waited += 0.01
+
+
+class EdgeTestCase(unittest.TestCase):
+    harness_kw: dict = {}
+
+    @inlineCallbacks
+    def setUp(self):
+        self.h = Harness(self, **self.harness_kw)
+        yield self.h.start()
+
+    @inlineCallbacks
+    def finish_running(self, job_id):
+        """Let the fake worker succeed the job and wait until the store says so."""
+        worker = self.h.worker()
+        yield wait_for(lambda: ensureDeferred(_true(any(c.job.job_id == job_id for c in worker.calls))))
+        call = worker.call_for(job_id)
+        call.start()
+        call.succeed()
+
+        def done():
+            d = self.h.record(job_id)
+            d.addCallback(lambda r: r.state == JobState.succeeded)
+            return d
+
+        yield wait_for(done)
+
+
+async def _true(value):
+    return value
+
+
+class IdempotencyKeyTests(EdgeTestCase):
+    @inlineCallbacks
+    def test_non_utf8_key_is_400(self):
+        """An Idempotency-Key that is not UTF-8 gets a JSON 400 naming the header; no job is created."""
+        code, body, _ = yield self.h.json("POST", "/v1/jobs", body_for(), headers={"Idempotency-Key": b"\xff\xfek1"})
+        self.assertEqual(code, 400)
+        self.assertIn("Idempotency-Key", body["detail"])
+        self.assertEqual((yield ensureDeferred(self.h.store.list())), [])
+
+    @inlineCallbacks
+    def test_length_is_counted_in_characters(self):
+        """The limit is 255 characters (as /openapi.json says), not bytes: 200 two-byte characters
+        pass, 256 ASCII characters are a 400."""
+        code, body, _ = yield self.h.json("POST", "/v1/jobs", body_for(),
+                                          headers={"Idempotency-Key": ("é" * 200).encode()})
+        self.assertEqual(code, 202, body)
+        code, body, _ = yield self.h.json("POST", "/v1/jobs", body_for(), headers={"Idempotency-Key": "k" * 256})
+        self.assertEqual(code, 400)
+        self.assertIn("255 characters", body["detail"])
+        self.assertEqual(len((yield ensureDeferred(self.h.store.list()))), 1)
+
+    @inlineCallbacks
+    def test_claim_is_dropped_with_its_job(self):
+        """The memory store drops an idempotency claim when the job that holds it expires
+        (the claim and the record name the key the same way): claims do not pile up."""
+        code, job, _ = yield self.h.json("POST", "/v1/jobs", body_for(), headers={"Idempotency-Key": "k1"})
+        self.assertEqual(code, 202)
+        self.assertEqual(self.h.store.claim_count, 1)
+        yield self.finish_running(job["id"])
+        self.h.clock.advance(self.h.store.retention_s + 1)
+        dropped = yield ensureDeferred(self.h.store.expire())
+        self.assertEqual(dropped, 1)
+        self.assertEqual(self.h.store.claim_count, 0)
+
+    @inlineCallbacks
+    def test_claim_of_a_refused_submit_is_dropped(self):
+        """A submit refused after its key was claimed (queue full: 429) leaves no claim behind
+        once the pending grace has passed."""
+        self.h.service.max_queue = 0
+        code, _, _ = yield self.h.json("POST", "/v1/jobs", body_for(), headers={"Idempotency-Key": "k2"})
+        self.assertEqual(code, 429)
+        self.h.clock.advance(self.h.store.idem_pending_grace_s + 1)
+        yield ensureDeferred(self.h.store.expire())
+        self.assertEqual(self.h.store.claim_count, 0)
+
+
+class ScopedIdempotencyTests(EdgeTestCase):
+    harness_kw = {"keys": ("key-a", "key-b")}
+
+    @inlineCallbacks
+    def test_keys_are_scoped_to_the_client(self):
+        """Client B reusing client A's Idempotency-Key gets its own job, never A's; A's replay
+        still returns A's job."""
+        a = {"Authorization": "Bearer key-a", "Idempotency-Key": "shared"}
+        b = {"Authorization": "Bearer key-b", "Idempotency-Key": "shared"}
+        code_a, job_a, _ = yield self.h.json("POST", "/v1/jobs", body_for(), headers=a)
+        code_b, job_b, _ = yield self.h.json("POST", "/v1/jobs", body_for(), headers=b)
+        self.assertEqual((code_a, code_b), (202, 202))
+        self.assertNotEqual(job_a["id"], job_b["id"])
+        code_b2, replay_b, _ = yield self.h.json("POST", "/v1/jobs", body_for(prompt="other"), headers=b)
+        self.assertEqual(code_b2, 409)  # B's own key, other body
+        code_a2, replay_a, _ = yield self.h.json("POST", "/v1/jobs", body_for(), headers=a)
+        self.assertEqual((code_a2, replay_a["id"]), (200, job_a["id"]))
+
