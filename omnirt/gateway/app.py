@@ -71,6 +71,7 @@ class GatewayAPI:
         readiness=None,
         keepalive_s: float = 15.0,
         rate_limiter=None,
+        public_url: str | None = None,
     ):
         self.service = service
         self.metrics = metrics
@@ -81,6 +82,8 @@ class GatewayAPI:
         self.keepalive_s = keepalive_s
         #: jobs.limits.RateLimiter for submissions per client, or None
         self.rate_limiter = rate_limiter
+        #: base of absolute result URLs (``--public-url``); None: the listening address
+        self.public_url = public_url.rstrip("/") if public_url else None
 
     def resource(self) -> Resource:
         return GatewayResource(self)

@@ -9,7 +9,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from omnirt.contract import ContractError, GenerateRequest, JobState, RequestInvalid, problems_from_pydantic
-from omnirt.gateway.edge import parse_json_body
+from omnirt.gateway.edge import listening_url, parse_json_body
 from omnirt.gateway.errors import HTTPError, error_response
 
 QUALITY_PRESETS = {"standard": None, "auto": None, "low": "fast", "medium": "balanced", "high": "quality", "hd": "quality"}
@@ -90,7 +90,7 @@ async def images_generations(api, request):
     if final.state != JobState.succeeded or final.result is None:
         return _openai_error(request, 500, f"image generation {final.state.value}: {final.error or ''}".strip(), "generation_failed")
     data = []
-    base = _base_url(request)
+    base = _base_url(api, request)
     for artifact in final.result.outputs:
         if body.response_format == "b64_json":
             blob = await api.service.dispatcher.artifacts.read(artifact.sha256)
@@ -102,10 +102,9 @@ async def images_generations(api, request):
     return write_json(request, 200, {"created": int(time.time()), "data": data})
 
 
-def _base_url(request) -> str:
-    host = request.getHeader(b"host")
-    scheme = "https" if request.isSecure() else "http"
-    if host:
-        return f"{scheme}://{host.decode('latin-1')}"
-    addr = request.getHost()
-    return f"{scheme}://{addr.host}:{addr.port}"
+def _base_url(api, request) -> str:
+    """``--public-url`` when configured, else the address this connection reached (the listening
+    socket's), never the client's unchecked ``Host`` header."""
+    if api.public_url:
+        return api.public_url
+    return listening_url(request)

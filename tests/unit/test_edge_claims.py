@@ -119,3 +119,51 @@ class ScopedIdempotencyTests(EdgeTestCase):
         code_a2, replay_a, _ = yield self.h.json("POST", "/v1/jobs", body_for(), headers=a)
         self.assertEqual((code_a2, replay_a["id"]), (200, job_a["id"]))
 
+
+class ResultURLTests(EdgeTestCase):
+    def openai_images(self, headers):
+        """POST /v1/images/generations and let the fake worker finish the job it gets."""
+        body = {"prompt": "a lighthouse", "size": "64x64", "response_format": "url"}
+        answer = self.h.json("POST", "/v1/images/generations", body, headers=headers)
+        worker = self.h.worker()
+
+        @inlineCallbacks
+        def run():
+            yield wait_for(lambda: ensureDeferred(_true(bool(worker.calls))))
+            call = worker.calls[0]
+            call.start()
+            call.succeed()
+            return (yield answer)
+
+        return run()
+
+    @inlineCallbacks
+    def test_host_header_is_not_reflected(self):
+        """A client's Host header never becomes the base of result URLs: without --public-url
+        they name the address the request arrived on."""
+        code, body, _ = yield self.openai_images({"Host": "evil.example.com"})
+        self.assertEqual(code, 200, body)
+        url = body["data"][0]["url"]
+        self.assertNotIn("evil.example.com", url)
+        self.assertRegex(url, r"^http://[^/]+:\d+/v1/artifacts/[0-9a-f]{64}$")
+
+    @inlineCallbacks
+    def test_public_url_is_the_base(self):
+        """With --public-url the result URLs start with it, whatever Host the client sent."""
+        self.h.api.public_url = "https://img.example.org/omnirt"
+        code, body, _ = yield self.openai_images({"Host": "evil.example.com"})
+        self.assertEqual(code, 200, body)
+        self.assertRegex(body["data"][0]["url"], r"^https://img\.example\.org/omnirt/v1/artifacts/[0-9a-f]{64}$")
+
+
+class PublicURLFlagTests(unittest.TestCase):
+    def test_public_url_parsing(self):
+        """--public-url takes an absolute http(s) URL (trailing slash dropped); anything else is a
+        one-line error."""
+        from omnirt.gateway.edge import parse_public_url
+
+        self.assertEqual(parse_public_url("https://img.example.org/base/"), "https://img.example.org/base")
+        self.assertEqual(parse_public_url("http://127.0.0.1:8080"), "http://127.0.0.1:8080")
+        for bad in ("img.example.org", "ftp://x", "http://", "http://h:99999", "http://h/?q=1"):
+            with self.assertRaises(ValueError, msg=bad):
+                parse_public_url(bad)
