@@ -167,3 +167,69 @@ class PublicURLFlagTests(unittest.TestCase):
         for bad in ("img.example.org", "ftp://x", "http://", "http://h:99999", "http://h/?q=1"):
             with self.assertRaises(ValueError, msg=bad):
                 parse_public_url(bad)
+
+
+class SchemaAgreementTests(EdgeTestCase):
+    """What /openapi.json says about inputs is what the server enforces."""
+
+    def doc(self):
+        from omnirt.gateway.openapi import openapi_document
+
+        return openapi_document()
+
+    @inlineCallbacks
+    def test_openai_size_follows_the_documented_pattern(self):
+        """A size the documented pattern refuses (unicode digits, signs, spaces, upper-case X)
+        is a 400 in OpenAI's error shape, before any job is made."""
+        import re
+
+        pattern = self.doc()["components"]["schemas"]["OpenAIImagesRequest"]["properties"]["size"]["pattern"]
+        for size in ("١٢x64", "+64x64", " 64x64", "64X64", "64x64x1", "1_024x64"):
+            self.assertIsNone(re.match(pattern, size), size)
+            code, body, _ = yield self.h.json("POST", "/v1/images/generations", {"prompt": "p", "size": size})
+            self.assertEqual(code, 400, (size, body))
+            self.assertIn("size", body["error"]["message"])
+        self.assertEqual((yield ensureDeferred(self.h.store.list())), [])
+
+    @inlineCallbacks
+    def test_openai_numbers_are_numbers(self):
+        """guidance_scale: true (and n: true, seed: "1") is refused as the schema's types say."""
+        for field, value in (("guidance_scale", True), ("n", True), ("seed", "1"), ("num_inference_steps", 2.0)):
+            code, body, _ = yield self.h.json("POST", "/v1/images/generations",
+                                              {"prompt": "p", "size": "64x64", field: value})
+            self.assertEqual(code, 400, (field, body))
+            self.assertIn(field, body["error"]["message"])
+
+    @inlineCallbacks
+    def test_empty_query_values_are_documented_and_accepted(self):
+        """?state=&model=&limit= (empty) list jobs as if left out, and the document marks them
+        allowEmptyValue; an unknown state is still a 400."""
+        params = {p["name"]: p for p in self.doc()["paths"]["/v1/jobs"]["get"]["parameters"]}
+        for name in ("state", "model", "limit"):
+            self.assertTrue(params[name].get("allowEmptyValue"), name)
+        yield self.h.submit()
+        code, body, _ = yield self.h.json("GET", "/v1/jobs?state=&model=&limit=")
+        self.assertEqual((code, len(body["data"])), (200, 1))
+        code, _, _ = yield self.h.json("GET", "/v1/jobs?state=bogus")
+        self.assertEqual(code, 400)
+
+    @inlineCallbacks
+    def test_websocket_route_documents_its_426(self):
+        """A plain GET of the WebSocket route is a JSON 426, and the document says so."""
+        responses = self.doc()["paths"]["/v1/jobs/{job_id}/stream"]["get"]["responses"]
+        self.assertIn("426", responses)
+        code, body, resp = yield self.h.json("GET", "/v1/jobs/x/stream")
+        self.assertEqual(code, 426)
+        self.assertIn("WebSocket", body["detail"])
+
+    def test_idempotency_key_length_is_in_characters(self):
+        """The header's schema bounds (1..255) are the characters parse_idempotency_key counts."""
+        from omnirt.gateway.edge import parse_idempotency_key
+        from omnirt.gateway.errors import HTTPError
+
+        schema = self.doc()["paths"]["/v1/jobs"]["post"]["parameters"][0]["schema"]
+        self.assertEqual((schema["minLength"], schema["maxLength"]), (1, 255))
+        self.assertEqual(parse_idempotency_key(("é" * 255).encode()), "é" * 255)
+        for raw in (b"", ("é" * 256).encode()):
+            with self.assertRaises(HTTPError):
+                parse_idempotency_key(raw)
