@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from omnirt.contract import JobEvent, JobRecord
 from omnirt.registry import ModelSpec
+from omnirt.workers.pool import HEALTHY
 
 
 class ErrorBody(BaseModel):
@@ -44,6 +45,16 @@ class Health(BaseModel):
 
 # -- models ------------------------------------------------------------------------------------
 
+#: what this server can do with a model right now (from its worker pool)
+ModelStatus = Literal["loaded", "available", "unavailable", "no_worker"]
+MODEL_STATUS_TEXT = {
+    "loaded": "a healthy worker serves it and has its pipeline in memory",
+    "available": "a healthy worker serves it (the pipeline loads with the first job)",
+    "unavailable": "workers serve it but none is healthy now (down, suspect, draining, not yet probed)",
+    "no_worker": "no worker of this server serves it",
+}
+
+
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"
@@ -51,7 +62,9 @@ class ModelCard(BaseModel):
     owned_by: Literal["omnirt"] = "omnirt"
     task: str
     tasks: list[str]
-    status: str
+    status: ModelStatus = Field(description="; ".join(f"{k}: {v}" for k, v in MODEL_STATUS_TEXT.items()))
+    workers: list[str] = Field(description="healthy workers that serve the model")
+    loaded_on: list[str] = Field(description="healthy workers that have it loaded")
     tier: str
     maturity: str
     default_backend: str
@@ -64,7 +77,21 @@ class ModelList(BaseModel):
 
 
 def model_card(spec: ModelSpec, pool) -> ModelCard:
-    return ModelCard.model_validate(spec.to_openai())
+    """The card of ``spec`` with its status on this server, read from ``pool`` (a WorkerPool)."""
+    serving = [e for e in pool.entries.values() if e.serves(spec.id)]
+    healthy = [e for e in serving if e.state == HEALTHY]
+    loaded = [e.worker_id for e in healthy if spec.id in e.loaded_models]
+    if loaded:
+        status = "loaded"
+    elif healthy:
+        status = "available"
+    elif serving:
+        status = "unavailable"
+    else:
+        status = "no_worker"
+    card = spec.to_openai()
+    card.update(status=status, workers=[e.worker_id for e in healthy], loaded_on=loaded)
+    return ModelCard.model_validate(card)
 
 
 def model_list(specs: Iterable[ModelSpec], pool) -> ModelList:

@@ -169,6 +169,34 @@ class PublicURLFlagTests(unittest.TestCase):
                 parse_public_url(bad)
 
 
+class ModelStatusTests(unittest.TestCase):
+    @inlineCallbacks
+    def test_status_comes_from_the_worker_pool(self):
+        """/v1/models says per model what this server can do with it now: loaded on a healthy
+        worker, available (a healthy worker serves it), unavailable (its workers are not healthy),
+        or no_worker (nothing here serves it) — with the workers behind the answer."""
+        from tests.support.fakes import ControlledWorker
+
+        w1 = ControlledWorker("w1", models=("sdxl-base-1.0",))
+        w1.loaded = ("sdxl-base-1.0",)
+        w2 = ControlledWorker("w2", models=("sdxl-base-1.0",))
+        h = Harness(self, [w1, w2])
+        yield h.start()
+
+        @inlineCallbacks
+        def cards():
+            code, body, _ = yield h.json("GET", "/v1/models")
+            self.assertEqual(code, 200)
+            return {m["id"]: (m["status"], m["workers"], m["loaded_on"]) for m in body["data"]}
+
+        self.assertEqual((yield cards()), {"sdxl-base-1.0": ("loaded", ["w1", "w2"], ["w1"]),
+                                           "sdxl-refiner-1.0": ("no_worker", [], [])})
+        h.pool.mark_failed("w1", "boom")
+        self.assertEqual((yield cards())["sdxl-base-1.0"], ("available", ["w2"], []))
+        h.pool.mark_failed("w2", "boom")
+        self.assertEqual((yield cards())["sdxl-base-1.0"], ("unavailable", [], []))
+
+
 class SchemaAgreementTests(EdgeTestCase):
     """What /openapi.json says about inputs is what the server enforces."""
 
