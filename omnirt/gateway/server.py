@@ -152,8 +152,8 @@ class Gateway:
                 raise StartupError(str(exc)) from None
             self.artifacts = RedisArtifactStore(raw_store)
         else:
-            raw_store = MemoryJobStore(clock, retention_s=self.job_retention_s)
             self.artifacts = ArtifactStore(self.artifact_dir, self.reactor, self.reactor.getThreadPool())
+            raw_store = MemoryJobStore(clock, retention_s=self.job_retention_s, artifacts=self.artifacts)
         self.store = InstrumentedStore(raw_store, self.metrics)
         if self.remote_specs:
             self.connections.extend(await self._remote_connections())

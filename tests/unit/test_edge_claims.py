@@ -261,3 +261,109 @@ class SchemaAgreementTests(EdgeTestCase):
         for raw in (b"", ("é" * 256).encode()):
             with self.assertRaises(HTTPError):
                 parse_idempotency_key(raw)
+
+
+class ArtifactExpiryTests(EdgeTestCase):
+    """Output files on disk go with the jobs that name them (memory store + disk artifact store)."""
+
+    def setUp(self):
+        d = super().setUp()
+        self.h.store.artifacts = self.h.artifacts  # as the composition root wires them
+        return d
+
+    @inlineCallbacks
+    def finished_job(self, blob):
+        job = yield self.h.submit()
+        worker = self.h.worker()
+        yield wait_for(lambda: ensureDeferred(_true(any(c.job.job_id == job["id"] for c in worker.calls))))
+        call = worker.call_for(job["id"])
+        call.start()
+        call.succeed(blob)
+
+        def done():
+            d = self.h.record(job["id"])
+            d.addCallback(lambda r: r.state == JobState.succeeded and r)
+            return d
+
+        record = yield wait_for(done)
+        return record.result.outputs[0].sha256
+
+    @inlineCallbacks
+    def artifact_code(self, sha):
+        resp, _ = yield self.h.request("GET", f"/v1/artifacts/{sha}")
+        return resp.code
+
+    @inlineCallbacks
+    def expire_after(self, seconds):
+        self.h.clock.advance(seconds)
+        yield ensureDeferred(self.h.store.expire())
+        yield ensureDeferred(self.h.store.close())  # waits for the deletions under way
+
+    @inlineCallbacks
+    def test_artifact_of_an_expired_job_is_404(self):
+        """While the job is retained its artifact is served; once it expired the file is gone
+        from the artifact directory and the URL is a 404."""
+        from tests.support.fakes import tiny_png
+
+        sha = yield self.finished_job(tiny_png((1, 2, 3)))
+        self.assertEqual((yield self.artifact_code(sha)), 200)
+        yield self.expire_after(self.h.store.retention_s - 10)
+        self.assertEqual((yield self.artifact_code(sha)), 200)
+        yield self.expire_after(20)
+        self.assertEqual((yield self.artifact_code(sha)), 404)
+        self.assertEqual([p for p in self.h.artifacts.directory.rglob("*") if p.is_file()], [])
+
+    @inlineCallbacks
+    def test_shared_bytes_stay_while_a_job_names_them(self):
+        """Two jobs with the same output bytes share one file: it stays until the later job expires."""
+        from tests.support.fakes import tiny_png
+
+        blob = tiny_png((9, 9, 9))
+        sha_a = yield self.finished_job(blob)
+        self.h.clock.advance(100)
+        sha_b = yield self.finished_job(blob)
+        self.assertEqual(sha_a, sha_b)
+        yield self.expire_after(self.h.store.retention_s - 50)  # A expired, B not
+        self.assertEqual((yield self.artifact_code(sha_a)), 200)
+        yield self.expire_after(100)
+        self.assertEqual((yield self.artifact_code(sha_a)), 404)
+
+
+class ArtifactStoreExpiryTests(unittest.TestCase):
+    def store(self):
+        from omnirt.store.artifacts import ArtifactStore
+
+        return ArtifactStore(self.mktemp(), reactor, reactor.getThreadPool())
+
+    @inlineCallbacks
+    def test_discard_keeps_bytes_put_again_since_the_reference(self):
+        """A discard whose reference predates a newer put of the same bytes leaves the file (a
+        newer job is about to name it); with the current reference it deletes it."""
+        store = self.store()
+        sha, _ = yield store.put(b"same bytes")
+        token = store.reference(sha)
+        yield store.put(b"same bytes")
+        self.assertEqual((yield store.discard([(sha, token)])), 0)
+        self.assertIsNotNone(store.find(sha))
+        self.assertEqual((yield store.discard([(sha, store.reference(sha))])), 1)
+        self.assertIsNone(store.find(sha))
+
+    @inlineCallbacks
+    def test_sweep_removes_old_unreferenced_files_only(self):
+        """sweep deletes files older than the retention that no job names; a referenced old
+        file and a fresh one stay."""
+        import os
+        import time
+
+        store = self.store()
+        old, _ = yield store.put(b"left by an earlier run")
+        named, _ = yield store.put(b"named by a retained job")
+        fresh, _ = yield store.put(b"just written")
+        past = time.time() - 7200
+        for sha in (old, named):
+            os.utime(store.find(sha)[0], (past, past))
+        deleted = yield store.sweep({named}, 3600)
+        self.assertEqual(deleted, 1)
+        self.assertIsNone(store.find(old))
+        self.assertIsNotNone(store.find(named))
+        self.assertIsNotNone(store.find(fresh))
