@@ -67,6 +67,9 @@ def register(sub) -> None:
     p.add_argument("--max-jobs-per-key", type=int, default=None, metavar="N",
                    help="unfinished jobs per client (API key, or address without auth); beyond -> 429")
     p.add_argument("--access-log", action="store_true", help="log one line per HTTP request")
+    p.add_argument("--public-url", default=None, metavar="URL",
+                   help="base of absolute result URLs (e.g. https://img.example.com behind a proxy); "
+                        "default: the listening address, never the client's Host header")
     p.add_argument("--keepalive-s", type=float, default=15.0, help="SSE/WebSocket keep-alive interval")
     p.set_defaults(func=run, needs_reactor=True)
 
@@ -84,6 +87,13 @@ def _check(args) -> None:
         raise CliError("--max-jobs-per-key must be at least 1")
     if not 0 <= args.port <= 65535:
         raise CliError(f"--port must be 0..65535 (got {args.port})")
+    if args.public_url is not None:
+        from omnirt.gateway.edge import parse_public_url
+
+        try:
+            args.public_url = parse_public_url(args.public_url)
+        except ValueError as exc:
+            raise CliError(str(exc)) from None
 
 
 def plaintext_warnings(remote_specs, worker_tls) -> list[str]:
@@ -177,6 +187,7 @@ def run(args) -> int:
         request_deadline_s=args.request_deadline_s,
         worker_tls=worker_tls,
         access_log=args.access_log,
+        public_url=args.public_url,
         rate_limit=args.rate_limit,
         max_jobs_per_key=args.max_jobs_per_key,
         fleet=fleet,

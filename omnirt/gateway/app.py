@@ -14,9 +14,10 @@ from twisted.web.resource import Resource
 from omnirt.contract import JobRecord, JobState, parse_generate_request
 from omnirt.gateway import sse
 from omnirt.gateway.auth import ApiKeys
-from omnirt.gateway.edge import parse_int_arg, parse_json_body
+from omnirt.gateway.edge import parse_idempotency_key, parse_int_arg, parse_json_body, scoped_idempotency_key
 from omnirt.gateway.errors import HTTPError, error_response
 from omnirt.gateway.trace_view import trace_view
+from omnirt.gateway.views import Health, JobList, JobSummary, Readiness, TraceView, job_body, model_list
 from omnirt.jobs.limits import RateLimited, principal_of
 from omnirt.jobs.service import JobService
 from omnirt.registry import TIERS, list_models
@@ -72,6 +73,7 @@ class GatewayAPI:
         readiness=None,
         keepalive_s: float = 15.0,
         rate_limiter=None,
+        public_url: str | None = None,
     ):
         self.service = service
         self.metrics = metrics
@@ -82,6 +84,8 @@ class GatewayAPI:
         self.keepalive_s = keepalive_s
         #: jobs.limits.RateLimiter for submissions per client, or None
         self.rate_limiter = rate_limiter
+        #: base of absolute result URLs (``--public-url``); None: the listening address
+        self.public_url = public_url.rstrip("/") if public_url else None
 
     def resource(self) -> Resource:
         return GatewayResource(self)
@@ -99,7 +103,7 @@ class GatewayAPI:
 
     @app.route("/healthz", methods=["GET"])
     def healthz(self, request):
-        return write_json(request, 200, {"ok": True})
+        return write_json(request, 200, Health(ok=True).model_dump(mode="json"))
 
     @app.route("/readyz", methods=["GET"])
     async def readyz(self, request):
@@ -133,8 +137,8 @@ class GatewayAPI:
         if problems:
             body["ok"] = False
             body["reason"] = "; ".join(problems)
-            return write_json(request, 503, body)
-        return write_json(request, 200, body)
+        view = Readiness.model_validate(body).model_dump(mode="json", exclude_none=True)
+        return write_json(request, 503 if problems else 200, view)
 
     @app.route("/openapi.json", methods=["GET"])
     def openapi(self, request):
@@ -159,18 +163,16 @@ class GatewayAPI:
             tiers = tuple(t for t in allowed if t == tier)
         else:
             raise HTTPError(400, f"unknown tier {tier!r} (one of: {', '.join(TIERS)}, all)")
-        data = [m.to_openai() for m in list_models(tiers)] if tiers else []
-        return write_json(request, 200, {"object": "list", "data": data})
+        specs = list_models(tiers) if tiers else []
+        return write_json(request, 200, model_list(specs, self.service.dispatcher.pool).model_dump(mode="json"))
 
     # -- jobs --------------------------------------------------------------------------------
 
     def _parse_submit(self, request):
         payload = parse_json_body(request.getHeader(b"content-type"), request.content.read())
         generate = parse_generate_request(payload)
-        key = request.getHeader(b"idempotency-key")
-        if key is not None and not (0 < len(key) <= 255):
-            raise HTTPError(400, "Idempotency-Key must be 1 to 255 characters")
-        return generate, key
+        key = parse_idempotency_key(request.getHeader(b"idempotency-key"))
+        return generate, scoped_idempotency_key(getattr(request, "omnirt_principal", None), key)
 
     @app.route("/v1/generate", methods=["POST"])
     async def generate(self, request):
@@ -178,7 +180,7 @@ class GatewayAPI:
         if generate.async_run:
             record, created = await self.service.submit(generate, execution_mode="async", idempotency_key=key,
                                                         principal=getattr(request, "omnirt_principal", None))
-            return write_json(request, 202 if created else 200, record.public())
+            return write_json(request, 202 if created else 200, job_body(record))
         record, _ = await self.service.submit(generate, execution_mode="sync", idempotency_key=key,
                                              principal=getattr(request, "omnirt_principal", None))
         final = await self._wait_or_cancel(record.id)
@@ -213,7 +215,7 @@ class GatewayAPI:
         generate, key = self._parse_submit(request)
         record, created = await self.service.submit(generate, execution_mode="async", idempotency_key=key,
                                                         principal=getattr(request, "omnirt_principal", None))
-        return write_json(request, 202 if created else 200, record.public())
+        return write_json(request, 202 if created else 200, job_body(record))
 
     @app.route("/v1/jobs", methods=["GET"])
     async def list_jobs(self, request):
@@ -227,17 +229,18 @@ class GatewayAPI:
         model = (request.args.get(b"model") or [None])[0]
         limit = parse_int_arg((request.args.get(b"limit") or [None])[0], "limit", minimum=1, maximum=1000, default=50)
         records = await self.service.list(state=state, model=model.decode("utf-8", "replace") if model else None, limit=limit)
-        return write_json(request, 200, {"data": [r.public(include_events=False) for r in records]})
+        body = JobList(data=[JobSummary.of(r) for r in records])
+        return write_json(request, 200, body.model_dump(mode="json"))
 
     @app.route("/v1/jobs/<job_id>", methods=["GET"])
     async def get_job(self, request, job_id):
         record = await self.service.get(job_id)
-        return write_json(request, 200, record.public())
+        return write_json(request, 200, job_body(record))
 
     @app.route("/v1/jobs/<job_id>", methods=["DELETE"])
     async def cancel_job(self, request, job_id):
         record = await self.service.cancel(job_id)
-        return write_json(request, 200, record.public(include_events=False))
+        return write_json(request, 200, job_body(record, include_events=False))
 
     @app.route("/v1/jobs/<job_id>/events", methods=["GET"])
     async def job_events(self, request, job_id):
@@ -248,7 +251,8 @@ class GatewayAPI:
     @app.route("/v1/jobs/<job_id>/trace", methods=["GET"])
     async def job_trace(self, request, job_id):
         record = await self.service.get(job_id)
-        return write_json(request, 200, trace_view(self.service.dispatcher.tracing, record))
+        view = TraceView.model_validate(trace_view(self.service.dispatcher.tracing, record))
+        return write_json(request, 200, view.model_dump(mode="json"))
 
     @app.route("/v1/jobs/<job_id>/stream", methods=["GET"])
     def job_stream(self, request, job_id):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from typing import Any
-from urllib.parse import unquote_to_bytes
+from urllib.parse import unquote_to_bytes, urlsplit, urlunsplit
 
 from twisted.web.server import Request
 
@@ -60,6 +60,40 @@ def parse_idempotency_key(raw: bytes | None) -> str | None:
     if not 0 < len(key) <= 255:
         raise HTTPError(400, "Idempotency-Key must be 1 to 255 characters")
     return key
+
+
+def scoped_idempotency_key(principal: str | None, key: str | None) -> str | None:
+    """The key the job service and the store see: the client's key within the client's own
+    namespace (``principal`` is its API key's hash, or its address without auth), so one client
+    reusing another's key never reaches the other's job."""
+    if key is None:
+        return None
+    return f"{principal or 'anonymous'}/{key}"
+
+
+def parse_public_url(text: str) -> str:
+    """``--public-url``: an absolute http(s) URL clients reach this gateway at (behind a proxy),
+    without query or fragment; returned without a trailing slash. ValueError says what is wrong."""
+    parts = urlsplit(text.strip())
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"--public-url must be an absolute http:// or https:// URL (got {text!r})")
+    if parts.query or parts.fragment:
+        raise ValueError(f"--public-url must not have a query or fragment (got {text!r})")
+    try:
+        parts.port  # noqa: B018 - raises on a port that is not a number in range
+    except ValueError:
+        raise ValueError(f"--public-url has a bad port (got {text!r})") from None
+    return urlunsplit((parts.scheme, parts.netloc, parts.path.rstrip("/"), "", ""))
+
+
+def listening_url(request) -> str:
+    """The base URL of the socket this request arrived on (scheme, local address and port)."""
+    scheme = "https" if request.isSecure() else "http"
+    addr = request.getHost()
+    host = getattr(addr, "host", "127.0.0.1")
+    if ":" in host:
+        host = f"[{host}]"
+    return f"{scheme}://{host}:{getattr(addr, 'port', 80)}"
 
 
 def url_problem(path: bytes, hostname: bytes) -> str | None:

@@ -9,21 +9,24 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from omnirt.contract import ContractError, GenerateRequest, JobState, RequestInvalid, problems_from_pydantic
-from omnirt.gateway.edge import parse_json_body
+from omnirt.gateway.edge import listening_url, parse_json_body
 from omnirt.gateway.errors import HTTPError, error_response
+from omnirt.gateway.views import OpenAIImage, OpenAIImagesResponse
 
+SIZE_PATTERN = r"^[0-9]{1,5}x[0-9]{1,5}$"
 QUALITY_PRESETS = {"standard": None, "auto": None, "low": "fast", "medium": "balanced", "high": "quality", "hd": "quality"}
 
 
 class OpenAIImagesRequest(BaseModel):
-    """The fields of OpenAI's images.generate we honour; others are refused, not ignored."""
+    """The fields of OpenAI's images.generate we honour; others are refused, not ignored.
+    Strict: ``true`` is not a number and ``"2"`` is not an integer (as the JSON schema says)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     prompt: str = Field(min_length=1)
     model: str = "sdxl-base-1.0"
     n: int = Field(1, ge=1, le=4)
-    size: str = "1024x1024"
+    size: str = Field("1024x1024", pattern=SIZE_PATTERN, description="WIDTHxHEIGHT in pixels, e.g. 1024x1024")
     response_format: str = Field("url", pattern="^(url|b64_json)$")
     quality: str | None = None
     user: str | None = None
@@ -42,11 +45,8 @@ def _openai_error(request, status: int, message: str, code: str, headers: dict[s
 
 
 def to_generate_request(body: OpenAIImagesRequest) -> GenerateRequest:
-    try:
-        w_text, h_text = body.size.lower().split("x", 1)
-        width, height = int(w_text), int(h_text)
-    except ValueError:
-        raise HTTPError(400, f"size must look like 1024x1024 (got {body.size!r})") from None
+    w_text, h_text = body.size.split("x", 1)  # the pattern checked the form
+    width, height = int(w_text), int(h_text)
     config: dict[str, Any] = {"width": width, "height": height, "num_images_per_prompt": body.n}
     if body.quality is not None:
         if body.quality not in QUALITY_PRESETS:
@@ -90,7 +90,7 @@ async def images_generations(api, request):
     if final.state != JobState.succeeded or final.result is None:
         return _openai_error(request, 500, f"image generation {final.state.value}: {final.error or ''}".strip(), "generation_failed")
     data = []
-    base = _base_url(request)
+    base = _base_url(api, request)
     for artifact in final.result.outputs:
         if body.response_format == "b64_json":
             blob = await api.service.dispatcher.artifacts.read(artifact.sha256)
@@ -99,13 +99,13 @@ async def images_generations(api, request):
             data.append({"url": f"{base}/v1/artifacts/{artifact.sha256}", "revised_prompt": body.prompt})
     from omnirt.gateway.app import write_json
 
-    return write_json(request, 200, {"created": int(time.time()), "data": data})
+    answer = OpenAIImagesResponse(created=int(time.time()), data=[OpenAIImage(**item) for item in data])
+    return write_json(request, 200, answer.model_dump(mode="json", exclude_none=True))
 
 
-def _base_url(request) -> str:
-    host = request.getHeader(b"host")
-    scheme = "https" if request.isSecure() else "http"
-    if host:
-        return f"{scheme}://{host.decode('latin-1')}"
-    addr = request.getHost()
-    return f"{scheme}://{addr.host}:{addr.port}"
+def _base_url(api, request) -> str:
+    """``--public-url`` when configured, else the address this connection reached (the listening
+    socket's), never the client's unchecked ``Host`` header."""
+    if api.public_url:
+        return api.public_url
+    return listening_url(request)

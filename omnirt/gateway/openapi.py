@@ -1,8 +1,8 @@
 """The OpenAPI 3.1 document of the gateway, served at /openapi.json.
 
-Schemas come from the same pydantic models the gateway validates and encodes with (contract.py,
-gateway/openapi's response models), so the document cannot drift from what the server does;
-a test checks every Klein route is described.
+Schemas come from the same pydantic models the gateway validates requests with (contract.py,
+openai.py) and builds its answers with (views.py), so the document cannot drift from what the
+server does; tests check every Klein route is described and that real answers validate.
 """
 
 from __future__ import annotations
@@ -10,104 +10,25 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from omnirt import __version__
-from omnirt.contract import GenerateRequest, GenerateResult, JobEvent, JobRecord
+from omnirt.contract import GenerateRequest, GenerateResult, JobEvent
 from omnirt.gateway.openai import OpenAIImagesRequest
+from omnirt.gateway.views import (
+    ErrorBody,
+    Health,
+    JobList,
+    JobView,
+    ModelList,
+    OpenAIError,
+    OpenAIImagesResponse,
+    Readiness,
+    TraceView,
+)
 
-
-class ErrorBody(BaseModel):
-    detail: str | list[dict[str, Any]] = Field(description="a message, or for validation every problem")
-
-
-class OpenAIErrorDetail(BaseModel):
-    message: str
-    type: str
-    code: str
-
-
-class OpenAIError(BaseModel):
-    error: OpenAIErrorDetail
-
-
-class OpenAIImage(BaseModel):
-    url: str | None = None
-    b64_json: str | None = None
-    revised_prompt: str | None = None
-
-
-class OpenAIImagesResponse(BaseModel):
-    created: int
-    data: list[OpenAIImage]
-
-
-class ModelCard(BaseModel):
-    id: str
-    object: str = "model"
-    created: int
-    owned_by: str = "omnirt"
-    task: str
-    tasks: list[str]
-    status: str
-    tier: str
-    maturity: str
-    default_backend: str
-    summary: str
-
-
-class ModelList(BaseModel):
-    object: str = "list"
-    data: list[ModelCard]
-
-
-class JobList(BaseModel):
-    data: list[JobRecord]
-
-
-class WorkerView(BaseModel):
-    worker_id: str
-    address: str
-    state: str
-    models: list[str]
-    loaded_models: list[str]
-    inflight: int
-    capacity: int
-    tags: list[str]
-    backend: str
-    last_error: str
-
-
-class Readiness(BaseModel):
-    ok: bool
-    job_store_backend: str
-    remote_worker_count: int
-    allowed_model_tiers: list[str]
-    workers: list[WorkerView]
-    queue_depth: int
-    backend: str
-    reason: str | None = None
-
-
-class Health(BaseModel):
-    ok: bool
-
-
-class TraceView(BaseModel):
-    trace_id: str | None
-    job_id: str
-    task: str
-    model: str
-    state: str
-    worker_id: str | None
-    created_at_ms: int
-    error: str | None
-    spans: list[dict[str, Any]]
-    events: list[JobEvent]
-
-
-_MODELS = (GenerateRequest, GenerateResult, JobRecord, JobEvent, ErrorBody, OpenAIImagesRequest, OpenAIError,
+_MODELS = (GenerateRequest, GenerateResult, JobView, JobEvent, ErrorBody, OpenAIImagesRequest, OpenAIError,
            OpenAIImagesResponse, ModelList, JobList, Readiness, Health, TraceView)
 
 
@@ -130,8 +51,11 @@ def _errors(*codes: int, openai: bool = False) -> dict[str, Any]:
 
 JOB_ID = {"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}}
 IDEMPOTENCY = {"name": "Idempotency-Key", "in": "header", "required": False,
-               "schema": {"type": "string", "maxLength": 255},
-               "description": "same key + same body within the retention = the same job"}
+               "schema": {"type": "string", "minLength": 1, "maxLength": 255},
+               "description": "1 to 255 characters of UTF-8 text (else 400); same key + same body from the same "
+                              "client (API key, or address without auth) within the retention = the same job"}
+#: a query value that may be sent empty, meaning the same as leaving it out
+EMPTY_OK = {"allowEmptyValue": True}
 
 
 @functools.cache
@@ -159,24 +83,25 @@ def openapi_document() -> dict[str, Any]:
         "/v1/generate": {"post": {
             "summary": "generate: sync (waits; outputs inline) or async_run=true (202 job)",
             "parameters": [IDEMPOTENCY], "requestBody": submit_body,
-            "responses": {"200": _json(GenerateResult, "sync result"), "202": _json(JobRecord, "async job accepted"),
+            "responses": {"200": _json(GenerateResult, "sync result"), "202": _json(JobView, "async job accepted"),
                           **_errors(400, 401, 403, 404, 409, 413, 415, 429, 503),
                           "500": _json(ErrorBody, "the job failed (its error)")}}},
         "/v1/jobs": {
             "post": {"summary": "submit an async job", "parameters": [IDEMPOTENCY], "requestBody": submit_body,
-                     "responses": {"202": _json(JobRecord, "accepted"), "200": _json(JobRecord, "idempotent replay"),
+                     "responses": {"202": _json(JobView, "accepted"), "200": _json(JobView, "idempotent replay"),
                                    **_errors(400, 401, 403, 404, 409, 413, 415, 429, 503)}},
             "get": {"summary": "jobs, newest first", "parameters": [
-                {"name": "state", "in": "query", "schema": {"type": "string", "enum": [
+                {"name": "state", "in": "query", **EMPTY_OK, "schema": {"type": "string", "enum": [
                     "queued", "running", "cancelling", "succeeded", "failed", "cancelled"]}},
-                {"name": "model", "in": "query", "schema": {"type": "string"}},
-                {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 1000}}],
+                {"name": "model", "in": "query", **EMPTY_OK, "schema": {"type": "string"}},
+                {"name": "limit", "in": "query", **EMPTY_OK,
+                 "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 50}}],
                 "responses": {"200": _json(JobList, "jobs"), **_errors(400, 401)}}},
         "/v1/jobs/{job_id}": {
             "get": {"summary": "a job with its events", "parameters": [JOB_ID],
-                    "responses": {"200": _json(JobRecord, "the job"), **_errors(401, 404)}},
+                    "responses": {"200": _json(JobView, "the job"), **_errors(401, 404)}},
             "delete": {"summary": "cancel: queued -> cancelled, running -> cancelling", "parameters": [JOB_ID],
-                       "responses": {"200": _json(JobRecord, "cancelled or cancelling"), **_errors(401, 404, 409)}}},
+                       "responses": {"200": _json(JobView, "cancelled or cancelling"), **_errors(401, 404, 409)}}},
         "/v1/jobs/{job_id}/events": {"get": {
             "summary": "server-sent events: replay from Last-Event-ID / ?after=, then live; ends after the terminal event",
             "parameters": [JOB_ID, {"name": "after", "in": "query", "schema": {"type": "integer", "minimum": 0}},
@@ -186,8 +111,12 @@ def openapi_document() -> dict[str, Any]:
                           **_errors(400, 401, 404)}}},
         "/v1/jobs/{job_id}/stream": {"get": {
             "summary": "WebSocket: each event as JSON; send {\"action\":\"cancel\"}; close 4404 unknown job, 4401 unauthorized",
-            "parameters": [JOB_ID],
-            "responses": {"101": {"description": "switching protocols"}}}},
+            "parameters": [JOB_ID, {"name": "after", "in": "query", "schema": {"type": "string"},
+                                    "description": "replay events after this seq (digits; anything else = 0)"},
+                           {"name": "api_key", "in": "query", "schema": {"type": "string"},
+                            "description": "the API key, for browsers that cannot set headers"}],
+            "responses": {"101": {"description": "switching protocols"},
+                          "426": _json(ErrorBody, "a plain HTTP request (no Upgrade: websocket)")}}},
         "/v1/jobs/{job_id}/trace": {"get": {
             "summary": "the job's trace: gateway and worker spans with parent links", "parameters": [JOB_ID],
             "responses": {"200": _json(TraceView, "trace view"), **_errors(401, 404)}}},

@@ -45,7 +45,7 @@ class Gateway:
                  worker_idle_timeout_s=10.0, redis_url=None, redis_namespace="omnirt", gateway_id=None,
                  lease_ttl_s=10.0, request_deadline_s=30.0, worker_tls=None, access_log=False, rate_limit=None,
                  max_jobs_per_key=None, fleet=None, fleet_stop_on_exit=False, otlp_endpoint=None, otlp_headers=None,
-                 log_format="text", reactor=None):
+                 log_format="text", public_url=None, reactor=None):
         self.reactor = reactor or global_reactor
         #: OTLP/HTTP traces URL (None: spans are made for the trace view but not exported)
         self.otlp_endpoint = otlp_endpoint
@@ -82,6 +82,7 @@ class Gateway:
         self.rate_limit = rate_limit
         self.max_jobs_per_key = max_jobs_per_key
         self.access_log = access_log
+        self.public_url = public_url
         self.lease = None
         self._cancel_watch = None
         self.exit_code = 0
@@ -151,8 +152,8 @@ class Gateway:
                 raise StartupError(str(exc)) from None
             self.artifacts = RedisArtifactStore(raw_store)
         else:
-            raw_store = MemoryJobStore(clock, retention_s=self.job_retention_s)
             self.artifacts = ArtifactStore(self.artifact_dir, self.reactor, self.reactor.getThreadPool())
+            raw_store = MemoryJobStore(clock, retention_s=self.job_retention_s, artifacts=self.artifacts)
         self.store = InstrumentedStore(raw_store, self.metrics)
         if self.remote_specs:
             self.connections.extend(await self._remote_connections())
@@ -177,7 +178,7 @@ class Gateway:
             self.lease.start()
             self._cancel_watch = self.dispatcher.watch_remote_cancels()
         self.api = GatewayAPI(service=self.service, metrics=self.metrics, reactor=self.reactor,
-                              api_keys=self.api_keys, keepalive_s=self.keepalive_s,
+                              api_keys=self.api_keys, keepalive_s=self.keepalive_s, public_url=self.public_url,
                               rate_limiter=RateLimiter(clock, self.rate_limit) if self.rate_limit else None,
                               readiness=self.gateway_fleet.readiness if self.gateway_fleet is not None else None)
         self.http_resource = self.api.resource()

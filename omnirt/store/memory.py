@@ -1,5 +1,6 @@
 """In-process JobStore: the default for one gateway. Bounded: terminal jobs expire after the
-retention, and at most ``max_terminal_jobs`` finished jobs are kept (oldest dropped first)."""
+retention, and at most ``max_terminal_jobs`` finished jobs are kept (oldest dropped first).
+With an artifact store, the output files of a job go when the last job naming them is dropped."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from collections import OrderedDict
 from collections.abc import Collection
 from typing import Any
 
+from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.interfaces import IReactorTime
 from twisted.python import log
 
@@ -41,15 +43,28 @@ class _MemorySubscription(Subscription):
 
 class MemoryJobStore(JobStore):
     backend_name = "memory"
+    #: a claimed idempotency key whose job does not exist yet is kept this long (as in Redis)
+    idem_pending_grace_s = 30.0
 
-    def __init__(self, clock: IReactorTime, *, retention_s: float = 86400.0, max_terminal_jobs: int = 100_000):
+    def __init__(self, clock: IReactorTime, *, retention_s: float = 86400.0, max_terminal_jobs: int = 100_000,
+                 artifacts=None):
         self._clock = clock
+        #: omnirt.store.artifacts.ArtifactStore whose files expire with the jobs, or None
+        self.artifacts = artifacts
+        #: sha256 -> {job id: the artifact store's reference token}
+        self._artifact_refs: dict[str, dict[str, int]] = {}
+        #: artifact deletions under way (``close`` waits for them)
+        self._discarding: set[Deferred] = set()
         self.retention_s = retention_s
         self.max_terminal_jobs = max_terminal_jobs
         self._jobs: dict[str, _Job] = {}
         #: terminal job id -> time it became terminal, oldest first
         self._terminal: OrderedDict[str, float] = OrderedDict()
         self._idempotency: dict[str, tuple[str, str]] = {}
+        #: claims whose job may not exist yet: key -> (job id, time claimed), oldest first; a
+        #: claim whose job was never created (the submit was refused after claiming) is dropped
+        #: by ``expire`` after ``idem_pending_grace_s``
+        self._pending_claims: OrderedDict[str, tuple[str, float]] = OrderedDict()
 
     def _now_ms(self) -> int:
         return int(self._clock.seconds() * 1000)
@@ -122,6 +137,8 @@ class MemoryJobStore(JobStore):
         update = dict(fields or {})
         update["state"] = target
         job.record = job.record.model_copy(update=update)
+        if "result" in update:
+            self._reference_outputs(job.record)
         if target.terminal:
             self._terminal[job_id] = self._clock.seconds()
             self._enforce_bound()
@@ -136,6 +153,8 @@ class MemoryJobStore(JobStore):
         if "state" in fields:
             raise ValueError("state changes go through transition()")
         job.record = job.record.model_copy(update=fields)
+        if "result" in fields:
+            self._reference_outputs(job.record)
         if event is not None:
             self._append(job, event)
         return job.record
@@ -163,18 +182,69 @@ class MemoryJobStore(JobStore):
         if held is not None and held[0] in self._jobs:
             return held
         self._idempotency[key] = (job_id, fingerprint)
+        self._pending_claims.pop(key, None)
+        self._pending_claims[key] = (job_id, self._clock.seconds())
         return None
+
+    @property
+    def claim_count(self) -> int:
+        """Idempotency keys held (bounded by the retained jobs plus recent pending claims)."""
+        return len(self._idempotency)
+
+    def _expire_pending_claims(self) -> None:
+        cutoff = self._clock.seconds() - self.idem_pending_grace_s
+        while self._pending_claims:
+            key, (job_id, claimed) = next(iter(self._pending_claims.items()))
+            if claimed > cutoff:
+                break
+            del self._pending_claims[key]
+            if job_id not in self._jobs and self._idempotency.get(key, ("",))[0] == job_id:
+                del self._idempotency[key]  # the job was never created: nothing will drop it
+
+    # -- artifacts that expire with their jobs -------------------------------------------------
+
+    def _reference_outputs(self, record: JobRecord) -> None:
+        if self.artifacts is None or record.result is None:
+            return
+        for artifact in record.result.outputs:
+            if artifact.sha256:
+                refs = self._artifact_refs.setdefault(artifact.sha256, {})
+                refs[record.id] = self.artifacts.reference(artifact.sha256)
+
+    def _release_outputs(self, record: JobRecord) -> None:
+        if self.artifacts is None or record.result is None:
+            return
+        unreferenced = []
+        for artifact in record.result.outputs:
+            refs = self._artifact_refs.get(artifact.sha256 or "")
+            if refs is None or record.id not in refs:
+                continue
+            token = refs.pop(record.id)
+            if not refs:
+                del self._artifact_refs[artifact.sha256]
+                unreferenced.append((artifact.sha256, token))
+        if unreferenced:
+            d = self.artifacts.discard(unreferenced)
+            self._discarding.add(d)
+            d.addErrback(log.err, f"deleting the artifacts of job {record.id} failed")
+            d.addBoth(lambda _: self._discarding.discard(d))
+
+    async def close(self) -> None:
+        if self._discarding:
+            await DeferredList(list(self._discarding), consumeErrors=True)
 
     def _drop(self, job_id: str) -> None:
         job = self._jobs.pop(job_id, None)
         self._terminal.pop(job_id, None)
         if job is None:
             return
+        self._release_outputs(job.record)
         for sub in list(job.listeners):
             sub.close()
         key = job.record.idempotency_key
         if key is not None and self._idempotency.get(key, ("",))[0] == job_id:
             del self._idempotency[key]
+            self._pending_claims.pop(key, None)
 
     def _enforce_bound(self) -> None:
         while len(self._terminal) > self.max_terminal_jobs:
@@ -182,6 +252,7 @@ class MemoryJobStore(JobStore):
             self._drop(oldest)
 
     async def expire(self) -> int:
+        self._expire_pending_claims()
         cutoff = self._clock.seconds() - self.retention_s
         dropped = 0
         while self._terminal:
@@ -190,6 +261,8 @@ class MemoryJobStore(JobStore):
                 break
             self._drop(job_id)
             dropped += 1
+        if self.artifacts is not None:  # files no retained job names (an earlier run's, or orphans)
+            await self.artifacts.sweep(set(self._artifact_refs), self.retention_s)
         return dropped
 
     def __len__(self) -> int:
