@@ -230,8 +230,11 @@ class GatewayAPI:
 
     @app.route("/v1/jobs/<job_id>", methods=["GET"])
     async def get_job(self, request, job_id):
+        raw = (request.args.get(b"events") or [b"true"])[0].lower()
+        if raw not in (b"true", b"false", b"1", b"0"):
+            raise HTTPError(400, "events must be true or false")
         record = await self.service.get(job_id)
-        return write_json(request, 200, record.public())
+        return write_json(request, 200, record.public(include_events=raw in (b"true", b"1")))
 
     @app.route("/v1/jobs/<job_id>", methods=["DELETE"])
     async def cancel_job(self, request, job_id):

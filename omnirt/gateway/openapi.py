@@ -173,7 +173,9 @@ def openapi_document() -> dict[str, Any]:
                 {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 1000}}],
                 "responses": {"200": _json(JobList, "jobs"), **_errors(400, 401)}}},
         "/v1/jobs/{job_id}": {
-            "get": {"summary": "a job with its events", "parameters": [JOB_ID],
+            "get": {"summary": "a job: state, result (output URLs first), ..., request, events last", "parameters": [
+                JOB_ID, {"name": "events", "in": "query", "description": "false: a light record without the events",
+                         "schema": {"type": "boolean", "default": True}}],
                     "responses": {"200": _json(JobRecord, "the job"), **_errors(401, 404)}},
             "delete": {"summary": "cancel: queued -> cancelled, running -> cancelling", "parameters": [JOB_ID],
                        "responses": {"200": _json(JobRecord, "cancelled or cancelling"), **_errors(401, 404, 409)}}},
