@@ -12,7 +12,7 @@ from twisted.internet.defer import CancelledError
 from twisted.web.resource import Resource
 
 from omnirt.contract import JobRecord, JobState, parse_generate_request
-from omnirt.gateway import sse
+from omnirt.gateway import console_routes, sse
 from omnirt.gateway.auth import ApiKeys
 from omnirt.gateway.edge import parse_int_arg, parse_json_body
 from omnirt.gateway.errors import HTTPError, error_response
@@ -32,10 +32,11 @@ _ROUTE_LABELS = [
     (re.compile(r"^/v1/jobs/[^/]+/trace$"), "/v1/jobs/{id}/trace"),
     (re.compile(r"^/v1/jobs/[^/]+$"), "/v1/jobs/{id}"),
     (re.compile(r"^/v1/artifacts/[^/]+$"), "/v1/artifacts/{sha256}"),
+    (re.compile(r"^/console/"), "/console/{file}"),
 ]
 _KNOWN_ROUTES = {
     "/healthz", "/readyz", "/metrics", "/v1/models", "/v1/generate", "/v1/jobs", "/v1/images/generations",
-    "/openapi.json",
+    "/openapi.json", "/", "/docs",
 }
 
 
@@ -284,6 +285,9 @@ class GatewayAPI:
         return await images_generations(self, request)
 
 
+console_routes.install(GatewayAPI.app)
+
+
 class GatewayResource(Resource):
     """Wraps the Klein resource: API-key check (all but /healthz, /readyz; the WebSocket route
     checks its key itself to close with 4401), HTTP request metrics, and the request's trace (a
@@ -324,7 +328,8 @@ class GatewayResource(Resource):
     def _render(self, request, label: str):
         keys = self.api.api_keys
         presented = keys.from_headers(request.getHeader(b"authorization"), request.getHeader(b"x-api-key"))
-        if keys.enabled and request.path not in OPEN_PATHS and label != "/v1/jobs/{id}/stream":
+        if (keys.enabled and request.path not in OPEN_PATHS and request.path not in console_routes.CONSOLE_PATHS
+                and label != "/v1/jobs/{id}/stream"):
             if not keys.check(presented):
                 request.setHeader(b"WWW-Authenticate", b'Bearer realm="omnirt"')
                 if label == "/v1/images/generations":

@@ -135,6 +135,11 @@ IDEMPOTENCY = {"name": "Idempotency-Key", "in": "header", "required": False,
 
 
 @functools.cache
+def _page(summary: str) -> dict[str, Any]:
+    return {"get": {"summary": summary, "security": [], "responses": {
+        "200": {"description": "an HTML page", "content": {"text/html": {"schema": {"type": "string"}}}}}}}
+
+
 def openapi_document() -> dict[str, Any]:
     _, defs = models_json_schema([(m, "serialization") for m in _MODELS],
                                  ref_template="#/components/schemas/{model}")
@@ -200,6 +205,13 @@ def openapi_document() -> dict[str, Any]:
             "responses": {"200": {"description": "the bytes (ETag = sha256)",
                                   "content": {"image/png": {"schema": {"type": "string", "format": "binary"}}}},
                           "304": {"description": "not modified"}, **_errors(401, 404)}}},
+        "/": _page("the web console: workers, jobs, live progress, submit"),
+        "/docs": _page("this API, interactive (Swagger UI)"),
+        "/console/{file}": {"get": {
+            "summary": "the console's static files", "security": [],
+            "parameters": [{"name": "file", "in": "path", "required": True, "schema": {"type": "string"}}],
+            "responses": {"200": {"description": "the file"}, "304": {"description": "not modified"},
+                          **_errors(404)}}},
         "/v1/images/generations": {"post": {
             "summary": "OpenAI Images API",
             "requestBody": {"required": True, "content": {"application/json": {"schema": _ref(OpenAIImagesRequest)}}},
