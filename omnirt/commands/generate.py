@@ -193,6 +193,9 @@ def run_local(args, request, model_paths: dict[str, str]) -> int:
     except OSError as exc:
         raise CliError(f"cannot create --output-dir {output_dir}: {exc.strerror or exc}") from None
 
+    from omnirt.telemetry.logging import cap_log_messages
+
+    cap_log_messages()  # library warnings echo a long prompt in full
     job = EngineJob(job_id=uuid.uuid4().hex, request=request, execution_mode="sync")
     engine = Engine(model_paths=model_paths)
     cancel = CancelToken()
