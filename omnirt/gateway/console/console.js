@@ -139,10 +139,7 @@
       if ($("filter-model").value) params.set("model", $("filter-model").value);
       const r = await apiJSON("/v1/jobs?" + params);
       if (r.ok) {
-        state.jobs = r.body.data;
-        for (const rec of state.jobs) liveOf(rec.id).record = rec;
-        manageStreams();
-        renderJobs();
+        setJobs(r.body.data);
       }
     } catch (e) {
       if (e instanceof Unauthorized) return;
@@ -216,6 +213,7 @@
     if (rec) {
       if (ev.event === "job_started" || ev.event === "job_dispatched") { rec.state = "running"; rec.worker_id = ev.data.worker_id || rec.worker_id; rec.started_at_ms = rec.started_at_ms || ev.timestamp_ms; }
       if (ev.event === "job_enqueued") rec.queue_position = ev.data.queue_position;
+      if (ev.event === "job_retried") { rec.state = "queued"; live.progress = null; }
       if (ev.event === "job_finished") { rec.state = "succeeded"; live.ended = true; }
       if (ev.event === "job_failed") { rec.state = "failed"; rec.error = ev.data.error; live.ended = true; }
       if (ev.event === "job_cancelled") { rec.state = "cancelled"; live.ended = true; }
@@ -312,7 +310,20 @@
   async function pollJobsOnce() {
     const r = await apiJSON("/v1/jobs?" + new URLSearchParams(Object.fromEntries(
       [["limit", "50"], ["state", $("filter-state").value], ["model", $("filter-model").value]].filter(([, v]) => v))));
-    if (r.ok) { state.jobs = r.body.data; for (const rec of state.jobs) liveOf(rec.id).record = rec; manageStreams(); renderJobs(); }
+    if (r.ok) setJobs(r.body.data);
+  }
+
+  function setJobs(records) {
+    // a list fetched just before a stream's terminal event must not undo it
+    for (const rec of records) {
+      const live = liveOf(rec.id);
+      const known = live.record && live.record.state;
+      if (live.ended && TERMINAL.has(known) && !TERMINAL.has(rec.state)) rec.state = known;
+      live.record = rec;
+    }
+    state.jobs = records;
+    manageStreams();
+    renderJobs();
   }
 
   // -- detail -----------------------------------------------------------------------------------
