@@ -1,6 +1,6 @@
 """``omnirt generate --server URL``: submit async, follow the SSE stream with progress (queue
-position kept up to date, step/total, ETA), download the PNGs; Ctrl-C cancels the job on the
-server and exits 130 with one line."""
+position kept up to date, step/total, ETA), download the PNGs; Ctrl-C (or SIGTERM) cancels the job
+on the server and exits 130 (143) with one line."""
 
 from __future__ import annotations
 
@@ -76,15 +76,18 @@ def run_remote(args, request: GenerateRequest) -> int:
 
     state: dict[str, Any] = {"code": 0, "interrupted": False}
 
-    def interrupted(_signum, _frame) -> None:
+    def interrupted(signum, _frame) -> None:
         if state["interrupted"]:  # a second Ctrl-C: stop waiting for the cancel
             reactor.callFromThread(reactor.stop)
             return
         state["interrupted"] = True
+        state["signal"] = signum
         reactor.callFromThread(lambda: state["follow"].cancel())
 
     def begin() -> None:
-        signal.signal(signal.SIGINT, interrupted)  # replaces the reactor's own (it stops at once)
+        # replace the reactor's own handlers (they stop it at once, leaving the job running)
+        signal.signal(signal.SIGINT, interrupted)
+        signal.signal(signal.SIGTERM, interrupted)
         state["follow"] = d = Deferred.fromCoroutine(_follow(args, base, request, state, reactor))
 
         def failed(f) -> None:
@@ -97,8 +100,8 @@ def run_remote(args, request: GenerateRequest) -> int:
 
     reactor.callWhenRunning(begin)
     reactor.run()
-    if state["interrupted"] and state["code"] == 0:
-        state["code"] = 130
+    if state["interrupted"]:  # 130 for Ctrl-C, 143 for SIGTERM
+        state["code"] = 128 + int(state.get("signal", signal.SIGINT))
     return state["code"]
 
 

@@ -50,6 +50,13 @@ class RemoteGenerateTests(SynchronousTestCase):
     def test_ctrl_c_cancels_the_job_one_line_rc_130(self):
         """SIGINT during the denoise stage: the job is cancelled on the server, the CLI prints one
         line saying so (no traceback) and exits 130; without a TTY the steps were plain lines."""
+        self.interrupt_mid_denoise(signal.SIGINT, 130)
+
+    def test_sigterm_cancels_the_job_too(self):
+        """SIGTERM (a CI runner or supervisor stopping the CLI) cancels the job the same way, exit 143."""
+        self.interrupt_mid_denoise(signal.SIGTERM, 143)
+
+    def interrupt_mid_denoise(self, signum: int, status: int) -> None:
         proc = subprocess.Popen(self.generate_argv(), cwd=str(REPO_ROOT), stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
         self.addCleanup(lambda: proc.poll() is None and proc.kill())
@@ -64,9 +71,9 @@ class RemoteGenerateTests(SynchronousTestCase):
                 break
         self.assertTrue(lines and lines[-1].startswith("denoise step 4/40"), lines)
         job_id = lines[0].split()[1]
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signum)
         out, err = proc.communicate(timeout=30)
-        self.assertEqual(proc.returncode, 130, err)
+        self.assertEqual(proc.returncode, status, err)
         after = [line for line in err.splitlines() if line.strip()]
         self.assertEqual(after[-1], f"error: interrupted: job {job_id} cancelled on the server")
         self.assertLessEqual(len(after), 2, after)  # at most one more step line raced the signal
