@@ -262,11 +262,34 @@ class JobRecord(BaseModel):
     spans: list[dict[str, Any]] = Field(default_factory=list)
 
     def public(self, *, include_events: bool = True) -> dict[str, Any]:
-        """The JSON body clients see."""
+        """The JSON body clients see: the outcome first (state, result with each output's URL
+        leading), the long request and the events last; ``include_events=False`` drops the events."""
         body = self.model_dump(mode="json", exclude=INTERNAL_RECORD_FIELDS)
         if not include_events:
             body.pop("events", None)
-        return body
+        return ordered_record_body(body)
+
+
+def ordered_record_body(body: dict[str, Any]) -> dict[str, Any]:
+    """A record body in the order a client reads it: outcome first, request and events last."""
+    result = body.get("result")
+    if isinstance(result, dict) and isinstance(result.get("outputs"), list):
+        result["outputs"] = [_leading(o, _ARTIFACT_LEAD) if isinstance(o, dict) else o for o in result["outputs"]]
+        body["result"] = _leading(result, ("outputs",))
+    return _leading(body, _RECORD_LEAD, _RECORD_TAIL)
+
+
+#: the order a client reads a record in (every other field keeps its place between them)
+_RECORD_LEAD = ("id", "state", "result", "error", "queue_position", "worker_id")
+_RECORD_TAIL = ("request", "events")
+_ARTIFACT_LEAD = ("url", "sha256", "mime", "width", "height")
+
+
+def _leading(body: dict[str, Any], lead: tuple[str, ...], tail: tuple[str, ...] = ()) -> dict[str, Any]:
+    ordered = {k: body[k] for k in lead if k in body}
+    ordered.update((k, v) for k, v in body.items() if k not in ordered and k not in tail)
+    ordered.update((k, body[k]) for k in tail if k in body)
+    return ordered
 
 
 # ---------------------------------------------------------------------------------------------

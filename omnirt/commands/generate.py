@@ -193,6 +193,9 @@ def run_local(args, request, model_paths: dict[str, str]) -> int:
     except OSError as exc:
         raise CliError(f"cannot create --output-dir {output_dir}: {exc.strerror or exc}") from None
 
+    from omnirt.telemetry.logging import cap_log_messages
+
+    cap_log_messages()  # library warnings echo a long prompt in full
     job = EngineJob(job_id=uuid.uuid4().hex, request=request, execution_mode="sync")
     engine = Engine(model_paths=model_paths)
     cancel = CancelToken()
@@ -248,14 +251,26 @@ def run_local(args, request, model_paths: dict[str, str]) -> int:
     return 0
 
 
+def _is_terminal(stream) -> bool:
+    """A terminal that can show a bar: a TTY, not TERM=dumb, with a width (a pty under ``script``
+    or a CI runner can report 0 columns, where tqdm draws nothing at all)."""
+    try:
+        if not stream.isatty() or os.environ.get("TERM") == "dumb":
+            return False
+        return os.get_terminal_size(stream.fileno()).columns > 0
+    except (AttributeError, OSError, ValueError):
+        return False
+
+
 class Progress:
     """Shows engine events on ``stream``: a line per finished stage, and the denoise steps as a
-    tqdm bar (step/total, ETA) on a TTY or as one plain line per step otherwise.
+    tqdm bar (step/total, ETA) on a terminal, or as plain lines (first, last, about every tenth
+    step) otherwise.
     """
 
     def __init__(self, stream):
         self.stream = stream
-        self.tty = stream.isatty() and os.environ.get("TERM") != "dumb"
+        self.tty = _is_terminal(stream)
         self.bar = None
 
     def note(self, text: str) -> None:
@@ -277,9 +292,12 @@ class Progress:
             self.close()  # the command's final "error: ..." line carries the message
 
     def _step(self, data: dict[str, Any]) -> None:
-        step, total = data["step"], data["total"]
+        step, total = int(data.get("step") or 0), int(data.get("total") or 0)
         if not self.tty:
-            self.note(f"denoise step {step}/{total} eta {data['eta_ms'] / 1000:.1f}s")
+            # plain lines (logs, CI): the first and last step and about every tenth in between
+            if step in (1, total) or step % max(1, total // 10) == 0:
+                eta = data.get("eta_ms")
+                self.note(f"denoise step {step}/{total}" + (f" eta {eta / 1000:.1f}s" if eta is not None else ""))
             return
         if self.bar is None:
             from tqdm import tqdm

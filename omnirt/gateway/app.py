@@ -12,7 +12,7 @@ from twisted.internet.defer import CancelledError
 from twisted.web.resource import Resource
 
 from omnirt.contract import JobRecord, JobState, parse_generate_request
-from omnirt.gateway import sse
+from omnirt.gateway import console_routes, sse
 from omnirt.gateway.auth import ApiKeys
 from omnirt.gateway.edge import parse_idempotency_key, parse_int_arg, parse_json_body, scoped_idempotency_key
 from omnirt.gateway.errors import HTTPError, error_response
@@ -34,10 +34,11 @@ _ROUTE_LABELS = [
     (re.compile(r"^/v1/jobs/[^/]+/trace$"), "/v1/jobs/{id}/trace"),
     (re.compile(r"^/v1/jobs/[^/]+$"), "/v1/jobs/{id}"),
     (re.compile(r"^/v1/artifacts/[^/]+$"), "/v1/artifacts/{sha256}"),
+    (re.compile(r"^/console/"), "/console/{file}"),
 ]
 _KNOWN_ROUTES = {
     "/healthz", "/readyz", "/metrics", "/v1/models", "/v1/generate", "/v1/jobs", "/v1/images/generations",
-    "/openapi.json",
+    "/openapi.json", "/", "/docs",
 }
 
 
@@ -234,8 +235,11 @@ class GatewayAPI:
 
     @app.route("/v1/jobs/<job_id>", methods=["GET"])
     async def get_job(self, request, job_id):
+        raw = (request.args.get(b"events") or [b"true"])[0].lower()
+        if raw not in (b"true", b"false", b"1", b"0"):
+            raise HTTPError(400, "events must be true or false")
         record = await self.service.get(job_id)
-        return write_json(request, 200, job_body(record))
+        return write_json(request, 200, job_body(record, include_events=raw in (b"true", b"1")))
 
     @app.route("/v1/jobs/<job_id>", methods=["DELETE"])
     async def cancel_job(self, request, job_id):
@@ -286,6 +290,9 @@ class GatewayAPI:
         return await images_generations(self, request)
 
 
+console_routes.install(GatewayAPI.app)
+
+
 class GatewayResource(Resource):
     """Wraps the Klein resource: API-key check (all but /healthz, /readyz; the WebSocket route
     checks its key itself to close with 4401), HTTP request metrics, and the request's trace (a
@@ -326,7 +333,8 @@ class GatewayResource(Resource):
     def _render(self, request, label: str):
         keys = self.api.api_keys
         presented = keys.from_headers(request.getHeader(b"authorization"), request.getHeader(b"x-api-key"))
-        if keys.enabled and request.path not in OPEN_PATHS and label != "/v1/jobs/{id}/stream":
+        if (keys.enabled and request.path not in OPEN_PATHS and request.path not in console_routes.CONSOLE_PATHS
+                and label != "/v1/jobs/{id}/stream"):
             if not keys.check(presented):
                 request.setHeader(b"WWW-Authenticate", b'Bearer realm="omnirt"')
                 if label == "/v1/images/generations":

@@ -59,6 +59,11 @@ EMPTY_OK = {"allowEmptyValue": True}
 
 
 @functools.cache
+def _page(summary: str) -> dict[str, Any]:
+    return {"get": {"summary": summary, "security": [], "responses": {
+        "200": {"description": "an HTML page", "content": {"text/html": {"schema": {"type": "string"}}}}}}}
+
+
 def openapi_document() -> dict[str, Any]:
     _, defs = models_json_schema([(m, "serialization") for m in _MODELS],
                                  ref_template="#/components/schemas/{model}")
@@ -98,7 +103,9 @@ def openapi_document() -> dict[str, Any]:
                  "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 50}}],
                 "responses": {"200": _json(JobList, "jobs"), **_errors(400, 401)}}},
         "/v1/jobs/{job_id}": {
-            "get": {"summary": "a job with its events", "parameters": [JOB_ID],
+            "get": {"summary": "a job: state, result (output URLs first), ..., request, events last", "parameters": [
+                JOB_ID, {"name": "events", "in": "query", "description": "false: a light record without the events",
+                         "schema": {"type": "boolean", "default": True}}],
                     "responses": {"200": _json(JobView, "the job"), **_errors(401, 404)}},
             "delete": {"summary": "cancel: queued -> cancelled, running -> cancelling", "parameters": [JOB_ID],
                        "responses": {"200": _json(JobView, "cancelled or cancelling"), **_errors(401, 404, 409)}}},
@@ -127,6 +134,13 @@ def openapi_document() -> dict[str, Any]:
             "responses": {"200": {"description": "the bytes (ETag = sha256)",
                                   "content": {"image/png": {"schema": {"type": "string", "format": "binary"}}}},
                           "304": {"description": "not modified"}, **_errors(401, 404)}}},
+        "/": _page("the web console: workers, jobs, live progress, submit"),
+        "/docs": _page("this API, interactive (Swagger UI)"),
+        "/console/{file}": {"get": {
+            "summary": "the console's static files", "security": [],
+            "parameters": [{"name": "file", "in": "path", "required": True, "schema": {"type": "string"}}],
+            "responses": {"200": {"description": "the file"}, "304": {"description": "not modified"},
+                          **_errors(404)}}},
         "/v1/images/generations": {"post": {
             "summary": "OpenAI Images API",
             "requestBody": {"required": True, "content": {"application/json": {"schema": _ref(OpenAIImagesRequest)}}},

@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from omnirt.contract import JobEvent, JobRecord
+from omnirt.contract import JobEvent, JobRecord, ordered_record_body
 from omnirt.registry import ModelSpec
 from omnirt.workers.pool import HEALTHY
 
@@ -161,7 +161,7 @@ class JobList(BaseModel):
 
 def job_body(record: JobRecord, *, include_events: bool = True) -> dict[str, Any]:
     model = JobView if include_events else JobSummary
-    return model.of(record).model_dump(mode="json")
+    return ordered_record_body(model.of(record).model_dump(mode="json"))
 
 
 # -- trace view --------------------------------------------------------------------------------

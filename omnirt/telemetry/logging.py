@@ -30,7 +30,12 @@ from twisted.logger import (
 )
 from zope.interface import implementer
 
-__all__ = ["FORMATS", "JsonLogObserver", "JsonFormatter", "install_logging", "quiet_factories"]
+__all__ = ["FORMATS", "MAX_MESSAGE_CHARS", "JsonLogObserver", "JsonFormatter", "cap_log_messages", "cap_text",
+           "install_logging", "quiet_factories"]
+
+#: longest log message written; the rest is replaced by a note of how much was cut (a 20,000-word
+#: prompt echoed by a library warning must not become a 200 KB log line)
+MAX_MESSAGE_CHARS = 2000
 
 FORMATS = ("text", "json")
 TraceLookup = Callable[[str], "str | None"]
@@ -49,6 +54,55 @@ def quiet_factories(event: dict[str, Any]) -> PredicateResult:
     if message and isinstance(message, tuple) and isinstance(message[0], str) and message[0].startswith(_NOISY):
         return PredicateResult.no
     return PredicateResult.maybe
+
+
+def cap_text(text: str, limit: int = MAX_MESSAGE_CHARS) -> str:
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... [{len(text) - limit} more characters not logged]"
+
+
+_capped_factory_installed = False
+
+
+def cap_log_messages(limit: int = MAX_MESSAGE_CHARS) -> None:
+    """Cap every stdlib log record's message at ``limit`` characters, whichever handler writes it
+    (diffusers and transformers keep handlers of their own), by wrapping the record factory; once
+    per process."""
+    global _capped_factory_installed
+    if _capped_factory_installed:
+        return
+    _capped_factory_installed = True
+    previous = logging.getLogRecordFactory()
+
+    def factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = previous(*args, **kwargs)
+        try:
+            message = record.getMessage()
+        except Exception:  # noqa: BLE001 - a bad format string stays the logging module's business
+            return record
+        if len(message) > limit:
+            record.msg, record.args = cap_text(message, limit), None
+        return record
+
+    logging.setLogRecordFactory(factory)
+
+
+def _capped(observer: ILogObserver, limit: int = MAX_MESSAGE_CHARS) -> Callable[[dict[str, Any]], None]:
+    """A twisted.logger observer that hands ``observer`` events whose text is capped."""
+
+    def observe(event: dict[str, Any]) -> None:
+        try:
+            text = formatEvent(event) or ""
+        except Exception:  # noqa: BLE001
+            text = ""
+        if len(text) > limit:
+            event = {k: v for k, v in event.items() if k not in ("format", "message")}
+            event["log_format"] = "{capped_text}"
+            event["capped_text"] = cap_text(text, limit)
+        observer(event)
+
+    return observe
 
 
 def _iso(ts: float) -> str:
@@ -166,8 +220,9 @@ def install_logging(fmt: str = "text", *, stream: IO[str] | None = None, trace_l
     else:
         observer = textFileLogObserver(stream)
         formatter = _TextFormatter()
-    globalLogBeginner.beginLoggingTo([FilteringLogObserver(observer, [quiet_factories])],
+    globalLogBeginner.beginLoggingTo([FilteringLogObserver(_capped(observer), [quiet_factories])],
                                      redirectStandardIO=False, discardBuffer=False)
+    cap_log_messages()
     handler = logging.StreamHandler(stream)
     handler.setFormatter(formatter)
     root = logging.getLogger()
