@@ -88,7 +88,7 @@ class TransitionTableTests(unittest.TestCase):
             job_id = f"j{n}"
             record = yield self.job_in(source, job_id)
             seen = []
-            sub = self.store.subscribe(job_id, 10_000, lambda e: seen.append(e.event))
+            sub = self.store.subscribe(job_id, 10_000, lambda e, seen=seen: seen.append(e.event))
             jobs_before = metric(self.metrics, "omnirt_jobs_total")
             retries_before = metric(self.metrics, "omnirt_job_retries_total")
             done = yield self.move(method, record, source)
