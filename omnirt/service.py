@@ -245,14 +245,18 @@ class GatewayService(OrderedService):
         await self.pool.start()
 
     async def _probe_remotes(self) -> None:
+        """Each remote worker must answer before the gateway starts (StartupError otherwise)."""
         from omnirt.workers.grpc import probe
 
         for spec in self.config.remote_specs:
             try:
-                await Deferred.fromFuture(asyncio.ensure_future(probe(spec.address, 5.0, self.config.worker_tls)))
+                health = await Deferred.fromFuture(
+                    asyncio.ensure_future(probe(spec.address, 5.0, self.config.worker_tls)))
             except Exception as exc:  # noqa: BLE001 - any failure is "unreachable"
                 reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
                 raise StartupError(f"remote worker {spec.worker_id} at {spec.address} is unreachable: {reason}") from None
+            # what it answered counts as its first health (one lost probe after it is then tolerated)
+            self.pool.record_health(spec.worker_id, health)
 
     async def _fleet_connections(self) -> list[Any]:
         """Start or adopt the fleet's supervisord; its workers are registered even if not up yet."""
