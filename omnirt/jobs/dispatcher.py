@@ -362,14 +362,10 @@ class Dispatcher:
                 running.deferred.cancel()
 
         d.addCallbacks(answered, failed)
-
-        def give_up() -> None:
-            if running.deferred is not None and not running.deferred.called:
-                running.deferred.cancel()
-
-        call = self._clock.callLater(self.cancel_timeout_s, give_up)
-        if running.deferred is not None:
-            running.deferred.addBoth(lambda r: (call.active() and call.cancel(), r)[1])
+        if running.deferred is not None and not running.deferred.called:
+            # a worker that does not stop within the timeout: drop the call (the job is cancelled)
+            running.deferred.addTimeout(self.cancel_timeout_s, self._clock,
+                                        onTimeoutCancel=lambda result, _timeout: result)
 
     def remote_cancel_watch(self, interval_s: float = 0.5) -> TimerService:
         """With a shared store a cancel may arrive at another gateway, which only moves the job

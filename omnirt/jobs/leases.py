@@ -76,6 +76,9 @@ class GatewayLease:
                 log.msg(f"adoption of job {job_id} postponed: {exc}")
                 return
         await self._heal_own(live)
+        # every tick also wakes the dispatcher: a slot freed on a worker shared with other gateways
+        # is seen by a probe, but a job must never wait for an event that may not come
+        self.dispatcher.pump()
         for job_id, runner in list(self.watching.items()):
             if runner in live:
                 continue

@@ -76,12 +76,11 @@ class Harness:
         self.reactor = self.clock = FakeReactor()
         self.workers = workers if workers is not None else [ControlledWorker("w1")]
         self.announced: list[str] = []
-        self.config = GatewayConfig(
-            port=0, local_worker=False, api_keys=ApiKeys(tuple(keys)), max_queue=max_queue,
-            max_attempts=max_attempts, allowed_tiers=tuple(allowed_tiers), rate_limit=rate_limit,
-            max_jobs_per_key=max_jobs_per_key, artifact_dir=testcase.mktemp(), job_retention_s=3600,
-            health_interval_s=2.0, health_failure_threshold=2, shutdown_grace_s=1.0, gateway_id="gw-test",
-            **config)
+        fields = dict(port=0, local_worker=False, api_keys=ApiKeys(tuple(keys)), max_queue=max_queue,
+                      max_attempts=max_attempts, allowed_tiers=tuple(allowed_tiers), rate_limit=rate_limit,
+                      max_jobs_per_key=max_jobs_per_key, artifact_dir=testcase.mktemp(), job_retention_s=3600,
+                      health_interval_s=2.0, health_failure_threshold=2, shutdown_grace_s=1.0, gateway_id="gw-test")
+        self.config = GatewayConfig(**{**fields, **config})
         self.tree = make_gateway_service(self.config, self.reactor, connections=self.workers,
                                          announce=self.announced.append)
         self.metrics = self.tree.metrics
