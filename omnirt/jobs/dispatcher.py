@@ -1,26 +1,27 @@
 """The dispatcher: a bounded FIFO of queued jobs, handed to the best worker as soon as one is free.
 
-It owns every transition after ``queued``: dispatch (``job_dispatched``), the worker's events in
-order, and the terminal outcome, retries after a lost worker (``job_retried``), and cancels.
+It drives every transition after ``queued`` through ``JobTransitions`` (the one write path):
+dispatch, the worker's events in order, the terminal outcome, retries after a lost worker, cancels.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import time
 from collections.abc import Callable
 
+from twisted.application.internet import TimerService
 from twisted.internet.defer import CancelledError, Deferred, DeferredLock
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.task import LoopingCall, deferLater
 from twisted.python import log
 
-from omnirt.contract import GenerateResult, JobRecord, JobState
-from omnirt.jobs.outcomes import record_terminal, store_outputs
+from omnirt.contract import JobRecord, JobState
+from omnirt.jobs.outcomes import store_outputs
+from omnirt.jobs.tasks import Tasks
+from omnirt.jobs.transitions import JobTransitions
 from omnirt.store.artifacts import ArtifactStore
-from omnirt.store.base import JobStore, NewEvent, StoreUnavailable
+from omnirt.store.base import JobStore, StoreUnavailable
 from omnirt.telemetry.metrics import GatewayMetrics
-from omnirt.telemetry.tracing import SERVICE_GATEWAY, Tracing, merge_spans
+from omnirt.telemetry.tracing import Tracing
 from omnirt.workers.base import (
     JobCancelled,
     JobFailed,
@@ -32,9 +33,6 @@ from omnirt.workers.base import (
 )
 from omnirt.workers.pool import WorkerEntry, WorkerPool
 
-#: attempts to record a job's outcome while the store is unreachable (backoff up to 5 s: ~10 min)
-STORE_RETRIES = 130
-
 
 @dataclasses.dataclass
 class QueuedJob:
@@ -42,7 +40,8 @@ class QueuedJob:
     model: str
     tags: tuple[str, ...]
     attempts: int = 0
-    excluded: tuple[str, ...] = ()
+    #: workers the job was lost on: worker id -> the instance it was lost on ("" unknown)
+    excluded: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -55,13 +54,17 @@ class RunningJob:
     started: bool = False
     #: stopped because this gateway shuts down: the job goes back to the queue, not cancelled
     handed_back: bool = False
+    #: the worker's instance when the job was sent there
+    instance: str = ""
 
 
 class EventWriter:
     """Appends a job's worker events to the store strictly in arrival order."""
 
-    def __init__(self, store: JobStore, job_id: str, attempt: int, on_event: Callable[[WorkerUpdate], None]):
-        self._store = store
+    def __init__(self, transitions: JobTransitions, job_id: str, attempt: int,
+                 on_event: Callable[[WorkerUpdate], None], tasks: Tasks):
+        self._transitions = transitions
+        self._tasks = tasks
         self._job_id = job_id
         self._attempt = attempt
         self._index = 0
@@ -70,12 +73,11 @@ class EventWriter:
 
     def push(self, update: WorkerUpdate) -> None:
         self._on_event(update)
-        event = NewEvent(update.event, update.stage, update.data)
         self._index += 1
         index = self._index
         d = self._lock.run(lambda: Deferred.fromCoroutine(
-            self._store.append_worker_event(self._job_id, self._attempt, index, event)))
-        d.addErrback(log.err, f"could not record event {update.event} of job {self._job_id}")
+            self._transitions.progress(self._job_id, self._attempt, index, update)))
+        self._tasks.track(d, f"could not record event {update.event} of job {self._job_id}")
 
     def drain(self) -> Deferred:
         """Fires once every pushed event is stored."""
@@ -94,10 +96,16 @@ class Dispatcher:
         max_attempts: int = 3,
         cancel_timeout_s: float = 30.0,
         tracing: Tracing | None = None,
+        transitions: JobTransitions | None = None,
+        tasks: Tasks | None = None,
     ):
         self._clock = clock
+        #: the one write path of job state (persist, publish, metrics, spans)
+        self.transitions = transitions or JobTransitions(clock=clock, store=store, metrics=metrics, tracing=tracing)
         #: spans of the jobs (their roots live here from submit to the terminal transition)
-        self.tracing = tracing or Tracing(SERVICE_GATEWAY)
+        self.tracing = self.transitions.tracing
+        #: fire-and-forget work (dispatches, event writes) that shutdown waits for
+        self.tasks = tasks or Tasks()
         self.store = store
         self.pool = pool
         self.artifacts = artifacts
@@ -106,13 +114,18 @@ class Dispatcher:
         self.cancel_timeout_s = cancel_timeout_s
         self.queue: list[QueuedJob] = []
         self.running: dict[str, RunningJob] = {}
-        self._tasks: set[Deferred] = set()
-        #: exponentially weighted mean of job service time (s), for Retry-After
-        self.mean_service_s: float | None = None
         self._pumping = False
-        #: job id -> clock time its cancel was asked for (cancel latency metric)
-        self._cancel_times: dict[str, float] = {}
+        self._pump_again = False
         pool.on_change = self.pump
+
+    @property
+    def mean_service_s(self) -> float | None:
+        """Exponentially weighted mean of job service time (s), for Retry-After."""
+        return self.transitions.mean_service_s
+
+    @mean_service_s.setter
+    def mean_service_s(self, value: float | None) -> None:
+        self.transitions.mean_service_s = value
 
     # -- queue -------------------------------------------------------------------------------
 
@@ -151,29 +164,36 @@ class Dispatcher:
     def pump(self) -> None:
         """Hand every queued job that has an eligible worker to the best one, in queue order."""
         if self._pumping:
+            self._pump_again = True  # a change while pumping (a worker freed up): look once more
             return
         self._pumping = True
         try:
-            i = 0
-            while i < len(self.queue):
-                q = self.queue[i]
-                entry = self.pool.pick(q.model, q.tags, exclude=q.excluded)
-                if entry is None and q.excluded:
-                    entry = self.pool.pick(q.model, q.tags)
-                if entry is None:
-                    i += 1
-                    continue
-                del self.queue[i]
-                self.pool.acquire(entry)
-                self._track(Deferred.fromCoroutine(self._dispatch(q, entry)))
+            self._pump_again = True
+            while self._pump_again:
+                self._pump_again = False
+                self._pump_once()
         finally:
             self._pumping = False
             self._gauge()
 
-    def _track(self, d: Deferred) -> None:
-        self._tasks.add(d)
-        d.addErrback(log.err, "dispatch failed unexpectedly")
-        d.addBoth(lambda _: self._tasks.discard(d))
+    def _pump_once(self) -> None:
+        i = 0
+        while i < len(self.queue):
+            q = self.queue[i]
+            if q.excluded:
+                entry = self.pool.pick_retry(q.model, q.tags, q.excluded)
+                if entry is None and self.pool.only_lost_instances(q.model, q.tags, q.excluded):
+                    del self.queue[i]
+                    self.tasks.track(Deferred.fromCoroutine(self._no_worker_left(q)), "giving up a job failed")
+                    continue
+            else:
+                entry = self.pool.pick(q.model, q.tags)
+            if entry is None:
+                i += 1
+                continue
+            del self.queue[i]
+            self.pool.acquire(entry)
+            self.tasks.track(Deferred.fromCoroutine(self._dispatch(q, entry)), "dispatch failed unexpectedly")
 
     # -- one dispatch ------------------------------------------------------------------------
 
@@ -182,51 +202,27 @@ class Dispatcher:
 
     async def _dispatch(self, q: QueuedJob, entry: WorkerEntry) -> None:
         attempt = q.attempts + 1
-        current = await self.store.get(q.job_id)
-        if current is None or current.state != JobState.queued:
+        instance = entry.instance
+        try:
+            dispatched = await self.transitions.dispatch(q.job_id, entry.worker_id, attempt, entry.conn.address)
+        except BaseException:
             self.pool.release(entry)
-            live = self.tracing.live(q.job_id)
-            if current is not None and current.state.terminal and live is not None:
-                live.finish(current.state.value, current.error)  # ended elsewhere (another gateway's cancel)
-            return
-        fields = {"worker_id": entry.worker_id, "attempts": attempt, "queue_position": None}
-        if current.started_at_ms is None:
-            fields["started_at_ms"] = self._now_ms()
-        record = await self.store.transition(
-            q.job_id, (JobState.queued,), JobState.running,
-            NewEvent("job_dispatched", "job", {"job_id": q.job_id, "worker_id": entry.worker_id, "attempt": attempt}),
-            fields,
-        )
-        if record is None:  # cancelled meanwhile
+            raise
+        if dispatched is None:  # no longer queued (cancelled meanwhile, or another gateway's)
             self.pool.release(entry)
             return
-        if attempt == 1:
-            self.metrics.queue_wait.observe(max(0.0, (self._now_ms() - record.enqueued_at_ms) / 1000))
-        running = RunningJob(q.job_id, entry, attempt)
+        record, trace_context = dispatched
+        running = RunningJob(q.job_id, entry, attempt, instance=instance)
         self.running[q.job_id] = running
         self._gauge()
         trace = self.tracing.job(q.job_id, record)
-        trace_context = trace.begin_dispatch(attempt, entry.worker_id, entry.conn.address)
-        dispatched_at = time.monotonic()
-        first_progress = [False]
+        observe = self.transitions.observer(record, entry.worker_id, attempt)
 
-        def observe(update: WorkerUpdate) -> None:
-            if update.event == "job_started" and not running.started:
-                running.started = True
-                self.metrics.dispatch_seconds.observe(time.monotonic() - dispatched_at)
-                update.data = {"job_id": q.job_id, "worker_id": entry.worker_id, **update.data}
-                trace.set_backend(update.data.get("backend"))
-            elif update.event == "stage_end" and "elapsed_ms" in update.data:
-                self.metrics.stage_duration.labels(stage=update.stage, model=q.model).observe(
-                    float(update.data["elapsed_ms"]) / 1000
-                )
-            elif update.event == "stage_progress" and not first_progress[0] and attempt == 1:
-                first_progress[0] = True
-                self.metrics.time_to_first_progress.observe(
-                    max(0.0, (self._now_ms() - record.enqueued_at_ms) / 1000)
-                )
+        def on_event(update: WorkerUpdate) -> None:
+            observe(update)
+            running.started = running.started or observe.started()
 
-        writer = EventWriter(self.store, q.job_id, attempt, observe)
+        writer = EventWriter(self.transitions, q.job_id, attempt, on_event, self.tasks)
         job = WorkerJob(
             job_id=q.job_id,
             request=record.request,
@@ -260,18 +256,19 @@ class Dispatcher:
         self, q: QueuedJob, record: JobRecord, running: RunningJob, outcome: RunOutcome | None, error: BaseException | None
     ) -> None:
         job_id = q.job_id
+        t = self.transitions
         if outcome is not None:
-            result = await self._store_outputs(record, running, outcome)
-            await self._terminal(record, JobState.succeeded, fields={"result": result})
+            result = await store_outputs(self.artifacts, record, running.entry.worker_id, outcome)
+            await t.finish(record, result)
             return
         if isinstance(error, JobFailed):
-            await self._terminal(record, JobState.failed, error=str(error) or "job failed")
+            await t.fail(record, str(error) or "job failed")
             return
         if running.handed_back:
             await self._requeue(q, running, "gateway_shutdown", str(error or ""), count_attempt=False, enqueue=False)
             return
         if isinstance(error, (JobCancelled, CancelledError)):
-            await self._terminal(record, JobState.cancelled, error=None)
+            await t.cancelled(record)
             return
         # the worker is gone or refused: never the job's fault
         busy = isinstance(error, WorkerBusy)
@@ -287,95 +284,55 @@ class Dispatcher:
         if current is None:
             return
         if current.state == JobState.cancelling:
-            await self._terminal(record, JobState.cancelled, error=None)
+            await t.cancelled(record)
             return
         if not busy and running.attempt >= self.max_attempts:
-            await self._terminal(record, JobState.failed, error=f"worker_lost: gave up after {running.attempt} attempts ({detail})")
+            await t.fail(record, f"worker_lost: gave up after {running.attempt} attempts ({detail})")
             return
         await self._requeue(q, running, reason, str(error), count_attempt=not busy)
 
     async def _requeue(self, q: QueuedJob, running: RunningJob, reason: str, error: str, *, count_attempt: bool,
                        enqueue: bool = True) -> None:
-        """running -> queued with ``job_retried``; the job goes to the front of the queue."""
+        """running -> queued with ``job_retried``; the job goes to the front of the queue, and not
+        back to the worker instance it was lost on (``pool.pick_retry``)."""
         attempts_used = running.attempt if count_attempt else running.attempt - 1
-        excluded = (*q.excluded, running.entry.worker_id) if count_attempt else q.excluded
-        trace = self.tracing.job(q.job_id)
-        if enqueue:
-            trace.wait(f"retry: {reason}")
-        retried = await self.store.transition(
-            q.job_id, (JobState.running,), JobState.queued,
-            NewEvent("job_retried", "job", {
-                "job_id": q.job_id, "attempt": running.attempt, "reason": reason,
-                "previous_worker_id": running.entry.worker_id, "error": error,
-            }),
-            {"worker_id": None, "attempts": attempts_used, "excluded_workers": list(excluded),
-             "spans": trace.summaries()},
-        )
-        if not enqueue:
-            self.tracing.forget(q.job_id)  # the job is another gateway's now (or this one's, restarted)
-        if retried is None:
-            return
-        self.metrics.job_retries.labels(reason=reason).inc()
-        if enqueue:
+        excluded = dict(q.excluded)
+        if count_attempt:
+            excluded[running.entry.worker_id] = running.instance
+        retried = await self.transitions.retry(
+            q.job_id, attempt=running.attempt, reason=reason, previous_worker_id=running.entry.worker_id,
+            error=error, attempts_used=attempts_used, excluded=excluded, requeue=enqueue)
+        if retried is not None and enqueue:
             self.enqueue(QueuedJob(q.job_id, q.model, q.tags, attempts=attempts_used, excluded=excluded), front=True)
 
-    async def _store_outputs(self, record: JobRecord, running: RunningJob, outcome: RunOutcome) -> GenerateResult:
-        return await store_outputs(self.artifacts, record, running.entry.worker_id, outcome)
-
-    async def _terminal(self, record: JobRecord, state: JobState, *, error: str | None = None, fields=None) -> None:
-        """Record the outcome; while the store is unreachable keep trying (bounded), so an accepted
-        job still reaches its terminal state once the store is back."""
-        now = self._now_ms()
-        spans = self.tracing.job(record.id, record).finish(state.value, error)
-        fields = {**(fields or {}), "spans": spans}
-        delay = 0.2
-        for _ in range(STORE_RETRIES):
-            try:
-                done = await record_terminal(self.store, record.id, state, now_ms=now, error=error, fields=fields)
-                break
-            except StoreUnavailable as exc:
-                log.msg(f"recording {state.value} for job {record.id} failed ({exc}); retrying in {delay:g}s")
-                await deferLater(self._clock, delay)
-                delay = min(delay * 2, 5.0)
-        else:
-            log.msg(f"gave up recording the outcome of job {record.id}: store unreachable")
+    async def _no_worker_left(self, q: QueuedJob) -> None:
+        """queued -> failed: the job was lost on every worker that serves it, and each is back as
+        the instance that lost it."""
+        record = await self.store.get(q.job_id)
+        if record is None or record.state != JobState.queued:
             return
-        if done is None:  # another writer recorded the outcome first: add our spans to it
-            await self._add_spans(record.id, spans)
-            return
-        if done.state == JobState.failed:
-            log.msg(f"job {record.id} failed: {error}", job_id=record.id, trace_id=record.trace_id)
-        self.observe_terminal(done, now)
-
-    async def _add_spans(self, job_id: str, spans: list[dict]) -> None:
-        try:
-            current = await self.store.get(job_id)
-            if current is not None:
-                await self.store.update(job_id, {"spans": merge_spans(current.spans, spans)})
-        except StoreUnavailable as exc:
-            log.msg(f"could not record the spans of job {job_id}: {exc}", job_id=job_id)
+        lost_on = ", ".join(sorted(q.excluded))
+        await self.transitions.fail(
+            record, f"worker_lost: lost on {lost_on}, and no other worker instance can serve it",
+            (JobState.queued,))
 
     def observe_terminal(self, record: JobRecord, now_ms: int) -> None:
-        req = record.request
-        self.metrics.jobs_total.labels(
-            task=req.task, model=req.model, execution_mode=record.execution_mode, state=record.state.value
-        ).inc()
-        duration = max(0.0, (now_ms - record.enqueued_at_ms) / 1000)
-        self.metrics.job_duration.labels(model=req.model, state=record.state.value).observe(duration)
-        if record.state == JobState.succeeded and record.started_at_ms is not None:
-            service = max(0.0, (now_ms - record.started_at_ms) / 1000)
-            prev = self.mean_service_s
-            self.mean_service_s = service if prev is None else 0.8 * prev + 0.2 * service
-        asked = self._cancel_times.pop(record.id, None)
-        if record.state == JobState.cancelled and asked is not None:
-            self.metrics.cancel_latency.observe(max(0.0, self._clock.seconds() - asked))
+        self.transitions.observe_terminal(record, now_ms)
+
+    def queued_from(self, record: JobRecord) -> QueuedJob:
+        """The queue entry of a stored job (adopted, healed or taken back), exclusions included:
+        a worker it was lost on counts as the instance that worker is now."""
+        request = record.request
+        excluded = {wid: self.pool.instance_of(wid) for wid in record.excluded_workers}
+        return QueuedJob(record.id, request.model, tuple(request.routing_tags), attempts=record.attempts,
+                         excluded=excluded)
 
     # -- cancel ------------------------------------------------------------------------------
 
     def request_cancel(self, job_id: str) -> bool:
         """Tell the worker running ``job_id`` to stop; False when this gateway does not run it."""
         running = self.running.get(job_id)
-        self._cancel_times.setdefault(job_id, self._clock.seconds())
+        self.transitions.cancel_asked(job_id)
         if running is None:
             return False
         if running.cancel_requested_at is None:
@@ -405,16 +362,12 @@ class Dispatcher:
                 running.deferred.cancel()
 
         d.addCallbacks(answered, failed)
+        if running.deferred is not None and not running.deferred.called:
+            # a worker that does not stop within the timeout: drop the call (the job is cancelled)
+            running.deferred.addTimeout(self.cancel_timeout_s, self._clock,
+                                        onTimeoutCancel=lambda result, _timeout: result)
 
-        def give_up() -> None:
-            if running.deferred is not None and not running.deferred.called:
-                running.deferred.cancel()
-
-        call = self._clock.callLater(self.cancel_timeout_s, give_up)
-        if running.deferred is not None:
-            running.deferred.addBoth(lambda r: (call.active() and call.cancel(), r)[1])
-
-    def watch_remote_cancels(self, interval_s: float = 0.5) -> LoopingCall:
+    def remote_cancel_watch(self, interval_s: float = 0.5) -> TimerService:
         """With a shared store a cancel may arrive at another gateway, which only moves the job
         to ``cancelling``: look at the state of the jobs this gateway runs and pass such cancels on."""
 
@@ -430,15 +383,14 @@ class Dispatcher:
                 if state == JobState.cancelling:
                     self.request_cancel(job_id)
 
-        loop = LoopingCall(lambda: Deferred.fromCoroutine(look()))
-        loop.clock = self._clock
-        loop.start(interval_s, now=False).addErrback(log.err, "remote cancel watch stopped")
-        return loop
+        timer = TimerService(interval_s, lambda: Deferred.fromCoroutine(look()))
+        timer.clock = self._clock
+        return timer
 
     # -- shutdown ----------------------------------------------------------------------------
 
     def pending(self) -> list[Deferred]:
-        return list(self._tasks)
+        return self.tasks.pending()
 
 
 def _attempt_outcome(running: RunningJob, outcome: RunOutcome | None, error: BaseException | None) -> str:

@@ -15,14 +15,14 @@ two survivors never both take a job):
 
 from __future__ import annotations
 
+from twisted.application.internet import TimerService
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.task import LoopingCall
 from twisted.python import log
 
-from omnirt.contract import TERMINAL_EVENT, JobState
-from omnirt.jobs.dispatcher import Dispatcher, QueuedJob
-from omnirt.store.base import JobStore, NewEvent, StoreUnavailable
+from omnirt.contract import JobState
+from omnirt.jobs.dispatcher import Dispatcher
+from omnirt.store.base import JobStore, StoreUnavailable
 
 
 class GatewayLease:
@@ -33,21 +33,26 @@ class GatewayLease:
         self.dispatcher = dispatcher
         self.gateway_id = gateway_id
         self.ttl_s = ttl_s
-        self._loop = LoopingCall(lambda: Deferred.fromCoroutine(self.tick()))
-        self._loop.clock = clock
+        #: the refresh (periodic; a child of the gateway's service tree)
+        self.timer = TimerService(max(0.2, ttl_s / 3), lambda: Deferred.fromCoroutine(self.tick()))
+        self.timer.clock = clock
         self._first = True
         self.adopted = 0
         #: running jobs left to the worker recording them: job id -> "worker:<id>"
         self.watching: dict[str, str] = {}
 
-    def start(self) -> Deferred:
-        d = self._loop.start(max(0.2, self.ttl_s / 3), now=True)
-        d.addErrback(log.err, "gateway lease loop stopped")
-        return d
+    def start(self) -> None:
+        if not self.timer.running:
+            self.timer.startService()
 
-    def stop(self) -> None:
-        if self._loop.running:
-            self._loop.stop()
+    async def stop(self) -> None:
+        """Stop refreshing, then let the lease lapse at once, so the other gateways adopt what is left."""
+        if self.timer.running:
+            await self.timer.stopService()
+        try:
+            await self.store.refresh_lease(self.gateway_id, 0.001)
+        except StoreUnavailable:
+            pass
 
     async def tick(self) -> None:
         try:
@@ -65,12 +70,15 @@ class GatewayLease:
             if job_id in self.dispatcher.running or self.dispatcher.queue_position(job_id) is not None:
                 continue
             try:
-                if await self.store.adopt(job_id, owner, self.gateway_id):
+                if await self.dispatcher.transitions.adopt(job_id, owner, self.gateway_id):
                     await self._take(job_id, owner, live)
             except StoreUnavailable as exc:
                 log.msg(f"adoption of job {job_id} postponed: {exc}")
                 return
         await self._heal_own(live)
+        # every tick also wakes the dispatcher: a slot freed on a worker shared with other gateways
+        # is seen by a probe, but a job must never wait for an event that may not come
+        self.dispatcher.pump()
         for job_id, runner in list(self.watching.items()):
             if runner in live:
                 continue
@@ -101,8 +109,7 @@ class GatewayLease:
             if record is None or record.state != JobState.queued or now_ms - record.enqueued_at_ms < 5000:
                 continue
             log.msg(f"job {job_id} was in the store but not in this gateway's queue: queueing it")
-            self.dispatcher.enqueue(QueuedJob(job_id, record.request.model, tuple(record.request.routing_tags),
-                                              attempts=record.attempts))
+            self.dispatcher.enqueue(self.dispatcher.queued_from(record))
 
     async def _take(self, job_id: str, owner: str, live: set[str]) -> None:
         record = await self.store.get(job_id)
@@ -114,34 +121,22 @@ class GatewayLease:
             return
         self.adopted += 1
         log.msg(f"adopting job {job_id} ({record.state.value}) from gateway {owner or '?'}")
-        queued = QueuedJob(job_id, record.request.model, tuple(record.request.routing_tags),
-                           attempts=record.attempts)
+        t = self.dispatcher.transitions
         if record.state == JobState.queued:
-            self.dispatcher.enqueue(queued)
+            self.dispatcher.enqueue(self.dispatcher.queued_from(record))
             return
-        now = int(self._clock.seconds() * 1000)
         if record.state == JobState.cancelling:
-            done = await self.store.transition(
-                job_id, (JobState.cancelling,), JobState.cancelled,
-                NewEvent(TERMINAL_EVENT[JobState.cancelled], "job", {"job_id": job_id}), {"finished_at_ms": now})
-            if done is not None:
-                self.dispatcher.observe_terminal(done, now)
+            await t.cancelled(record, (JobState.cancelling,))
             return
         # running: its gateway's stream to the worker broke, so the worker dropped the job
         if record.attempts >= self.dispatcher.max_attempts:
-            error = f"gateway_lost: gateway {owner} died and the job used all {record.attempts} attempts"
-            done = await self.store.transition(
-                job_id, (JobState.running,), JobState.failed,
-                NewEvent(TERMINAL_EVENT[JobState.failed], "job", {"job_id": job_id, "error": error}),
-                {"finished_at_ms": now, "error": error})
-            if done is not None:
-                self.dispatcher.observe_terminal(done, now)
+            await t.fail(record, f"gateway_lost: gateway {owner} died and the job used all {record.attempts} attempts",
+                         (JobState.running,))
             return
-        retried = await self.store.transition(
-            job_id, (JobState.running,), JobState.queued,
-            NewEvent("job_retried", "job", {"job_id": job_id, "attempt": record.attempts, "reason": "gateway_lost",
-                                            "previous_worker_id": record.worker_id, "previous_gateway_id": owner}),
-            {"worker_id": None})
+        # the same retry as the dispatcher's: payload, spans, metric, and the exclusions kept
+        retried = await t.retry(
+            job_id, attempt=record.attempts, reason="gateway_lost", previous_worker_id=record.worker_id,
+            error=f"gateway {owner} stopped renewing its lease", attempts_used=record.attempts,
+            excluded=record.excluded_workers, previous_gateway_id=owner, record=record)
         if retried is not None:
-            self.dispatcher.metrics.job_retries.labels(reason="gateway_lost").inc()
-            self.dispatcher.enqueue(queued)
+            self.dispatcher.enqueue(self.dispatcher.queued_from(retried))

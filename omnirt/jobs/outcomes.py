@@ -1,8 +1,9 @@
-"""Recording a job's outcome: one path used by the gateway's dispatcher and by a worker that
-writes to the shared store itself (``omnirt worker --redis-url``)."""
+"""Recording a job's outcome: the terminal write shared by the gateway (``jobs.transitions``) and by a
+worker that writes to the shared store itself (``omnirt worker --redis-url``)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from omnirt.contract import TERMINAL_EVENT, GenerateResult, JobRecord, JobState
@@ -32,11 +33,17 @@ async def store_outputs(artifacts, record: JobRecord, worker_id: str, outcome: R
     return GenerateResult(outputs=outputs, metadata=meta)
 
 
-async def record_terminal(store: JobStore, job_id: str, state: JobState, *, now_ms: int, error: str | None = None,
-                          fields: dict[str, Any] | None = None) -> JobRecord | None:
-    """running|cancelling -> ``state`` with its terminal event; None when another writer was first."""
-    data = {"job_id": job_id}
+def terminal_event(job_id: str, state: JobState, error: str | None = None) -> NewEvent:
+    """The terminal event of ``state`` (job_finished | job_failed | job_cancelled)."""
+    data: dict[str, Any] = {"job_id": job_id}
     if error:
         data["error"] = error
+    return NewEvent(TERMINAL_EVENT[state], "job", data)
+
+
+async def record_terminal(store: JobStore, job_id: str, state: JobState, *, now_ms: int, error: str | None = None,
+                          fields: dict[str, Any] | None = None,
+                          from_states: Iterable[JobState] = RUNNING_STATES) -> JobRecord | None:
+    """``from_states`` -> ``state`` with its terminal event; None when another writer was first."""
     update = {"finished_at_ms": now_ms, "error": error, **(fields or {})}
-    return await store.transition(job_id, RUNNING_STATES, state, NewEvent(TERMINAL_EVENT[state], "job", data), update)
+    return await store.transition(job_id, tuple(from_states), state, terminal_event(job_id, state, error), update)

@@ -12,14 +12,13 @@ import math
 import uuid
 from collections.abc import Callable, Mapping
 
-from twisted.internet.defer import Deferred, DeferredList
+from twisted.application.internet import TimerService
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.task import LoopingCall
 from twisted.python import log
 from twisted.python.failure import Failure
 
 from omnirt.contract import (
-    TERMINAL_EVENT,
     GenerateRequest,
     JobEvent,
     JobRecord,
@@ -32,7 +31,10 @@ from omnirt.jobs.dispatcher import Dispatcher, QueuedJob
 from omnirt.jobs.errors import JobConflict, JobNotFoundError, NoWorkerForModel, QueueFull, ServiceUnavailable
 from omnirt.jobs.limits import TooManyJobs
 from omnirt.registry import DEFAULT_ALLOWED_TIERS, resolve_request
-from omnirt.store.base import JobStore, NewEvent, StoreUnavailable, Subscription
+from omnirt.store.base import JobStore, StoreUnavailable, Subscription
+
+#: how long the drain waits for the cancels and hand-backs it started
+SETTLE_S = 5.0
 
 
 class JobService:
@@ -51,6 +53,8 @@ class JobService:
         self._clock = clock
         self.store = store
         self.dispatcher = dispatcher
+        #: the one write path of job state (the dispatcher's)
+        self.transitions = dispatcher.transitions
         self.allowed_tiers = tuple(allowed_tiers)
         self.max_queue = max_queue
         self.default_backend = default_backend
@@ -58,20 +62,14 @@ class JobService:
         #: at most this many unfinished jobs per client (API key or address); None = no cap
         self.max_jobs_per_principal = max_jobs_per_principal
         self._principal_jobs: dict[str, set[str]] = {}
-        self._sweep = LoopingCall(self._expire)
-        self._sweep.clock = clock
-        self._retention_sweep_s = retention_sweep_s
+        #: the retention sweep (periodic; a child of the gateway's service tree)
+        self.sweep = TimerService(retention_sweep_s, lambda: Deferred.fromCoroutine(self.expire()))
+        self.sweep.clock = clock
 
     # -- lifecycle ---------------------------------------------------------------------------
 
-    def start(self) -> None:
-        self._sweep.start(self._retention_sweep_s, now=False).addErrback(log.err, "retention sweep stopped")
-
-    def stop(self) -> None:
-        if self._sweep.running:
-            self._sweep.stop()
-
-    async def _expire(self) -> None:
+    async def expire(self) -> None:
+        """Drop the jobs whose retention ended."""
         try:
             await self.store.expire()
         except StoreUnavailable as exc:
@@ -154,18 +152,11 @@ class JobService:
         return self._decorate(created), True
 
     async def _create_and_enqueue(self, record: JobRecord, position: int, trace, principal: str | None) -> JobRecord:
-        job_id = record.id
-        try:
-            record = await self.store.create(
-                record, NewEvent("job_enqueued", "job", {"job_id": job_id, "queue_position": position})
-            )
-        except BaseException as exc:
-            trace.abandon(exc)
-            raise
+        record = await self.transitions.enqueue(record, position, trace)
         if principal is not None and self.max_jobs_per_principal is not None:
-            self._principal_jobs.setdefault(principal, set()).add(job_id)
+            self._principal_jobs.setdefault(principal, set()).add(record.id)
         request = record.request
-        self.dispatcher.enqueue(QueuedJob(job_id, request.model, tuple(request.routing_tags)))
+        self.dispatcher.enqueue(QueuedJob(record.id, request.model, tuple(request.routing_tags)))
         return record
 
     async def _check_principal(self, principal: str) -> None:
@@ -233,20 +224,13 @@ class JobService:
                 return record
             if record.state == JobState.queued:
                 self.dispatcher.request_cancel(job_id)
-                now = self._now_ms()
-                spans = self.dispatcher.tracing.job(job_id, record).finish(JobState.cancelled.value)
-                done = await self.store.transition(
-                    job_id, (JobState.queued,), JobState.cancelled,
-                    NewEvent(TERMINAL_EVENT[JobState.cancelled], "job", {"job_id": job_id}),
-                    {"finished_at_ms": now, "queue_position": None, "spans": spans},
-                )
+                done = await self.transitions.cancelled(record, (JobState.queued,), patient=False)
                 if done is not None:
                     self.dispatcher.remove(job_id)
-                    self.dispatcher.observe_terminal(done, now)
                     return done
                 continue
             # running
-            moved = await self.store.transition(job_id, (JobState.running,), JobState.cancelling)
+            moved = await self.transitions.cancel_request(job_id)
             if moved is not None:
                 self.dispatcher.request_cancel(job_id)
                 return moved
@@ -290,49 +274,32 @@ class JobService:
     # -- shutdown ----------------------------------------------------------------------------
 
     async def shutdown(self, grace_s: float) -> None:
-        """Stop admitting, let running jobs finish within ``grace_s``, cancel the rest.
+        """The drain: stop admitting, let running jobs finish within ``grace_s``, then cancel the
+        rest (requeue them, with a shared store), and wait for what that started (bounded).
 
         With a shared store (Redis) nothing is cancelled: queued jobs stay queued and running
         ones that outlast the grace go back to the queue, for another gateway (or this one,
         restarted) to adopt."""
         self.accepting = False
-        self.stop()
         shared = self.store.shared
+        dispatcher = self.dispatcher
         if shared:
-            self.dispatcher.queue.clear()
-        for q in list(self.dispatcher.queue):
+            dispatcher.queue.clear()
+        for q in list(dispatcher.queue):
             try:
                 await self.cancel(q.job_id)
             except Exception as exc:  # noqa: BLE001 - keep shutting down
                 log.msg(f"cancel of queued job {q.job_id} at shutdown failed: {exc}")
-        pending = self.dispatcher.pending()
-        if pending:
-            waited = DeferredList(pending, consumeErrors=True)
-            timer = self._clock.callLater(grace_s, lambda: waited.called or waited.cancel())
-            try:
-                await waited
-            except Exception:  # noqa: BLE001 - the grace period ran out
-                pass
-            if timer.active():
-                timer.cancel()
-        for job_id in list(self.dispatcher.running):
+        await dispatcher.tasks.wait(self._clock, grace_s)
+        for job_id in list(dispatcher.running):
             if shared:
-                self.dispatcher.hand_back(job_id)
+                dispatcher.hand_back(job_id)
                 continue
             try:
                 await self.cancel(job_id)
             except Exception as exc:  # noqa: BLE001
                 log.msg(f"cancel of running job {job_id} at shutdown failed: {exc}")
-        pending = self.dispatcher.pending()
-        if pending:
-            waited = DeferredList(pending, consumeErrors=True)
-            timer = self._clock.callLater(5.0, lambda: waited.called or waited.cancel())
-            try:
-                await waited
-            except Exception:  # noqa: BLE001
-                pass
-            if timer.active():
-                timer.cancel()
+        await dispatcher.tasks.wait(self._clock, SETTLE_S)
 
 
 def shielded(d: Deferred) -> Deferred:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import uuid
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -22,6 +23,10 @@ __all__ = [
     "WorkerLost",
     "WorkerUpdate",
 ]
+
+
+#: this process's instance id, reported in Health (a restarted worker has a new one)
+INSTANCE_ID = uuid.uuid4().hex
 
 
 class WorkerLost(Exception):
@@ -68,6 +73,8 @@ class WorkerHealth:
     draining: bool = False
     last_error: str = ""
     version: str = ""
+    #: new each time the worker process starts (empty from old workers)
+    instance_id: str = ""
     queue_depth: int = 0
     gpu_mem_used_gb: float = 0.0
 

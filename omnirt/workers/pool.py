@@ -2,10 +2,14 @@
 
 Worker lifecycle (one table, checked in ``_set_state``)::
 
-    unknown -> healthy | down        (first probe)
-    healthy -> suspect               (a dispatch failed: no job until a probe succeeds)
-    healthy -> draining | down       (probe says draining / probes keep failing)
-    suspect|down|draining -> healthy (a probe succeeded and the worker is not draining)
+    unknown -> healthy | draining | down    (first probe)
+    healthy -> suspect                      (a dispatch failed: no job until a probe succeeds)
+    healthy|suspect -> draining | down      (probe says draining / probes keep failing)
+    draining -> down                        (probes keep failing)
+    suspect|down|draining -> healthy        (a probe succeeded and the worker is not draining)
+
+A worker's *instance* is what its Health says (``instance_id``, new each time the process
+starts); a worker that does not say is a new instance each time it comes back from ``down``.
 """
 
 from __future__ import annotations
@@ -14,10 +18,9 @@ import dataclasses
 import itertools
 from collections.abc import Callable, Iterable
 
-from twisted.internet.defer import Deferred, DeferredList
+from twisted.application.internet import TimerService
+from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.task import LoopingCall
-from twisted.python import log
 
 from omnirt.workers.base import WorkerConnection, WorkerHealth
 
@@ -28,11 +31,11 @@ DRAINING = "draining"
 UNKNOWN = "unknown"
 
 WORKER_TRANSITIONS = {
-    UNKNOWN: {HEALTHY, DOWN, DRAINING, SUSPECT},
-    HEALTHY: {SUSPECT, DOWN, DRAINING},
-    SUSPECT: {HEALTHY, DOWN, DRAINING},
-    DOWN: {HEALTHY, DRAINING, SUSPECT},
-    DRAINING: {HEALTHY, DOWN, SUSPECT},
+    UNKNOWN: frozenset({HEALTHY, DRAINING, DOWN}),
+    HEALTHY: frozenset({SUSPECT, DRAINING, DOWN}),
+    SUSPECT: frozenset({HEALTHY, DRAINING, DOWN}),
+    DOWN: frozenset({HEALTHY, DRAINING}),
+    DRAINING: frozenset({HEALTHY, DOWN}),
 }
 
 
@@ -48,6 +51,9 @@ class WorkerEntry:
     external_reason: str = ""
     #: the worker refused a job for lack of room; cleared by the next good probe
     busy: bool = False
+    #: the worker's instance: its Health ``instance_id``, else a count of its returns from ``down``
+    instance: str = ""
+    _returns: int = 0
 
     @property
     def worker_id(self) -> str:
@@ -102,8 +108,10 @@ class WorkerPool:
         self.on_change = on_change
         self.entries: dict[str, WorkerEntry] = {}
         self._rr = itertools.count()
-        self._loop: LoopingCall | None = None
-        self._probing: set[str] = set()
+        self.timer = TimerService(health_interval_s, self.probe_all)
+        self.timer.clock = clock
+        #: worker id -> the probe in flight (a second probe_all waits for it, never probes twice)
+        self._probing: dict[str, Deferred] = {}
         for conn in connections:
             self.add(conn)
 
@@ -137,7 +145,7 @@ class WorkerPool:
             return
         entry.last_error = reason
         entry.consecutive_failures += 1
-        if entry.state != DOWN:
+        if entry.state == HEALTHY:
             self._set_state(entry, SUSPECT)
 
     def mark_busy(self, worker_id: str, reason: str) -> None:
@@ -160,11 +168,17 @@ class WorkerPool:
                 return  # one lost probe is tolerated; a failed dispatch is not (mark_failed)
             self._set_state(entry, DOWN)
             return
+        if entry.state in (UNKNOWN, DOWN):
+            entry._returns += 1
+        entry.instance = health.instance_id or f"return-{entry._returns}"
         entry.health = health
         entry.consecutive_failures = 0
-        entry.busy = False
+        was_busy, entry.busy = entry.busy, False
         entry.last_error = health.last_error
+        before = entry.state
         self._set_state(entry, DRAINING if draining else HEALTHY)
+        if was_busy and before == entry.state and self.on_change is not None:
+            self.on_change()  # room again on a worker that refused: queued jobs may go now
 
     # -- routing ----------------------------------------------------------------------------
 
@@ -189,6 +203,37 @@ class WorkerPool:
             and e.inflight < e.capacity
             and not e.busy
         ]
+
+    def can_serve(self, model: str, tags: Iterable[str] = (), exclude: Iterable[str] = ()) -> bool:
+        """Is a healthy worker outside ``exclude`` able to run ``model`` (free or not)?"""
+        tags = tuple(tags)
+        excluded = set(exclude)
+        return any(e.state == HEALTHY and e.worker_id not in excluded and e.serves(model) and e.has_tags(tags)
+                   for e in self.entries.values())
+
+    def instance_of(self, worker_id: str) -> str:
+        entry = self.entries.get(worker_id)
+        return entry.instance if entry is not None else ""
+
+    def pick_retry(self, model: str, tags: Iterable[str], excluded: dict[str, str]) -> WorkerEntry | None:
+        """The worker for a retried job that failed on the workers in ``excluded`` (id -> the
+        instance it failed on): another healthy worker when one can serve it (the job waits for
+        it if it is full); one of the excluded only when no other can and it came back as a new
+        instance."""
+        entry = self.pick(model, tags, exclude=excluded)
+        if entry is not None or self.can_serve(model, tags, exclude=excluded):
+            return entry
+        same = [wid for wid, instance in excluded.items() if self.instance_of(wid) in ("", instance)]
+        return self.pick(model, tags, exclude=same)
+
+    def only_lost_instances(self, model: str, tags: Iterable[str], excluded: dict[str, str]) -> bool:
+        """True when every worker that serves ``model`` is one the job was lost on, back (healthy)
+        as the same instance: no worker will ever take the job."""
+        tags = tuple(tags)
+        serving = [e for e in self.entries.values() if e.serves(model) and e.has_tags(tags)]
+        return bool(serving) and all(
+            e.worker_id in excluded and e.state == HEALTHY and e.instance in ("", excluded[e.worker_id])
+            for e in serving)
 
     def pick(self, model: str, tags: Iterable[str] = (), exclude: Iterable[str] = ()) -> WorkerEntry | None:
         """Warm model first, then lowest inflight/capacity, then round-robin."""
@@ -221,11 +266,21 @@ class WorkerPool:
     # -- health loop ------------------------------------------------------------------------
 
     def probe(self, entry: WorkerEntry) -> Deferred:
-        if entry.worker_id in self._probing:
-            return Deferred.fromCoroutine(_noop())
-        self._probing.add(entry.worker_id)
+        """Fires once ``entry`` has been probed: by a new probe, or by the one in flight."""
+        inflight = self._probing.get(entry.worker_id)
+        if inflight is not None:
+            waiter: Deferred = Deferred()
+            inflight.addBoth(lambda r: (waiter.callback(None), r)[1])
+            return waiter
         d = entry.conn.health()
+        if d.called:
+            self._record_probe(entry, d)
+            return d
+        self._probing[entry.worker_id] = d
+        self._record_probe(entry, d)
+        return d
 
+    def _record_probe(self, entry: WorkerEntry, d: Deferred) -> None:
         def ok(health: WorkerHealth):
             self.record_health(entry.worker_id, health)
 
@@ -233,28 +288,23 @@ class WorkerPool:
             self.record_health(entry.worker_id, None, error=str(f.value) or f.type.__name__)
 
         def done(_):
-            self._probing.discard(entry.worker_id)
+            self._probing.pop(entry.worker_id, None)
 
         d.addCallbacks(ok, failed)
         d.addBoth(done)
-        return d
 
     def probe_all(self) -> Deferred:
         return DeferredList([self.probe(e) for e in list(self.entries.values())], consumeErrors=True)
 
     def start(self) -> Deferred:
-        """Probe every worker now, then every ``health_interval_s``."""
-        self._loop = LoopingCall(self.probe_all)
-        self._loop.clock = self._clock
-        d = self._loop.start(self.health_interval_s, now=True)
-        d.addErrback(log.err, "worker health loop stopped")
+        """Probe every worker now, then every ``health_interval_s``; fires once every worker has
+        answered (or failed) its first probe."""
+        if not self.timer.running:
+            self.timer.startService()
         return self.probe_all()
 
-    def stop(self) -> None:
-        if self._loop is not None and self._loop.running:
-            self._loop.stop()
-        self._loop = None
-
-
-async def _noop() -> None:
-    return None
+    def stop(self) -> Deferred:
+        """Stop probing; fires once a probe round in flight is over."""
+        if self.timer.running:
+            return self.timer.stopService()
+        return succeed(None)

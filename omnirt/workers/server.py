@@ -30,7 +30,7 @@ from omnirt.engine.base import CancelToken, EngineJob, JobCancelled, JobFailed
 from omnirt.registry import resolve_request
 from omnirt.telemetry.tracing import SERVICE_WORKER, RunSpans, Tracing, spans_json, trace_carrier
 from omnirt.workers import wire
-from omnirt.workers.base import WorkerHealth, WorkerJob
+from omnirt.workers.base import INSTANCE_ID, WorkerHealth, WorkerJob
 from omnirt.workers.proto.omnirt.worker.v1 import worker_pb2 as pb
 from omnirt.workers.proto.omnirt.worker.v1 import worker_pb2_grpc as pb_grpc
 
@@ -216,6 +216,7 @@ class WorkerCore:
             draining=self.state == "draining",
             last_error=self.last_error,
             version=__version__,
+            instance_id=INSTANCE_ID,
             queue_depth=0,
             gpu_mem_used_gb=self._gpu_mem_used_gb(),
         )

@@ -309,6 +309,7 @@ def health_to_pb(health: WorkerHealth) -> pb.HealthResponse:
         tags=list(health.tags),
         draining=health.draining,
         version=health.version,
+        instance_id=health.instance_id,
     )
 
 
@@ -328,6 +329,7 @@ def health_from_pb(message: pb.HealthResponse) -> WorkerHealth:
         draining=message.draining or state == "draining",
         last_error=message.last_error,
         version=message.version,
+        instance_id=message.instance_id,
         queue_depth=message.queue_depth,
         gpu_mem_used_gb=message.gpu_mem_used_gb,
     )

@@ -31,6 +31,24 @@ def cli_process(*argv: str, timeout: float = 60) -> subprocess.CompletedProcess:
     return subprocess.run(omnirt_argv(*argv), cwd=str(REPO_ROOT), capture_output=True, text=True, timeout=timeout)
 
 
+@contextlib.contextmanager
+def sigint_not_ignored():
+    """Children started inside get SIGINT at its default (Ctrl-C interrupts them).
+
+    A test runner started in the background by a non-interactive shell (CI, ``scripts/test &``)
+    has SIGINT ignored, and an ignored signal is inherited across exec: its children would
+    ignore Ctrl-C too, as ``nohup`` intends. A Python-level handler is reset to the default by
+    exec, so one is set in this process while the child starts."""
+    previous = signal.getsignal(signal.SIGINT)
+    if previous == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        if previous == signal.SIG_IGN:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 class GenerateTests(SynchronousTestCase):
     def test_generate_writes_png(self):
         """`omnirt generate --backend cpu-stub` writes <job-id>-0.png of the requested size and prints its path."""
@@ -83,11 +101,12 @@ class GenerateTests(SynchronousTestCase):
     def test_ctrl_c_cancels(self):
         """Ctrl-C during a run cancels the job: exit status 130, no PNG written."""
         out_dir = Path(self.mktemp()).absolute()
-        proc = subprocess.Popen(
-            omnirt_argv("generate", "--backend", "cpu-stub", "--prompt", "slow", "--width", "32", "--height", "32",
-                        "--steps", "50", "--stub-step-delay-ms", "300", "--output-dir", str(out_dir)),
-            cwd=str(REPO_ROOT), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )
+        with sigint_not_ignored():
+            proc = subprocess.Popen(
+                omnirt_argv("generate", "--backend", "cpu-stub", "--prompt", "slow", "--width", "32", "--height",
+                            "32", "--steps", "50", "--stub-step-delay-ms", "300", "--output-dir", str(out_dir)),
+                cwd=str(REPO_ROOT), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            )
         self.addCleanup(lambda: proc.poll() is None and proc.kill())
         line = ""
         while "denoise step" not in line:

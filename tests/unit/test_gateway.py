@@ -6,29 +6,24 @@ import json
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
-from twisted.internet.task import deferLater
 from twisted.trial import unittest
 
 from omnirt.contract import JobState
 from omnirt.workers.base import JobFailed, WorkerBusy, WorkerLost
 from tests.support.fakes import ControlledWorker
-from tests.unit.gateway_harness import Harness, body_for
+from tests.unit.gateway_harness import TURNS, Harness, RestartableWorker, body_for, turn
 
 
 @inlineCallbacks
-def wait_for(predicate, timeout=5.0):
-    """Poll (bounded) until predicate() is true; for work that hops through real threads."""
-    waited = 0.0
-    while True:
+def wait_for(predicate, turns=TURNS):
+    """Check predicate() after each in-memory turn of the gateway (bounded; no wall clock)."""
+    for _ in range(turns):
         value = yield predicate()
         if value:
             return value
-        if waited > timeout:
-            raise AssertionError("condition not reached in time")
-        yield deferLater(reactor, 0.01, lambda: None)
-        waited += 0.01
+        turn()
+    raise AssertionError("condition not reached")
 
 
 class GatewayTestCase(unittest.TestCase):
@@ -416,18 +411,24 @@ class FailoverTests(GatewayTestCase):
 
     @inlineCallbacks
     def test_gives_up_after_max_attempts(self):
-        """After max attempts on lost workers the job fails with reason worker_lost."""
-        job = yield self.h.submit()
+        """After max attempts on lost workers the job fails with reason worker_lost (workers that
+        lost it take it again only once restarted: a new instance)."""
+        h = Harness(self, [RestartableWorker("w1"), RestartableWorker("w2")])
+        yield h.start()
+        job = yield h.submit()
         for _ in range(3):
-            rec = yield self.h.record(job["id"])
-            if rec.state == JobState.queued:  # both suspect: let a probe bring them back
-                yield self.h.pool.probe_all()
-                rec = yield self.h.record(job["id"])
-            self.h.worker(rec.worker_id).call_for(job["id"]).fail(WorkerLost("gone"))
-            yield deferLater(reactor, 0, lambda: None)
-        yield self.wait_state(job["id"], JobState.failed)
-        rec = yield self.h.record(job["id"])
+            rec = yield h.record(job["id"])
+            if rec.state == JobState.queued:  # lost on both: they come back restarted
+                for w in h.workers:
+                    w.restart()
+                yield h.pool.probe_all()
+                rec = yield h.record(job["id"])
+            h.worker(rec.worker_id).call_for(job["id"]).fail(WorkerLost("gone"))
+            turn()
+        yield wait_for(lambda: h.record(job["id"]).addCallback(lambda r: r.state == JobState.failed))
+        rec = yield h.record(job["id"])
         self.assertTrue(rec.error.startswith("worker_lost"), rec.error)
+        self.assertEqual(rec.attempts, 3)
         self.assertEqual([e.event for e in rec.events].count("job_failed"), 1)
 
     @inlineCallbacks

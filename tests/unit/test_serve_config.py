@@ -1,0 +1,44 @@
+"""``omnirt serve``'s flags parsed once into a GatewayConfig: values carried, bad ones refused."""
+
+from __future__ import annotations
+
+import os
+
+from twisted.trial import unittest
+
+from omnirt.cli import build_parser
+from omnirt.config.serve import ConfigError, GatewayConfig
+
+
+def parse(*argv: str) -> GatewayConfig:
+    return GatewayConfig.from_args(build_parser().parse_args(["serve", *argv]))
+
+
+class GatewayConfigTests(unittest.TestCase):
+    def test_flags_become_typed_fields(self):
+        """Each flag lands in its field; no remote worker means an in-process engine."""
+        folder = self.mktemp()
+        os.makedirs(folder)
+        config = parse("--port", "0", "--max-queue", "7", "--model-tier", "core", "--lease-ttl-s", "3",
+                       "--model-path", f"sdxl-base-1.0={folder}", "--gateway-id", "g1")
+        self.assertEqual((config.port, config.max_queue, config.allowed_tiers, config.lease_ttl_s, config.id),
+                         (0, 7, ("core",), 3.0, "g1"))
+        self.assertTrue(config.local_worker)
+        self.assertEqual(config.model_paths, {"sdxl-base-1.0": os.path.realpath(folder)})
+
+    def test_missing_model_folder_is_refused(self):
+        """--model-path MODEL=DIR with no such folder is a one-line error, as for omnirt worker."""
+        with self.assertRaises(ConfigError) as caught:
+            parse("--model-path", "sdxl-base-1.0=/nonexistent/weights")
+        self.assertEqual(str(caught.exception),
+                         "--model-path sdxl-base-1.0=/nonexistent/weights: /nonexistent/weights is not a directory")
+
+    def test_bad_numbers_are_refused(self):
+        """Counts below 1 and ports out of range are one-line errors naming the flag."""
+        for argv, words in [(["--max-concurrency", "0"], "--max-concurrency must be at least 1"),
+                            (["--port", "70000"], "--port must be 0..65535"),
+                            (["--rate-limit", "0"], "--rate-limit must be positive"),
+                            (["--fleet-stop-on-exit"], "--fleet-stop-on-exit needs --fleet FILE")]:
+            with self.assertRaises(ConfigError) as caught:
+                parse(*argv)
+            self.assertIn(words, str(caught.exception))
