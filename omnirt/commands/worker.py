@@ -19,17 +19,9 @@ from omnirt.cli import CliError
 from omnirt.commands.common import add_model_path_arg, parse_model_paths
 from omnirt.telemetry.options import add_cli_args as add_tracing_args
 from omnirt.telemetry.options import cli_options as tracing_options
+from omnirt.workers.spec import comma_list
 
 DEFAULT_PORT = 50061
-
-
-def _comma_list(text: str) -> tuple[str, ...]:
-    items: dict[str, None] = {}
-    for item in text.split(","):
-        item = item.strip()
-        if item:
-            items.setdefault(item, None)
-    return tuple(items)
 
 
 def register(sub) -> None:
@@ -86,8 +78,8 @@ def _check_args(args: argparse.Namespace) -> tuple[tuple[str, ...], tuple[str, .
         raise CliError("--worker-id must not be empty")
     if args.backend not in BACKEND_NAMES:
         raise CliError(f"--backend {args.backend!r} is unknown (one of: {', '.join(BACKEND_NAMES)})")
-    models = _comma_list(args.models)
-    tags = _comma_list(args.tags)
+    models = comma_list(args.models)
+    tags = comma_list(args.tags)
     try:
         for model in models:
             get_model(model)
