@@ -208,7 +208,7 @@ class Soak:
         args = ["worker", "--port", str(worker["port"]), "--worker-id", worker["id"], "--backend", "cpu-stub",
                 "--drain-grace-s", f"{self.o.drain_grace_s:g}"]
         if self.redis is not None:
-            args += ["--redis-url", self.redis.url]
+            args += ["--redis-url", self.redis.url, "--job-retention-s", f"{self.o.retention_s:g}"]
         started = time.monotonic()
         worker["proc"] = self.children.start(name, self._omnirt(*args))
         wait_listening(self.children, name, worker["proc"], worker["port"], timeout=60)

@@ -49,6 +49,8 @@ def register(sub) -> None:
     p.add_argument("--redis-url", default=None,
                    help="also record jobs' events and outcomes in the gateways' Redis store (same URL as serve)")
     p.add_argument("--redis-namespace", default="omnirt", help="prefix of every Redis key (as on serve)")
+    p.add_argument("--job-retention-s", type=float, default=86400.0,
+                   help="how long a job this worker finishes in Redis is kept (as on serve; default 86400)")
     add_tracing_args(p)
     p.set_defaults(func=run, needs_reactor=True)
 
@@ -74,6 +76,8 @@ def _check_args(args: argparse.Namespace) -> tuple[tuple[str, ...], tuple[str, .
         raise CliError("--drain-grace-s must not be negative")
     if args.heartbeat_s <= 0:
         raise CliError("--heartbeat-s must be positive")
+    if not args.job_retention_s > 0:
+        raise CliError("--job-retention-s must be positive")
     if not args.worker_id.strip():
         raise CliError("--worker-id must not be empty")
     if args.backend not in BACKEND_NAMES:
@@ -232,7 +236,7 @@ class _WorkerApp:
 
         try:
             store = RedisJobStore(self.reactor, url=self.args.redis_url, namespace=self.args.redis_namespace,
-                                  gateway_id=f"worker-{self.args.worker_id}")
+                                  retention_s=self.args.job_retention_s, gateway_id=f"worker-{self.args.worker_id}")
         except ValueError as exc:
             raise CliError(f"bad --redis-url: {exc}") from None
         try:
