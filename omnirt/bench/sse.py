@@ -105,3 +105,9 @@ class Parser:
         elif name == "id" and "\0" not in value:
             self._id = value
         return None
+
+
+def parse_events(body: bytes) -> list[dict[str, Any]]:
+    """The JSON payloads of every complete message of a whole SSE body, in order (a message whose
+    data is not a JSON object is left out)."""
+    return [m.payload for m in Parser().feed(body) if m.payload is not None]

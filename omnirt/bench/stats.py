@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import statistics
 from collections.abc import Hashable, Iterable, Mapping, Sequence
+from fractions import Fraction
 
 #: the percentiles every summary reports
 SUMMARY_PERCENTILES = (50, 90, 99)
 
 
 def percentile(values: Iterable[float], q: float) -> float:
-    """The ``q``-th percentile (0..100) by linear interpolation between closest ranks.
+    """The ``q``-th percentile (0..100) by linear interpolation between closest ranks
+    (``statistics.quantiles``, inclusive method).
 
     ``percentile([1, 2, 3, 4], 50) == 2.5``; the 0th is the minimum, the 100th the maximum.
     Raises ``ValueError`` for no values or ``q`` outside 0..100.
@@ -21,11 +24,12 @@ def percentile(values: Iterable[float], q: float) -> float:
         raise ValueError("percentile of no values")
     if not 0 <= q <= 100 or math.isnan(q):
         raise ValueError(f"percentile must be within 0..100 (got {q})")
-    rank = (len(ordered) - 1) * q / 100.0
-    low = math.floor(rank)
-    high = min(low + 1, len(ordered) - 1)
-    fraction = rank - low
-    return ordered[low] + (ordered[high] - ordered[low]) * fraction
+    share = Fraction(q / 100.0).limit_denominator(10_000)  # the k-th of n quantiles
+    if share == 0 or len(ordered) == 1:
+        return ordered[0]
+    if share == 1:
+        return ordered[-1]
+    return statistics.quantiles(ordered, n=share.denominator, method="inclusive")[share.numerator - 1]
 
 
 def summarize(values: Sequence[float], digits: int = 3) -> dict[str, float | int]:

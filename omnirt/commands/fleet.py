@@ -10,7 +10,7 @@
 
 `status` exits 0 when every worker is RUNNING and answers ready, 1 otherwise, 3 when supervisord
 is not running; validation problems exit 2 (one `error:` line each).
-These are blocking commands (``xmlrpc.client`` over supervisord's unix socket); the gateway talks
+These are blocking commands (``xmlrpc.client`` over supervisor's own SupervisorTransport on its unix socket); the gateway talks
 to the same supervisord without blocking (``omnirt.fleet.AsyncSupervisorClient``).
 """
 

@@ -19,17 +19,9 @@ from omnirt.cli import CliError
 from omnirt.commands.common import add_model_path_arg, parse_model_paths
 from omnirt.telemetry.options import add_cli_args as add_tracing_args
 from omnirt.telemetry.options import cli_options as tracing_options
+from omnirt.workers.spec import comma_list
 
 DEFAULT_PORT = 50061
-
-
-def _comma_list(text: str) -> tuple[str, ...]:
-    items: dict[str, None] = {}
-    for item in text.split(","):
-        item = item.strip()
-        if item:
-            items.setdefault(item, None)
-    return tuple(items)
 
 
 def register(sub) -> None:
@@ -57,6 +49,8 @@ def register(sub) -> None:
     p.add_argument("--redis-url", default=None,
                    help="also record jobs' events and outcomes in the gateways' Redis store (same URL as serve)")
     p.add_argument("--redis-namespace", default="omnirt", help="prefix of every Redis key (as on serve)")
+    p.add_argument("--job-retention-s", type=float, default=86400.0,
+                   help="how long a job this worker finishes in Redis is kept (as on serve; default 86400)")
     add_tracing_args(p)
     p.set_defaults(func=run, needs_reactor=True)
 
@@ -82,12 +76,14 @@ def _check_args(args: argparse.Namespace) -> tuple[tuple[str, ...], tuple[str, .
         raise CliError("--drain-grace-s must not be negative")
     if args.heartbeat_s <= 0:
         raise CliError("--heartbeat-s must be positive")
+    if not args.job_retention_s > 0:
+        raise CliError("--job-retention-s must be positive")
     if not args.worker_id.strip():
         raise CliError("--worker-id must not be empty")
     if args.backend not in BACKEND_NAMES:
         raise CliError(f"--backend {args.backend!r} is unknown (one of: {', '.join(BACKEND_NAMES)})")
-    models = _comma_list(args.models)
-    tags = _comma_list(args.tags)
+    models = comma_list(args.models)
+    tags = comma_list(args.tags)
     try:
         for model in models:
             get_model(model)
@@ -240,7 +236,7 @@ class _WorkerApp:
 
         try:
             store = RedisJobStore(self.reactor, url=self.args.redis_url, namespace=self.args.redis_namespace,
-                                  gateway_id=f"worker-{self.args.worker_id}")
+                                  retention_s=self.args.job_retention_s, gateway_id=f"worker-{self.args.worker_id}")
         except ValueError as exc:
             raise CliError(f"bad --redis-url: {exc}") from None
         try:

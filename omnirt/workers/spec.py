@@ -46,7 +46,9 @@ def _fail(text: str, why: str) -> SpecError:
     return SpecError(f"bad --remote-worker {shown!r}: {why} (expected {FORMAT})")
 
 
-def _items(part: str) -> tuple[str, ...]:
+def comma_list(part: str) -> tuple[str, ...]:
+    """``"a, b,,a"`` -> ``("a", "b")``: the items of a comma list, stripped, empty ones and
+    repeats dropped, in first-seen order (every comma-list flag and field uses this one)."""
     seen: dict[str, None] = {}
     for item in part.split(","):
         item = item.strip()
@@ -108,7 +110,7 @@ def parse_remote_worker(text: str) -> RemoteWorkerSpec:
     else:
         address, _, tags_part = address.partition("#")
     host, port = _parse_address(text, address)
-    return RemoteWorkerSpec(worker_id, host, port, _items(models_part), _items(tags_part))
+    return RemoteWorkerSpec(worker_id, host, port, comma_list(models_part), comma_list(tags_part))
 
 
 def parse_remote_workers(texts: Iterable[str]) -> list[RemoteWorkerSpec]:

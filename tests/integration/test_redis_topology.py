@@ -62,6 +62,16 @@ class RedisTopology(unittest.TestCase):
         return json_call(self.pool, base, method, path, payload, headers)
 
     @inlineCallbacks
+    def wait_progress(self, base, job_id, tries=200):
+        """Poll (bounded) until the job has reported its first denoise step."""
+        for _ in range(tries):
+            code, rec = yield self.jcall(base, "GET", f"/v1/jobs/{job_id}")
+            if any(e["event"] == "stage_progress" for e in rec["events"]):
+                return rec
+            yield sleep(0.05)
+        self.fail(f"job {job_id} reported no progress")
+
+    @inlineCallbacks
     def wait_terminal(self, base, job_ids, timeout=120.0):
         deadline = time.monotonic() + timeout
         records, pending = {}, set(job_ids)
@@ -108,11 +118,7 @@ class TwoGatewayTests(RedisTopology):
         self.assertEqual([f["seq"] for f in frames], [e["seq"] for e in records[done["id"]]["events"]][3:])
 
         code, job = yield self.jcall(a, "POST", "/v1/jobs", body(steps=200, delay_ms=50))
-        for _ in range(200):
-            code, rec = yield self.jcall(b, "GET", f"/v1/jobs/{job['id']}")
-            if any(e["event"] == "stage_progress" for e in rec["events"]):
-                break
-            yield sleep(0.05)
+        yield self.wait_progress(b, job["id"])
         port_b = int(b.rsplit(":", 1)[1])
         ws = ws_session(port_b, f"/v1/jobs/{job['id']}/stream")
         code, rec = yield self.jcall(b, "DELETE", f"/v1/jobs/{job['id']}")
@@ -249,11 +255,7 @@ class WorkerRecordsTests(RedisTopology):
         spec = f"w1=127.0.0.1:{wport}"
         a_proc, a = self.start_gateway([spec], name="a")
         code, job = yield self.jcall(a, "POST", "/v1/jobs", body(steps=30, delay_ms=100))
-        for _ in range(100):
-            code, rec = yield self.jcall(a, "GET", f"/v1/jobs/{job['id']}")
-            if any(e["event"] == "stage_progress" for e in rec["events"]):
-                break
-            yield sleep(0.05)
+        yield self.wait_progress(a, job["id"])
         a_proc.signal(signal.SIGKILL)
         a_proc.wait(10)
         yield sleep(4.0)  # the job (3 s) ends while no gateway is alive
@@ -281,11 +283,7 @@ class WorkerRecordsTests(RedisTopology):
         _, port2 = self.start_worker("w2", "--redis-url", self.redis.url(db=0))
         a_proc, a = self.start_gateway([f"w1=127.0.0.1:{port1}"], name="a")
         code, job = yield self.jcall(a, "POST", "/v1/jobs", body(steps=100, delay_ms=100))
-        for _ in range(100):
-            code, rec = yield self.jcall(a, "GET", f"/v1/jobs/{job['id']}")
-            if any(e["event"] == "stage_progress" for e in rec["events"]):
-                break
-            yield sleep(0.05)
+        yield self.wait_progress(a, job["id"])
         a_proc.signal(signal.SIGKILL)
         a_proc.wait(10)
         w1.signal(signal.SIGKILL)

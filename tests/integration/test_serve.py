@@ -19,6 +19,7 @@ from twisted.internet.threads import deferToThread
 from twisted.trial import unittest
 from twisted.web.client import HTTPConnectionPool
 
+from omnirt.bench.sse import parse_events
 from tests.support.procs import Proc, free_port, omnirt_argv, start_omnirt
 from tests.support.tiny import model_path_args
 
@@ -32,7 +33,7 @@ def stub_body(steps=4, delay_ms=0, prompt="a lighthouse", **extra):
 
 
 def sse_frames(content: bytes) -> list[dict]:
-    return [json.loads(f.split("data: ", 1)[1]) for f in content.decode().split("\n\n") if "data: " in f]
+    return parse_events(content)
 
 
 class ServerTestCase(unittest.TestCase):

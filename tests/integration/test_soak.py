@@ -1,5 +1,6 @@
 """``scripts/soak`` end to end (2 minutes, Redis, a worker restarted every 40 s: no job lost) and
-the arithmetic of its verdict (least-squares slope after warm-up, "clearly positive")."""
+the arithmetic of its verdict (least-squares slope after warm-up, "clearly positive", and what
+fails a soak)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from pathlib import Path
 
 from twisted.trial import unittest
 
-from omnirt.bench.soak import Job, Slope, check_record, slope_after_warmup
+from benchmarks.soak_verdict import Job, Slope, check_record, judge, slope_after_warmup
 from tests.support.procs import REPO_ROOT
 
 SOAK = REPO_ROOT / "scripts" / "soak"
@@ -93,6 +94,70 @@ class RecordCheckTests(unittest.TestCase):
         job = Job("d", "sse", 0.0)
         check_record(job, self.record(["job_enqueued", "job_finished"], "succeeded"), sse_events=[{"seq": 2}])
         self.assertEqual(len(job.problems), 1)
+
+
+def finished(job_id: str) -> Job:
+    job = Job(job_id, "async", 0.0)
+    check_record(job, {"state": "succeeded", "error": None,
+                       "events": [{"seq": 1, "event": "job_enqueued"}, {"seq": 2, "event": "job_finished"}]})
+    return job
+
+
+class VerdictTests(unittest.TestCase):
+    """``judge`` over ten minutes of samples every 5 s, 60 s retention."""
+
+    TIMES = range(0, 601, 5)
+
+    def flat(self, value: float) -> list[tuple[float, float]]:
+        return [(t, value + (2 if (t // 5) % 2 else -2)) for t in self.TIMES]
+
+    def judge(self, **samples):
+        base = {"rss_kb": self.flat(80_000.0), "fds": self.flat(30.0), "redis_keys": self.flat(600.0)}
+        base.update(samples)
+        return judge([finished("a"), finished("b")], base, end_s=600.0, retention_s=60.0)
+
+    def test_steady_run_passes(self):
+        """Flat RSS, fds and key count under noise, every job finished once: no failure."""
+        verdict = self.judge()
+        self.assertEqual(verdict.failures, [])
+        self.assertTrue(verdict.passed)
+
+    def test_rss_growth_fails(self):
+        """Gateway RSS growing 8 MB a minute (a leak the fd and job checks cannot see) fails the
+        soak, with the slope in the reason."""
+        verdict = self.judge(rss_kb=[(t, 80_000.0 + t / 60 * 8 * 1024) for t in self.TIMES])
+        self.assertEqual(len(verdict.failures), 1, verdict.failures)
+        self.assertIn("gateway RSS keeps rising", verdict.failures[0])
+        self.assertIn("MB/min", verdict.failures[0])
+
+    def test_redis_key_growth_after_retention_fails(self):
+        """A key count that keeps climbing after the retention period (keys of finished jobs never
+        expire) fails the soak."""
+        verdict = self.judge(redis_keys=[(t, 600.0 + 2 * t) for t in self.TIMES])
+        self.assertEqual(len(verdict.failures), 1, verdict.failures)
+        self.assertIn("Redis key count keeps rising after the 60s retention", verdict.failures[0])
+
+    def test_keys_set_to_outlive_retention_fail(self):
+        """A key pattern whose TTL is longer than the job retention fails the soak even while the
+        key count is still flat; a pattern within the retention does not."""
+        patterns = {"omnirt:job:*": (200, 20, 0, 59_000), "omnirt:idem:*": (40, 20, 0, 86_400_000)}
+        verdict = judge([finished("a")], {"rss_kb": self.flat(1.0), "fds": self.flat(1.0)}, end_s=600.0,
+                        retention_s=60.0, key_patterns=patterns)
+        self.assertEqual(verdict.outliving, ["omnirt:idem:*"])
+        self.assertEqual(len(verdict.failures), 1, verdict.failures)
+        self.assertIn("omnirt:idem:* outlive the 60s job retention (TTL up to 86400s)", verdict.failures[0])
+
+    def test_lost_and_doubly_finished_jobs_and_problems_fail(self):
+        """A job with no terminal state, one with two terminal events and a crashed process are
+        each one failure line."""
+        lost = Job("lost", "async", 0.0)
+        twice = Job("twice", "async", 0.0)
+        check_record(twice, {"state": "succeeded", "events": [
+            {"seq": 1, "event": "job_failed"}, {"seq": 2, "event": "job_finished"}]})
+        verdict = judge([finished("a"), lost, twice], {}, end_s=600.0, retention_s=60.0,
+                        problems=["worker w1 (pid 9) exited with -9"])
+        self.assertEqual(len(verdict.failures), 3, verdict.failures)
+        self.assertEqual(([j.id for j in verdict.lost], [j.id for j in verdict.duplicated]), (["lost"], ["twice"]))
 
 
 class SoakScriptTests(unittest.TestCase):

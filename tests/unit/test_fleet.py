@@ -179,7 +179,7 @@ class ParseTests(SynchronousTestCase):
         expected = [
             "unknown top-level key 'colour'",
             "[supervisord]: unknown key 'nonsense'",
-            "[supervisord]: logfile_backups must be an integer >= 0",
+            "[supervisord]: logfile_backups must be at least 0 (got -1)",
             "[defaults]: unknown key 'shoe_size'",
             "model_path for sdxl-base-1.0: /nowhere/sdxl is not a directory",
             "worker a: port 50061 is also used by worker a",
@@ -201,10 +201,62 @@ class ParseTests(SynchronousTestCase):
         self.assertEqual(len(problems), len(expected), "\n".join(problems))
         self.assertTrue(all("\n" not in p for p in problems))
 
+    def test_every_value_problem_listed_with_the_offending_value(self):
+        """Wrong types and ranges in every section are each one line naming the key and the value
+        given; no coercion (a boolean is not a port, a string is not a number), and the valid keys
+        of the same entry are still checked (the unknown backend of a worker with a bad port)."""
+        problems = problems_of("""
+            [supervisord]
+            logfile_maxbytes = "5XB"
+            startsecs = 1.5
+            stop_margin_s = 0
+            socket = ""
+            [defaults]
+            drain_grace_s = -1
+            pipeline_cache_size = true
+            [[worker]]
+            id = "a"
+            port = true
+            metrics_port = 0
+            backend = "tpu"
+            env = { "1BAD" = "x", GOOD = "y", LIST = [1] }
+            model_path = { "sdxl-base-1.0" = "" }
+            tags = ["t", 3]
+        """)
+        expected = [
+            '[supervisord]: logfile_maxbytes must be bytes or a size like "50MB" (got a string \'5XB\')',
+            "[supervisord]: startsecs must be an integer >= 0 (got a number 1.5)",
+            "[supervisord]: stop_margin_s must be at least 1 (got 0)",
+            "[supervisord]: socket must be a non-empty string (got a string '')",
+            "[defaults]: drain_grace_s must be at least 0 (got -1)",
+            "[defaults]: pipeline_cache_size must be an integer (got a boolean True)",
+            "worker #1 (a): port must be an integer (got a boolean True)",
+            "worker #1 (a): metrics_port 0 is out of range 1..65535",
+            "worker #1 (a): unknown backend 'tpu' (one of: auto, cuda, ascend, cpu, cpu-stub)",
+            "worker #1 (a): env name '1BAD' is not a valid environment variable name",
+            "worker #1 (a): env LIST must be a string (got a list [1])",
+            "worker #1 (a): model_path 'sdxl-base-1.0' must be a folder path string (got a string '')",
+            "worker #1 (a): tags must be a list of strings (got a list ['t', 3])",
+        ]
+        self.assertEqual(sorted(problems), sorted(expected), "\n".join(problems))
+
+    def test_cli_prints_every_problem_on_its_own_line(self):
+        """`omnirt fleet check` on a bad file exits 2 and prints one `error:` line per problem,
+        each naming the file, and no traceback."""
+        path = Path(self.mktemp() + ".toml").absolute()
+        path.write_text('colour = 1\n[[worker]]\nid = "a"\nport = "x"\nmax_concurrency = 0\n')
+        proc = subprocess.run([sys.executable, "-m", "omnirt", "fleet", "check", str(path)], capture_output=True,
+                              text=True, timeout=60, cwd=REPO)
+        lines = proc.stderr.strip().splitlines()
+        self.assertEqual(proc.returncode, 2, proc.stderr)
+        self.assertEqual(len(lines), 3, proc.stderr)
+        self.assertTrue(all(line.startswith(f"error: {path}: ") for line in lines), proc.stderr)
+        self.assertNotIn("Traceback", proc.stderr)
+
     def test_empty_and_wrong_shapes(self):
         """No workers, or `worker` not an array of tables, is a problem (not a crash)."""
         self.assertIn("no [[worker]] entries", problems_of(""))
-        self.assertIn("worker must be an array of tables ([[worker]])", problems_of("worker = 3"))
+        self.assertEqual(problems_of("worker = 3"), ["worker must be an array of tables ([[worker]]) (got an integer 3)"])
 
     def test_socket_path_too_long(self):
         """A state dir whose socket path would exceed the unix socket limit is reported."""

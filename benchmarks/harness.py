@@ -1,6 +1,7 @@
-"""Helpers for the benchmark scripts under scripts/: child processes, free ports, wrk, omnirt bench,
-plain HTTP calls, a private redis-server and a description of the machine. Blocking code (no
-reactor): the scripts drive processes from the outside."""
+"""Helpers for the benchmark and soak drivers: child processes, wrk, omnirt bench, plain HTTP
+calls, a private redis-server and a description of the machine. Blocking code (no reactor): the
+drivers stand outside the processes they measure. Free ports and Redis commands come from the
+same helpers the integration tests use (tests.support)."""
 
 from __future__ import annotations
 
@@ -12,13 +13,16 @@ import platform
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from omnirt.bench.sse import parse_events
+from tests.support.procs import free_port, port_open
+from tests.support.redis import RedisReplyError, redis_cli
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 class Children:
@@ -90,20 +94,11 @@ class Children:
             self.stop(proc, term_wait=3.0)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def wait_listening(children: Children, name: str, proc: subprocess.Popen, port: int, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            pass
+        if port_open(port):
+            return
         if proc.poll() is not None:
             raise RuntimeError(f"{name} exited {proc.returncode} before listening:\n{children.log(name)[-3000:]}")
         time.sleep(0.05)
@@ -205,48 +200,13 @@ def sse_replay(port: int, path: str, timeout: float = 30.0) -> list[dict]:
         resp = conn.getresponse()
         if resp.status != 200:
             raise RuntimeError(f"GET {path} answered {resp.status}")
-        text = resp.read().decode(errors="replace")
+        body = resp.read()
     finally:
         conn.close()
-    events = []
-    for line in text.splitlines():
-        if line.startswith("data:"):
-            try:
-                events.append(json.loads(line[5:].strip()))
-            except ValueError:
-                pass
-    return events
+    return parse_events(body)
 
 
 # -- a private redis-server ----------------------------------------------------------------------
-
-def _read_reply(f):
-    line = f.readline()
-    if not line:
-        raise ConnectionError("redis closed the connection")
-    kind, rest = line[:1], line[1:-2]
-    if kind == b"+":
-        return rest.decode()
-    if kind == b"-":
-        raise RuntimeError(rest.decode())
-    if kind == b":":
-        return int(rest)
-    if kind == b"$":
-        n = int(rest)
-        return None if n < 0 else f.read(n + 2)[:-2].decode(errors="replace")
-    if kind == b"*":
-        n = int(rest)
-        return None if n < 0 else [_read_reply(f) for _ in range(n)]
-    raise ConnectionError(f"unexpected redis reply {line[:40]!r}")
-
-
-def _encode(*args) -> bytes:
-    out = [b"*%d\r\n" % len(args)]
-    for a in args:
-        b = a if isinstance(a, bytes) else str(a).encode()
-        out.append(b"$%d\r\n%s\r\n" % (len(b), b))
-    return b"".join(out)
-
 
 class Redis:
     """A redis-server child on a free loopback port (never 6379), no persistence."""
@@ -274,7 +234,7 @@ class Redis:
             try:
                 if self.command("PING", timeout=0.5) == "PONG":
                     return
-            except (OSError, ConnectionError, RuntimeError):
+            except (OSError, ConnectionError, RedisReplyError):
                 pass
             if self.proc.poll() is not None:
                 raise RuntimeError(f"redis-server exited {self.proc.returncode}:\n{self.children.log('redis')[-2000:]}")
@@ -282,10 +242,8 @@ class Redis:
         raise RuntimeError(f"redis-server not answering PING on {self.port} after {timeout:.0f}s")
 
     def command(self, *args, timeout: float = 5.0):
-        with socket.create_connection(("127.0.0.1", self.port), timeout=timeout) as sock:
-            f = sock.makefile("rb")
-            sock.sendall(_encode(*args))
-            return _read_reply(f)
+        """One command through redis-cli (bounded by ``timeout``)."""
+        return redis_cli(self.port, *args, timeout=timeout)
 
     def commandstats(self) -> dict[str, int]:
         """``INFO commandstats`` as {command: calls} (commands run inside Lua scripts included)."""
@@ -406,29 +364,30 @@ class CpuMeter:
 # -- Redis MONITOR ---------------------------------------------------------------------------------
 
 class Monitor:
-    """A MONITOR connection read on a thread: every command the server runs, with its server
+    """``redis-cli monitor`` read on a thread: every command the server runs, with its server
     timestamp and source (``lua`` for commands inside scripts, else the client's address).
-    Bounded by ``max_lines``; ``stop()`` closes it."""
+    Bounded by ``max_lines``; ``stop()`` ends it."""
 
     def __init__(self, port: int, max_lines: int = 2_000_000):
         import threading
 
+        from tests.support.redis import REDIS_CLI
+
         self.lines: list[tuple[float, str, str]] = []
         self.max_lines = max_lines
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=5)
-        self.sock.sendall(_encode("MONITOR"))
-        self.file = self.sock.makefile("rb")
-        if self.file.readline().strip() != b"+OK":
+        self.proc = subprocess.Popen([REDIS_CLI, "-h", "127.0.0.1", "-p", str(port), "monitor"],
+                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+        if self.proc.stdout.readline().strip() != b"OK":
+            self.stop()
             raise RuntimeError("MONITOR refused")
-        self.sock.settimeout(None)
         self.thread = threading.Thread(target=self._read, daemon=True)
         self.thread.start()
 
     def _read(self) -> None:
-        pattern = re.compile(rb'^\+(\d+\.\d+) \[\d+ ([^\]]+)\] "([^"]*)"')
+        pattern = re.compile(rb'^(\d+\.\d+) \[\d+ ([^\]]+)\] "([^"]*)"')
         try:
             while len(self.lines) < self.max_lines:
-                line = self.file.readline()
+                line = self.proc.stdout.readline()
                 if not line:
                     return
                 found = pattern.match(line)
@@ -439,12 +398,11 @@ class Monitor:
             return
 
     def stop(self) -> None:
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self.sock.close()
-        self.thread.join(timeout=5)
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(timeout=5)
+        if getattr(self, "thread", None) is not None:
+            self.thread.join(timeout=5)
 
     def between(self, start: float, end: float) -> list[tuple[float, str, str]]:
         return [entry for entry in list(self.lines) if start <= entry[0] <= end]

@@ -4,7 +4,7 @@ restarted (SIGTERM, drain, start again) every so often. Every accepted job is fo
 terminal state; gateway RSS, open file descriptors and the Redis key count are sampled.
 
 Blocking code with threads (the driver stands outside the processes it watches, like
-``omnirt.bench.harness``); every wait is bounded and every child is killed at the end.
+``benchmarks.harness``); every wait is bounded and every child is killed at the end.
 """
 
 from __future__ import annotations
@@ -22,70 +22,29 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from omnirt.bench.harness import Children, Redis, free_port, wait_listening
+from benchmarks.harness import Children, Redis, free_port, http_json, wait_listening
+from benchmarks.soak_verdict import (
+    FD_MIN_RISE,
+    TERMINAL_EVENTS,
+    TERMINAL_STATES,
+    Job,
+    check_record,
+    judge,
+    scaled,
+)
+from omnirt.bench.sse import Parser
 
-TERMINAL_EVENTS = {"job_finished": "succeeded", "job_failed": "failed", "job_cancelled": "cancelled"}
-TERMINAL_STATES = frozenset(TERMINAL_EVENTS.values())
 KINDS = ("sync", "async", "cancel", "sse")
 MIX = {"sync": 3, "async": 3, "cancel": 2, "sse": 2}
 
 #: how long one job may take to reach a terminal state before it counts as lost
 JOB_DEADLINE_S = 120.0
 HTTP_TIMEOUT_S = 30.0
-
-
-# -- slopes ----------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class Slope:
-    """A least-squares line through the samples after the warm-up: ``per_min`` (units a minute),
-    its standard error, how many samples, and over how many minutes."""
-
-    per_min: float | None
-    stderr_per_min: float | None
-    n: int
-    window_min: float
-
-    def clearly_positive(self, *, min_rise: float) -> bool:
-        """Rising beyond noise: more than 3 standard errors above zero, and by at least
-        ``min_rise`` units over the window (a slope too small to matter is not a leak)."""
-        if self.per_min is None or self.stderr_per_min is None:
-            return False
-        return self.per_min - 3 * self.stderr_per_min > 0 and self.per_min * self.window_min >= min_rise
-
-    def describe(self, unit: str, digits: int = 2) -> str:
-        if self.per_min is None:
-            return f"slope n/a ({self.n} samples after warm-up)"
-        return (f"slope {self.per_min:+.{digits}f} {unit}/min (± {self.stderr_per_min:.{digits}f}, "
-                f"{self.n} samples over {self.window_min:.1f} min after warm-up)")
-
-
-def slope_after_warmup(samples: Sequence[tuple[float, float]], *, start: float, end: float,
-                       warmup_fraction: float = 0.25, warmup_s: float = 0.0) -> Slope:
-    """Least squares of (seconds, value) ``samples`` whose time is at least ``start`` plus the
-    warm-up (the larger of ``warmup_fraction`` of ``end - start`` and ``warmup_s``)."""
-    cut = start + max(warmup_fraction * (end - start), warmup_s)
-    points = [(t, v) for t, v in samples if t >= cut]
-    n = len(points)
-    window_min = (max(t for t, _ in points) - min(t for t, _ in points)) / 60.0 if points else 0.0
-    if n < 3:
-        return Slope(None, None, n, window_min)
-    mean_t = sum(t for t, _ in points) / n
-    mean_v = sum(v for _, v in points) / n
-    sxx = sum((t - mean_t) ** 2 for t, _ in points)
-    if sxx == 0:
-        return Slope(None, None, n, window_min)
-    slope = sum((t - mean_t) * (v - mean_v) for t, v in points) / sxx
-    intercept = mean_v - slope * mean_t
-    residual = sum((v - (intercept + slope * t)) ** 2 for t, v in points)
-    stderr = math.sqrt(residual / (n - 2) / sxx)
-    return Slope(slope * 60.0, stderr * 60.0, n, window_min)
 
 
 # -- the process under test -----------------------------------------------------------------------
@@ -120,18 +79,7 @@ class Gateway:
 
     def call(self, method: str, path: str, body: dict | None = None, timeout: float = HTTP_TIMEOUT_S
              ) -> tuple[int, Any]:
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
-        try:
-            payload = json.dumps(body).encode() if body is not None else None
-            conn.request(method, path, body=payload, headers={"Content-Type": "application/json"} if payload else {})
-            resp = conn.getresponse()
-            data = resp.read()
-            try:
-                return resp.status, json.loads(data) if data else None
-            except ValueError:
-                return resp.status, data[:300]
-        finally:
-            conn.close()
+        return http_json(self.port, method, path, body, timeout)
 
     def sse(self, job_id: str, timeout: float = HTTP_TIMEOUT_S) -> tuple[int, list[dict]]:
         """Follow ``/v1/jobs/{id}/events`` until the server ends it (after the terminal event)."""
@@ -142,34 +90,16 @@ class Gateway:
             if resp.status != 200:
                 resp.read()
                 return resp.status, []
+            parser = Parser()
             events = []
             for raw in resp:  # line by line; each read bounded by the socket timeout
-                line = raw.decode("utf-8", "replace").rstrip("\r\n")
-                if line.startswith("data:"):
-                    events.append(json.loads(line[5:].strip()))
+                events += [m.payload for m in parser.feed(raw) if m.payload is not None]
             return 200, events
         finally:
             conn.close()
 
 
 # -- the ledger ------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class Job:
-    """One accepted job and what we saw of it."""
-
-    id: str
-    kind: str
-    accepted_at: float
-    cancel_status: int | None = None
-    state: str | None = None
-    terminal_events: int = 0
-    retries: int = 0
-    problems: list[str] = dataclasses.field(default_factory=list)
-    error: str | None = None
-    #: the final record, kept only when something is wrong with it (for the report)
-    record: dict | None = None
 
 
 class Ledger:
@@ -203,33 +133,6 @@ class Ledger:
     def snapshot(self) -> list[Job]:
         with self.lock:
             return list(self.jobs.values())
-
-
-def check_record(job: Job, record: dict, sse_events: list[dict] | None = None) -> None:
-    """Fill ``job`` from its final record: state, terminal events (exactly one, last), seq 1..n."""
-    events = record.get("events") or []
-    names = [e.get("event") for e in events]
-    job.state = record.get("state")
-    job.error = record.get("error")
-    job.terminal_events = sum(1 for n in names if n in TERMINAL_EVENTS)
-    job.retries = names.count("job_retried")
-    if job.terminal_events != 1:
-        job.problems.append(f"{job.terminal_events} terminal events: {names}")
-    elif names[-1] not in TERMINAL_EVENTS:
-        job.problems.append(f"terminal event not last: {names}")
-    elif TERMINAL_EVENTS[names[-1]] != job.state:
-        job.problems.append(f"state {job.state} but last event {names[-1]}")
-    seqs = [e.get("seq") for e in events]
-    if seqs != list(range(1, len(seqs) + 1)):
-        job.problems.append(f"event seqs not 1..n: {seqs}")
-    if sse_events is not None:
-        streamed = [e.get("seq") for e in sse_events]
-        if streamed != seqs:
-            job.problems.append(f"SSE delivered seqs {streamed}, the record has {seqs}")
-    if job.state == "cancelled" and job.cancel_status is None:
-        job.problems.append("cancelled although nobody cancelled it")
-    if job.problems:
-        job.record = record
 
 
 # -- the soak --------------------------------------------------------------------------------------
@@ -305,7 +208,7 @@ class Soak:
         args = ["worker", "--port", str(worker["port"]), "--worker-id", worker["id"], "--backend", "cpu-stub",
                 "--drain-grace-s", f"{self.o.drain_grace_s:g}"]
         if self.redis is not None:
-            args += ["--redis-url", self.redis.url]
+            args += ["--redis-url", self.redis.url, "--job-retention-s", f"{self.o.retention_s:g}"]
         started = time.monotonic()
         worker["proc"] = self.children.start(name, self._omnirt(*args))
         wait_listening(self.children, name, worker["proc"], worker["port"], timeout=60)
@@ -531,19 +434,21 @@ class Soak:
         jobs = self.ledger.snapshot()
         by_kind = Counter(j.kind for j in jobs)
         states = Counter(j.state or "none" for j in jobs)
-        lost = [j for j in jobs if j.state not in TERMINAL_STATES]
-        duplicated = [j for j in jobs if j.terminal_events > 1]
         failed = [j for j in jobs if j.state == "failed"]
         cancels = [j for j in jobs if j.cancel_status is not None]
-        odd = [j for j in jobs if j.problems and j not in lost and j not in duplicated]
         exactly_once = sum(1 for j in jobs if j.terminal_events == 1 and not j.problems)
-        start, end = 0.0, self.t_end - self.t0
-        rss = slope_after_warmup(self.samples["rss_kb"], start=start, end=end)
-        fds = slope_after_warmup(self.samples["fds"], start=start, end=end)
-        keys = slope_after_warmup(self.samples["redis_keys"], start=start, end=end,
-                                  warmup_s=o.retention_s + 15.0)
-        fd_leak = fds.clearly_positive(min_rise=5.0)
+        end = self.t_end - self.t0
         crashed = self.children.stopped_early()
+        patterns: dict[str, tuple[int, int, int, int]] = {}
+        if o.redis:
+            try:
+                patterns = self.redis_key_patterns()
+            except (OSError, ConnectionError, RuntimeError) as exc:
+                self.problems.append(f"could not list Redis keys: {exc}")
+        verdict = judge(jobs, self.samples, end_s=end, retention_s=o.retention_s, key_patterns=patterns,
+                        problems=self.problems + crashed)
+        lost, duplicated, rss, fds, keys = verdict.lost, verdict.duplicated, verdict.rss, verdict.fds, verdict.keys
+        odd = [j for j in jobs if j.problems and j not in lost and j not in duplicated]
 
         out = self.out
         topology = f"gateway + {o.workers} cpu-stub workers" + (" + redis" if o.redis else "")
@@ -564,36 +469,24 @@ class Soak:
                 f"SIGTERM->exit {min(stops):.2f}-{max(stops):.2f}s, start->listening {min(starts):.2f}-{max(starts):.2f}s; "
                 f"exit codes {dict(Counter(str(r['exit_code']) for r in self.restarts))}")
         first, last = _first_last(self.samples["rss_kb"])
-        out(f"gateway RSS: {first / 1024:.1f} -> {last / 1024:.1f} MB; {_scaled(rss, 1 / 1024).describe('MB')}")
+        out(f"gateway RSS: {first / 1024:.1f} -> {last / 1024:.1f} MB; {scaled(rss, 1 / 1024).describe('MB')}")
         first, last = _first_last(self.samples["fds"])
-        out(f"gateway open fds: {first:.0f} -> {last:.0f}; {fds.describe('fds')}"
-            + ("  <- CLEARLY RISING" if fd_leak else ""))
-        patterns: dict[str, tuple[int, int, int, int]] = {}
-        outliving: list[str] = []
+        out(f"gateway open fds: {first:.0f} -> {last:.0f}; {fds.describe('fds')}")
         if o.redis:
             out(f"redis keys over time: {_timeline(self.samples['redis_keys'])}")
             out(f"redis keys after retention warm-up: {keys.describe('keys')}")
-            try:
-                patterns = self.redis_key_patterns()
-            except (OSError, ConnectionError, RuntimeError) as exc:
-                self.problems.append(f"could not list Redis keys: {exc}")
             out("redis keys at the end by pattern (count; of the sampled: without TTL, longest TTL): " + "; ".join(
                 f"{p} {n} ({none}/{k}, {ttl / 1000:.0f}s)" for p, (n, k, none, ttl) in list(patterns.items())[:12]))
-            # per-job keys (those with a TTL) must not outlive the gateway's retention
-            outliving = [p for p, (n, k, none, ttl) in patterns.items() if ttl > (o.retention_s + 5) * 1000]
-            if outliving:
-                out(f"WARNING: keys that outlive --job-retention-s {o.retention_s:g}s: " + ", ".join(
-                    f"{p} (TTL up to {patterns[p][3] / 1000:.0f}s)" for p in outliving))
         for j in (lost + duplicated + failed + odd)[:20]:
             out(f"  job {j.id} ({j.kind}): state {j.state}, error {j.error!r}, problems {j.problems}")
-        for line in self.problems + crashed:
-            out(f"  problem: {line}")
         out(f"lost jobs: {len(lost)}; duplicate terminal events: {len(duplicated)}; failed jobs: {len(failed)}; "
             f"other problems: {len(odd)}")
-        verdict = 0 if not (lost or duplicated or fd_leak or crashed or self.problems) else 1
+        for line in verdict.failures:
+            out(f"  FAIL: {line}")
+        status = 0 if verdict.passed else 1
         if self.stop_requested.is_set():
-            verdict = verdict or 130
-        out("SOAK " + ("PASSED" if verdict == 0 else "INTERRUPTED" if verdict == 130 else "FAILED"))
+            status = status or 130
+        out("SOAK " + ("PASSED" if status == 0 else "INTERRUPTED" if status == 130 else "FAILED"))
         if o.json_path is not None:
             Path(o.json_path).write_text(json.dumps({
                 "minutes": round(end / 60, 2), "options": {k: str(v) if isinstance(v, Path) else v
@@ -602,23 +495,18 @@ class Soak:
                 "exactly_once": exactly_once, "lost": len(lost), "duplicate_terminal": len(duplicated),
                 "failed": len(failed), "other_problems": len(odd), "refused": dict(self.ledger.refused),
                 "client_errors": dict(self.ledger.client_errors), "restarts": self.restarts,
-                "rss_slope_mb_per_min": _scaled(rss, 1 / 1024).per_min, "fd_slope_per_min": fds.per_min,
-                "fd_slope_stderr_per_min": fds.stderr_per_min, "fd_clearly_rising": fd_leak,
-                "redis_key_slope_per_min": keys.per_min, "redis_key_patterns": patterns, "redis_keys_outliving_retention": outliving, "samples": self.samples,
-                "problems": self.problems + crashed, "exit": verdict,
+                "rss_slope_mb_per_min": scaled(rss, 1 / 1024).per_min, "fd_slope_per_min": fds.per_min,
+                "fd_slope_stderr_per_min": fds.stderr_per_min,
+                "fd_clearly_rising": fds.clearly_positive(min_rise=FD_MIN_RISE), "failures": verdict.failures,
+                "redis_key_slope_per_min": keys.per_min, "redis_key_patterns": patterns, "redis_keys_outliving_retention": verdict.outliving, "samples": self.samples,
+                "problems": self.problems + crashed, "exit": status,
                 "children": [[name, proc.pid] for name, proc in self.children.procs],
                 "problem_jobs": [dataclasses.asdict(j) for j in (lost + duplicated + failed + odd)[:20]],
             }, indent=1))
-        return verdict
+        return status
 
 
 _ID_RE = re.compile(r"[0-9a-f]{16,}|[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}|(?<=:)\d+(?=$|:)")
-
-
-def _scaled(slope: Slope, factor: float) -> Slope:
-    if slope.per_min is None:
-        return slope
-    return Slope(slope.per_min * factor, slope.stderr_per_min * factor, slope.n, slope.window_min)
 
 
 def _first_last(samples: list[tuple[float, float]]) -> tuple[float, float]:

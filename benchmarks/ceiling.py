@@ -1,7 +1,7 @@
 """The ceiling for gateway benchmarks: a bare Klein app with one JSON route, on the same asyncio
 Twisted reactor as the gateway, and no access log.
 
-    python -m omnirt.bench.ceiling --port 8200 [--host 127.0.0.1]
+    python -m benchmarks.ceiling --port 8200 [--host 127.0.0.1]
 
 Every path answers ``{"ok": true}`` (a POST body is parsed as JSON first), so the same wrk script
 or ``omnirt bench --scenario sync`` that drives ``POST /v1/generate`` drives this too.
@@ -33,7 +33,7 @@ def build_app():
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m omnirt.bench.ceiling", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.ceiling", description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
     opts = parser.parse_args(argv)
