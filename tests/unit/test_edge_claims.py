@@ -321,9 +321,9 @@ class ArtifactExpiryTests(EdgeTestCase):
 
 class ArtifactStoreExpiryTests(unittest.TestCase):
     def store(self):
-        from omnirt.store.artifacts import ArtifactStore
-
         from twisted.internet import reactor
+
+        from omnirt.store.artifacts import ArtifactStore
 
         return ArtifactStore(self.mktemp(), reactor, reactor.getThreadPool())
 
