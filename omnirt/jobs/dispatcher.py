@@ -265,7 +265,8 @@ class Dispatcher:
             await self._terminal(record, JobState.succeeded, fields={"result": result})
             return
         if isinstance(error, JobFailed):
-            await self._terminal(record, JobState.failed, error=str(error) or "job failed")
+            await self._terminal(record, JobState.failed, error=str(error) or "job failed",
+                                 status=getattr(error, "status", None))
             return
         if running.handed_back:
             await self._requeue(q, running, "gateway_shutdown", str(error or ""), count_attempt=False, enqueue=False)
@@ -322,7 +323,8 @@ class Dispatcher:
     async def _store_outputs(self, record: JobRecord, running: RunningJob, outcome: RunOutcome) -> GenerateResult:
         return await store_outputs(self.artifacts, record, running.entry.worker_id, outcome)
 
-    async def _terminal(self, record: JobRecord, state: JobState, *, error: str | None = None, fields=None) -> None:
+    async def _terminal(self, record: JobRecord, state: JobState, *, error: str | None = None, fields=None,
+                        status: int | None = None) -> None:
         """Record the outcome; while the store is unreachable keep trying (bounded), so an accepted
         job still reaches its terminal state once the store is back."""
         now = self._now_ms()
@@ -331,7 +333,8 @@ class Dispatcher:
         delay = 0.2
         for _ in range(STORE_RETRIES):
             try:
-                done = await record_terminal(self.store, record.id, state, now_ms=now, error=error, fields=fields)
+                done = await record_terminal(self.store, record.id, state, now_ms=now, error=error, fields=fields,
+                                             status=status)
                 break
             except StoreUnavailable as exc:
                 log.msg(f"recording {state.value} for job {record.id} failed ({exc}); retrying in {delay:g}s")

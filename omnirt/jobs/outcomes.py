@@ -33,10 +33,14 @@ async def store_outputs(artifacts, record: JobRecord, worker_id: str, outcome: R
 
 
 async def record_terminal(store: JobStore, job_id: str, state: JobState, *, now_ms: int, error: str | None = None,
-                          fields: dict[str, Any] | None = None) -> JobRecord | None:
-    """running|cancelling -> ``state`` with its terminal event; None when another writer was first."""
-    data = {"job_id": job_id}
+                          fields: dict[str, Any] | None = None, status: int | None = None) -> JobRecord | None:
+    """running|cancelling -> ``state`` with its terminal event; None when another writer was first.
+
+    ``status``: the HTTP status of a failure that is the client's (a worker rejected the input)."""
+    data: dict[str, Any] = {"job_id": job_id}
     if error:
         data["error"] = error
+    if status is not None:
+        data["status"] = status
     update = {"finished_at_ms": now_ms, "error": error, **(fields or {})}
     return await store.transition(job_id, RUNNING_STATES, state, NewEvent(TERMINAL_EVENT[state], "job", data), update)

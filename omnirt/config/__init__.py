@@ -1,0 +1,1 @@
+"""Typed configuration for the omnirt processes, parsed once from the CLI."""
