@@ -154,9 +154,13 @@ class GrpcStep(Step):
             else:
                 port = self.server.add_secure_port(address, credentials)
         except RuntimeError as exc:
-            raise StartupError(f"cannot listen on {address}: {exc} (port in use?)") from None
+            port, reason = 0, f"cannot listen on {address}: {exc} (port in use?)"
+        else:
+            reason = f"cannot listen on {address} (port in use?)"
         if not port:
-            raise StartupError(f"cannot listen on {address} (port in use?)")
+            await _aio(self.reactor, self.server.stop(None))  # never leave a grpc.aio server behind
+            self.server = None
+            raise StartupError(reason)
         await _aio(self.reactor, self.server.start())
         self.port = port
 
