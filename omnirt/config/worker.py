@@ -12,6 +12,8 @@ import dataclasses
 import ipaddress
 from pathlib import Path
 
+from omnirt.workers.spec import _items as _comma_list  # the one comma-list parser (``--remote-worker``'s)
+
 __all__ = ["DEFAULT_PORT", "ConfigError", "WorkerConfig", "add_arguments", "format_address"]
 
 DEFAULT_PORT = 50061
@@ -29,15 +31,6 @@ def format_address(host: str, port: int) -> str:
     except ValueError:
         pass
     return f"{host}:{port}"
-
-
-def _comma_list(text: str) -> tuple[str, ...]:
-    items: dict[str, None] = {}
-    for item in text.split(","):
-        item = item.strip()
-        if item:
-            items.setdefault(item, None)
-    return tuple(items)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
