@@ -5,7 +5,8 @@ with ``--redis-url``; its lease refresh is a ``TimerService``), the engine host 
 the gRPC server, the metrics endpoint. Stopping is the planned shutdown sequence: stop admitting,
 let running jobs finish up to ``--drain-grace-s``, stop the rest (reported to gateways as the
 worker's own abort: retried elsewhere), then the children in reverse: metrics endpoint, gRPC
-server, engine host, store (after its last writes), tracing (the last spans flushed, bounded).
+server, engine host (its job threads joined), store (after the recorder's tracked writes have
+landed), tracing (the last spans flushed, bounded).
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
 from omnirt.config.worker import WorkerConfig, format_address
 from omnirt.telemetry.tracing import SERVICE_WORKER, Tracing
 from omnirt.workers.core import WorkerCore, WorkerMetrics
-from omnirt.workers.tasks import TaskTracker
 
 __all__ = ["StartupError", "WorkerService", "make_worker_service", "serve_until_stopped"]
 
@@ -213,8 +213,6 @@ class WorkerService(MultiService):
         self.core = core
         self.tracing = tracing
         self.metrics = metrics
-        #: fire-and-forget work started by the parts (shutdown waits for it, after the children)
-        self.tasks = TaskTracker()
         self.ready: Deferred | None = None
         self._up: list[Service] = []
         self._stopping: Deferred | None = None
@@ -277,7 +275,6 @@ class WorkerService(MultiService):
         else:
             self.core.stop_admitting()
         await self._stop_children()
-        await self.tasks.wait()
 
     async def _stop_children(self) -> None:
         while self._up:
