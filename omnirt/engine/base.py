@@ -22,6 +22,14 @@ class JobFailed(Exception):
     """The job itself failed (bad input image, out of memory, model error): never retried."""
 
 
+class JobRejected(JobFailed):
+    """The worker rejected the job's input (undecodable image, backend missing on the host): the
+    client's error, answered with a 4xx and the reason, never retried."""
+
+    #: the HTTP status a client gets for it
+    status = 400
+
+
 @dataclasses.dataclass
 class EngineJob:
     job_id: str

@@ -7,7 +7,7 @@ import binascii
 import io
 from typing import Any
 
-from omnirt.engine.base import JobFailed
+from omnirt.engine.base import JobFailed, JobRejected
 
 
 def decode_input_image(value: Any, width: int, height: int):
@@ -23,22 +23,22 @@ def decode_input_image(value: Any, width: int, height: int):
             "inputs.image is an artifact reference; it must be resolved to the image bytes before the engine runs"
         )
     if not isinstance(value, str) or not value:
-        raise JobFailed("inputs.image must be a base64 string or a data:image/...;base64, URL")
+        raise JobRejected("inputs.image must be a base64 string or a data:image/...;base64, URL")
     payload = value
     if payload.startswith("data:"):
         header, sep, payload = payload.partition(",")
         if not sep or not header.endswith(";base64"):
-            raise JobFailed("inputs.image: a data URL must be base64-encoded (data:image/png;base64,...)")
+            raise JobRejected("inputs.image: a data URL must be base64-encoded (data:image/png;base64,...)")
     try:
         raw = base64.b64decode("".join(payload.split()), validate=True)
     except (binascii.Error, ValueError):
-        raise JobFailed("inputs.image is not valid base64") from None
+        raise JobRejected("inputs.image is not valid base64") from None
     try:
         with Image.open(io.BytesIO(raw)) as opened:
             opened.load()
             image = opened.convert("RGB")
     except Exception as exc:  # Pillow raises OSError, DecompressionBombError, SyntaxError, ...
-        raise JobFailed(f"inputs.image could not be decoded as an image (PNG, JPEG, WebP...): {exc}") from None
+        raise JobRejected(f"inputs.image could not be decoded as an image (PNG, JPEG, WebP...): {exc}") from None
     if image.size != (width, height):
         image = image.resize((width, height), Image.Resampling.LANCZOS)
     return image

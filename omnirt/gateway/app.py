@@ -209,7 +209,8 @@ class GatewayAPI:
             return write_json(request, 200, body)
         if final.state == JobState.cancelled:
             return write_json(request, 409, {"detail": f"job {final.id} was cancelled", "job_id": final.id})
-        return write_json(request, 500, {"detail": f"job {final.id} failed: {final.error}", "job_id": final.id})
+        return write_json(request, _failure_status(final), {"detail": f"job {final.id} failed: {final.error}",
+                                                            "job_id": final.id})
 
     @app.route("/v1/jobs", methods=["POST"])
     async def submit_job(self, request):
@@ -355,3 +356,12 @@ class GatewayResource(Resource):
                 return write_json(request, status, body, headers)
         return self.inner.render(request)
 
+
+def _failure_status(final: JobRecord) -> int:
+    """A job whose input the worker rejected is the client's error (the 4xx its terminal event
+    names); any other failure is the server's (500)."""
+    for event in reversed(final.events):
+        if event.terminal:
+            status = event.data.get("status")
+            return status if isinstance(status, int) and 400 <= status < 500 else 500
+    return 500

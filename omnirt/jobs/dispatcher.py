@@ -262,7 +262,7 @@ class Dispatcher:
             await t.finish(record, result)
             return
         if isinstance(error, JobFailed):
-            await t.fail(record, str(error) or "job failed")
+            await t.fail(record, str(error) or "job failed", status=getattr(error, "status", None))
             return
         if running.handed_back:
             await self._requeue(q, running, "gateway_shutdown", str(error or ""), count_attempt=False, enqueue=False)

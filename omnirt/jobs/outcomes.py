@@ -33,17 +33,20 @@ async def store_outputs(artifacts, record: JobRecord, worker_id: str, outcome: R
     return GenerateResult(outputs=outputs, metadata=meta)
 
 
-def terminal_event(job_id: str, state: JobState, error: str | None = None) -> NewEvent:
-    """The terminal event of ``state`` (job_finished | job_failed | job_cancelled)."""
+def terminal_event(job_id: str, state: JobState, error: str | None = None, status: int | None = None) -> NewEvent:
+    """The terminal event of ``state`` (job_finished | job_failed | job_cancelled); ``status``: the
+    HTTP status of a failure that is the client's (a worker rejected the input)."""
     data: dict[str, Any] = {"job_id": job_id}
     if error:
         data["error"] = error
+    if status is not None:
+        data["status"] = status
     return NewEvent(TERMINAL_EVENT[state], "job", data)
 
 
 async def record_terminal(store: JobStore, job_id: str, state: JobState, *, now_ms: int, error: str | None = None,
                           fields: dict[str, Any] | None = None,
-                          from_states: Iterable[JobState] = RUNNING_STATES) -> JobRecord | None:
+                          from_states: Iterable[JobState] = RUNNING_STATES, status: int | None = None) -> JobRecord | None:
     """``from_states`` -> ``state`` with its terminal event; None when another writer was first."""
     update = {"finished_at_ms": now_ms, "error": error, **(fields or {})}
-    return await store.transition(job_id, tuple(from_states), state, terminal_event(job_id, state, error), update)
+    return await store.transition(job_id, tuple(from_states), state, terminal_event(job_id, state, error, status), update)

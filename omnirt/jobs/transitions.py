@@ -177,7 +177,7 @@ class JobTransitions:
         return await self.store.transition(job_id, (R,), C)
 
     async def cancelled(self, record: JobRecord, from_states: Iterable[JobState] = RUNNING_STATES, *,
-                        patient: bool = True) -> JobRecord | None:
+                        patient: bool = True, status: int | None = None) -> JobRecord | None:
         """queued | running | cancelling -> cancelled (``job_cancelled``)."""
         from_states = tuple(from_states)
         extra = {"queue_position": None} if Q in from_states else {}
@@ -190,16 +190,17 @@ class JobTransitions:
         return await self._terminal(record, JobState.succeeded, fields={"result": result})
 
     async def fail(self, record: JobRecord, error: str,
-                   from_states: Iterable[JobState] = RUNNING_STATES) -> JobRecord | None:
-        """queued | running | cancelling -> failed (``job_failed``) with the error."""
-        done = await self._terminal(record, JobState.failed, error=error, from_states=from_states)
+                   from_states: Iterable[JobState] = RUNNING_STATES, *, status: int | None = None) -> JobRecord | None:
+        """queued | running | cancelling -> failed (``job_failed``) with the error; ``status``: the
+        HTTP status when the failure is the client's (a worker rejected the input)."""
+        done = await self._terminal(record, JobState.failed, error=error, from_states=from_states, status=status)
         if done is not None:
             log.msg(f"job {record.id} failed: {error}", job_id=record.id, trace_id=record.trace_id)
         return done
 
     async def _terminal(self, record: JobRecord, state: JobState, *, error: str | None = None,
                         fields: dict[str, Any] | None = None, from_states: Iterable[JobState] = RUNNING_STATES,
-                        patient: bool = True) -> JobRecord | None:
+                        patient: bool = True, status: int | None = None) -> JobRecord | None:
         """Record the outcome; while the store is unreachable keep trying (bounded backoff), so an
         accepted job still reaches its terminal state once the store is back. ``patient`` False
         (a client waits for the answer): one try, StoreUnavailable raised."""
@@ -209,7 +210,7 @@ class JobTransitions:
         for attempt in range(STORE_RETRIES if patient else 1):
             try:
                 done = await record_terminal(self.store, record.id, state, now_ms=now, error=error, fields=fields,
-                                             from_states=from_states)
+                                             from_states=from_states, status=status)
                 break
             except StoreUnavailable as exc:
                 if not patient:

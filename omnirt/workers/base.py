@@ -10,11 +10,12 @@ from typing import Any, Protocol
 from twisted.internet.defer import Deferred
 
 from omnirt.contract import GenerateRequest
-from omnirt.engine.base import JobCancelled, JobFailed, RunOutcome
+from omnirt.engine.base import JobCancelled, JobFailed, JobRejected, RunOutcome
 
 __all__ = [
     "JobCancelled",
     "JobFailed",
+    "JobRejected",
     "RunOutcome",
     "WorkerBusy",
     "WorkerConnection",
@@ -80,10 +81,13 @@ class WorkerHealth:
 
 
 class WorkerConnection(Protocol):
-    """How the dispatcher reaches a worker. Implementations: ``local``, ``grpc``.
+    """How the dispatcher reaches a worker. Implementations: ``local`` and ``grpc`` (both over the
+    one ``WorkerCore``), and the tests' ``ControlledWorker``; all pass one contract suite.
 
     ``run`` returns a Deferred that fires with a ``RunOutcome`` or fails with ``JobFailed``
-    (not retried), ``JobCancelled``, ``WorkerBusy`` or ``WorkerLost`` (retried elsewhere).
+    (not retried; ``JobRejected`` when the worker refused the job's input: the client's error),
+    ``JobCancelled``, ``WorkerBusy`` (refused at admission: full, draining, model not served) or
+    ``WorkerLost`` (retried elsewhere).
     Cancelling that Deferred cancels the job on the worker. ``on_update`` is called on the
     reactor thread for each event, in order: first ``job_started`` (stage ``job``, data
     ``{"backend": <resolved backend>}``) when the worker begins the job, then the engine's

@@ -8,6 +8,8 @@ so ``on_update`` is called on the reactor thread. Errors map onto the WorkerConn
 what happened                                          ``run`` fails with
 =====================================================  =====================
 the worker's final update says the job failed          ``JobFailed``
+the worker rejected the job's input (bad image, no      ``JobRejected``
+such backend on its host; INVALID_ARGUMENT)
 the worker's final update says the job was cancelled   ``JobCancelled``
 the worker stopped the job itself (drain deadline)     ``WorkerLost``
 RESOURCE_EXHAUSTED, or UNAVAILABLE because draining    ``WorkerBusy``
@@ -32,7 +34,7 @@ from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from omnirt.engine.base import JobCancelled, JobFailed, RunOutcome
+from omnirt.engine.base import JobCancelled, JobFailed, JobRejected, RunOutcome
 from omnirt.telemetry.tracing import spans_from_json
 from omnirt.workers import wire
 from omnirt.workers.base import WorkerBusy, WorkerHealth, WorkerJob, WorkerLost, WorkerUpdate
@@ -45,7 +47,7 @@ __all__ = ["CHANNEL_OPTIONS", "GrpcWorkerConnection", "probe"]
 T = TypeVar("T")
 log = Logger()
 
-#: trailing metadata key the worker sets on a refusal (see omnirt.workers.server.REFUSAL_KEY)
+#: trailing metadata key the worker sets on a refusal (see omnirt.workers.servicer.REFUSAL_KEY)
 REFUSAL_KEY = "omnirt-refusal"
 
 CHANNEL_OPTIONS = (
@@ -269,6 +271,8 @@ class GrpcWorkerConnection:
             return JobCancelled(end.message or "cancelled")
         if end.status == pb.RUN_END_STATUS_ABORTED:
             return WorkerLost(end.message or f"worker {self.worker_id} stopped the job")
+        if end.status == pb.RUN_END_STATUS_REJECTED:
+            return JobRejected(end.message or "the worker rejected the job's input")
         return JobFailed(end.message or "job failed on the worker")
 
     def _run_error(self, exc: grpc.aio.AioRpcError, job: WorkerJob) -> Exception:
@@ -284,7 +288,7 @@ class GrpcWorkerConnection:
         if code == grpc.StatusCode.UNAVAILABLE and _refusal(exc):
             return WorkerBusy(f"{where} refused job {job.job_id}: {exc.details()}")
         if code == grpc.StatusCode.INVALID_ARGUMENT:
-            return JobFailed(f"{where} rejected job {job.job_id}: {exc.details()}")
+            return JobRejected(f"{where} rejected job {job.job_id}: {exc.details()}")
         return WorkerLost(f"{where} lost job {job.job_id}: {_describe(exc)}")
 
     async def _run_sync(self, job: WorkerJob, on_update: Callable[[WorkerUpdate], None]) -> RunOutcome:
@@ -306,7 +310,9 @@ class GrpcWorkerConnection:
             raise WorkerLost(f"worker {self.worker_id}: the RunSync call for job {job.job_id} was cancelled") from None
         except grpc.aio.AioRpcError as exc:
             code = exc.code()
-            if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN):
+            if code == grpc.StatusCode.INVALID_ARGUMENT:
+                raise JobRejected(exc.details() or f"worker {self.worker_id} rejected the job's input") from None
+            if code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN):
                 raise JobFailed(exc.details() or f"job failed on worker {self.worker_id}") from None
             if code == grpc.StatusCode.CANCELLED and job.job_id in self._sync_cancelled:
                 raise JobCancelled("cancelled by request") from None

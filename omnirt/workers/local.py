@@ -1,151 +1,144 @@
-"""The in-process worker: the engine on this host's job threads, behind the WorkerConnection interface.
+"""The in-process worker: a thin transport over the same ``WorkerCore`` the gRPC server uses.
 
-Each job runs on a thread of a pool sized ``capacity`` (never on the reactor thread). Engine
-events hop to the reactor with ``callFromThread``, which keeps their order, and the result hops
-after them.
+Admission, job threads, cancel, drain, metrics and spans are the core's, as on a remote worker;
+this module only maps the core's ``Refused`` and ``RunEnd`` onto the ``WorkerConnection``
+contract (``WorkerBusy``, ``JobRejected``/``JobFailed``, ``JobCancelled``, ``WorkerLost``), the way
+``GrpcWorkerConnection`` maps the wire onto it. (Buildbot's ``null`` worker protocol beside pb.)
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
+from typing import Any
 
-from twisted.internet.defer import Deferred, succeed
-from twisted.internet.threads import deferToThreadPool
-from twisted.python.threadpool import ThreadPool
+from twisted.internet.defer import Deferred, fail, succeed
 
 from omnirt.backends import BackendUnavailable
-from omnirt.engine.base import CancelToken, EngineJob, JobCancelled, JobFailed, RunOutcome
-from omnirt.workers.base import WorkerHealth, WorkerJob, WorkerUpdate
+from omnirt.contract import ContractError
+from omnirt.engine.base import JobCancelled, JobFailed, JobRejected, RunOutcome
+from omnirt.workers.base import WorkerBusy, WorkerHealth, WorkerJob, WorkerLost, WorkerUpdate
+from omnirt.workers.core import Refused, RunEnd, WorkerCore, WorkerMetrics, prepare
+
+
+def end_error(end: RunEnd, worker_id: str) -> Exception:
+    """The exception a run that ended without a result fails with; its spans ride on it."""
+    if end.state == "cancelled":
+        exc: Exception = JobCancelled(end.message or "cancelled")
+    elif end.state == "aborted":
+        exc = WorkerLost(end.message or f"worker {worker_id} stopped the job")
+    elif end.state == "rejected":
+        exc = JobRejected(end.message or "the worker rejected the job's input")
+    else:
+        exc = JobFailed(end.message or "job failed")
+    exc.trace_spans = list(end.spans)  # type: ignore[attr-defined]
+    return exc
 
 
 class LocalWorkerConnection:
+    """A ``WorkerConnection`` to the engine in this process.
+
+    ``tracing``: the gateway's Tracing (runs get ``omnirt.worker.run`` + stage spans, as on a
+    remote worker). ``core``: an already built ``WorkerCore`` to serve through (default: one
+    over ``engine``).
+    """
+
     address = "in-process"
 
     def __init__(
         self,
-        engine,
-        reactor,
+        engine: Any,
+        reactor: Any,
         *,
         worker_id: str = "local",
         capacity: int = 1,
         models: tuple[str, ...] = (),
         tags: tuple[str, ...] = (),
-        tracing=None,
+        tracing: Any = None,
+        metrics: WorkerMetrics | None = None,
+        core: WorkerCore | None = None,
     ):
-        self.engine = engine
-        #: the gateway's Tracing: runs get ``omnirt.worker.run`` + stage spans, as on a remote worker
-        self.tracing = tracing
+        self.core = core or WorkerCore(engine, reactor, worker_id=worker_id, capacity=capacity, models=models,
+                                       tags=tags, backend=getattr(engine, "backend", "auto"), tracing=tracing,
+                                       metrics=metrics)
+        self.engine = self.core.engine
+        self.tracing = self.core.tracing
         self._reactor = reactor
-        self.worker_id = worker_id
-        self.capacity = capacity
-        self.models = tuple(models)
-        self.tags = tuple(tags)
-        self._threads = ThreadPool(minthreads=0, maxthreads=capacity, name=f"omnirt-engine-{worker_id}")
-        self._tokens: dict[str, CancelToken] = {}
-        self._started = False
-        self.last_error = ""
+        self.worker_id = self.core.worker_id
+        self.capacity = self.core.capacity
+        self.models = self.core.models
+        self.tags = self.core.tags
+        self._ready: Deferred | None = None
 
-    def start(self) -> None:
-        if not self._started:
-            self._started = True
-            self._threads.start()
+    @property
+    def last_error(self) -> str:
+        return self.core.last_error
+
+    def start(self) -> Deferred:
+        """Start the core (idempotent); fires once it takes jobs (each caller gets its own Deferred)."""
+        if self._ready is None:
+            self._ready = Deferred.fromCoroutine(self._startup())
+        mine: Deferred = Deferred()
+        self._ready.addCallback(lambda result: (mine.callback(None), result)[1])
+        return mine
+
+    async def _startup(self) -> None:
+        try:
+            await self.core.startup()
+        except BackendUnavailable as exc:
+            # this process serves anyway: each job that needs the missing backend is rejected with
+            # the reason (a 4xx), and health says why
+            self.core.backend = self.core.requested_backend
+            self.core.last_error = str(exc)
+            if self.core.state == "starting":
+                self.core.state = "ready"
+        except Exception as exc:  # noqa: BLE001 - health says why; jobs are refused
+            self.core.last_error = f"startup failed: {type(exc).__name__}: {exc}"
+            self.core.state = "error"
+
+    # -- WorkerConnection -------------------------------------------------------------------
 
     def run(self, job: WorkerJob, on_update: Callable[[WorkerUpdate], None]) -> Deferred[RunOutcome]:
-        self.start()
-        token = CancelToken()
-        self._tokens[job.job_id] = token
-        reactor = self._reactor
-        spans = None
-        if self.tracing is not None:
-            steps = job.request.config.get("num_inference_steps")
-            spans = self.tracing.run_spans(job.trace_context, job_id=job.job_id, worker_id=self.worker_id,
-                                           model=job.request.model, attempt=job.attempt,
-                                           steps=steps if isinstance(steps, int) else None)
+        if self._ready is None or not self._ready.called:
+            return Deferred.fromCoroutine(self._run_when_ready(job, on_update))
+        return self._run(job, on_update)
 
-        def emit(event: str, stage: str, data: dict) -> None:
-            if spans is not None:
-                spans.event(event, stage, data)
-            reactor.callFromThread(on_update, WorkerUpdate(event, stage, data, int(time.time() * 1000)))
+    async def _run_when_ready(self, job: WorkerJob, on_update: Callable[[WorkerUpdate], None]) -> RunOutcome:
+        await self.start()
+        return await self._run(job, on_update)
 
-        def traced() -> RunOutcome:
-            if spans is None:
-                return work()
-            try:
-                outcome = work()
-            except JobCancelled as exc:
-                exc.trace_spans = spans.finish("cancelled", str(exc))
-                raise
-            except BaseException as exc:
-                exc.trace_spans = spans.finish("failed", str(exc))
-                raise
-            outcome.result.metadata.spans = spans.finish("succeeded")
-            return outcome
+    def _run(self, job: WorkerJob, on_update: Callable[[WorkerUpdate], None]) -> Deferred[RunOutcome]:
+        try:
+            prepared = prepare(job)
+        except ContractError as exc:
+            return fail(JobRejected(str(exc)))
+        try:
+            running = self.core.run(prepared, on_update)
+        except Refused as exc:
+            return fail(WorkerBusy(exc.message))
+        result: Deferred[RunOutcome] = Deferred(lambda _d: self.core.cancel(job.job_id, "call cancelled"))
 
-        def work() -> RunOutcome:
-            try:
-                backend = self.engine.resolve_backend(job.request.backend)
-            except BackendUnavailable as exc:
-                raise JobFailed(str(exc)) from None
-            emit("job_started", "job", {"backend": backend})
-            return self.engine.run(
-                EngineJob(
-                    job_id=job.job_id,
-                    request=job.request,
-                    worker_id=self.worker_id,
-                    trace_id=job.trace_id,
-                    execution_mode=job.execution_mode,
-                    enqueued_at_ms=job.enqueued_at_ms,
-                ),
-                emit,
-                token,
-            )
+        def ended(end: RunEnd) -> None:
+            if result.called:  # the call was cancelled: the job has stopped since
+                return
+            if end.state == "succeeded" and end.outcome is not None:
+                end.outcome.result.metadata.spans = list(end.spans)
+                result.callback(end.outcome)
+            else:
+                result.errback(end_error(end, self.worker_id))
 
-        result: Deferred[RunOutcome] = Deferred(lambda _d: token.cancel("call cancelled"))
-        inner = deferToThreadPool(reactor, self._threads, traced)
-
-        def done(outcome):
-            self._tokens.pop(job.job_id, None)
-            if not result.called:
-                result.callback(outcome)
-
-        def failed(failure):
-            self._tokens.pop(job.job_id, None)
-            if not isinstance(failure.value, JobFailed | JobCancelled):
-                self.last_error = str(failure.value)
-            if not result.called:
-                result.errback(failure)
-
-        inner.addCallbacks(done, failed)
+        running.done.addCallback(ended)
         return result
 
     def cancel(self, job_id: str) -> Deferred[bool]:
-        token = self._tokens.get(job_id)
-        if token is None:
-            return succeed(False)
-        token.cancel("cancelled by request")
-        return succeed(True)
+        found, _ = self.core.cancel(job_id)
+        return succeed(found)
 
     def health(self) -> Deferred[WorkerHealth]:
-        return succeed(
-            WorkerHealth(
-                ok=True,
-                worker_id=self.worker_id,
-                state="ready",
-                inflight=len(self._tokens),
-                capacity=self.capacity,
-                models=self.models,
-                loaded_models=tuple(self.engine.loaded_models()),
-                backend=getattr(self.engine, "backend", ""),
-                tags=self.tags,
-                last_error=self.last_error,
-            )
-        )
+        return self.start().addCallback(lambda _: self.core.health())
+
+    def drain(self, grace_s: float) -> Deferred[int]:
+        """Refuse new jobs, let running ones finish for ``grace_s``, stop the rest (as a worker's SIGTERM)."""
+        return Deferred.fromCoroutine(self.core.drain(grace_s))
 
     def close(self) -> Deferred[None]:
-        for token in self._tokens.values():
-            token.cancel("shutting down")
-        if self._started:
-            self._started = False
-            return deferToThreadPool(self._reactor, self._reactor.getThreadPool(), self._threads.stop)
-        return succeed(None)
+        return Deferred.fromCoroutine(self.core.close())

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import time
 
+from twisted.application.internet import TimerService
 from twisted.internet.defer import Deferred, DeferredLock
-from twisted.internet.task import LoopingCall
 from twisted.python import log
 
 from omnirt.contract import JobState
@@ -22,6 +22,7 @@ from omnirt.engine.base import RunOutcome
 from omnirt.jobs.outcomes import record_terminal, store_outputs
 from omnirt.store.artifacts import RedisArtifactStore
 from omnirt.store.base import NewEvent, StoreUnavailable
+from omnirt.workers.tasks import TaskTracker
 
 LEASE_TTL_S = 10.0
 
@@ -36,6 +37,9 @@ class _JobLog:
 
 
 class StoreRecorder:
+    """Records jobs' events and outcomes; ``lease_service`` keeps the worker's lease alive;
+    ``close`` waits for the writes still under way, releases the lease and closes the store."""
+
     def __init__(self, store, worker_id: str, clock):
         self.store = store
         self.worker_id = worker_id
@@ -43,11 +47,14 @@ class StoreRecorder:
         self._clock = clock
         self.artifacts = RedisArtifactStore(store)
         self._jobs: dict[str, _JobLog] = {}
-        self._lease = LoopingCall(lambda: Deferred.fromCoroutine(self._refresh()))
-        self._lease.clock = clock
+        #: the store writes under way (each job's writes are serialised by its lock)
+        self.writes = TaskTracker()
 
-    def start(self) -> None:
-        self._lease.start(LEASE_TTL_S / 3, now=True).addErrback(log.err, "worker lease loop stopped")
+    def lease_service(self) -> TimerService:
+        """The lease refresh, every third of its TTL (the first at once), as a service."""
+        timer = TimerService(LEASE_TTL_S / 3, lambda: Deferred.fromCoroutine(self._refresh()))
+        timer.clock = self._clock
+        return timer
 
     async def _refresh(self) -> None:
         try:
@@ -55,9 +62,8 @@ class StoreRecorder:
         except StoreUnavailable as exc:
             log.msg(f"worker lease refresh skipped: {exc}")
 
-    async def stop(self) -> None:
-        if self._lease.running:
-            self._lease.stop()
+    async def close(self) -> None:
+        await self.writes.wait()
         try:
             await self.store.refresh_lease(self.runner, 0.001)
         except StoreUnavailable:
@@ -93,7 +99,7 @@ class StoreRecorder:
 
     def _queue(self, entry: _JobLog, coro) -> None:
         d = entry.lock.run(lambda: Deferred.fromCoroutine(self._guard(entry, coro)))
-        d.addErrback(log.err, f"recording job {entry.job_id} in the store failed")
+        self.writes.track(d, f"recording job {entry.job_id} in the store")
 
     async def _guard(self, entry: _JobLog, coro) -> None:
         try:

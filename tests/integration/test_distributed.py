@@ -1,5 +1,6 @@
-"""Gateway + remote `omnirt worker` processes: routing, failover, cancel across processes, and
-the same job-level behaviour over the in-process and the gRPC worker connection."""
+"""Gateway + remote `omnirt worker` processes: routing, failover, cancel across processes, and the
+same image from a remote and an in-process engine (the connection contract itself, over every
+implementation, is tests/support/connection_suite.py)."""
 
 from __future__ import annotations
 
@@ -19,8 +20,7 @@ from twisted.web.client import HTTPConnectionPool
 
 from omnirt.contract import GenerateRequest
 from omnirt.engine.engine import Engine
-from omnirt.workers.base import JobCancelled, JobFailed, WorkerJob
-from omnirt.workers.grpc import GrpcWorkerConnection
+from omnirt.workers.base import WorkerJob
 from omnirt.workers.local import LocalWorkerConnection
 from tests.support.fakes import tiny_png
 from tests.support.procs import Proc, free_port, omnirt_argv, start_omnirt
@@ -305,82 +305,3 @@ class TinySDXLRemoteTests(Topology):
         outcome = yield conn.run(WorkerJob("local-1", GenerateRequest.model_validate(
             {**request, "backend": "cpu", "config": result["metadata"]["config_resolved"]})), lambda u: None)
         self.assertEqual(outcome.blobs[0], remote_png)
-
-
-class ConnectionContract:
-    """The job-level behaviour every WorkerConnection must show, run over both implementations."""
-
-    def make_connection(self):
-        raise NotImplementedError
-
-    def _request(self, steps=3, delay_ms=0, **config):
-        return GenerateRequest(task="text2image", model="sdxl-base-1.0", backend="cpu-stub",
-                               inputs={"prompt": "a lighthouse"},
-                               config={"width": 64, "height": 64, "num_inference_steps": steps,
-                                       "stub_step_delay_ms": delay_ms, "seed": 1, "guidance_scale": 7.5,
-                                       "scheduler": "euler-discrete", "dtype": "auto", "num_images_per_prompt": 1,
-                                       **config})
-
-    @inlineCallbacks
-    def test_run_reports_events_then_outcome(self):
-        """run(): job_started first, every stage in order, one progress event per step, then the PNG."""
-        conn = yield self.make_connection()
-        updates = []
-        outcome = yield conn.run(WorkerJob("c-1", self._request(steps=3)), updates.append)
-        self.assertEqual(updates[0].event, "job_started")
-        self.assertEqual(updates[0].data["backend"], "cpu-stub")
-        starts = [u.stage for u in updates if u.event == "stage_start"]
-        self.assertEqual(starts, ["load_pipeline", "encode_prompt", "denoise", "decode", "export"])
-        self.assertEqual([u.data["step"] for u in updates if u.event == "stage_progress"], [1, 2, 3])
-        self.assertEqual(outcome.blobs[0][:8], b"\x89PNG\r\n\x1a\n")
-        self.assertEqual(outcome.result.outputs[0].width, 64)
-
-    @inlineCallbacks
-    def test_cancel_by_id(self):
-        """cancel(job_id) stops a running job within about a step: the run fails with JobCancelled."""
-        conn = yield self.make_connection()
-        updates = []
-        d = conn.run(WorkerJob("c-2", self._request(steps=200, delay_ms=50)), updates.append)
-        while not any(u.event == "stage_progress" for u in updates):
-            yield sleep(0.02)
-        found = yield conn.cancel("c-2")
-        self.assertTrue(found)
-        yield self.assertFailure(d, JobCancelled)
-        self.assertLess(sum(1 for u in updates if u.event == "stage_progress"), 200)
-        unknown = yield conn.cancel("nope")
-        self.assertFalse(unknown)
-
-    @inlineCallbacks
-    def test_job_failure(self):
-        """A job that cannot run (undecodable input image) fails with JobFailed."""
-        conn = yield self.make_connection()
-        req = self._request(steps=4, strength=0.5)
-        req = req.model_copy(update={"task": "image2image", "inputs": {"prompt": "x", "image": "bm90IGFuIGltYWdl"}})
-        yield self.assertFailure(conn.run(WorkerJob("c-3", req), lambda u: None), JobFailed)
-
-    @inlineCallbacks
-    def test_health(self):
-        """health() says ready with the capacity it was given."""
-        conn = yield self.make_connection()
-        health = yield conn.health()
-        self.assertTrue(health.ok)
-        self.assertEqual(health.state, "ready")
-        self.assertEqual(health.capacity, 1)
-
-
-class LocalConnectionContractTests(ConnectionContract, unittest.TestCase):
-    def make_connection(self):
-        engine = Engine(backend="cpu-stub")
-        self.addCleanup(engine.close)
-        conn = LocalWorkerConnection(engine, reactor, worker_id="local")
-        self.addCleanup(conn.close)
-        return conn
-
-
-class GrpcConnectionContractTests(ConnectionContract, Topology):
-    def make_connection(self):
-        _, port = self.start_worker("contract")
-        conn = GrpcWorkerConnection("contract", f"127.0.0.1:{port}")
-        self.addCleanup(conn.close)
-        return conn
-

@@ -26,7 +26,7 @@ from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
 from omnirt.contract import STAGES, GenerateRequest
-from omnirt.workers.base import JobCancelled, JobFailed, WorkerBusy, WorkerJob, WorkerLost
+from omnirt.workers.base import JobCancelled, JobRejected, WorkerBusy, WorkerJob, WorkerLost
 from omnirt.workers.grpc import CHANNEL_OPTIONS, GrpcWorkerConnection, probe
 from omnirt.workers.proto.omnirt.worker.v1 import worker_pb2 as pb
 from omnirt.workers.proto.omnirt.worker.v1 import worker_pb2_grpc as pb_grpc
@@ -192,29 +192,37 @@ class RunTests(WorkerTestCase):
 
     @inlineCallbacks
     def test_runsync_bad_request_is_invalid_argument(self):
-        """RunSync of a request the registry rejects answers INVALID_ARGUMENT with the reason."""
+        """RunSync of a request the registry or the engine rejects answers INVALID_ARGUMENT with the reason."""
         _, address = self.start_worker()
 
-        async def call():
+        async def call_with(message):
             channel = grpc.aio.insecure_channel(address)
             try:
-                await pb_grpc.WorkerStub(channel).RunSync(
-                    pb.GenerateRequest(task="text2image", model=MODEL, backend="cpu-stub",
-                                       config=pb.JsonMap(json='{"num_inference_steps": 0}')),
-                    timeout=30,
-                )
+                await pb_grpc.WorkerStub(channel).RunSync(message, timeout=30)
             except grpc.aio.AioRpcError as exc:
                 return exc.code(), exc.details()
             finally:
                 await channel.close()
 
+        def call():
+            return call_with(pb.GenerateRequest(task="text2image", model=MODEL, backend="cpu-stub",
+                                                config=pb.JsonMap(json='{"num_inference_steps": 0}')))
+
         code, details = yield aio(call())
         self.assertEqual(code, grpc.StatusCode.INVALID_ARGUMENT)
         self.assertIn("num_inference_steps", details)
+        # input only the engine can judge (an undecodable image) is INVALID_ARGUMENT too, not INTERNAL
+        code, details = yield aio(call_with(pb.GenerateRequest(
+            task="image2image", model=MODEL, backend="cpu-stub",
+            inputs=pb.JsonMap(json=json.dumps({"prompt": "x", "image": base64.b64encode(b"no image").decode()})),
+            config=pb.JsonMap(json='{"num_inference_steps": 4, "strength": 0.5, "width": 64, "height": 64}'))))
+        self.assertEqual(code, grpc.StatusCode.INVALID_ARGUMENT)
+        self.assertIn("could not be decoded", details)
 
     @inlineCallbacks
     def test_job_failure_is_job_failed(self):
-        """A job that fails on the worker (undecodable image, unavailable backend) is JobFailed, not WorkerLost."""
+        """Input the worker rejects (undecodable image, unavailable backend, invalid config) is
+        JobRejected (a JobFailed: never retried), not WorkerLost."""
         _, address = self.start_worker()
         conn = self.connect(address)
         bad_image = GenerateRequest(
@@ -223,14 +231,14 @@ class RunTests(WorkerTestCase):
             config={"width": 64, "height": 64, "num_inference_steps": 4, "strength": 0.5},
         )
         rec = Recorder()
-        exc = yield self.expect_failure(conn.run(job("j-bad", bad_image), rec), JobFailed)
+        exc = yield self.expect_failure(conn.run(job("j-bad", bad_image), rec), JobRejected)
         self.assertIn("could not be decoded", str(exc))
         rec2 = Recorder()
         no_backend = request().model_copy(update={"backend": "ascend"})
-        exc2 = yield self.expect_failure(conn.run(job("j-ascend", no_backend), rec2), JobFailed)
+        exc2 = yield self.expect_failure(conn.run(job("j-ascend", no_backend), rec2), JobRejected)
         self.assertIn("ascend", str(exc2))
         invalid = request().model_copy(update={"config": {"num_inference_steps": 0}})
-        exc3 = yield self.expect_failure(conn.run(job("j-invalid", invalid), Recorder()), JobFailed)
+        exc3 = yield self.expect_failure(conn.run(job("j-invalid", invalid), Recorder()), JobRejected)
         self.assertIn("num_inference_steps", str(exc3))
         health = yield conn.health()
         self.assertEqual((health.state, health.inflight), ("ready", 0))

@@ -1,7 +1,10 @@
 """Recording fakes for the far side of an interface (never for the thing under test).
 
 ``ControlledWorker`` is a WorkerConnection whose jobs the test finishes by hand, so the job
-service, dispatcher and routes can be driven step by step on a fake clock.
+service, dispatcher and routes can be driven step by step on a fake clock. It passes the same
+connection contract suite as the real connections (tests/unit/test_fake_worker.py): admission up
+to ``capacity`` (``WorkerBusy`` beyond), a cancelled run frees its slot, nothing runs after
+``close``.
 """
 
 from __future__ import annotations
@@ -9,10 +12,19 @@ from __future__ import annotations
 import hashlib
 import io
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 
 from omnirt.contract import Artifact, GenerateResult, RunReport
-from omnirt.workers.base import JobCancelled, RunOutcome, WorkerHealth, WorkerJob, WorkerUpdate
+from omnirt.workers.base import (
+    JobCancelled,
+    JobRejected,
+    RunOutcome,
+    WorkerBusy,
+    WorkerHealth,
+    WorkerJob,
+    WorkerLost,
+    WorkerUpdate,
+)
 
 
 def tiny_png(color=(200, 30, 30), size=(8, 8)) -> bytes:
@@ -50,6 +62,16 @@ class RunningCall:
         self.worker.calls.remove(self)
         self.deferred.errback(exc)
 
+    def reject(self, reason: str) -> None:
+        """End the job as a worker does with input it cannot use (the client's error)."""
+        self.fail(JobRejected(reason))
+
+    def dropped(self) -> None:
+        """The run's Deferred was cancelled: the job stops on the far side, its slot frees."""
+        self.cancel_asked = True
+        if self in self.worker.calls:
+            self.worker.calls.remove(self)
+
 
 class ControlledWorker:
     """A WorkerConnection driven by the test: ``calls`` lists the jobs it holds."""
@@ -66,9 +88,23 @@ class ControlledWorker:
         self.calls: list[RunningCall] = []
         self.cancelled_ids: list[str] = []
         self.loaded: tuple[str, ...] = ()
+        self.closed = False
+        #: jobs refused at admission (full or closed), by id
+        self.refused_ids: list[str] = []
 
     def run(self, job, on_update) -> Deferred:
-        d: Deferred = Deferred()
+        if self.closed:
+            self.refused_ids.append(job.job_id)
+            return fail(WorkerLost(f"the connection to worker {self.worker_id} is closed"))
+        if len(self.calls) >= self.capacity:
+            self.refused_ids.append(job.job_id)
+            return fail(WorkerBusy(f"worker {self.worker_id} is full ({len(self.calls)}/{self.capacity} jobs running)"))
+        call: RunningCall
+
+        def canceller(_d: Deferred) -> None:
+            call.dropped()
+
+        d: Deferred = Deferred(canceller)
         call = RunningCall(self, job, on_update, d)
         self.calls.append(call)
         return d
@@ -97,6 +133,9 @@ class ControlledWorker:
                                     tags=self.tags))
 
     def close(self) -> Deferred:
+        self.closed = True
+        for call in list(self.calls):
+            call.fail(WorkerLost(f"the connection to worker {self.worker_id} was closed"))
         return succeed(None)
 
 

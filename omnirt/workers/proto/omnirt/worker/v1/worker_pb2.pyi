@@ -18,12 +18,14 @@ class RunEndStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     RUN_END_STATUS_FAILED: _ClassVar[RunEndStatus]
     RUN_END_STATUS_CANCELLED: _ClassVar[RunEndStatus]
     RUN_END_STATUS_ABORTED: _ClassVar[RunEndStatus]
+    RUN_END_STATUS_REJECTED: _ClassVar[RunEndStatus]
 ARTIFACT_TRANSPORT_PATH: ArtifactTransport
 ARTIFACT_TRANSPORT_INLINE_BYTES: ArtifactTransport
 RUN_END_STATUS_UNSPECIFIED: RunEndStatus
 RUN_END_STATUS_FAILED: RunEndStatus
 RUN_END_STATUS_CANCELLED: RunEndStatus
 RUN_END_STATUS_ABORTED: RunEndStatus
+RUN_END_STATUS_REJECTED: RunEndStatus
 
 class JsonMap(_message.Message):
     __slots__ = ("json",)

@@ -1,0 +1,167 @@
+"""``omnirt worker``'s configuration: its flags, and one typed value parsed from them once.
+
+``add_arguments`` declares the flags; ``WorkerConfig.from_args`` checks every value and raises
+``ConfigError`` with a one-line reason for the first bad one. Nothing here imports the engine,
+torch or a reactor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import ipaddress
+from pathlib import Path
+
+from omnirt.workers.spec import comma_list as _comma_list  # the one comma-list parser (``--remote-worker``'s)
+
+__all__ = ["DEFAULT_PORT", "ConfigError", "WorkerConfig", "add_arguments", "format_address"]
+
+DEFAULT_PORT = 50061
+
+
+class ConfigError(ValueError):
+    """A flag's value cannot be used; the message is one line naming the flag."""
+
+
+def format_address(host: str, port: int) -> str:
+    """``host:port``, with an IPv6 literal in brackets."""
+    try:
+        if ipaddress.ip_address(host).version == 6:
+            return f"[{host}]:{port}"
+    except ValueError:
+        pass
+    return f"{host}:{port}"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from omnirt.telemetry.options import add_cli_args as add_tracing_args
+
+    p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help="gRPC port; 0 picks a free one (default 50061)")
+    p.add_argument("--worker-id", default="worker", help="this worker's id as gateways and job records show it")
+    p.add_argument("--backend", default="auto", help="auto | cuda | ascend | cpu | cpu-stub (auto resolves here)")
+    p.add_argument("--max-concurrency", type=int, default=1, help="jobs run at once; more are refused (default 1)")
+    p.add_argument("--pipeline-cache-size", type=int, default=4, help="pipelines kept loaded (LRU, default 4)")
+    p.add_argument("--models", default="", help="comma list of model ids served here (default: every model)")
+    p.add_argument("--tags", default="", help="comma list of routing tags (e.g. gpu,a100)")
+    p.add_argument("--model-path", action="append", default=[], metavar="MODEL=DIR",
+                   help="load MODEL's weights from local folder DIR (repeatable)")
+    p.add_argument("--metrics-port", type=int, default=None, help="serve /metrics and /healthz over HTTP (0 = any)")
+    p.add_argument("--grpc-tls-cert", default=None, metavar="PEM", help="serve gRPC over TLS with this certificate")
+    p.add_argument("--grpc-tls-key", default=None, metavar="PEM", help="the certificate's private key")
+    p.add_argument("--grpc-tls-ca", default=None, metavar="PEM",
+                   help="require client certificates signed by this CA (mutual TLS)")
+    p.add_argument("--drain-grace-s", type=float, default=30.0, help="on SIGTERM, seconds running jobs get to finish")
+    p.add_argument("--heartbeat-s", type=float, default=1.0, help="heartbeat period of a silent Run stream (default 1)")
+    p.add_argument("--redis-url", default=None,
+                   help="also record jobs' events and outcomes in the gateways' Redis store (same URL as serve)")
+    p.add_argument("--redis-namespace", default="omnirt", help="prefix of every Redis key (as on serve)")
+    p.add_argument("--job-retention-s", type=float, default=86400.0,
+                   help="how long a job this worker finishes in Redis is kept (as on serve; default 86400)")
+    add_tracing_args(p)
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerConfig:
+    """Everything one ``omnirt worker`` process is told, checked."""
+
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    worker_id: str = "worker"
+    backend: str = "auto"
+    max_concurrency: int = 1
+    pipeline_cache_size: int = 4
+    models: tuple[str, ...] = ()
+    tags: tuple[str, ...] = ()
+    #: model id -> absolute weights folder
+    model_paths: dict[str, str] = dataclasses.field(default_factory=dict)
+    metrics_port: int | None = None
+    grpc_tls_cert: str | None = None
+    grpc_tls_key: str | None = None
+    grpc_tls_ca: str | None = None
+    drain_grace_s: float = 30.0
+    heartbeat_s: float = 1.0
+    redis_url: str | None = None
+    redis_namespace: str = "omnirt"
+    job_retention_s: float = 86400.0
+    otlp_endpoint: str | None = None
+    otlp_headers: dict[str, str] = dataclasses.field(default_factory=dict)
+    log_format: str = "text"
+    #: seconds the stop sequence gives the gRPC server to end its calls after the drain
+    server_stop_grace_s: float = 5.0
+
+    @property
+    def grpc_address(self) -> str:
+        return format_address(self.host, self.port)
+
+    def __post_init__(self) -> None:
+        from omnirt.backends import BACKEND_NAMES
+
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"--port {self.port} is out of range 0..65535")
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise ConfigError(f"--metrics-port {self.metrics_port} is out of range 0..65535")
+        if self.max_concurrency < 1:
+            raise ConfigError("--max-concurrency must be at least 1")
+        if self.pipeline_cache_size < 1:
+            raise ConfigError("--pipeline-cache-size must be at least 1")
+        if not self.job_retention_s > 0:
+            raise ConfigError("--job-retention-s must be positive")
+        if self.drain_grace_s < 0:
+            raise ConfigError("--drain-grace-s must not be negative")
+        if self.heartbeat_s <= 0:
+            raise ConfigError("--heartbeat-s must be positive")
+        if not self.worker_id.strip():
+            raise ConfigError("--worker-id must not be empty")
+        if self.backend not in BACKEND_NAMES:
+            raise ConfigError(f"--backend {self.backend!r} is unknown (one of: {', '.join(BACKEND_NAMES)})")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> WorkerConfig:
+        """The checked config of parsed flags; ``ConfigError`` names the first bad value."""
+        from omnirt.contract import UnknownModel
+        from omnirt.registry import MODELS, get_model
+        from omnirt.telemetry.options import cli_options
+
+        try:
+            otlp_endpoint, otlp_headers = cli_options(args)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        models = _comma_list(args.models)
+        try:
+            for model in models:
+                get_model(model)
+        except UnknownModel as exc:
+            raise ConfigError(f"--models: {exc.message}") from None
+        model_paths: dict[str, str] = {}
+        for item in args.model_path or ():
+            model, sep, folder = (part.strip() for part in item.partition("="))
+            if not sep or not model or not folder:
+                raise ConfigError(f"--model-path must look like MODEL=DIR (got {item!r})")
+            if model not in MODELS:
+                raise ConfigError(f"--model-path names unknown model {model!r} (known: {', '.join(sorted(MODELS))})")
+            if not Path(folder).is_dir():
+                raise ConfigError(f"--model-path {model}={folder}: {folder} is not a directory")
+            model_paths[model] = str(Path(folder).resolve())
+        return cls(
+            host=args.host,
+            port=args.port,
+            worker_id=args.worker_id,
+            backend=args.backend,
+            max_concurrency=args.max_concurrency,
+            pipeline_cache_size=args.pipeline_cache_size,
+            models=models,
+            tags=_comma_list(args.tags),
+            model_paths=model_paths,
+            metrics_port=args.metrics_port,
+            grpc_tls_cert=args.grpc_tls_cert,
+            grpc_tls_key=args.grpc_tls_key,
+            grpc_tls_ca=args.grpc_tls_ca,
+            drain_grace_s=args.drain_grace_s,
+            heartbeat_s=args.heartbeat_s,
+            redis_url=args.redis_url,
+            redis_namespace=args.redis_namespace, job_retention_s=args.job_retention_s,
+            otlp_endpoint=otlp_endpoint,
+            otlp_headers=otlp_headers,
+            log_format=args.log_format,
+        )

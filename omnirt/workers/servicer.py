@@ -1,0 +1,219 @@
+"""The gRPC face of ``WorkerCore``: the ``omnirt.worker.Worker`` service, converting at its edge.
+
+Everything protobuf lives here: requests become ``WorkerJob``s, the core's ``WorkerUpdate``s
+and ``RunEnd`` become ``RunUpdate`` messages, refusals become status codes. The core runs the
+job; this module adds only what the wire needs (heartbeats on a silent stream, batching of
+events that queued up while a message was being sent).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+
+from omnirt.contract import ContractError
+from omnirt.telemetry.tracing import spans_json, trace_carrier
+from omnirt.workers import wire
+from omnirt.workers.base import WorkerHealth, WorkerJob
+from omnirt.workers.core import JobRun, Refused, RunEnd, WorkerCore, prepare
+from omnirt.workers.proto.omnirt.worker.v1 import worker_pb2 as pb
+from omnirt.workers.proto.omnirt.worker.v1 import worker_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+#: trailing metadata key that says why an UNAVAILABLE refusal happened (draining | starting)
+REFUSAL_KEY = "omnirt-refusal"
+
+SERVER_OPTIONS = (
+    *wire.MESSAGE_SIZE_OPTIONS,
+    # grpc enables SO_REUSEPORT by default: two workers would share a port silently
+    ("grpc.so_reuseport", 0),
+    # let clients keep idle connections alive with pings
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 5000),
+)
+
+#: refusal reason -> gRPC status (the gateway maps these back to WorkerBusy)
+_REFUSAL_CODES = {
+    "model_not_served": grpc.StatusCode.FAILED_PRECONDITION,
+    "duplicate": grpc.StatusCode.ALREADY_EXISTS,
+    "busy": grpc.StatusCode.RESOURCE_EXHAUSTED,
+}
+
+_END_STATUS = {
+    "failed": pb.RUN_END_STATUS_FAILED,
+    "rejected": pb.RUN_END_STATUS_REJECTED,
+    "cancelled": pb.RUN_END_STATUS_CANCELLED,
+    "aborted": pb.RUN_END_STATUS_ABORTED,
+}
+
+_EVENT, _FINAL = "event", "final"
+
+
+def refusal_code(exc: Refused) -> grpc.StatusCode:
+    return _REFUSAL_CODES.get(exc.reason, grpc.StatusCode.UNAVAILABLE)
+
+
+def final_update(end: RunEnd) -> pb.RunUpdate:
+    """The last message of a Run stream: the result, or how the run ended, with its spans."""
+    if end.state == "succeeded" and end.outcome is not None:
+        final = pb.RunUpdate(result=wire.outcome_to_pb(end.outcome))
+        if end.spans:
+            final.result.metadata.trace.json = spans_json(end.spans)
+        return final
+    final = wire.end_update(_END_STATUS.get(end.state, pb.RUN_END_STATUS_FAILED), end.message)
+    if end.spans:
+        final.end.trace.json = spans_json(end.spans)
+    return final
+
+
+class WorkerServicer(pb_grpc.WorkerServicer):
+    """The gRPC face of ``WorkerCore``. ``heartbeat_s``: a silent Run stream gets a heartbeat this often."""
+
+    def __init__(self, core: WorkerCore, heartbeat_s: float = 1.0):
+        self.core = core
+        self.heartbeat_s = heartbeat_s
+
+    async def _refuse(self, context: grpc.aio.ServicerContext, exc: Refused) -> None:
+        await context.abort(refusal_code(exc), exc.message, trailing_metadata=((REFUSAL_KEY, exc.reason),))
+
+    def _start(self, job: WorkerJob) -> tuple[JobRun, asyncio.Queue]:
+        """Admit and start the job (raises ``Refused``); its updates, then its end, go to the queue.
+
+        The core calls back on the reactor thread, which is this loop's thread (asyncio reactor)."""
+        queue: asyncio.Queue = asyncio.Queue()
+        running = self.core.run(job, lambda update: queue.put_nowait((_EVENT, update)))
+        running.done.addCallback(lambda end: (queue.put_nowait((_FINAL, end)), end)[1])
+        return running, queue
+
+    async def Run(self, request: pb.RunRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.RunUpdate]:
+        try:
+            job = prepare(wire.job_from_pb(request))
+            job.trace_context = trace_carrier(context.invocation_metadata())
+        except (wire.WireError, ContractError) as exc:
+            # a job that can never run anywhere: the client's error, a final update (not a transport error)
+            yield wire.end_update(pb.RUN_END_STATUS_REJECTED, str(exc))
+            return
+        try:
+            _, queue = self._start(job)
+        except Refused as exc:
+            await self._refuse(context, exc)
+            return
+        delivered = False
+        try:
+            async for update in self.updates(queue):
+                yield update
+            delivered = True
+        finally:
+            if not delivered and self.core.recorder is None:
+                # the client cancelled the call or went away (asyncio.CancelledError here;
+                # context.cancelled() stays False): the job must stop too
+                self.core.cancel(job.job_id, "client cancelled the call")
+            elif not delivered:
+                # this worker records the job in the shared store itself: a lost gateway stream
+                # does not stop it (a cancel comes as a Cancel call); it finishes and records
+                log.info("job %s continues without its gateway stream; its outcome goes to the store", job.job_id)
+
+    async def RunSync(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResult:
+        try:
+            generate = wire.request_from_pb(request)
+            job = prepare(WorkerJob(job_id=f"sync-{uuid.uuid4().hex}", request=generate, execution_mode="sync",
+                                    trace_context=trace_carrier(context.invocation_metadata())))
+        except (wire.WireError, ContractError) as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            raise AssertionError("unreachable") from None
+        try:
+            running = self.core.run(job, lambda _update: None)
+        except Refused as exc:
+            await self._refuse(context, exc)
+            raise AssertionError("unreachable") from None
+        end: RunEnd | None = None
+        try:
+            end = await running.done.asFuture(asyncio.get_running_loop())
+        finally:
+            if end is None:
+                self.core.cancel(job.job_id, "client cancelled the call")
+        if end.state == "succeeded" and end.outcome is not None:
+            return wire.outcome_to_pb(end.outcome)
+        code = {
+            "cancelled": grpc.StatusCode.CANCELLED,
+            "aborted": grpc.StatusCode.UNAVAILABLE,
+            "rejected": grpc.StatusCode.INVALID_ARGUMENT,
+        }.get(end.state, grpc.StatusCode.INTERNAL)
+        await context.abort(code, end.message)
+        raise AssertionError("unreachable")
+
+    async def Health(self, request: pb.HealthRequest, context: grpc.aio.ServicerContext) -> pb.HealthResponse:
+        return wire.health_to_pb(self.core.health())
+
+    async def Cancel(self, request: pb.CancelRequest, context: grpc.aio.ServicerContext) -> pb.CancelResponse:
+        found, cancelled = self.core.cancel(request.job_id)
+        return pb.CancelResponse(found=found, cancelled=cancelled)
+
+    async def updates(self, queue: asyncio.Queue) -> AsyncIterator[pb.RunUpdate]:
+        """The job's updates in order, a heartbeat after each ``heartbeat_s`` of silence, then the final one.
+
+        Events that queued up while the previous message was being sent go out together as one
+        ``RunEvents`` message (fewer, larger writes when a job produces events faster than the
+        stream carries them; one event alone still goes as ``RunEvent``).
+        """
+        getter: asyncio.Future | None = None
+        try:
+            while True:
+                if getter is None and not queue.empty():  # fast path: no task, no timer
+                    events: list[pb.RunEvent] = []
+                    end: RunEnd | None = None
+                    while end is None and not queue.empty():
+                        kind, item = queue.get_nowait()
+                        if kind == _FINAL:
+                            end = item
+                        else:
+                            events.append(_event_pb(item))
+                    if len(events) == 1:
+                        yield pb.RunUpdate(event=events[0])
+                    elif events:
+                        yield pb.RunUpdate(events=pb.RunEvents(events=events))
+                    if end is not None:
+                        yield final_update(end)
+                        return
+                    continue
+                if getter is None:
+                    getter = asyncio.ensure_future(queue.get())
+                done, _ = await asyncio.wait((getter,), timeout=self.heartbeat_s)
+                if not done:
+                    yield wire.heartbeat_update()
+                    continue
+                kind, item = getter.result()
+                getter = None
+                if kind == _FINAL:
+                    yield final_update(item)
+                    return
+                yield pb.RunUpdate(event=_event_pb(item))
+        finally:
+            if getter is not None and not getter.done():
+                getter.cancel()
+
+
+def _event_pb(update: Any) -> pb.RunEvent:
+    return wire.event_update(update.event, update.stage, update.data, update.timestamp_ms).event
+
+
+def build_server(core: WorkerCore, heartbeat_s: float = 1.0) -> grpc.aio.Server:
+    """A grpc.aio server with the Worker service (call inside the running loop; add a port, start)."""
+    server = grpc.aio.server(options=list(SERVER_OPTIONS))
+    pb_grpc.add_WorkerServicer_to_server(WorkerServicer(core, heartbeat_s), server)
+    return server
+
+
+def health_json(health: WorkerHealth) -> bytes:
+    body = dataclasses.asdict(health)
+    for key in ("models", "loaded_models", "tags"):
+        body[key] = list(body[key])
+    return json.dumps(body, separators=(",", ":")).encode()
