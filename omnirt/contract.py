@@ -11,7 +11,9 @@ import hashlib
 import json
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from omnirt.webhooks.urls import check_url_syntax
 
 SCHEMA_VERSION = "1"
 
@@ -85,6 +87,22 @@ class GenerateRequest(_Strict):
     adapters: list[AdapterRef] | None = None
     async_run: bool = False
     routing_tags: list[str] = Field(default_factory=list)
+    webhook: str | None = Field(None, description="http(s) URL that receives signed job webhooks")
+    webhook_events_filter: list[Literal["start", "progress", "output", "completed"]] | None = Field(
+        None, description="webhook kinds to send (default: completed)")
+
+    @field_validator("webhook")
+    @classmethod
+    def _webhook_url(cls, value: str | None) -> str | None:
+        return None if value is None else check_url_syntax(value)
+
+    @model_validator(mode="after")
+    def _filter_needs_webhook(self) -> GenerateRequest:
+        if self.webhook_events_filter is not None and self.webhook is None:
+            raise ValueError("webhook_events_filter needs a webhook URL")
+        if self.webhook_events_filter is not None and not self.webhook_events_filter:
+            raise ValueError("webhook_events_filter must name at least one of start, progress, output, completed")
+        return self
 
 
 def parse_generate_request(payload: Any) -> GenerateRequest:
