@@ -16,6 +16,8 @@ from omnirt.commands.common import add_model_path_arg, parse_model_paths
 from omnirt.registry import DEFAULT_ALLOWED_TIERS, TIERS
 from omnirt.telemetry.options import add_cli_args as add_tracing_args
 from omnirt.telemetry.options import cli_options as tracing_options
+from omnirt.webhooks.options import add_cli_args as add_webhook_args
+from omnirt.webhooks.options import cli_settings as webhook_settings
 
 
 def register(sub) -> None:
@@ -71,6 +73,7 @@ def register(sub) -> None:
                    help="base of absolute result URLs (e.g. https://img.example.com behind a proxy); "
                         "default: the listening address, never the client's Host header")
     p.add_argument("--keepalive-s", type=float, default=15.0, help="SSE/WebSocket keep-alive interval")
+    add_webhook_args(p)
     p.set_defaults(func=run, needs_reactor=True)
 
 
@@ -119,6 +122,10 @@ def run(args) -> int:
     except ValueError as exc:
         raise CliError(str(exc)) from None
     model_paths = parse_model_paths(args.model_path)
+    try:
+        webhooks = webhook_settings(args)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
     from omnirt.gateway.auth import ApiKeys, AuthConfigError, load_api_keys
 
     keys = ApiKeys()
@@ -195,6 +202,7 @@ def run(args) -> int:
         otlp_endpoint=otlp_endpoint,
         otlp_headers=otlp_headers,
         log_format=args.log_format,
+        webhooks=webhooks,
     )
     code = gateway.run_forever()
     sys.stdout.flush()

@@ -27,9 +27,10 @@ from omnirt.gateway.views import (
     Readiness,
     TraceView,
 )
+from omnirt.webhooks.model import DeliveryList, RedeliverRequest
 
 _MODELS = (GenerateRequest, GenerateResult, JobView, JobEvent, ErrorBody, OpenAIImagesRequest, OpenAIError,
-           OpenAIImagesResponse, ModelList, JobList, Readiness, Health, TraceView)
+           OpenAIImagesResponse, ModelList, JobList, Readiness, Health, TraceView, DeliveryList, RedeliverRequest)
 
 
 def _ref(model: type[BaseModel]) -> dict[str, str]:
@@ -120,6 +121,13 @@ def openapi_document() -> dict[str, Any]:
         "/v1/jobs/{job_id}/trace": {"get": {
             "summary": "the job's trace: gateway and worker spans with parent links", "parameters": [JOB_ID],
             "responses": {"200": _json(TraceView, "trace view"), **_errors(401, 404)}}},
+        "/v1/jobs/{job_id}/webhooks": {"get": {
+            "summary": "the job's webhook deliveries: state, attempts, last status, next try", "parameters": [JOB_ID],
+            "responses": {"200": _json(DeliveryList, "deliveries"), **_errors(401, 404)}}},
+        "/v1/jobs/{job_id}/webhooks/redeliver": {"post": {
+            "summary": "send settled deliveries again under the same webhook-id", "parameters": [JOB_ID],
+            "requestBody": {"required": False, "content": {"application/json": {"schema": _ref(RedeliverRequest)}}},
+            "responses": {"202": _json(DeliveryList, "deliveries queued again"), **_errors(400, 401, 404, 409)}}},
         "/v1/artifacts/{sha256}": {"get": {
             "summary": "an output by content hash",
             "parameters": [{"name": "sha256", "in": "path", "required": True,

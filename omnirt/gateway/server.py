@@ -24,6 +24,9 @@ from omnirt.store.memory import MemoryJobStore
 from omnirt.telemetry.logging import install_logging
 from omnirt.telemetry.metrics import GatewayMetrics
 from omnirt.telemetry.tracing import SERVICE_GATEWAY, Tracing
+from omnirt.webhooks.deliverer import WebhookDeliverer, WebhookSettings
+from omnirt.webhooks.metrics import WebhookMetrics
+from omnirt.webhooks.service import WebhookService
 from omnirt.workers.pool import WorkerPool
 
 
@@ -45,7 +48,7 @@ class Gateway:
                  worker_idle_timeout_s=10.0, redis_url=None, redis_namespace="omnirt", gateway_id=None,
                  lease_ttl_s=10.0, request_deadline_s=30.0, worker_tls=None, access_log=False, rate_limit=None,
                  max_jobs_per_key=None, fleet=None, fleet_stop_on_exit=False, otlp_endpoint=None, otlp_headers=None,
-                 log_format="text", public_url=None, reactor=None):
+                 log_format="text", public_url=None, webhooks=None, reactor=None):
         self.reactor = reactor or global_reactor
         #: OTLP/HTTP traces URL (None: spans are made for the trace view but not exported)
         self.otlp_endpoint = otlp_endpoint
@@ -83,6 +86,9 @@ class Gateway:
         self.max_jobs_per_key = max_jobs_per_key
         self.access_log = access_log
         self.public_url = public_url
+        #: omnirt.webhooks.deliverer.WebhookSettings (None: the defaults)
+        self.webhook_settings = webhooks
+        self.webhooks = None
         self.lease = None
         self._cancel_watch = None
         self.exit_code = 0
@@ -155,6 +161,8 @@ class Gateway:
             self.artifacts = ArtifactStore(self.artifact_dir, self.reactor, self.reactor.getThreadPool())
             raw_store = MemoryJobStore(clock, retention_s=self.job_retention_s, artifacts=self.artifacts)
         self.store = InstrumentedStore(raw_store, self.metrics)
+        webhook_settings = self.webhook_settings or WebhookSettings()
+        raw_store.webhook_progress_interval_ms = webhook_settings.progress_interval_ms
         if self.remote_specs:
             self.connections.extend(await self._remote_connections())
         if self.fleet is not None:
@@ -177,7 +185,11 @@ class Gateway:
                                       gateway_id=self.gateway_id, ttl_s=self.lease_ttl_s)
             self.lease.start()
             self._cancel_watch = self.dispatcher.watch_remote_cancels()
-        self.api = GatewayAPI(service=self.service, metrics=self.metrics, reactor=self.reactor,
+        self.webhooks = WebhookDeliverer(reactor=self.reactor, store=self.store, settings=webhook_settings,
+                                         owner=self.gateway_id, metrics=WebhookMetrics(self.metrics.registry))
+        self.webhooks.startService()
+        self.api = GatewayAPI(service=self.service, webhooks=WebhookService(self.store, self.webhooks),
+                              webhook_allow_private=webhook_settings.allow_private, metrics=self.metrics, reactor=self.reactor,
                               api_keys=self.api_keys, keepalive_s=self.keepalive_s, public_url=self.public_url,
                               rate_limiter=RateLimiter(clock, self.rate_limit) if self.rate_limit else None,
                               readiness=self.gateway_fleet.readiness if self.gateway_fleet is not None else None)
@@ -215,6 +227,8 @@ class Gateway:
             except StoreUnavailable:
                 pass
         await DeferredList([c.close() for c in self.connections], consumeErrors=True)
+        if self.webhooks is not None:  # what is in flight goes back to the outbox
+            await self.webhooks.stop()
         if self.gateway_fleet is not None:
             await self.gateway_fleet.stop()  # leaves the fleet running unless --fleet-stop-on-exit
         await self.store.close()

@@ -167,7 +167,7 @@ class JobStore(abc.ABC):
 
     async def redeliver_webhooks(self, job_id: str, ids: Collection[str] | None = None) -> list[OutboxEntry] | None:
         """Make the job's settled entries (or those named in ``ids``) due again now, keeping their
-        ``webhook-id``; entries still pending or being delivered are left alone. Returns the entries
+        ``webhook-id`` (a fresh round: attempts and age start again); entries still pending or being delivered are left alone. Returns the entries
         re-queued; None when there is no such job."""
         raise NotImplementedError
 

@@ -133,7 +133,7 @@ class MemoryOutbox:
         for eid, entry in list(hooks.entries.items()):
             if (ids is not None and eid not in ids) or entry.state in ("pending", "delivering"):
                 continue
-            entry = entry.model_copy(update={"state": "pending", "next_at_ms": now})
+            entry = entry.model_copy(update={"state": "pending", "next_at_ms": now, "attempts": 0, "created_at_ms": now})
             hooks.entries[eid] = entry
             self._open.add((job_id, eid))
             out.append(entry)

@@ -130,3 +130,17 @@ def delivery_body(record: JobRecord, entry: OutboxEntry) -> str:
     body["type"] = entry.kind
     body["event"] = entry.job_event().model_dump(mode="json")
     return json.dumps(body, separators=(",", ":"))
+
+
+class DeliveryList(BaseModel):
+    """``GET /v1/jobs/{id}/webhooks`` and the answer of a redelivery."""
+
+    data: list[DeliveryView]
+
+
+class RedeliverRequest(BaseModel):
+    """``POST /v1/jobs/{id}/webhooks/redeliver`` body (optional): which deliveries; default all settled."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    ids: list[str] | None = Field(None, description="webhook-ids to send again (default: every settled one)")
