@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
-from collections import Counter
+from collections import Counter, deque
 from urllib.parse import urlsplit
 
 from twisted.application.service import Service
@@ -78,6 +78,8 @@ class WebhookDeliverer(Service):
         self._polling: Deferred | None = None
         self._inflight: set[Deferred] = set()
         self._per_host: Counter[str] = Counter()
+        #: claimed entries waiting for a free slot of their host (bounded; the rest are handed back)
+        self._waiting: dict[str, deque[OutboxEntry]] = {}
         self._ticks = 0
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -94,6 +96,10 @@ class WebhookDeliverer(Service):
             self._loop.stop()
         if self._polling is not None:
             await defer.DeferredList([self._polling], consumeErrors=True)
+        waiting = [e for q in self._waiting.values() for e in q]
+        self._waiting.clear()
+        for entry in waiting:  # claimed but never started: hand them back at once
+            await self._settle(entry, "retry", attempted=False)
         for d in list(self._inflight):
             d.cancel()
         if self._inflight:
@@ -156,15 +162,47 @@ class WebhookDeliverer(Service):
             self._inflight.discard(d)
             if isinstance(result, defer.Failure) and not result.check(defer.CancelledError):
                 log.err(result, f"webhook {entry.id} failed unexpectedly")
+            if self._loop is not None and self._loop.running:
+                self._tick()  # a slot is free: claim more now rather than at the next tick
 
         d.addBoth(done)
 
+    @staticmethod
+    def _host(entry: OutboxEntry) -> str:
+        parts = urlsplit(entry.url)
+        return f"{parts.scheme}://{parts.hostname}:{parts.port or ''}"
+
+    def _next_waiting(self, host: str) -> None:
+        """A slot of ``host`` is free: start its next waiting entry still safely inside its lease."""
+        queue = self._waiting.get(host)
+        while queue:
+            entry = queue.popleft()
+            if not queue:
+                del self._waiting[host]
+            margin_ms = (self.settings.timeout_s + 2.0) * 1000
+            if entry.lease_until_ms is not None and self._reactor.seconds() * 1000 > entry.lease_until_ms - margin_ms:
+                self._start_handback(entry)  # too close to its lease end to send safely
+                continue
+            self._start(entry)
+            return
+
     # -- one delivery --------------------------------------------------------------------------
+
+    def _start_handback(self, entry: OutboxEntry) -> None:
+        d = Deferred.fromCoroutine(self._settle(entry, "retry", retry_in_s=0.05 + self._rng.random() * 0.2,
+                                                attempted=False))
+        self._inflight.add(d)
+        d.addBoth(lambda _: self._inflight.discard(d))
 
     async def _deliver(self, entry: OutboxEntry) -> None:
         parts = urlsplit(entry.url)
-        host = f"{parts.scheme}://{parts.hostname}:{parts.port or ''}"
-        if self._per_host[host] >= self.settings.per_host:  # hand it back unsent, soon due again
+        host = self._host(entry)
+        if self._per_host[host] >= self.settings.per_host:
+            queue = self._waiting.setdefault(host, deque())
+            if len(queue) < self.settings.per_host * 4:  # wait here for a slot (the lease holds it)
+                queue.append(entry)
+                return
+            # hand it back unsent, soon due again
             await self._settle(entry, "retry", retry_in_s=0.05 + self._rng.random() * 0.2, attempted=False)
             return
         self._per_host[host] += 1
@@ -179,6 +217,8 @@ class WebhookDeliverer(Service):
             self._per_host[host] -= 1
             if self._per_host[host] <= 0:
                 del self._per_host[host]
+            if self._loop is not None and self._loop.running:
+                self._next_waiting(host)
 
     async def _attempt(self, entry: OutboxEntry, hostname: str) -> None:
         now = self._reactor.seconds()
