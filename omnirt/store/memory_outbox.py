@@ -3,6 +3,7 @@ kept in process (so it lasts as long as the process; use Redis for deliveries th
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Collection
 
 from twisted.internet.interfaces import IReactorTime
@@ -30,9 +31,25 @@ class MemoryOutbox:
         self._jobs: dict[str, _JobHooks] = {}
         #: (job id, entry id) of every unsettled entry
         self._open: set[tuple[str, str]] = set()
+        #: (due ms, job id, entry id), lazily cleaned: an item counts only while it matches the
+        #: entry's current due time (next_at_ms when pending, lease_until_ms when delivering)
+        self._due: list[tuple[int, str, str]] = []
 
     def _now_ms(self) -> int:
         return int(self._clock.seconds() * 1000)
+
+    @staticmethod
+    def _due_at(entry: OutboxEntry) -> int | None:
+        if entry.state == "pending":
+            return entry.next_at_ms
+        if entry.state == "delivering":
+            return entry.lease_until_ms
+        return None
+
+    def _schedule(self, entry: OutboxEntry) -> None:
+        at = self._due_at(entry)
+        if at is not None:
+            heapq.heappush(self._due, (at, entry.job_id, entry.id))
 
     def created(self, record: JobRecord, progress_interval_ms: int) -> None:
         spec = hook_spec(record, progress_interval_ms)
@@ -71,27 +88,26 @@ class MemoryOutbox:
                     at = now if hooks.progress_at is None else max(now, hooks.progress_at + hooks.spec.progress_ms)
                 hooks.progress_pending = eid
                 hooks.progress_at = at
-            hooks.entries[eid] = OutboxEntry(id=eid, job_id=job_id, kind=kind, url=hooks.spec.url, event=raw,
-                                             created_at_ms=now, next_at_ms=at)
+            entry = hooks.entries[eid] = OutboxEntry(id=eid, job_id=job_id, kind=kind, url=hooks.spec.url,
+                                                     event=raw, created_at_ms=now, next_at_ms=at)
             self._open.add((job_id, eid))
+            self._schedule(entry)
 
     def claim(self, owner: str, limit: int, lease_s: float) -> list[OutboxEntry]:
         now = self._now_ms()
-        due = []
-        for job_id, eid in self._open:
-            entry = self._jobs[job_id].entries[eid]
-            at = entry.lease_until_ms if entry.state == "delivering" else entry.next_at_ms
-            if at is not None and at <= now:
-                due.append((at, job_id, eid))
-        due.sort()
-        out = []
-        for _, job_id, eid in due[:max(0, limit)]:
-            hooks = self._jobs[job_id]
+        out: list[OutboxEntry] = []
+        while self._due and self._due[0][0] <= now and len(out) < limit:
+            at, job_id, eid = heapq.heappop(self._due)
+            hooks = self._jobs.get(job_id)
+            current = hooks.entries.get(eid) if hooks is not None else None
+            if current is None or self._due_at(current) != at:
+                continue  # settled, dropped or rescheduled since
             if hooks.progress_pending == eid:
                 hooks.progress_pending = None
             entry = hooks.entries[eid].model_copy(update={
                 "state": "delivering", "owner": owner, "lease_until_ms": now + int(lease_s * 1000)})
             hooks.entries[eid] = entry
+            self._schedule(entry)
             out.append(entry)
         return out
 
@@ -117,7 +133,8 @@ class MemoryOutbox:
             self._open.discard((entry.job_id, entry.id))
         else:
             raise ValueError(f"unknown webhook outcome {outcome!r}")
-        hooks.entries[entry.id] = current.model_copy(update=update)
+        hooks.entries[entry.id] = settled = current.model_copy(update=update)
+        self._schedule(settled)
         return True
 
     def deliveries(self, job_id: str) -> list[OutboxEntry]:
@@ -136,6 +153,7 @@ class MemoryOutbox:
             entry = entry.model_copy(update={"state": "pending", "next_at_ms": now, "attempts": 0, "created_at_ms": now})
             hooks.entries[eid] = entry
             self._open.add((job_id, eid))
+            self._schedule(entry)
             out.append(entry)
         return out
 
