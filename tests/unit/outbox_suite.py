@@ -83,6 +83,18 @@ class OutboxSuite:
         self.assertIsNone(missing)
 
     @inlineCallbacks
+    def test_preview_progress_is_an_output(self):
+        """A progress event carrying a preview image fires output (when asked for); one without
+        does not."""
+        yield self._job(kinds=["output"])
+        yield self._start_job()
+        yield d(self.store.append_event("w1", NewEvent("stage_progress", "denoise", {"step": 1, "total": 4})))
+        yield d(self.store.append_event("w1", NewEvent("stage_progress", "denoise",
+                                                       {"step": 2, "total": 4, "preview_url": "/v1/artifacts/ab"})))
+        entries = yield d(self.store.webhook_deliveries("w1"))
+        self.assertEqual([(e.kind, e.job_event().data["step"]) for e in entries], [("output", 2)])
+
+    @inlineCallbacks
     def test_progress_latest_wins_within_the_interval(self):
         """Progress events while a progress delivery is still unclaimed replace it (latest
         wins); after one is claimed, the next is due one interval later."""
