@@ -269,3 +269,40 @@ class EdgeTests(unittest.TestCase):
         code, plain, _ = yield self.h.json("POST", "/v1/jobs", body_for())
         code, body, _ = yield self.h.json("POST", f"/v1/jobs/{plain['id']}/webhooks/redeliver")
         self.assertEqual(code, 409, body)
+
+
+class OptionsTests(unittest.TestCase):
+    def _args(self, **kw):
+        import argparse
+
+        from omnirt.webhooks.options import add_cli_args
+
+        parser = argparse.ArgumentParser()
+        add_cli_args(parser)
+        args = parser.parse_args([])
+        for name, value in kw.items():
+            setattr(args, name, value)
+        return args
+
+    def test_flags_make_settings(self):
+        """The flags land in the settings; the secret file's keys are loaded."""
+        from omnirt.webhooks.options import cli_settings
+
+        path = Path(self.mktemp())
+        path.write_text("whsec_" + base64.b64encode(b"y" * 32).decode() + "\n")
+        settings = cli_settings(self._args(webhook_secret_file=str(path), webhook_allow_private=True,
+                                           webhook_max_attempts=3, webhook_progress_interval_ms=250))
+        self.assertEqual((settings.secrets, settings.allow_private, settings.max_attempts,
+                          settings.progress_interval_ms), ((b"y" * 32,), True, 3, 250))
+
+    def test_bad_flags_are_one_line_errors(self):
+        """Zero attempts, a non-positive timeout or a missing secret file is a ValueError naming the flag."""
+        from omnirt.webhooks.options import cli_settings
+
+        for kw, needle in (({"webhook_max_attempts": 0}, "--webhook-max-attempts"),
+                           ({"webhook_timeout_s": 0.0}, "--webhook-timeout-s"),
+                           ({"webhook_secret_file": "/nonexistent/secret"}, "--webhook-secret-file")):
+            with self.assertRaises(ValueError) as caught:
+                cli_settings(self._args(**kw))
+            self.assertIn(needle, str(caught.exception))
+            self.assertNotIn("\n", str(caught.exception))
