@@ -11,7 +11,9 @@ import hashlib
 import json
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from omnirt.webhooks.urls import check_url_syntax
 
 SCHEMA_VERSION = "1"
 
@@ -85,6 +87,22 @@ class GenerateRequest(_Strict):
     adapters: list[AdapterRef] | None = None
     async_run: bool = False
     routing_tags: list[str] = Field(default_factory=list)
+    webhook: str | None = Field(None, description="http(s) URL that receives signed job webhooks")
+    webhook_events_filter: list[Literal["start", "progress", "output", "completed"]] | None = Field(
+        None, description="webhook kinds to send (default: completed)")
+
+    @field_validator("webhook")
+    @classmethod
+    def _webhook_url(cls, value: str | None) -> str | None:
+        return None if value is None else check_url_syntax(value)
+
+    @model_validator(mode="after")
+    def _filter_needs_webhook(self) -> GenerateRequest:
+        if self.webhook_events_filter is not None and self.webhook is None:
+            raise ValueError("webhook_events_filter needs a webhook URL")
+        if self.webhook_events_filter is not None and not self.webhook_events_filter:
+            raise ValueError("webhook_events_filter must name at least one of start, progress, output, completed")
+        return self
 
 
 def parse_generate_request(payload: Any) -> GenerateRequest:
@@ -229,9 +247,6 @@ class JobEvent(BaseModel):
 
 
 #: JobRecord fields kept for the server's own bookkeeping, never sent to clients
-INTERNAL_RECORD_FIELDS = {"idempotency_key", "excluded_workers", "runner", "spans", "trace_context"}
-
-
 class JobRecord(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
@@ -262,12 +277,40 @@ class JobRecord(BaseModel):
     spans: list[dict[str, Any]] = Field(default_factory=list)
 
     def public(self, *, include_events: bool = True) -> dict[str, Any]:
-        """The JSON body clients see: the outcome first (state, result with each output's URL
-        leading), the long request and the events last; ``include_events=False`` drops the events."""
-        body = self.model_dump(mode="json", exclude=INTERNAL_RECORD_FIELDS)
-        if not include_events:
-            body.pop("events", None)
-        return ordered_record_body(body)
+        """The JSON body clients see (``job_body``)."""
+        return job_body(self, include_events=include_events)
+
+
+class JobView(JobRecord):
+    """A job as clients see it: the record without the server's bookkeeping fields."""
+
+    model_config = ConfigDict(title="JobRecord")
+
+    idempotency_key: str | None = Field(None, exclude=True)
+    excluded_workers: list[str] = Field(default_factory=list, exclude=True)
+    runner: str | None = Field(None, exclude=True)
+    trace_context: dict[str, str] = Field(default_factory=dict, exclude=True)
+    spans: list[dict[str, Any]] = Field(default_factory=list, exclude=True)
+
+    @classmethod
+    def of(cls, record: JobRecord) -> JobView:
+        return cls.model_validate(record, from_attributes=True)
+
+
+class JobSummary(JobView):
+    """A job in a list: without its events."""
+
+    model_config = ConfigDict(title="JobSummary")
+
+    events: list[JobEvent] = Field(default_factory=list, exclude=True)
+
+
+def job_body(record: JobRecord, *, include_events: bool = True) -> dict[str, Any]:
+    """The JSON body of a job as ``GET /v1/jobs/{id}`` answers it (and a webhook delivers it): the
+    outcome first (state, result with each output's URL leading), the long request and the events
+    last; ``include_events=False`` drops the events."""
+    model = JobView if include_events else JobSummary
+    return ordered_record_body(model.of(record).model_dump(mode="json"))
 
 
 def ordered_record_body(body: dict[str, Any]) -> dict[str, Any]:

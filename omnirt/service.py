@@ -1,12 +1,13 @@
 """The composition root: ``make_gateway_service`` builds the gateway's whole service tree from a
 ``GatewayConfig`` in one place.
 
-Children start in order, each once the one before it is up — telemetry, store, retention sweep,
-worker pool (first probe of every worker awaited), dispatcher, remote-cancel watch, lease, fleet
-watcher, HTTP endpoint — and stop in reverse. Stopping is the planned drain: stop listening and
+Children start in order, each once the one before it is up — telemetry, store, webhook deliverer,
+retention sweep, worker pool (first probe of every worker awaited), dispatcher, remote-cancel
+watch, lease, fleet watcher, HTTP endpoint — and stop in reverse. Stopping is the planned drain: stop listening and
 admitting, let running jobs finish within the grace, cancel (or, with a shared store, requeue)
 the rest, let the answers go out, then stop the children in reverse: lease, dispatcher (waits for
-its tracked work), worker links, store last.
+its tracked work), worker links, webhook deliverer (in-flight attempts handed back to the outbox),
+store last.
 """
 
 from __future__ import annotations
@@ -34,6 +35,9 @@ from omnirt.store.instrumented import InstrumentedStore
 from omnirt.store.memory import MemoryJobStore
 from omnirt.telemetry.metrics import GatewayMetrics
 from omnirt.telemetry.tracing import SERVICE_GATEWAY, Tracing
+from omnirt.webhooks.deliverer import WebhookDeliverer
+from omnirt.webhooks.metrics import WebhookMetrics
+from omnirt.webhooks.service import WebhookService
 from omnirt.workers.pool import WorkerPool
 
 #: how long shutdown waits for the answers of requests whose jobs just ended
@@ -113,7 +117,7 @@ class GatewayService(OrderedService):
 
     def __init__(self, config: GatewayConfig, reactor, *, connections: Iterable[Any] | None = None,
                  threadpool=None, metrics: GatewayMetrics | None = None, clock=None,
-                 announce: Callable[[str], None] | None = None):
+                 announce: Callable[[str], None] | None = None, webhook_http=None):
         super().__init__()
         self.config = config
         self.reactor = reactor
@@ -149,9 +153,15 @@ class GatewayService(OrderedService):
         if self.store.shared:
             self.lease = GatewayLease(clock=clock, store=self.store, dispatcher=self.dispatcher,
                                       gateway_id=self.gateway_id, ttl_s=config.lease_ttl_s)
+        #: drains the store's webhook outbox (claims under a lease, so gateways sharing a store
+        #: never send one entry twice at once)
+        self.webhooks = WebhookDeliverer(reactor=clock, store=self.store, settings=config.webhooks,
+                                         owner=self.gateway_id, metrics=WebhookMetrics(self.metrics.registry),
+                                         http=webhook_http)
         self.api = GatewayAPI(service=self.service, metrics=self.metrics, reactor=clock,
                               api_keys=config.api_keys, keepalive_s=config.keepalive_s,
-                              public_url=config.public_url,
+                              public_url=config.public_url, webhooks=WebhookService(self.store, self.webhooks),
+                              webhook_allow_private=config.webhooks.allow_private,
                               rate_limiter=RateLimiter(clock, config.rate_limit) if config.rate_limit else None)
         self.http_resource = self.api.resource()
         self.site = GatewaySite(self.http_resource, clock=clock, max_body_bytes=config.max_body_bytes,
@@ -160,6 +170,9 @@ class GatewayService(OrderedService):
         # the tree, in start order
         Step("telemetry", stop=self._stop_telemetry).setServiceParent(self)
         Step("store", self._start_store, self.store.close).setServiceParent(self)
+        # after the store (leftover entries of an earlier run go out at once); stopped just before
+        # it, after the drain, handing in-flight attempts back to the outbox
+        self.webhooks.setServiceParent(self)
         self.service.sweep.setName("retention-sweep")
         self.service.sweep.setServiceParent(self)
         Step("workers", self._start_workers, self._stop_workers).setServiceParent(self)
@@ -196,6 +209,8 @@ class GatewayService(OrderedService):
             self.artifacts = ArtifactStore(config.artifact_dir, self.reactor, pool)
             raw = MemoryJobStore(self.clock, retention_s=config.job_retention_s, artifacts=self.artifacts)
             self.store_label = "memory"
+        #: the outbox throttles progress webhooks per job (latest progress wins)
+        raw.webhook_progress_interval_ms = config.webhooks.progress_interval_ms
         self.raw_store = raw
         self.store = InstrumentedStore(raw, self.metrics)
 
@@ -336,5 +351,6 @@ class GatewayService(OrderedService):
 
 def make_gateway_service(config: GatewayConfig, reactor, **parts: Any) -> GatewayService:
     """The gateway's service tree. ``parts`` replace what the config would build (tests pass
-    ``connections=`` fake workers, ``threadpool=`` a synchronous pool, ``clock=``)."""
+    ``connections=`` fake workers, ``threadpool=`` a synchronous pool, ``clock=``,
+    ``webhook_http=`` a scripted webhook client)."""
     return GatewayService(config, reactor, **parts)

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from omnirt.registry import DEFAULT_ALLOWED_TIERS, TIERS
+from omnirt.webhooks.settings import WebhookSettings
 
 
 class ConfigError(ValueError):
@@ -20,6 +21,7 @@ def add_arguments(p) -> None:
     """The flags of ``omnirt serve``."""
     from omnirt.commands.common import add_model_path_arg
     from omnirt.telemetry.options import add_cli_args as add_tracing_args
+    from omnirt.webhooks.options import add_cli_args as add_webhook_args
 
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed)")
@@ -72,6 +74,7 @@ def add_arguments(p) -> None:
                    help="base of absolute result URLs (e.g. https://img.example.com behind a proxy); "
                         "default: the listening address, never the client's Host header")
     p.add_argument("--keepalive-s", type=float, default=15.0, help="SSE/WebSocket keep-alive interval")
+    add_webhook_args(p)
 
 
 def default_artifact_dir() -> str:
@@ -133,6 +136,8 @@ class GatewayConfig:
     otlp_endpoint: str | None = None
     otlp_headers: dict[str, str] = dataclasses.field(default_factory=dict)
     log_format: str = "text"
+    #: signing secrets, retry policy, limits of webhook delivery (the ``--webhook-*`` flags)
+    webhooks: WebhookSettings = dataclasses.field(default_factory=WebhookSettings)
     #: one line per warning, printed at start (e.g. plaintext links to remote workers)
     warnings: tuple[str, ...] = ()
 
@@ -153,6 +158,7 @@ class GatewayConfig:
         remote_specs = _remote_specs(args.remote_worker)
         fleet = _fleet(args.fleet, remote_specs)
         worker_tls = _worker_tls(args)
+        webhooks = _webhooks(args)
         return cls(
             host=args.host, port=args.port, backend=args.backend, max_concurrency=args.max_concurrency,
             pipeline_cache_size=args.pipeline_cache_size,
@@ -169,7 +175,7 @@ class GatewayConfig:
             request_deadline_s=args.request_deadline_s, worker_tls=worker_tls, access_log=args.access_log,
             public_url=_public_url(args.public_url), rate_limit=args.rate_limit, max_jobs_per_key=args.max_jobs_per_key, fleet=fleet,
             fleet_stop_on_exit=args.fleet_stop_on_exit, otlp_endpoint=otlp_endpoint, otlp_headers=otlp_headers,
-            log_format=args.log_format, warnings=tuple(plaintext_warnings(remote_specs, worker_tls)),
+            log_format=args.log_format, webhooks=webhooks, warnings=tuple(plaintext_warnings(remote_specs, worker_tls)),
         )
 
 
@@ -195,6 +201,15 @@ def _public_url(value: str | None) -> str | None:
 
     try:
         return parse_public_url(value)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def _webhooks(args) -> WebhookSettings:
+    from omnirt.webhooks.options import cli_settings
+
+    try:
+        return cli_settings(args)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
 

@@ -8,21 +8,40 @@ import re
 from typing import Any
 
 from klein import Klein
+from pydantic import ValidationError
 from twisted.internet.defer import CancelledError
 from twisted.web.resource import Resource
 
-from omnirt.contract import JobRecord, JobState, parse_generate_request
+from omnirt.contract import (
+    JobRecord,
+    JobState,
+    Problem,
+    RequestInvalid,
+    parse_generate_request,
+    problems_from_pydantic,
+)
 from omnirt.gateway import console_routes, sse
 from omnirt.gateway.auth import ApiKeys
 from omnirt.gateway.edge import parse_idempotency_key, parse_int_arg, parse_json_body, scoped_idempotency_key
 from omnirt.gateway.errors import HTTPError, error_response
 from omnirt.gateway.trace_view import trace_view
-from omnirt.gateway.views import Health, JobList, JobSummary, Readiness, TraceView, job_body, model_list
+from omnirt.gateway.views import (
+    DeliveryList,
+    Health,
+    JobList,
+    JobSummary,
+    Readiness,
+    RedeliverRequest,
+    TraceView,
+    job_body,
+    model_list,
+)
 from omnirt.jobs.limits import RateLimited, principal_of
 from omnirt.jobs.service import JobService
 from omnirt.registry import TIERS, list_models
 from omnirt.store.base import StoreUnavailable
 from omnirt.telemetry.metrics import GatewayMetrics
+from omnirt.webhooks.urls import WebhookURLRefused, refuse_private_target
 
 JSON = b"application/json"
 OPEN_PATHS = frozenset({b"/healthz", b"/readyz"})
@@ -32,6 +51,8 @@ _ROUTE_LABELS = [
     (re.compile(r"^/v1/jobs/[^/]+/events$"), "/v1/jobs/{id}/events"),
     (re.compile(r"^/v1/jobs/[^/]+/stream$"), "/v1/jobs/{id}/stream"),
     (re.compile(r"^/v1/jobs/[^/]+/trace$"), "/v1/jobs/{id}/trace"),
+    (re.compile(r"^/v1/jobs/[^/]+/webhooks$"), "/v1/jobs/{id}/webhooks"),
+    (re.compile(r"^/v1/jobs/[^/]+/webhooks/redeliver$"), "/v1/jobs/{id}/webhooks/redeliver"),
     (re.compile(r"^/v1/jobs/[^/]+$"), "/v1/jobs/{id}"),
     (re.compile(r"^/v1/artifacts/[^/]+$"), "/v1/artifacts/{sha256}"),
     (re.compile(r"^/console/"), "/console/{file}"),
@@ -75,6 +96,8 @@ class GatewayAPI:
         keepalive_s: float = 15.0,
         rate_limiter=None,
         public_url: str | None = None,
+        webhooks=None,
+        webhook_allow_private: bool = False,
     ):
         self.service = service
         self.metrics = metrics
@@ -87,6 +110,9 @@ class GatewayAPI:
         self.rate_limiter = rate_limiter
         #: base of absolute result URLs (``--public-url``); None: the listening address
         self.public_url = public_url.rstrip("/") if public_url else None
+        #: omnirt.webhooks.service.WebhookService (deliveries, redelivery), or None
+        self.webhooks = webhooks
+        self.webhook_allow_private = webhook_allow_private
 
     def resource(self) -> Resource:
         return GatewayResource(self)
@@ -172,6 +198,11 @@ class GatewayAPI:
     def _parse_submit(self, request):
         payload = parse_json_body(request.getHeader(b"content-type"), request.content.read())
         generate = parse_generate_request(payload)
+        if generate.webhook and not self.webhook_allow_private:
+            try:
+                refuse_private_target(generate.webhook)
+            except WebhookURLRefused as exc:
+                raise RequestInvalid([Problem(loc=("webhook",), msg=str(exc))]) from None
         key = parse_idempotency_key(request.getHeader(b"idempotency-key"))
         return generate, scoped_idempotency_key(getattr(request, "omnirt_principal", None), key)
 
@@ -258,6 +289,29 @@ class GatewayAPI:
         record = await self.service.get(job_id)
         view = TraceView.model_validate(trace_view(self.service.dispatcher.tracing, record))
         return write_json(request, 200, view.model_dump(mode="json"))
+
+    @app.route("/v1/jobs/<job_id>/webhooks", methods=["GET"])
+    async def job_webhooks(self, request, job_id):
+        views = await self._webhook_service().deliveries(job_id)
+        return write_json(request, 200, DeliveryList(data=views).model_dump(mode="json"))
+
+    @app.route("/v1/jobs/<job_id>/webhooks/redeliver", methods=["POST"])
+    async def redeliver_webhooks(self, request, job_id):
+        raw = request.content.read()
+        ids = None
+        if raw.strip():
+            payload = parse_json_body(request.getHeader(b"content-type"), raw)
+            try:
+                ids = RedeliverRequest.model_validate(payload).ids
+            except ValidationError as exc:
+                raise RequestInvalid(problems_from_pydantic(exc)) from None
+        views = await self._webhook_service().redeliver(job_id, ids)
+        return write_json(request, 202, DeliveryList(data=views).model_dump(mode="json"))
+
+    def _webhook_service(self):
+        if self.webhooks is None:
+            raise HTTPError(503, "webhook delivery is not running on this server")
+        return self.webhooks
 
     @app.route("/v1/jobs/<job_id>/stream", methods=["GET"])
     def job_stream(self, request, job_id):

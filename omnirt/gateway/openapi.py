@@ -17,6 +17,7 @@ from omnirt import __version__
 from omnirt.contract import GenerateRequest, GenerateResult, JobEvent
 from omnirt.gateway.openai import OpenAIImagesRequest
 from omnirt.gateway.views import (
+    DeliveryList,
     ErrorBody,
     Health,
     JobList,
@@ -25,11 +26,12 @@ from omnirt.gateway.views import (
     OpenAIError,
     OpenAIImagesResponse,
     Readiness,
+    RedeliverRequest,
     TraceView,
 )
 
 _MODELS = (GenerateRequest, GenerateResult, JobView, JobEvent, ErrorBody, OpenAIImagesRequest, OpenAIError,
-           OpenAIImagesResponse, ModelList, JobList, Readiness, Health, TraceView)
+           OpenAIImagesResponse, ModelList, JobList, Readiness, Health, TraceView, DeliveryList, RedeliverRequest)
 
 
 def _ref(model: type[BaseModel]) -> dict[str, str]:
@@ -127,6 +129,14 @@ def openapi_document() -> dict[str, Any]:
         "/v1/jobs/{job_id}/trace": {"get": {
             "summary": "the job's trace: gateway and worker spans with parent links", "parameters": [JOB_ID],
             "responses": {"200": _json(TraceView, "trace view"), **_errors(401, 404)}}},
+        "/v1/jobs/{job_id}/webhooks": {"get": {
+            "summary": "the job's webhook deliveries: state, attempts, last status, next try", "parameters": [JOB_ID],
+            "responses": {"200": _json(DeliveryList, "deliveries"), **_errors(401, 404, 503)}}},
+        "/v1/jobs/{job_id}/webhooks/redeliver": {"post": {
+            "summary": "send settled deliveries again under the same webhook-id", "parameters": [JOB_ID],
+            "requestBody": {"required": False, "content": {"application/json": {"schema": _ref(RedeliverRequest)}}},
+            "responses": {"202": _json(DeliveryList, "deliveries queued again"),
+                          **_errors(400, 401, 404, 409, 415, 503)}}},
         "/v1/artifacts/{sha256}": {"get": {
             "summary": "an output by content hash",
             "parameters": [{"name": "sha256", "in": "path", "required": True,

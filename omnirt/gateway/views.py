@@ -9,9 +9,16 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from omnirt.contract import JobEvent, JobRecord, ordered_record_body
+# the job bodies live with the record (the webhook deliverer, below the gateway, sends the same body)
+from omnirt.contract import JobEvent, JobSummary, JobView, job_body
 from omnirt.registry import ModelSpec
+from omnirt.webhooks.model import DeliveryView
 from omnirt.workers.pool import HEALTHY
+
+__all__ = [
+    "DeliveryList", "ErrorBody", "Health", "JobList", "JobSummary", "JobView", "ModelList", "OpenAIError",
+    "OpenAIImagesResponse", "Readiness", "RedeliverRequest", "TraceView", "job_body", "model_list",
+]
 
 
 class ErrorBody(BaseModel):
@@ -131,37 +138,25 @@ class Readiness(BaseModel):
 # -- jobs --------------------------------------------------------------------------------------
 
 
-class JobView(JobRecord):
-    """A job as clients see it: the record without the server's bookkeeping fields."""
-
-    model_config = ConfigDict(title="JobRecord")
-
-    idempotency_key: str | None = Field(None, exclude=True)
-    excluded_workers: list[str] = Field(default_factory=list, exclude=True)
-    runner: str | None = Field(None, exclude=True)
-    trace_context: dict[str, str] = Field(default_factory=dict, exclude=True)
-    spans: list[dict[str, Any]] = Field(default_factory=list, exclude=True)
-
-    @classmethod
-    def of(cls, record: JobRecord) -> JobView:
-        return cls.model_validate(record, from_attributes=True)
-
-
-class JobSummary(JobView):
-    """A job in a list: without its events."""
-
-    model_config = ConfigDict(title="JobSummary")
-
-    events: list[JobEvent] = Field(default_factory=list, exclude=True)
-
-
 class JobList(BaseModel):
     data: list[JobSummary]
 
 
-def job_body(record: JobRecord, *, include_events: bool = True) -> dict[str, Any]:
-    model = JobView if include_events else JobSummary
-    return ordered_record_body(model.of(record).model_dump(mode="json"))
+# -- webhooks ----------------------------------------------------------------------------------
+
+
+class DeliveryList(BaseModel):
+    """``GET /v1/jobs/{id}/webhooks`` and the answer of a redelivery."""
+
+    data: list[DeliveryView]
+
+
+class RedeliverRequest(BaseModel):
+    """``POST /v1/jobs/{id}/webhooks/redeliver`` body (optional): which deliveries; default all settled."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    ids: list[str] | None = Field(None, description="webhook-ids to send again (default: every settled one)")
 
 
 # -- trace view --------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from collections.abc import Callable, Collection
 from typing import Any
 
 from omnirt.contract import JobEvent, JobRecord, JobState
+from omnirt.webhooks.model import OutboxEntry
 
 
 class StoreUnavailable(Exception):
@@ -133,6 +134,46 @@ class JobStore(abc.ABC):
     async def adopt(self, job_id: str, from_owner: str, to_owner: str) -> bool:
         """Atomically take ownership of a job still owned by ``from_owner``."""
         return False
+
+    # -- the webhook outbox (written by the same call as the event that triggers it) ----------
+    #
+    # A job created with a ``webhook`` gets its hook spec stored with it (``webhooks.model.
+    # hook_spec``); every event appended to it afterwards (create, transition, update, append)
+    # writes the outbox entries it triggers in the same atomic step. Deliverers claim due entries
+    # under a lease, so with several gateways on one store exactly one holds each entry at a time,
+    # and an entry whose holder died is claimed again when the lease runs out.
+
+    #: minimum time between two progress webhooks of one job (the latest progress wins)
+    webhook_progress_interval_ms = 1000
+
+    async def claim_webhooks(self, owner: str, limit: int, lease_s: float) -> list[OutboxEntry]:
+        """Up to ``limit`` due entries (pending and due, or held under an expired lease), now
+        held by ``owner`` for ``lease_s`` seconds (state ``delivering``)."""
+        raise NotImplementedError
+
+    async def settle_webhook(self, entry: OutboxEntry, owner: str, outcome: str, *, retry_in_s: float = 0.0,
+                             status: int | None = None, error: str | None = None, body: str | None = None,
+                             attempted: bool = True) -> bool:
+        """End ``owner``'s hold on an entry: ``outcome`` delivered | failed | dead (final) or retry
+        (pending again in ``retry_in_s``). ``attempted`` counts an attempt (False: handed back
+        unsent, e.g. its host was at its concurrency cap). ``body`` is kept (first attempt) so
+        retries send the same bytes. False when the hold was lost (lease ran out, someone else
+        claimed it): the caller's result is then dropped."""
+        raise NotImplementedError
+
+    async def webhook_deliveries(self, job_id: str) -> list[OutboxEntry] | None:
+        """The job's outbox entries, oldest first; None when there is no such job."""
+        raise NotImplementedError
+
+    async def redeliver_webhooks(self, job_id: str, ids: Collection[str] | None = None) -> list[OutboxEntry] | None:
+        """Make the job's settled entries (or those named in ``ids``) due again now, keeping their
+        ``webhook-id`` (a fresh round: attempts and age start again); entries still pending or being delivered are left alone. Returns the entries
+        re-queued; None when there is no such job."""
+        raise NotImplementedError
+
+    async def webhook_outbox_depth(self) -> int:
+        """Entries not yet settled (pending or being delivered), over all jobs."""
+        raise NotImplementedError
 
     async def ping(self) -> None:
         """Raise StoreUnavailable when the store cannot answer."""

@@ -14,6 +14,8 @@ from twisted.python import log
 
 from omnirt.contract import JobEvent, JobRecord, JobState, check_transition
 from omnirt.store.base import EventCallback, JobNotFound, JobStore, NewEvent, Subscription
+from omnirt.store.memory_outbox import MemoryOutbox
+from omnirt.webhooks.model import OutboxEntry
 
 
 class _Job:
@@ -65,6 +67,7 @@ class MemoryJobStore(JobStore):
         #: claim whose job was never created (the submit was refused after claiming) is dropped
         #: by ``expire`` after ``idem_pending_grace_s``
         self._pending_claims: OrderedDict[str, tuple[str, float]] = OrderedDict()
+        self._outbox = MemoryOutbox(clock)
 
     def _now_ms(self) -> int:
         return int(self._clock.seconds() * 1000)
@@ -84,6 +87,7 @@ class MemoryJobStore(JobStore):
             data=dict(event.data),
         )
         job.events.append(stored)
+        self._outbox.on_event(job.record.id, stored)  # same step as the append: no event without its webhooks
         for sub in list(job.listeners):
             if not sub.closed:
                 try:
@@ -97,6 +101,7 @@ class MemoryJobStore(JobStore):
             raise ValueError(f"job {record.id} exists")
         job = _Job(record.model_copy(update={"events": []}))
         self._jobs[record.id] = job
+        self._outbox.created(record, self.webhook_progress_interval_ms)
         self._append(job, event)
         return job.record
 
@@ -233,11 +238,36 @@ class MemoryJobStore(JobStore):
         if self._discarding:
             await DeferredList(list(self._discarding), consumeErrors=True)
 
+    # -- webhook outbox --------------------------------------------------------------------
+
+    async def claim_webhooks(self, owner: str, limit: int, lease_s: float) -> list[OutboxEntry]:
+        return self._outbox.claim(owner, limit, lease_s)
+
+    async def settle_webhook(self, entry: OutboxEntry, owner: str, outcome: str, *, retry_in_s: float = 0.0,
+                             status: int | None = None, error: str | None = None, body: str | None = None,
+                             attempted: bool = True) -> bool:
+        return self._outbox.settle(entry, owner, outcome, retry_in_s=retry_in_s, status=status, error=error,
+                                   body=body, attempted=attempted)
+
+    async def webhook_deliveries(self, job_id: str) -> list[OutboxEntry] | None:
+        if job_id not in self._jobs:
+            return None
+        return self._outbox.deliveries(job_id)
+
+    async def redeliver_webhooks(self, job_id: str, ids=None) -> list[OutboxEntry] | None:
+        if job_id not in self._jobs:
+            return None
+        return self._outbox.redeliver(job_id, None if ids is None else set(ids))
+
+    async def webhook_outbox_depth(self) -> int:
+        return self._outbox.depth()
+
     def _drop(self, job_id: str) -> None:
         job = self._jobs.pop(job_id, None)
         self._terminal.pop(job_id, None)
         if job is None:
             return
+        self._outbox.dropped(job_id)
         self._release_outputs(job.record)
         for sub in list(job.listeners):
             sub.close()

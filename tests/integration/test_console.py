@@ -285,6 +285,34 @@ class WorkerDownConsoleTests(ConsoleTestCase):
         return deferToThread(scenario)
 
 
+class WebhookConsoleTests(ConsoleTestCase):
+    def test_detail_lists_webhook_deliveries(self):
+        """A job with a webhook to a port nobody listens on: its detail lists the completed
+        delivery, pending again after failed attempts, the attempt count rising as it retries."""
+        _, base = self.start_gateway("--backend", "cpu-stub", "--webhook-allow-private",
+                                     "--webhook-retry-base-s", "0.2", "--webhook-retry-max-s", "0.4")
+        body = {"task": "text2image", "model": "sdxl-base-1.0", "backend": "cpu-stub", "inputs": {"prompt": "p"},
+                "config": {"width": 64, "height": 64, "num_inference_steps": 2},
+                "webhook": f"http://127.0.0.1:{free_port()}/hook"}
+        code, job = http_json(base + "/v1/jobs", "POST", body)
+        self.assertEqual(code, 202, job)
+
+        def scenario():
+            with self.browser() as page:
+                page.goto(base + "/")
+                page.wait_for_selector(f"{self.job_row(job['id'])}[data-state=succeeded]")
+                page.click(self.job_row(job["id"]))
+                row = "#detail-webhooks li[data-delivery$=_completed]"
+                page.wait_for_selector(row)
+                page.wait_for_function("(sel) => /attempts [2-9]/.test(document.querySelector(sel).textContent)",
+                                       arg=row)
+                text = page.text_content(row)
+                self.assertIn("pending", text)
+                self.assertIn("connection refused", text)
+
+        return deferToThread(scenario)
+
+
 class AuthConsoleTests(ConsoleTestCase):
     KEY = "console-test-key-9f2c"
 

@@ -15,6 +15,7 @@ from omnirt.contract import GenerateRequest, JobRecord, JobState
 from omnirt.store.base import JobNotFound, NewEvent, StoreUnavailable
 from omnirt.store.redis import RedisJobStore, parse_redis_url
 from tests.support.redis import start_redis
+from tests.unit.outbox_suite import OutboxSuite
 from tests.unit.store_suite import JobStoreSuite, _record
 
 
@@ -390,3 +391,15 @@ class RedisTLSTests(_RedisStores, unittest.TestCase):
         yield d(store.append_event("j1", NewEvent("x")))
         yield wait_until(lambda: seen == [1, 2], what="events over TLS")
         self.assertEqual((yield d(store.get("j1"))).state, JobState.queued)
+
+
+class RedisOutboxTests(_RedisStores, OutboxSuite, unittest.TestCase):
+    """The webhook outbox contract on Redis (the entries are written inside the event's Lua call)."""
+
+    @inlineCallbacks
+    def setUp(self):
+        self.redis = start_redis(self)
+        self.store = yield self.open_store()
+
+    def advance(self, seconds: float):
+        return sleep(seconds)

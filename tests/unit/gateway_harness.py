@@ -72,7 +72,8 @@ def turn() -> None:
 
 class Harness:
     def __init__(self, testcase, workers=None, *, keys=(), max_queue=1000, max_attempts=3,
-                 allowed_tiers=("core", "adjacent"), rate_limit=None, max_jobs_per_key=None, **config):
+                 allowed_tiers=("core", "adjacent"), rate_limit=None, max_jobs_per_key=None, webhook_http=None,
+                 **config):
         self.reactor = self.clock = FakeReactor()
         self.workers = workers if workers is not None else [ControlledWorker("w1")]
         self.announced: list[str] = []
@@ -82,7 +83,7 @@ class Harness:
                       health_interval_s=2.0, health_failure_threshold=2, shutdown_grace_s=1.0, gateway_id="gw-test")
         self.config = GatewayConfig(**{**fields, **config})
         self.tree = make_gateway_service(self.config, self.reactor, connections=self.workers,
-                                         announce=self.announced.append)
+                                         announce=self.announced.append, webhook_http=webhook_http)
         self.metrics = self.tree.metrics
         self.store = self.tree.store
         self.artifacts = self.tree.artifacts

@@ -42,3 +42,19 @@ class GatewayConfigTests(unittest.TestCase):
             with self.assertRaises(ConfigError) as caught:
                 parse(*argv)
             self.assertIn(words, str(caught.exception))
+
+    def test_webhook_flags_become_settings(self):
+        """The --webhook-* flags land in ``config.webhooks``; a bad one is a ConfigError (one line)
+        naming the flag."""
+        config = parse("--webhook-allow-private", "--webhook-max-attempts", "3", "--webhook-timeout-s", "2.5",
+                       "--webhook-progress-interval-ms", "250", "--webhook-host-concurrency", "9")
+        w = config.webhooks
+        self.assertEqual((w.allow_private, w.max_attempts, w.timeout_s, w.progress_interval_ms, w.per_host, w.secrets),
+                         (True, 3, 2.5, 250, 9, ()))
+        self.assertFalse(parse().webhooks.allow_private)
+        for argv, words in [(["--webhook-max-attempts", "0"], "--webhook-max-attempts must be at least 1"),
+                            (["--webhook-secret-file", "/nonexistent/secret"], "--webhook-secret-file")]:
+            with self.assertRaises(ConfigError) as caught:
+                parse(*argv)
+            self.assertIn(words, str(caught.exception))
+            self.assertNotIn("\n", str(caught.exception))

@@ -28,10 +28,11 @@ class RecordingWorker(ControlledWorker):
 
 class TreeTests(unittest.TestCase):
     def test_children_in_start_order(self):
-        """The tree starts store, retention sweep, workers, dispatcher, then HTTP, in that order."""
+        """The tree starts store, webhook deliverer, retention sweep, workers, dispatcher, then
+        HTTP, in that order."""
         h = Harness(self)
         self.assertEqual([c.name for c in h.tree],
-                         ["telemetry", "store", "retention-sweep", "workers", "dispatcher", "http"])
+                         ["telemetry", "store", "webhooks", "retention-sweep", "workers", "dispatcher", "http"])
 
     @inlineCallbacks
     def test_listens_only_after_every_worker_was_probed(self):

@@ -9,6 +9,7 @@ from twisted.trial import unittest
 from omnirt.contract import JobState
 from omnirt.store.base import NewEvent
 from omnirt.store.memory import MemoryJobStore
+from tests.unit.outbox_suite import OutboxSuite
 from tests.unit.store_suite import JobStoreSuite, _record
 
 
@@ -33,3 +34,14 @@ class MemoryBoundTests(unittest.TestCase):
         self.assertEqual(len(store), 50)
         self.assertIsNone((yield ensureDeferred(store.get("j0"))))
         self.assertIsNotNone((yield ensureDeferred(store.get("j499"))))
+
+
+class MemoryOutboxTests(OutboxSuite, unittest.TestCase):
+    """The webhook outbox contract on the memory store (fake clock)."""
+
+    def setUp(self):
+        self.clock = Clock()
+        self.store = MemoryJobStore(self.clock, retention_s=100.0)
+
+    def advance(self, seconds: float) -> None:
+        self.clock.advance(seconds)

@@ -281,6 +281,8 @@
     $("detail-previews").replaceChildren();
     $("detail-previews-wrap").hidden = true;
     $("detail-trace").replaceChildren();
+    $("detail-webhooks").replaceChildren();
+    $("detail-webhooks-wrap").hidden = true;
     manageStreams();
     refreshDetail(id);
     renderJobs();
@@ -341,7 +343,34 @@
       renderDetailLive();
       const t = await apiJSON("/v1/jobs/" + encodeURIComponent(id) + "/trace");
       if (t.ok && state.selected === id) renderTrace(t.body);
+      if (rec.request.webhook) await refreshWebhooks(id, rec.request.webhook);
     } catch (_e) { /* 401 handled */ }
+  }
+
+  // a job's deliveries, read again every 2 s while the detail is open and one is still unsettled
+  const webhookTimers = new Map();
+  async function refreshWebhooks(id, url) {
+    clearTimeout(webhookTimers.get(id));
+    const w = await apiJSON("/v1/jobs/" + encodeURIComponent(id) + "/webhooks");
+    if (!w.ok || state.selected !== id) return;
+    renderWebhooks(url, w.body.data);
+    const rec = liveOf(id).record;
+    const open = w.body.data.some((d) => d.state === "pending" || d.state === "delivering");
+    if (open || (rec && !TERMINAL.has(rec.state))) {
+      webhookTimers.set(id, setTimeout(() => refreshWebhooks(id, url).catch(() => {}), 2000));
+    }
+  }
+
+  function renderWebhooks(url, deliveries) {
+    $("detail-webhooks-wrap").hidden = false;
+    const items = deliveries.map((d) => h("li", { "data-delivery": d.id, "data-state": d.state },
+      h("strong", {}, d.kind), " ", badge(d.state), " ",
+      h("span", { class: "meta" }, "attempts " + d.attempts +
+        (d.last_status ? " · HTTP " + d.last_status : "") +
+        (d.state === "pending" && d.next_at_ms ? " · next try in " + fmtMs(Math.max(0, d.next_at_ms - Date.now())) : "") +
+        (d.last_error ? " · " + d.last_error : "")), " ", h("code", {}, d.id)));
+    $("detail-webhooks").replaceChildren(h("li", { class: "meta" }, "to " + url),
+      ...(items.length ? items : [h("li", { class: "meta" }, "no deliveries yet")]));
   }
 
   async function blobUrl(url) {

@@ -17,6 +17,8 @@ Data model (``P`` = ``{namespace}:``; all values are strings)::
     P idem:{key}        string JSON [job_id, fingerprint, claimed_at_ms]
     P order             string the creation counter
     P wake:{uuid}       stream one per store: XADDed to wake the blocking reader (MAXLEN 1, TTL)
+    P job:{id}:hooks    hash   the job's webhook outbox entries (see ``outbox``), expire with the job
+    P hooks:due         zset   outbox entries due (or leased) by time: ``{job}/{entry id}``
 
 Every write is ONE Lua script (``lua/``, loaded at startup) (EVALSHA, EVAL on NOSCRIPT) so state and events never disagree;
 entering a terminal state PEXPIREs the hash, the stream and the idempotency key together
@@ -29,7 +31,7 @@ a live subscriber and fans entries out in-process; subscribers never cost a conn
 
 Modules: ``url`` (targets), ``scripts`` + ``lua/`` (the Lua scripts), ``codec`` (records and
 events), ``connection`` (handshake, TLS, reconnects, deadlines), ``reader`` (the blocking stream
-reader and subscriptions), ``store`` (the JobStore).
+reader and subscriptions), ``outbox`` (the webhook outbox calls), ``store`` (the JobStore).
 """
 
 from omnirt.store.redis.store import RedisJobStore

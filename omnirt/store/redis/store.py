@@ -31,6 +31,7 @@ from omnirt.store.redis.codec import (
     unpack,
 )
 from omnirt.store.redis.connection import UNAVAILABLE_REPLIES, Connection, describe, endpoint_for, retry_delay
+from omnirt.store.redis.outbox import RedisOutbox
 from omnirt.store.redis.reader import RedisSubscription, StreamReader
 from omnirt.store.redis.scripts import load_scripts
 from omnirt.store.redis.url import parse_redis_url
@@ -38,7 +39,7 @@ from omnirt.store.redis.url import parse_redis_url
 __all__ = ["RedisJobStore"]
 
 
-class RedisJobStore(JobStore):
+class RedisJobStore(RedisOutbox, JobStore):
     """JobStore on Redis; see the module docstring for the keys. ``clock`` is the reactor (time,
     call deadlines, TCP). Call ``connect()`` before use and ``close()`` at the end."""
 
@@ -215,6 +216,7 @@ class RedisJobStore(JobStore):
         fv: list[str] = []
         for name, value in data.items():
             fv += [name, json.dumps(value, separators=(",", ":"))]
+        fv += self._hook_fields(record)
         created = await self._eval("create", self._job_keys(record.id), [
             self._prefix, record.id, state, record.request.model, record.idempotency_key or "",
             self.gateway_id or "", "1" if record.state.terminal else "0", self._retention_ms,

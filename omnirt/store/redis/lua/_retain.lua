@@ -3,6 +3,7 @@ local function retain(P, id, hash, stream, retention_ms)
   local deadline = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + retention_ms
   redis.call('PEXPIRE', hash, retention_ms)
   redis.call('PEXPIRE', stream, retention_ms)
+  redis.call('PEXPIRE', hash .. ':hooks', retention_ms)
   local idem = redis.call('HGET', hash, '_idem')
   if idem and idem ~= '' then
     local ik = P .. 'idem:' .. idem
