@@ -68,6 +68,8 @@ def register(sub) -> None:
                    help="unfinished jobs per client (API key, or address without auth); beyond -> 429")
     p.add_argument("--access-log", action="store_true", help="log one line per HTTP request")
     p.add_argument("--keepalive-s", type=float, default=15.0, help="SSE/WebSocket keep-alive interval")
+    from omnirt.workers import upstream
+    upstream.add_arguments(p)
     p.set_defaults(func=run, needs_reactor=True)
 
 
@@ -147,9 +149,15 @@ def run(args) -> int:
     for warning in plaintext_warnings(remote_specs, worker_tls):
         print(warning, file=sys.stderr, flush=True)
 
+    from omnirt.workers import upstream
+    try:
+        upstream_options = upstream.options_from_args(args)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
     from omnirt.gateway.server import Gateway
 
     gateway = Gateway(
+        upstream_options=upstream_options,
         host=args.host,
         port=args.port,
         backend=args.backend,

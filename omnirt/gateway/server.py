@@ -45,8 +45,9 @@ class Gateway:
                  worker_idle_timeout_s=10.0, redis_url=None, redis_namespace="omnirt", gateway_id=None,
                  lease_ttl_s=10.0, request_deadline_s=30.0, worker_tls=None, access_log=False, rate_limit=None,
                  max_jobs_per_key=None, fleet=None, fleet_stop_on_exit=False, otlp_endpoint=None, otlp_headers=None,
-                 log_format="text", reactor=None):
+                 log_format="text", reactor=None, upstream_options=None):
         self.reactor = reactor or global_reactor
+        self.upstream_options = upstream_options  # omnirt.workers.upstream.UpstreamOptions
         #: OTLP/HTTP traces URL (None: spans are made for the trace view but not exported)
         self.otlp_endpoint = otlp_endpoint
         self.otlp_headers = dict(otlp_headers or {})
@@ -117,7 +118,8 @@ class Gateway:
                 reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
                 raise StartupError(f"remote worker {spec.worker_id} at {address} is unreachable: {reason}") from None
             conns.append(GrpcWorkerConnection(spec.worker_id, address, models=spec.models, tags=spec.tags,
-                                              idle_timeout_s=self.worker_idle_timeout_s, tls=self.worker_tls))
+                                              idle_timeout_s=self.worker_idle_timeout_s, tls=self.worker_tls,
+                                              upstream_options=self.upstream_options))
         return conns
 
     async def _fleet_connections(self):
