@@ -256,6 +256,7 @@ async def request_for(conn: Any, request: GenerateRequest) -> GenerateRequest:
         await conn._health()
     if not is_upstream(conn.last_health):
         return request
+    conn.legacy = True  # upstream has RunSync and Health only
     loop = asyncio.get_running_loop()
     return await loop.run_in_executor(
         None, lambda: to_upstream(request, address=conn.address, tags=conn.tags, options=conn.upstream)
