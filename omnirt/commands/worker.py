@@ -58,6 +58,8 @@ def register(sub) -> None:
                    help="also record jobs' events and outcomes in the gateways' Redis store (same URL as serve)")
     p.add_argument("--redis-namespace", default="omnirt", help="prefix of every Redis key (as on serve)")
     add_tracing_args(p)
+    from omnirt.workers import compat
+    compat.add_arguments(p)
     p.set_defaults(func=run, needs_reactor=True)
 
 
@@ -112,6 +114,11 @@ def _grpc_address(host: str, port: int) -> str:
 
 def run(args: argparse.Namespace) -> int:
     models, tags, model_paths = _check_args(args)
+    from omnirt.workers import compat
+    try:
+        upstream_compat = compat.compat_from_args(args)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
     from omnirt.telemetry.logging import install_logging
 
     tracing_holder: list = []
@@ -134,6 +141,7 @@ def run(args: argparse.Namespace) -> int:
         raise CliError(f"cannot start the engine: {exc}") from None
 
     app = _WorkerApp(args, engine, models, tags, reactor)
+    app.core.compat, app.core.sync_queue = upstream_compat
     tracing_holder.append(app.tracing)
     reactor.callLater(0, app.begin)  # runs inside the asyncio loop (callWhenRunning runs before it)
     reactor.run(installSignalHandlers=False)

@@ -29,7 +29,7 @@ from omnirt.contract import ContractError
 from omnirt.engine.base import CancelToken, EngineJob, JobCancelled, JobFailed
 from omnirt.registry import resolve_request
 from omnirt.telemetry.tracing import SERVICE_WORKER, RunSpans, Tracing, spans_json, trace_carrier
-from omnirt.workers import wire
+from omnirt.workers import compat, wire
 from omnirt.workers.base import WorkerHealth, WorkerJob
 from omnirt.workers.proto.omnirt.worker.v1 import worker_pb2 as pb
 from omnirt.workers.proto.omnirt.worker.v1 import worker_pb2_grpc as pb_grpc
@@ -144,6 +144,8 @@ class WorkerCore:
         )
         self._idle = asyncio.Event()
         self._idle.set()
+        #: upstream OmniRT 0.1 requests (--allow-path, --output-dir) and RunSync queueing (--max-queue)
+        self.compat, self.sync_queue = compat.Compat(), compat.SyncQueue(0)
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -216,7 +218,7 @@ class WorkerCore:
             draining=self.state == "draining",
             last_error=self.last_error,
             version=__version__,
-            queue_depth=0,
+            queue_depth=self.sync_queue.waiting,
             gpu_mem_used_gb=self._gpu_mem_used_gb(),
         )
 
@@ -325,6 +327,7 @@ class WorkerCore:
                 EngineJob(
                     job_id=job.job_id,
                     request=job.request,
+                    model_path=job.model_path,
                     worker_id=self.worker_id,
                     trace_id=job.trace_id,
                     execution_mode=job.execution_mode,
@@ -447,15 +450,17 @@ class WorkerServicer(pb_grpc.WorkerServicer):
                 log.info("job %s continues without its gateway stream; its outcome goes to the store", job.job_id)
 
     async def RunSync(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResult:
+        loop = asyncio.get_running_loop()
         try:
-            generate = wire.request_from_pb(request)
-            job = prepare(WorkerJob(job_id=f"sync-{uuid.uuid4().hex}", request=generate, execution_mode="sync",
-                                    trace_context=trace_carrier(context.invocation_metadata())))
+            adapted = await loop.run_in_executor(None, self.core.compat.adapt, wire.request_from_pb(request))
+            job = prepare(WorkerJob(job_id=f"sync-{uuid.uuid4().hex}", request=adapted.request, execution_mode="sync",
+                                    trace_context=trace_carrier(context.invocation_metadata()),
+                                    model_path=adapted.model_path))
         except (wire.WireError, ContractError) as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
             raise AssertionError("unreachable") from None
         try:
-            running = self.core.admit(job.job_id, job.request.model)
+            running = await self.core.sync_queue.admit(self.core, job.job_id, job.request.model)
         except Refused as exc:
             await self._refuse(context, exc)
             raise AssertionError("unreachable") from None
@@ -469,6 +474,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
                 self.core.cancel(job.job_id, "client cancelled the call")
         assert final is not None
         if final.WhichOneof("update") == "result":
+            await loop.run_in_executor(None, self.core.compat.finish, final.result, adapted, job.job_id)
             return final.result
         if final.end.status == pb.RUN_END_STATUS_CANCELLED:
             await context.abort(grpc.StatusCode.CANCELLED, final.end.message)
