@@ -87,6 +87,9 @@ class JobStreamProtocol(WebSocketServerProtocol):
         self._send({"event": "keep_alive", "stage": "job", "timestamp_ms": _now_ms(), "data": {"job_id": self.job_id}})
 
     def _on_event(self, event: JobEvent) -> None:
+        if event.terminal and getattr(self, "_cancel_pending", False):
+            self._held_terminal = event  # control_ack goes first (as upstream); sent right after it
+            return
         self._send(event.model_dump(mode="json"))
         if event.terminal and not self._closed and self.state == self.STATE_OPEN:
             self.sendClose(CLOSE_NORMAL, "job finished")
@@ -116,6 +119,7 @@ class JobStreamProtocol(WebSocketServerProtocol):
         if action != "cancel":
             self._error(f"unknown action {action!r} (supported: cancel)")
             return
+        self._cancel_pending = True
         d = Deferred.fromCoroutine(self.api.service.cancel(self.job_id))
 
         def acked(_record, cancelled=True, reason=None):
@@ -123,6 +127,10 @@ class JobStreamProtocol(WebSocketServerProtocol):
             if reason:
                 data["reason"] = reason
             self._send({"event": "control_ack", "stage": "job", "timestamp_ms": _now_ms(), "data": data})
+            self._cancel_pending = False
+            held, self._held_terminal = getattr(self, "_held_terminal", None), None
+            if held is not None:
+                self._on_event(held)
 
         def refused(f):
             if f.check(ContractError):
