@@ -307,9 +307,12 @@ class WorkerCore:
             steps=steps if isinstance(steps, int) else None,
         )
 
+        events: list[dict[str, Any]] = []  # RunReport.stream_events (field 14), as upstream reports them
+
         def emit(event: str, stage: str, data: dict[str, Any]) -> None:
             spans.event(event, stage, data)
             update = wire.event_update(event, stage, data)
+            events.append({"event": event, "stage": stage, "timestamp_ms": update.event.timestamp_ms, "data": data})
             if event == "stage_end" and isinstance(data.get("elapsed_ms"), (int, float)):
                 stage_hist.labels(stage=stage, model=model).observe(data["elapsed_ms"] / 1000.0)
             loop.call_soon_threadsafe(queue.put_nowait, ("event", update))
@@ -336,7 +339,7 @@ class WorkerCore:
                 emit,
                 running.token,
             )
-            return pb.RunUpdate(result=wire.outcome_to_pb(outcome)), "succeeded"
+            return pb.RunUpdate(result=wire.outcome_to_pb(outcome, events)), "succeeded"
         except JobCancelled as exc:
             if running.aborted:
                 return wire.end_update(pb.RUN_END_STATUS_ABORTED, str(exc) or "worker shut down"), "aborted"

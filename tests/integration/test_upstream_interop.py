@@ -72,6 +72,9 @@ class UpstreamGatewayToOurWorker(_Base):
         self.assertEqual(Path(art["path"]).read_bytes(), base64.b64decode(art["data_b64"]))
         ignored = body["metadata"]["config_resolved"]["ignored_config"]
         self.assertEqual(set(ignored), {"device_map", "use_result_cache"})
+        # RunReport.stream_events (field 14) reaches upstream as its event list
+        stages = {(e["event"], e["stage"]) for e in body["metadata"]["stream_events"]}
+        self.assertIn(("stage_end", "denoise"), stages)
 
     def test_image2image_and_refiner_from_a_path(self):
         """inputs.image as a file path under --allow-path drives image2image on the base and the refiner."""
