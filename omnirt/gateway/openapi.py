@@ -157,9 +157,10 @@ def openapi_document() -> dict[str, Any]:
                 "type": "string", "enum": ["core", "adjacent", "experimental", "all"]}}],
             "responses": {"200": _json(ModelList, "models"), **_errors(400, 401)}}},
         "/v1/generate": {"post": {
-            "summary": "generate: sync (waits; outputs inline) or async_run=true (202 job)",
+            "summary": "generate: sync (waits; outputs inline) or async_run=true (200 + the queued JobRecord, "
+                       "as upstream OmniRT; POST /v1/jobs answers 202)",
             "parameters": [IDEMPOTENCY], "requestBody": submit_body,
-            "responses": {"200": _json(GenerateResult, "sync result"), "202": _json(JobRecord, "async job accepted"),
+            "responses": {"200": _json(GenerateResult, "sync result (with async_run: the JobRecord)"),
                           **_errors(400, 401, 403, 404, 409, 413, 415, 429, 503),
                           "500": _json(ErrorBody, "the job failed (its error)")}}},
         "/v1/jobs": {
