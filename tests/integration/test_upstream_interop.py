@@ -181,6 +181,19 @@ class OurGatewayToUpstreamWorker(_Base):
         self.assertTrue(base64.b64decode(body["data"][0]["b64_json"]).startswith(PNG))
 
 
+    def test_shared_dir(self):
+        """With --upstream-shared-dir the worker writes its outputs (and reads inputs) there; the
+        gateway reads the files from it and leaves them (the folder is the operator's)."""
+        shared = Path(self.mktemp()).resolve()
+        shared.mkdir()
+        self.start(model_path=True, extra=["--upstream-shared-dir", str(shared)])
+        status, body = self.generate({"task": "text2image", "model": "sdxl-base-1.0",
+                                      "inputs": {"prompt": "a fox"}, "config": TINY})
+        self.assertEqual(status, 200, body)
+        written = list((shared / "outputs").iterdir())
+        self.assertEqual(len(written), 1)
+        self.assertEqual(written[0].read_bytes(), base64.b64decode(body["outputs"][0]["data_b64"]))
+
 
 class RemoteWorkerGrammar(_Base):
     """Upstream's ``--remote-worker`` examples mean the same to both parsers (except our fix)."""
