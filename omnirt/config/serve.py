@@ -72,6 +72,9 @@ def add_arguments(p) -> None:
                    help="base of absolute result URLs (e.g. https://img.example.com behind a proxy); "
                         "default: the listening address, never the client's Host header")
     p.add_argument("--keepalive-s", type=float, default=15.0, help="SSE/WebSocket keep-alive interval")
+    from omnirt.workers import upstream
+
+    upstream.add_arguments(p)
 
 
 def default_artifact_dir() -> str:
@@ -133,6 +136,8 @@ class GatewayConfig:
     otlp_endpoint: str | None = None
     otlp_headers: dict[str, str] = dataclasses.field(default_factory=dict)
     log_format: str = "text"
+    #: omnirt.workers.upstream.UpstreamOptions for upstream OmniRT 0.1 workers (None: the defaults)
+    upstream_options: Any = None
     #: one line per warning, printed at start (e.g. plaintext links to remote workers)
     warnings: tuple[str, ...] = ()
 
@@ -153,6 +158,7 @@ class GatewayConfig:
         remote_specs = _remote_specs(args.remote_worker)
         fleet = _fleet(args.fleet, remote_specs)
         worker_tls = _worker_tls(args)
+        upstream_options = _upstream_options(args)
         return cls(
             host=args.host, port=args.port, backend=args.backend, max_concurrency=args.max_concurrency,
             pipeline_cache_size=args.pipeline_cache_size,
@@ -169,7 +175,8 @@ class GatewayConfig:
             request_deadline_s=args.request_deadline_s, worker_tls=worker_tls, access_log=args.access_log,
             public_url=_public_url(args.public_url), rate_limit=args.rate_limit, max_jobs_per_key=args.max_jobs_per_key, fleet=fleet,
             fleet_stop_on_exit=args.fleet_stop_on_exit, otlp_endpoint=otlp_endpoint, otlp_headers=otlp_headers,
-            log_format=args.log_format, warnings=tuple(plaintext_warnings(remote_specs, worker_tls)),
+            log_format=args.log_format, upstream_options=upstream_options,
+            warnings=tuple(plaintext_warnings(remote_specs, worker_tls)),
         )
 
 
@@ -246,6 +253,15 @@ def _fleet(path: str | None, remote_specs):
     if clash:
         raise ConfigError(f"worker id(s) {', '.join(clash)} are both --remote-worker and fleet workers")
     return fleet
+
+
+def _upstream_options(args):
+    from omnirt.workers import upstream
+
+    try:
+        return upstream.options_from_args(args)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def _worker_tls(args):
