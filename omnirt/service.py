@@ -221,7 +221,8 @@ class GatewayService(OrderedService):
             from omnirt.workers.grpc import GrpcWorkerConnection
 
             conns.extend(GrpcWorkerConnection(spec.worker_id, spec.address, models=spec.models, tags=spec.tags,
-                                              idle_timeout_s=config.worker_idle_timeout_s, tls=config.worker_tls)
+                                              idle_timeout_s=config.worker_idle_timeout_s, tls=config.worker_tls,
+                                              upstream_options=config.upstream_options)
                          for spec in config.remote_specs)
         if config.local_worker:
             from omnirt.engine.engine import Engine
@@ -241,8 +242,12 @@ class GatewayService(OrderedService):
             return
         try:
             await connect()
+            # a namespace written by upstream OmniRT 0.1 (a JSON string per job) cannot be shared
+            problem = await self.raw_store.find_upstream_records()
         except StoreUnavailable as exc:
             raise StartupError(str(exc)) from None
+        if problem is not None:
+            raise StartupError(problem)  # the store is closed with the children already up
 
     async def _start_workers(self) -> None:
         """Check each remote worker answers, adopt the fleet, start the local engine, then wait for

@@ -75,6 +75,9 @@ def add_arguments(p) -> None:
                         "default: the listening address, never the client's Host header")
     p.add_argument("--keepalive-s", type=float, default=15.0, help="SSE/WebSocket keep-alive interval")
     add_webhook_args(p)
+    from omnirt.workers import upstream
+
+    upstream.add_arguments(p)
 
 
 def default_artifact_dir() -> str:
@@ -138,6 +141,8 @@ class GatewayConfig:
     log_format: str = "text"
     #: signing secrets, retry policy, limits of webhook delivery (the ``--webhook-*`` flags)
     webhooks: WebhookSettings = dataclasses.field(default_factory=WebhookSettings)
+    #: omnirt.workers.upstream.UpstreamOptions for upstream OmniRT 0.1 workers (None: the defaults)
+    upstream_options: Any = None
     #: one line per warning, printed at start (e.g. plaintext links to remote workers)
     warnings: tuple[str, ...] = ()
 
@@ -159,6 +164,7 @@ class GatewayConfig:
         fleet = _fleet(args.fleet, remote_specs)
         worker_tls = _worker_tls(args)
         webhooks = _webhooks(args)
+        upstream_options = _upstream_options(args)
         return cls(
             host=args.host, port=args.port, backend=args.backend, max_concurrency=args.max_concurrency,
             pipeline_cache_size=args.pipeline_cache_size,
@@ -175,7 +181,8 @@ class GatewayConfig:
             request_deadline_s=args.request_deadline_s, worker_tls=worker_tls, access_log=args.access_log,
             public_url=_public_url(args.public_url), rate_limit=args.rate_limit, max_jobs_per_key=args.max_jobs_per_key, fleet=fleet,
             fleet_stop_on_exit=args.fleet_stop_on_exit, otlp_endpoint=otlp_endpoint, otlp_headers=otlp_headers,
-            log_format=args.log_format, webhooks=webhooks, warnings=tuple(plaintext_warnings(remote_specs, worker_tls)),
+            log_format=args.log_format, webhooks=webhooks, upstream_options=upstream_options,
+            warnings=tuple(plaintext_warnings(remote_specs, worker_tls)),
         )
 
 
@@ -261,6 +268,15 @@ def _fleet(path: str | None, remote_specs):
     if clash:
         raise ConfigError(f"worker id(s) {', '.join(clash)} are both --remote-worker and fleet workers")
     return fleet
+
+
+def _upstream_options(args):
+    from omnirt.workers import upstream
+
+    try:
+        return upstream.options_from_args(args)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def _worker_tls(args):

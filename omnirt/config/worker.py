@@ -10,8 +10,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import ipaddress
+import os
 from pathlib import Path
 
+from omnirt.workers.compat import ALLOW_PATH_FLAG, MAX_QUEUE_FLAG, OUTPUT_DIR_FLAG
 from omnirt.workers.spec import comma_list as _comma_list  # the one comma-list parser (``--remote-worker``'s)
 
 __all__ = ["DEFAULT_PORT", "ConfigError", "WorkerConfig", "add_arguments", "format_address"]
@@ -59,6 +61,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--job-retention-s", type=float, default=86400.0,
                    help="how long a job this worker finishes in Redis is kept (as on serve; default 86400)")
     add_tracing_args(p)
+    # serving upstream OmniRT 0.1 gateways (omnirt.workers.compat)
+    p.add_argument(ALLOW_PATH_FLAG, action="append", default=[], metavar="DIR",
+                   help="a folder requests may name files in (config.model_path, config.output_dir, "
+                        "inputs.image as a path, as upstream OmniRT 0.1 gateways send them); repeatable")
+    p.add_argument(OUTPUT_DIR_FLAG, default=None, metavar="DIR",
+                   help="also write every output file of a RunSync call here and return its path (Artifact.path)")
+    p.add_argument(MAX_QUEUE_FLAG, type=int, default=0, metavar="N",
+                   help="RunSync calls beyond --max-concurrency wait in a queue of N (default 0: refused)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,6 +97,12 @@ class WorkerConfig:
     otlp_endpoint: str | None = None
     otlp_headers: dict[str, str] = dataclasses.field(default_factory=dict)
     log_format: str = "text"
+    #: folders requests may name files in (--allow-path, real paths)
+    allow_paths: tuple[str, ...] = ()
+    #: where RunSync outputs are also written (--output-dir), or None
+    output_dir: str | None = None
+    #: RunSync calls allowed to wait beyond capacity (--max-queue)
+    max_queue: int = 0
     #: seconds the stop sequence gives the gRPC server to end its calls after the drain
     server_stop_grace_s: float = 5.0
 
@@ -107,6 +123,8 @@ class WorkerConfig:
             raise ConfigError("--pipeline-cache-size must be at least 1")
         if not self.job_retention_s > 0:
             raise ConfigError("--job-retention-s must be positive")
+        if self.max_queue < 0:
+            raise ConfigError(f"{MAX_QUEUE_FLAG} must be 0 or more")
         if self.drain_grace_s < 0:
             raise ConfigError("--drain-grace-s must not be negative")
         if self.heartbeat_s <= 0:
@@ -143,6 +161,14 @@ class WorkerConfig:
             if not Path(folder).is_dir():
                 raise ConfigError(f"--model-path {model}={folder}: {folder} is not a directory")
             model_paths[model] = str(Path(folder).resolve())
+        for folder in args.allow_path or ():
+            if not os.path.isdir(folder):
+                raise ConfigError(f"{ALLOW_PATH_FLAG} {folder!r} is not a folder")
+        if args.output_dir:
+            try:
+                os.makedirs(args.output_dir, exist_ok=True)
+            except OSError as exc:
+                raise ConfigError(f"{OUTPUT_DIR_FLAG} {args.output_dir!r}: {exc.strerror}") from None
         return cls(
             host=args.host,
             port=args.port,
@@ -164,4 +190,7 @@ class WorkerConfig:
             otlp_endpoint=otlp_endpoint,
             otlp_headers=otlp_headers,
             log_format=args.log_format,
+            allow_paths=tuple(os.path.realpath(folder) for folder in args.allow_path or ()),
+            output_dir=os.path.realpath(args.output_dir) if args.output_dir else None,
+            max_queue=args.max_queue,
         )

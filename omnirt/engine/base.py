@@ -38,6 +38,8 @@ class EngineJob:
     trace_id: str | None = None
     execution_mode: str = "async"
     enqueued_at_ms: int | None = None
+    #: weights folder for this job instead of the engine's own for the model (upstream's config.model_path)
+    model_path: str | None = None
 
 
 @dataclasses.dataclass

@@ -202,11 +202,11 @@ class Engine:
             config=config,
         )
         renderer = _renderer(backend)
-        key = (request.model, backend, dtype, renderer.placement(backend))
+        key = (request.model, backend, dtype, renderer.placement(backend)) + ((job.model_path,) if job.model_path else ())
         tracker = StageTracker(request.model, emit, cancel)
 
         with tracker.stage("load_pipeline") as end:
-            source, local = self._source(request.model)
+            source, local = (job.model_path, True) if job.model_path else self._source(request.model)
             loaded, end["cached"] = self.cache.get_or_load(
                 key,
                 lambda: renderer.load(

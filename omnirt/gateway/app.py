@@ -20,7 +20,7 @@ from omnirt.contract import (
     parse_generate_request,
     problems_from_pydantic,
 )
-from omnirt.gateway import console_routes, sse
+from omnirt.gateway import compat, console_routes, sse
 from omnirt.gateway.auth import ApiKeys
 from omnirt.gateway.edge import parse_idempotency_key, parse_int_arg, parse_json_body, scoped_idempotency_key
 from omnirt.gateway.errors import HTTPError, error_response
@@ -197,6 +197,7 @@ class GatewayAPI:
 
     def _parse_submit(self, request):
         payload = parse_json_body(request.getHeader(b"content-type"), request.content.read())
+        payload, request.omnirt_warnings = compat.split_unknown(payload)
         generate = parse_generate_request(payload)
         if generate.webhook and not self.webhook_allow_private:
             try:
@@ -210,9 +211,9 @@ class GatewayAPI:
     async def generate(self, request):
         generate, key = self._parse_submit(request)
         if generate.async_run:
-            record, created = await self.service.submit(generate, execution_mode="async", idempotency_key=key,
+            record, _ = await self.service.submit(generate, execution_mode="async", idempotency_key=key,
                                                         principal=getattr(request, "omnirt_principal", None))
-            return write_json(request, 202 if created else 200, job_body(record))
+            return write_json(request, 200, compat.with_warnings(job_body(record), request))  # 200 as upstream
         record, _ = await self.service.submit(generate, execution_mode="sync", idempotency_key=key,
                                              principal=getattr(request, "omnirt_principal", None))
         final = await self._wait_or_cancel(record.id)
@@ -237,7 +238,7 @@ class GatewayAPI:
                 inline = {"transport": "inline_bytes", "data_b64": base64.b64encode(blob or b"").decode()}
                 outputs.append(artifact.model_copy(update=inline))
             body = final.result.model_copy(update={"outputs": outputs}).model_dump(mode="json")
-            return write_json(request, 200, body)
+            return write_json(request, 200, compat.with_warnings(body, request))
         if final.state == JobState.cancelled:
             return write_json(request, 409, {"detail": f"job {final.id} was cancelled", "job_id": final.id})
         return write_json(request, _failure_status(final), {"detail": f"job {final.id} failed: {final.error}",
@@ -248,7 +249,7 @@ class GatewayAPI:
         generate, key = self._parse_submit(request)
         record, created = await self.service.submit(generate, execution_mode="async", idempotency_key=key,
                                                         principal=getattr(request, "omnirt_principal", None))
-        return write_json(request, 202 if created else 200, job_body(record))
+        return write_json(request, 202 if created else 200, compat.with_warnings(job_body(record), request))
 
     @app.route("/v1/jobs", methods=["GET"])
     async def list_jobs(self, request):

@@ -42,6 +42,11 @@ def _json(model: type[BaseModel], description: str) -> dict[str, Any]:
     return {"description": description, "content": {"application/json": {"schema": _ref(model)}}}
 
 
+def _one_of(models: tuple[type[BaseModel], ...], description: str) -> dict[str, Any]:
+    return {"description": description,
+            "content": {"application/json": {"schema": {"anyOf": [_ref(m) for m in models]}}}}
+
+
 def _errors(*codes: int, openai: bool = False) -> dict[str, Any]:
     text = {400: "invalid request (every problem listed)", 401: "missing or invalid API key",
             403: "model tier not allowed", 404: "unknown model, job or artifact", 409: "conflict",
@@ -70,7 +75,9 @@ def openapi_document() -> dict[str, Any]:
     _, defs = models_json_schema([(m, "serialization") for m in _MODELS],
                                  ref_template="#/components/schemas/{model}")
     schemas = defs.get("$defs", {})
-    submit_body = {"required": True, "content": {"application/json": {"schema": _ref(GenerateRequest)}}}
+    submit_body = {"required": True, "content": {"application/json": {"schema": _ref(GenerateRequest)}},
+                   "description": "unknown top-level fields are ignored (as upstream OmniRT 0.1 does) and listed "
+                                  "in the answer's `warnings`; unknown keys inside inputs or config are a 400"}
     authed = [{"bearer": []}, {"apiKey": []}]
     paths: dict[str, Any] = {
         "/healthz": {"get": {"summary": "liveness", "security": [], "responses": {"200": _json(Health, "alive")}}},
@@ -88,9 +95,10 @@ def openapi_document() -> dict[str, Any]:
                 "type": "string", "enum": ["core", "adjacent", "experimental", "all"]}}],
             "responses": {"200": _json(ModelList, "models"), **_errors(400, 401)}}},
         "/v1/generate": {"post": {
-            "summary": "generate: sync (waits; outputs inline) or async_run=true (202 job)",
+            "summary": "generate: sync (waits; outputs inline) or async_run=true (200 + the queued JobRecord, "
+                       "as upstream OmniRT; POST /v1/jobs answers 202)",
             "parameters": [IDEMPOTENCY], "requestBody": submit_body,
-            "responses": {"200": _json(GenerateResult, "sync result"), "202": _json(JobView, "async job accepted"),
+            "responses": {"200": _one_of((GenerateResult, JobView), "the sync result; with async_run: the queued job"),
                           **_errors(400, 401, 403, 404, 409, 413, 415, 429, 503),
                           "500": _json(ErrorBody, "the job failed (its error)")}}},
         "/v1/jobs": {

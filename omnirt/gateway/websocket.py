@@ -34,6 +34,9 @@ class JobStreamProtocol(WebSocketServerProtocol):
     _subscription = None
     _keepalive = None
     _closed = False
+    #: cancels sent whose control_ack has not gone out yet; the terminal event waits for them
+    _cancels_pending = 0
+    _held_terminal = None
 
     def onConnect(self, request):
         headers = request.headers
@@ -87,6 +90,9 @@ class JobStreamProtocol(WebSocketServerProtocol):
         self._send({"event": "keep_alive", "stage": "job", "timestamp_ms": _now_ms(), "data": {"job_id": self.job_id}})
 
     def _on_event(self, event: JobEvent) -> None:
+        if event.terminal and self._cancels_pending:
+            self._held_terminal = event  # control_ack goes first (as upstream); sent right after it
+            return
         self._send(event.model_dump(mode="json"))
         if event.terminal and not self._closed and self.state == self.STATE_OPEN:
             self.sendClose(CLOSE_NORMAL, "job finished")
@@ -116,6 +122,7 @@ class JobStreamProtocol(WebSocketServerProtocol):
         if action != "cancel":
             self._error(f"unknown action {action!r} (supported: cancel)")
             return
+        self._cancels_pending += 1
         d = Deferred.fromCoroutine(self.api.service.cancel(self.job_id))
 
         def acked(_record, cancelled=True, reason=None):
@@ -123,6 +130,11 @@ class JobStreamProtocol(WebSocketServerProtocol):
             if reason:
                 data["reason"] = reason
             self._send({"event": "control_ack", "stage": "job", "timestamp_ms": _now_ms(), "data": data})
+            self._cancels_pending -= 1
+            held = self._held_terminal
+            if held is not None and not self._cancels_pending:
+                self._held_terminal = None
+                self._on_event(held)
 
         def refused(f):
             if f.check(ContractError):

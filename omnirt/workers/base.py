@@ -48,6 +48,8 @@ class WorkerJob:
     enqueued_at_ms: int | None = None
     #: W3C trace context (traceparent/tracestate) to carry to the worker
     trace_context: dict[str, str] = dataclasses.field(default_factory=dict)
+    #: weights folder for this job (upstream's config.model_path, checked by omnirt.workers.compat)
+    model_path: str | None = None
 
 
 @dataclasses.dataclass

@@ -9,7 +9,9 @@ Jobs run on a thread pool of ``capacity`` threads (never on the reactor thread).
 hop to the reactor with ``callFromThread``, which keeps their order, and the end of the run
 follows them once the job's thread has finished (so ``inflight`` in health is already lower when
 a transport sees the end of a job). Admission is strict: at most ``capacity`` live jobs at once
-(a job whose cancel was asked no longer holds its slot), refused beyond (no waiting queue).
+(a job whose cancel was asked no longer holds its slot), refused beyond; only calls admitted
+through ``SyncQueue`` (RunSync, as upstream OmniRT 0.1 gateways send every job) may wait, in a
+bounded FIFO (``--max-queue``). Each run's events are kept with its end (``RunEnd.events``).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import dataclasses
 import logging
 import sys
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -34,9 +37,10 @@ from omnirt.contract import ContractError
 from omnirt.engine.base import CancelToken, EngineJob, JobCancelled, JobFailed, JobRejected, RunOutcome
 from omnirt.registry import resolve_request
 from omnirt.telemetry.tracing import SERVICE_WORKER, RunSpans, Tracing
+from omnirt.workers import compat
 from omnirt.workers.base import INSTANCE_ID, WorkerHealth, WorkerJob, WorkerUpdate
 
-__all__ = ["REFUSALS", "Refused", "RunEnd", "WorkerCore", "WorkerMetrics", "prepare"]
+__all__ = ["REFUSALS", "Refused", "RunEnd", "SyncQueue", "WorkerCore", "WorkerMetrics", "prepare"]
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +98,8 @@ class RunEnd:
     outcome: RunOutcome | None = None
     message: str = ""
     spans: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    #: the run's events in order (upstream reports them with the result: RunReport.stream_events)
+    events: list[WorkerUpdate] = dataclasses.field(default_factory=list)
 
     @property
     def metric_state(self) -> str:
@@ -114,6 +120,8 @@ class JobRun:
     aborted: bool = False
     #: the run's spans (made on the job thread from its events, finished with the end)
     spans: RunSpans | None = None
+    #: the run's events so far (appended on the job thread; read once its thread has finished)
+    events: list[WorkerUpdate] = dataclasses.field(default_factory=list)
 
 
 def prepare(job: WorkerJob) -> WorkerJob:
@@ -145,6 +153,8 @@ class WorkerCore:
         recorder: Any = None,
         tracing: Tracing | None = None,
         threadpool: ThreadPool | None = None,
+        upstream_compat: compat.Compat | None = None,
+        max_queue: int = 0,
     ):
         if capacity < 1:
             raise ValueError("capacity must be at least 1")
@@ -168,6 +178,10 @@ class WorkerCore:
         self._threads = threadpool or ThreadPool(minthreads=0, maxthreads=capacity, name=f"omnirt-job-{worker_id}")
         self._threads_started = False
         self._idle_waiters: list[Deferred] = []
+        self._slot_waiters: list[Deferred] = []
+        #: upstream OmniRT 0.1 requests (--allow-path, --output-dir) and RunSync queueing (--max-queue)
+        self.compat = upstream_compat or compat.Compat()
+        self.sync_queue = SyncQueue(max_queue)
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -193,6 +207,7 @@ class WorkerCore:
         """Refuse new jobs from now on; running ones go on."""
         if self.state != "closed":
             self.state = "draining"
+        self._slot_changed()  # queued calls are refused now
 
     async def drain(self, grace_s: float, cancel_wait_s: float = 30.0) -> int:
         """Refuse new jobs, let running ones finish for ``grace_s``, then cancel the rest.
@@ -282,7 +297,7 @@ class WorkerCore:
             last_error=self.last_error,
             version=__version__,
             instance_id=INSTANCE_ID,
-            queue_depth=0,
+            queue_depth=self.sync_queue.waiting,
             gpu_mem_used_gb=self._gpu_mem_used_gb(),
         )
 
@@ -321,13 +336,33 @@ class WorkerCore:
             )
         if job_id in self._running:
             raise Refused(f"job {job_id} is already running here", "duplicate")
-        live = sum(1 for r in self._running.values() if not r.token.cancelled)
+        live = self._live()
         if live >= self.capacity:
             raise Refused(f"worker {self.worker_id} is full ({live}/{self.capacity} jobs running)", "busy")
         running = JobRun(job_id, model, CancelToken(), time.monotonic())
         self._running[job_id] = running
         self.metrics.inflight.set(len(self._running))
         return running
+
+    def _live(self) -> int:
+        return sum(1 for r in self._running.values() if not r.token.cancelled)
+
+    def would_wait(self) -> bool:
+        """Admission would refuse only because every slot is taken (a queued call should wait)."""
+        return self.state == "ready" and self._live() >= self.capacity
+
+    def when_slot_free(self) -> Deferred:
+        """Fires on the next change that may let a waiting call in: a job ended or was cancelled,
+        or the core stopped admitting."""
+        d: Deferred = Deferred()
+        self._slot_waiters.append(d)
+        return d
+
+    def _slot_changed(self) -> None:
+        waiters, self._slot_waiters = self._slot_waiters, []
+        for waiter in waiters:
+            if not waiter.called:  # a waiter whose call was cancelled meanwhile
+                waiter.callback(None)
 
     def run(self, job: WorkerJob, on_update: Callable[[WorkerUpdate], None]) -> JobRun:
         """Admit ``job`` (or raise ``Refused``) and run it on a job thread.
@@ -349,6 +384,7 @@ class WorkerCore:
             waiters, self._idle_waiters = self._idle_waiters, []
             for waiter in waiters:
                 waiter.callback(True)
+        self._slot_changed()
         if isinstance(result, Failure):  # a bug in _work itself
             self.last_error = f"{type(result.value).__name__}: {result.value}"
             end = RunEnd("failed", message=f"internal worker error: {self.last_error}")
@@ -356,6 +392,7 @@ class WorkerCore:
             end = result
         if running.spans is not None:
             end.spans = running.spans.finish(end.metric_state, end.message or None)
+        end.events = running.events
         self.metrics.jobs_total.labels(model=running.model, state=end.metric_state).inc()
         if self.recorder is not None:
             self.recorder.finish(running.job_id, end.metric_state, end.outcome, end.message)
@@ -377,7 +414,9 @@ class WorkerCore:
             spans.event(event, stage, data)
             if event == "stage_end" and isinstance(data.get("elapsed_ms"), (int, float)):
                 stage_hist.labels(stage=stage, model=model).observe(data["elapsed_ms"] / 1000.0)
-            call(on_update, WorkerUpdate(event, stage, data, int(time.time() * 1000)))
+            update = WorkerUpdate(event, stage, data, int(time.time() * 1000))
+            running.events.append(update)
+            call(on_update, update)
             if recorder is not None:
                 call(recorder.event, job.job_id, event, stage, data)
 
@@ -392,6 +431,7 @@ class WorkerCore:
                 EngineJob(
                     job_id=job.job_id,
                     request=job.request,
+                    model_path=job.model_path,
                     worker_id=self.worker_id,
                     trace_id=job.trace_id,
                     execution_mode=job.execution_mode,
@@ -423,8 +463,55 @@ class WorkerCore:
             return False, False
         fresh = not running.token.cancelled
         running.token.cancel(reason)
+        if fresh:
+            self._slot_changed()  # a job whose cancel was asked no longer holds its slot
         return True, fresh
 
     def cancel_all(self, reason: str) -> None:
         for job_id in list(self._running):
             self.cancel(job_id, reason)
+
+
+class SyncQueue:
+    """A bounded FIFO of calls waiting for a slot of a ``WorkerCore`` (``--max-queue``).
+
+    Upstream OmniRT 0.1 gateways send every job by RunSync and expect the worker to queue beyond
+    its concurrency: at most ``max_queue`` calls wait, in arrival order; the next one is refused
+    (``busy``) as without a queue. A call cancelled while it waits leaves the line.
+    """
+
+    def __init__(self, max_queue: int = 0):
+        if max_queue < 0:
+            raise ValueError("max_queue must be 0 or more")
+        self.max_queue = max_queue
+        self._line: deque[Deferred] = deque()
+
+    @property
+    def waiting(self) -> int:
+        return len(self._line)
+
+    async def run(self, core: WorkerCore, job: WorkerJob, on_update: Callable[[WorkerUpdate], None]) -> JobRun:
+        """``core.run(job, on_update)`` now, or once the calls before it got their slots; raises
+        ``Refused`` for any other reason (draining, model not served), or ``busy`` when the line is full."""
+        if not self._line:
+            try:
+                return core.run(job, on_update)
+            except Refused as exc:
+                if exc.reason != "busy" or self.max_queue < 1:
+                    raise
+        elif len(self._line) >= self.max_queue:
+            core.metrics.refused_total.labels(reason="busy").inc()
+            raise Refused(f"worker {core.worker_id} is full and {len(self._line)} call(s) wait for it "
+                          f"(--max-queue {self.max_queue})", "busy")
+        turn: Deferred = Deferred()
+        self._line.append(turn)
+        try:
+            if self._line[0] is not turn:
+                await turn  # fired when the call before this one has left the line
+            while core.would_wait():
+                await core.when_slot_free()
+            return core.run(job, on_update)
+        finally:
+            self._line.remove(turn)
+            if self._line and not self._line[0].called:
+                self._line[0].callback(None)

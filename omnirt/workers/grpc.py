@@ -36,7 +36,7 @@ from twisted.python.failure import Failure
 
 from omnirt.engine.base import JobCancelled, JobFailed, JobRejected, RunOutcome
 from omnirt.telemetry.tracing import spans_from_json
-from omnirt.workers import wire
+from omnirt.workers import upstream, wire
 from omnirt.workers.base import WorkerBusy, WorkerHealth, WorkerJob, WorkerLost, WorkerUpdate
 from omnirt.workers.proto.omnirt.worker.v1 import worker_pb2 as pb
 from omnirt.workers.proto.omnirt.worker.v1 import worker_pb2_grpc as pb_grpc
@@ -135,10 +135,13 @@ class GrpcWorkerConnection:
         cancel_timeout_s: float = 5.0,
         sync_timeout_s: float | None = None,
         tls: ClientTLS | None = None,
+        upstream_options: upstream.UpstreamOptions | None = None,
     ):
         self.worker_id = worker_id
         #: None = plaintext
         self.tls = tls
+        #: how to drive an upstream OmniRT 0.1 worker (omnirt.workers.upstream)
+        self.upstream = upstream_options or upstream.UpstreamOptions()
         self.address = address
         self.models = tuple(models)
         self.tags = tuple(tags)
@@ -197,7 +200,7 @@ class GrpcWorkerConnection:
             log.failure("on_update raised for worker {worker_id}", worker_id=self.worker_id)
 
     async def _run(self, job: WorkerJob, on_update: Callable[[WorkerUpdate], None]) -> RunOutcome:
-        if self.legacy:
+        if self.legacy or upstream.is_upstream(self.last_health):
             return await self._run_sync(job, on_update)
         metadata = _metadata(job)
         call = self._worker().Run(wire.job_to_pb(job), metadata=metadata)
@@ -296,8 +299,9 @@ class GrpcWorkerConnection:
         if backend == "auto" and self.last_health is not None and self.last_health.backend:
             backend = self.last_health.backend
         self._deliver(on_update, WorkerUpdate("job_started", "job", {"backend": backend}, wire.now_ms()))
+        request = await upstream.request_for(self, job.request)
         call = self._worker().RunSync(
-            wire.request_to_pb(job.request), metadata=_metadata(job), timeout=self.sync_timeout_s
+            wire.request_to_pb(request), metadata=_metadata(job), timeout=self.sync_timeout_s
         )
         self._sync_calls[job.job_id] = call
         try:
@@ -325,7 +329,7 @@ class GrpcWorkerConnection:
             self._sync_calls.pop(job.job_id, None)
             self._sync_cancelled.discard(job.job_id)
             call.cancel()
-        return self._outcome(message)
+        return await upstream.outcome_for(self, message, lambda u: self._deliver(on_update, u)) or self._outcome(message)
 
     async def _cancel(self, job_id: str) -> bool:
         if not self.legacy:

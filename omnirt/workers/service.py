@@ -23,6 +23,7 @@ from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
 
 from omnirt.config.worker import WorkerConfig, format_address
 from omnirt.telemetry.tracing import SERVICE_WORKER, Tracing
+from omnirt.workers.compat import Compat
 from omnirt.workers.core import WorkerCore, WorkerMetrics
 
 __all__ = ["StartupError", "WorkerService", "make_worker_service", "serve_until_stopped"]
@@ -96,6 +97,14 @@ class StoreStep(Step):
             await store.connect()
         except StoreUnavailable as exc:
             raise StartupError(str(exc)) from None
+        try:
+            # a namespace written by upstream OmniRT 0.1 (a JSON string per job) cannot be shared
+            problem = await store.find_upstream_records()
+        except StoreUnavailable as exc:
+            problem = str(exc)
+        if problem is not None:
+            await store.close()
+            raise StartupError(problem)
         self.recorder = StoreRecorder(store, self.config.worker_id, self.reactor)
         self.core.recorder = self.recorder
         self.lease = self.recorder.lease_service()
@@ -319,7 +328,8 @@ def make_worker_service(config: WorkerConfig, reactor: Any, *, engine: Any = Non
                       failure_counter=metrics.trace_export_failures)
     core = WorkerCore(engine, reactor, worker_id=config.worker_id, capacity=config.max_concurrency,
                       models=config.models, tags=config.tags, backend=config.backend, metrics=metrics,
-                      tracing=tracing)
+                      tracing=tracing, upstream_compat=Compat(config.allow_paths, config.output_dir),
+                      max_queue=config.max_queue)
     service = WorkerService(config, reactor, core, tracing, metrics)
     TracingStep(tracing, reactor).setServiceParent(service)
     if config.redis_url:

@@ -17,11 +17,12 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
+from twisted.internet.defer import Deferred
 
 from omnirt.contract import ContractError
 from omnirt.telemetry.tracing import spans_json, trace_carrier
 from omnirt.workers import wire
-from omnirt.workers.base import WorkerHealth, WorkerJob
+from omnirt.workers.base import WorkerHealth, WorkerJob, WorkerUpdate
 from omnirt.workers.core import JobRun, Refused, RunEnd, WorkerCore, prepare
 from omnirt.workers.proto.omnirt.worker.v1 import worker_pb2 as pb
 from omnirt.workers.proto.omnirt.worker.v1 import worker_pb2_grpc as pb_grpc
@@ -61,10 +62,16 @@ def refusal_code(exc: Refused) -> grpc.StatusCode:
     return _REFUSAL_CODES.get(exc.reason, grpc.StatusCode.UNAVAILABLE)
 
 
+def _event_dicts(events: list[WorkerUpdate]) -> list[dict[str, Any]]:
+    """The run's events as ``RunReport.stream_events`` carries them (as upstream OmniRT 0.1 does)."""
+    return [{"event": u.event, "stage": u.stage, "timestamp_ms": u.timestamp_ms, "data": u.data} for u in events]
+
+
 def final_update(end: RunEnd) -> pb.RunUpdate:
-    """The last message of a Run stream: the result, or how the run ended, with its spans."""
+    """The last message of a Run stream: the result (with the run's events), or how the run
+    ended, with its spans."""
     if end.state == "succeeded" and end.outcome is not None:
-        final = pb.RunUpdate(result=wire.outcome_to_pb(end.outcome))
+        final = pb.RunUpdate(result=wire.outcome_to_pb(end.outcome, _event_dicts(end.events)))
         if end.spans:
             final.result.metadata.trace.json = spans_json(end.spans)
         return final
@@ -122,26 +129,39 @@ class WorkerServicer(pb_grpc.WorkerServicer):
                 log.info("job %s continues without its gateway stream; its outcome goes to the store", job.job_id)
 
     async def RunSync(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResult:
+        """The whole job in one call (what upstream OmniRT 0.1 gateways send): upstream's config
+        keys and file paths are taken in (``core.compat``, off the loop), beyond capacity the call
+        waits in the core's bounded ``SyncQueue``, and the result carries the run's events and,
+        under ``--output-dir``, the files' paths."""
+        loop = asyncio.get_running_loop()
         try:
-            generate = wire.request_from_pb(request)
-            job = prepare(WorkerJob(job_id=f"sync-{uuid.uuid4().hex}", request=generate, execution_mode="sync",
-                                    trace_context=trace_carrier(context.invocation_metadata())))
+            adapted = await loop.run_in_executor(None, self.core.compat.adapt, wire.request_from_pb(request))
+            job = prepare(WorkerJob(job_id=f"sync-{uuid.uuid4().hex}", request=adapted.request, execution_mode="sync",
+                                    trace_context=trace_carrier(context.invocation_metadata()),
+                                    model_path=adapted.model_path))
         except (wire.WireError, ContractError) as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
             raise AssertionError("unreachable") from None
         try:
-            running = self.core.run(job, lambda _update: None)
+            running = await Deferred.fromCoroutine(
+                self.core.sync_queue.run(self.core, job, lambda _update: None)).asFuture(loop)
         except Refused as exc:
             await self._refuse(context, exc)
             raise AssertionError("unreachable") from None
         end: RunEnd | None = None
         try:
-            end = await running.done.asFuture(asyncio.get_running_loop())
+            end = await running.done.asFuture(loop)
         finally:
             if end is None:
                 self.core.cancel(job.job_id, "client cancelled the call")
         if end.state == "succeeded" and end.outcome is not None:
-            return wire.outcome_to_pb(end.outcome)
+            result = wire.outcome_to_pb(end.outcome, _event_dicts(end.events))
+            try:
+                await loop.run_in_executor(None, self.core.compat.finish, result, adapted, job.job_id)
+            except OSError as exc:
+                await context.abort(grpc.StatusCode.INTERNAL,
+                                    f"cannot write the outputs under the output folder: {exc.strerror or exc}")
+            return result
         code = {
             "cancelled": grpc.StatusCode.CANCELLED,
             "aborted": grpc.StatusCode.UNAVAILABLE,

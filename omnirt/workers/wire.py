@@ -18,6 +18,8 @@ from omnirt.workers.proto.omnirt.worker.v1 import worker_pb2 as pb
 __all__ = [
     "WireError",
     "end_update",
+    "event_list",
+    "event_list_value",
     "event_from_pb",
     "event_update",
     "health_from_pb",
@@ -146,7 +148,33 @@ def job_from_pb(message: pb.RunRequest) -> WorkerJob:
 # Results
 
 
-def report_to_pb(report: RunReport) -> pb.RunReport:
+def event_list(events: list[dict[str, Any]] | None) -> pb.JsonMap:
+    """Stage events as upstream's ``RunReport.stream_events`` (field 14): a JSON list of
+    ``{event, stage, timestamp_ms, data}``."""
+    items = [
+        {"event": e.get("event", ""), "stage": e.get("stage", ""), "timestamp_ms": int(e.get("timestamp_ms") or 0),
+         "data": e.get("data") or {}}
+        for e in events or ()
+    ]
+    return pb.JsonMap(json=json.dumps(items, separators=(",", ":"), default=_json_default))
+
+
+def event_list_value(message: pb.JsonMap) -> list[dict[str, Any]]:
+    """The events of ``RunReport.stream_events``; "" is none; malformed items are a WireError."""
+    if not message.json:
+        return []
+    try:
+        value = json.loads(message.json)
+    except ValueError as exc:
+        raise WireError(f"stream_events: invalid JSON ({exc})") from None
+    if value == {}:
+        return []
+    if not isinstance(value, list) or not all(isinstance(e, dict) and isinstance(e.get("event"), str) for e in value):
+        raise WireError("stream_events: expected a JSON list of events")
+    return value
+
+
+def report_to_pb(report: RunReport, events: list[dict[str, Any]] | None = None) -> pb.RunReport:
     message = pb.RunReport(
         run_id=report.run_id,
         task=report.task,
@@ -159,7 +187,8 @@ def report_to_pb(report: RunReport) -> pb.RunReport:
         timings=json_map(report.timings),
         memory=json_map(report.memory),
         config_resolved=json_map(report.config_resolved),
-        stream_events=report.stream_events,
+        stream_events=event_list(events),
+        events_streamed=report.stream_events,
         error=report.error or "",
         trace_id=report.trace_id,
         worker_id=report.worker_id,
@@ -190,23 +219,29 @@ def report_from_pb(message: pb.RunReport) -> RunReport:
             config_resolved=json_map_value(message.config_resolved, "config_resolved"),
             batch_size=message.batch_size or 1,
             error=message.error or None,
-            stream_events=message.stream_events,
+            stream_events=message.events_streamed,
         )
     except ValidationError as exc:
         raise WireError(f"metadata: {exc.errors(include_url=False)[0]['msg']}") from None
 
 
-def outcome_to_pb(outcome: RunOutcome) -> pb.GenerateResult:
-    """A finished run as a ``GenerateResult`` with every artifact's bytes inline."""
+def outcome_to_pb(
+    outcome: RunOutcome, events: list[dict[str, Any]] | None = None, paths: list[str] | None = None
+) -> pb.GenerateResult:
+    """A finished run as a ``GenerateResult`` with every artifact's bytes inline.
+
+    ``events``: the run's stage events for ``RunReport.stream_events``; ``paths``: files the
+    worker also wrote the artifacts to (``--output-dir``), set as ``Artifact.path``.
+    """
     result = outcome.result
     if len(outcome.blobs) != len(result.outputs):
         raise WireError(f"{len(result.outputs)} artifacts but {len(outcome.blobs)} blobs")
     outputs = []
-    for artifact, blob in zip(result.outputs, outcome.blobs, strict=True):
+    for i, (artifact, blob) in enumerate(zip(result.outputs, outcome.blobs, strict=True)):
         outputs.append(
             pb.Artifact(
                 kind=artifact.kind,
-                path=artifact.path,
+                path=paths[i] if paths else artifact.path,
                 mime=artifact.mime,
                 width=artifact.width,
                 height=artifact.height,
@@ -216,7 +251,7 @@ def outcome_to_pb(outcome: RunOutcome) -> pb.GenerateResult:
                 sha256=artifact.sha256 or hashlib.sha256(blob).hexdigest(),
             )
         )
-    return pb.GenerateResult(outputs=outputs, metadata=report_to_pb(result.metadata))
+    return pb.GenerateResult(outputs=outputs, metadata=report_to_pb(result.metadata, events))
 
 
 def outcome_from_pb(message: pb.GenerateResult) -> RunOutcome:

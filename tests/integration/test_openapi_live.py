@@ -110,7 +110,9 @@ class DocumentedAnswersTests(LiveGateway):
         yield check("DELETE", f"/v1/jobs/{slow['id']}", expect=200)
         yield check("GET", f"/v1/jobs/{job['id']}/stream", expect=426)
         yield check("POST", "/v1/generate", stub_body(), expect=200)
-        yield check("POST", "/v1/generate", {**stub_body(), "async_run": True}, expect=202)
+        yield check("POST", "/v1/generate", {**stub_body(), "async_run": True}, expect=200)  # as upstream
+        # an unknown top-level field is ignored and listed in warnings (as upstream); the answer is as documented
+        yield check("POST", "/v1/jobs", {**stub_body(), "upstream_only": 1}, expect=202)
         yield check("POST", "/v1/images/generations", {"prompt": "p", "size": "64x64", "num_inference_steps": 2},
                     expect=200)
         yield check("POST", "/v1/images/generations", {"prompt": "p", "size": "64X64"}, expect=400)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import filecmp
 import hashlib
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -104,10 +105,10 @@ class FieldNumberTests(SynchronousTestCase):
     def test_types_of_frozen_fields(self):
         """Field types that old peers rely on: JsonMap maps, int32 sizes, bytes data, bool flags."""
         t = {f.name: f for f in pb.RunReport.DESCRIPTOR.fields}
-        for name in ("timings", "memory", "backend_timeline", "config_resolved"):
+        for name in ("timings", "memory", "backend_timeline", "config_resolved", "stream_events"):
             self.assertEqual(t[name].message_type.name, "JsonMap", name)
         self.assertEqual(t["batch_size"].type, t["batch_size"].TYPE_INT32)
-        self.assertEqual(t["stream_events"].type, t["stream_events"].TYPE_BOOL)
+        self.assertEqual((t["events_streamed"].number, t["events_streamed"].type), (21, t["events_streamed"].TYPE_BOOL))
         a = {f.name: f for f in pb.Artifact.DESCRIPTOR.fields}
         self.assertEqual(a["data"].type, a["data"].TYPE_BYTES)
         self.assertEqual(a["transport"].enum_type.name, "ArtifactTransport")
@@ -216,6 +217,29 @@ class ResultConversionTests(SynchronousTestCase):
         self.assertEqual(back.blobs, [PNG])
         self.assertIsNone(back.result.outputs[0].data_b64)
         self.assertEqual(back.result, outcome.result)
+
+    def test_stream_events_as_upstream(self):
+        """Field 14 carries the run's events as upstream's JSON list; our flag rides field 21."""
+        events = [{"event": "stage_end", "stage": "denoise", "timestamp_ms": 5, "data": {"elapsed_ms": 1.5}}]
+        message = wire.outcome_to_pb(self.outcome(), events=events)
+        self.assertEqual(json.loads(message.metadata.stream_events.json), events)
+        self.assertTrue(message.metadata.events_streamed)
+        self.assertEqual(wire.event_list_value(message.metadata.stream_events), events)
+        back = wire.outcome_from_pb(pb.GenerateResult.FromString(message.SerializeToString()))
+        self.assertTrue(back.result.metadata.stream_events)
+        self.assertEqual(json.loads(wire.outcome_to_pb(self.outcome()).metadata.stream_events.json), [])
+
+    def test_stream_events_malformed(self):
+        """A field 14 that is not a list of events is a WireError, not a crash."""
+        for text in ('{"a": 1}', "[1]", "nope"):
+            with self.assertRaises(wire.WireError):
+                wire.event_list_value(pb.JsonMap(json=text))
+        self.assertEqual(wire.event_list_value(pb.JsonMap(json="")), [])
+
+    def test_artifact_paths(self):
+        """Files written under --output-dir travel as Artifact.path beside the inline bytes."""
+        message = wire.outcome_to_pb(self.outcome(), paths=["/out/a.png"])
+        self.assertEqual((message.outputs[0].path, message.outputs[0].data), ("/out/a.png", PNG))
 
     def test_sha256_computed_when_absent(self):
         """A worker that sends no sha256 (old one) still yields sha256 and byte count."""

@@ -19,6 +19,7 @@ from twisted.internet.task import deferLater
 from twisted.python import log
 
 from omnirt.contract import ALLOWED_TRANSITIONS, IllegalTransition, JobEvent, JobRecord, JobState
+from omnirt.store import upstream_format
 from omnirt.store.base import EventCallback, JobNotFound, JobStore, NewEvent, StoreUnavailable, Subscription
 from omnirt.store.redis.codec import (
     STATE_NAMES,
@@ -186,6 +187,9 @@ class RedisJobStore(RedisOutbox, JobStore):
             if isinstance(exc, txredisapi.ResponseError):
                 if str(exc).startswith(UNAVAILABLE_REPLIES):
                     raise self._unavailable(str(args[0]), exc) from None
+                if upstream_format.is_wrongtype(exc):
+                    # a key of this namespace holds another format (upstream OmniRT 0.1 records)
+                    raise upstream_format.namespace_conflict(self.namespace, _key_of(args)) from None
                 raise
             if isinstance(exc, defer.TimeoutError | txredisapi.ConnectionError | ConnectionError):
                 raise self._unavailable(str(args[0]), exc) from None
@@ -199,6 +203,11 @@ class RedisJobStore(RedisOutbox, JobStore):
             if not str(exc).startswith("NOSCRIPT"):
                 raise
         return await self._call("EVAL", script.src, len(keys), *keys, *args)
+
+    async def find_upstream_records(self) -> str | None:
+        """A one-line problem when this namespace holds upstream OmniRT 0.1 records (bounded scan),
+        else None; run once after ``connect`` (gateway and worker startup)."""
+        return await upstream_format.find_upstream_records(self._call, self.namespace)
 
     def _now_ms(self) -> int:
         return int(self._clock.seconds() * 1000)
@@ -406,3 +415,11 @@ class RedisJobStore(RedisOutbox, JobStore):
 
     def subscriber_count(self) -> int:
         return 0 if self._reader is None else self._reader.subscriber_count()
+
+
+def _key_of(args: tuple[Any, ...]) -> str:
+    """The first key a command names (EVAL/EVALSHA: the first of its KEYS), or ""."""
+    name = str(args[0]).upper() if args else ""
+    if name in ("EVAL", "EVALSHA"):
+        return str(args[3]) if len(args) > 3 and str(args[2]) not in ("0", "") else ""
+    return str(args[1]) if len(args) > 1 else ""

@@ -82,7 +82,7 @@ class Artifact(_message.Message):
     def __init__(self, kind: _Optional[str] = ..., path: _Optional[str] = ..., mime: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., num_frames: _Optional[int] = ..., transport: _Optional[_Union[ArtifactTransport, str]] = ..., data: _Optional[bytes] = ..., sha256: _Optional[str] = ...) -> None: ...
 
 class RunReport(_message.Message):
-    __slots__ = ("run_id", "task", "model", "backend", "execution_mode", "schema_version", "job_id", "batch_group_id", "batch_size", "timings", "memory", "backend_timeline", "config_resolved", "stream_events", "error", "trace_id", "worker_id", "enqueued_at_ms", "queue_wait_ms", "trace")
+    __slots__ = ("run_id", "task", "model", "backend", "execution_mode", "schema_version", "job_id", "batch_group_id", "batch_size", "timings", "memory", "backend_timeline", "config_resolved", "stream_events", "error", "trace_id", "worker_id", "enqueued_at_ms", "queue_wait_ms", "trace", "events_streamed")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     TASK_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -103,6 +103,7 @@ class RunReport(_message.Message):
     ENQUEUED_AT_MS_FIELD_NUMBER: _ClassVar[int]
     QUEUE_WAIT_MS_FIELD_NUMBER: _ClassVar[int]
     TRACE_FIELD_NUMBER: _ClassVar[int]
+    EVENTS_STREAMED_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     task: str
     model: str
@@ -116,14 +117,15 @@ class RunReport(_message.Message):
     memory: JsonMap
     backend_timeline: JsonMap
     config_resolved: JsonMap
-    stream_events: bool
+    stream_events: JsonMap
     error: str
     trace_id: str
     worker_id: str
     enqueued_at_ms: int
     queue_wait_ms: float
     trace: JsonMap
-    def __init__(self, run_id: _Optional[str] = ..., task: _Optional[str] = ..., model: _Optional[str] = ..., backend: _Optional[str] = ..., execution_mode: _Optional[str] = ..., schema_version: _Optional[str] = ..., job_id: _Optional[str] = ..., batch_group_id: _Optional[str] = ..., batch_size: _Optional[int] = ..., timings: _Optional[_Union[JsonMap, _Mapping]] = ..., memory: _Optional[_Union[JsonMap, _Mapping]] = ..., backend_timeline: _Optional[_Union[JsonMap, _Mapping]] = ..., config_resolved: _Optional[_Union[JsonMap, _Mapping]] = ..., stream_events: _Optional[bool] = ..., error: _Optional[str] = ..., trace_id: _Optional[str] = ..., worker_id: _Optional[str] = ..., enqueued_at_ms: _Optional[int] = ..., queue_wait_ms: _Optional[float] = ..., trace: _Optional[_Union[JsonMap, _Mapping]] = ...) -> None: ...
+    events_streamed: bool
+    def __init__(self, run_id: _Optional[str] = ..., task: _Optional[str] = ..., model: _Optional[str] = ..., backend: _Optional[str] = ..., execution_mode: _Optional[str] = ..., schema_version: _Optional[str] = ..., job_id: _Optional[str] = ..., batch_group_id: _Optional[str] = ..., batch_size: _Optional[int] = ..., timings: _Optional[_Union[JsonMap, _Mapping]] = ..., memory: _Optional[_Union[JsonMap, _Mapping]] = ..., backend_timeline: _Optional[_Union[JsonMap, _Mapping]] = ..., config_resolved: _Optional[_Union[JsonMap, _Mapping]] = ..., stream_events: _Optional[_Union[JsonMap, _Mapping]] = ..., error: _Optional[str] = ..., trace_id: _Optional[str] = ..., worker_id: _Optional[str] = ..., enqueued_at_ms: _Optional[int] = ..., queue_wait_ms: _Optional[float] = ..., trace: _Optional[_Union[JsonMap, _Mapping]] = ..., events_streamed: _Optional[bool] = ...) -> None: ...
 
 class GenerateResult(_message.Message):
     __slots__ = ("outputs", "metadata")
