@@ -7,6 +7,7 @@ every problem at once (``RequestInvalid``).
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 from omnirt.contract import (
@@ -28,6 +29,10 @@ MAX_STEPS = 200
 SIZE_MULTIPLE = 8
 MAX_IMAGES = 4
 MAX_STUB_STEP_DELAY_MS = 60_000
+#: LoRA adapters per job, and the range of a LoRA's scale (0 = the base model's output, bit for bit)
+MAX_ADAPTERS = 4
+ADAPTER_KINDS = ("lora",)
+MAX_ADAPTER_SCALE = 4.0
 
 #: every config key a request may carry; anything else is reported, never dropped silently.
 CONFIG_KEYS = frozenset(
@@ -272,6 +277,35 @@ def resolve_request(
     elif "strength" in request.config:
         bad(("config", "strength"), "strength only applies to image2image")
 
+    _check_adapters(request, bad)
+
     if problems:
         raise RequestInvalid(problems)
     return request.model_copy(update={"config": config})
+
+
+def _check_adapters(request: GenerateRequest, bad) -> None:
+    """The shape of ``adapters`` (kind, name xor path, scale range); files are the engine's business."""
+    adapters = request.adapters or []
+    if len(adapters) > MAX_ADAPTERS:
+        bad(("adapters",), f"at most {MAX_ADAPTERS} adapters per job (got {len(adapters)})")
+    seen: set[str] = set()
+    for i, adapter in enumerate(adapters):
+        if adapter.kind not in ADAPTER_KINDS:
+            bad(("adapters", i, "kind"), f"unknown adapter kind {adapter.kind!r} (one of: {', '.join(ADAPTER_KINDS)})")
+        if (adapter.name is None) == (adapter.path is None):
+            bad(("adapters", i, "name"), "give exactly one of name (in the server's --adapter-dir) or path")
+        elif adapter.name is not None:
+            name = adapter.name
+            if not name or name.startswith(".") or "/" in name or "\\" in name or "\x00" in name:
+                bad(("adapters", i, "name"), f"adapter name {name!r} must be a plain file name (no folders)")
+        elif not adapter.path or "\x00" in adapter.path:
+            bad(("adapters", i, "path"), "adapter path must be a non-empty file path")
+        ident = adapter.name if adapter.name is not None else adapter.path
+        if ident is not None and ident in seen:
+            bad(("adapters", i), f"adapter {ident!r} is listed twice")
+        if ident is not None:
+            seen.add(ident)
+        scale = adapter.scale
+        if not math.isfinite(scale) or abs(scale) > MAX_ADAPTER_SCALE:
+            bad(("adapters", i, "scale"), f"scale must be a number from -{MAX_ADAPTER_SCALE:g} to {MAX_ADAPTER_SCALE:g}")

@@ -10,6 +10,25 @@ def add_model_path_arg(parser) -> None:
                         help="load MODEL's weights from local folder DIR (repeatable)")
 
 
+def add_adapter_dir_arg(parser) -> None:
+    parser.add_argument("--adapter-dir", action="append", default=[], metavar="DIR",
+                        help="a folder of LoRA adapters (safetensors) jobs may use by name or path (repeatable); "
+                             "without one, requests with adapters are refused")
+
+
+def parse_adapter_dirs(items: list[str]) -> tuple[str, ...]:
+    """Each ``--adapter-dir`` as an absolute folder; one that is not a folder is a one-line CliError."""
+    import os
+
+    dirs = []
+    for item in items or []:
+        folder = os.path.realpath(os.path.expanduser(item))
+        if not os.path.isdir(folder):
+            raise CliError(f"--adapter-dir {item!r} is not a folder")
+        dirs.append(folder)
+    return tuple(dirs)
+
+
 def parse_model_paths(items: list[str]) -> dict[str, str]:
     """``MODEL=DIR`` items -> {model: dir}; a malformed item is a one-line CliError."""
     from omnirt.registry import MODELS

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from pathlib import Path
 
 from omnirt.cli import CliError
 
@@ -118,11 +119,17 @@ def make_tiny(args) -> int:
     started = time.perf_counter()
     paths = build_tiny(args.dir, force=args.force)
     elapsed = time.perf_counter() - started
+    from omnirt.models.tiny import ADAPTER_DIR, MODEL_IDS, tiny_adapter_name
+
+    adapter_dir = str(Path(args.dir).absolute() / ADAPTER_DIR)
     if args.json:
-        print(json.dumps({"model_paths": paths, "seconds": round(elapsed, 2)}, indent=2))
+        print(json.dumps({"model_paths": paths, "adapter_dir": adapter_dir,
+                          "adapters": {m: tiny_adapter_name(m) for m in MODEL_IDS},
+                          "seconds": round(elapsed, 2)}, indent=2))
         return 0
     for model_id, folder in paths.items():
         print(f"{model_id}={folder}")
-    flags = " ".join(f"--model-path {m}={f}" for m, f in paths.items())
+    print(f"LoRA adapters: {', '.join(tiny_adapter_name(m) for m in MODEL_IDS)} in {adapter_dir}")
+    flags = " ".join(f"--model-path {m}={f}" for m, f in paths.items()) + f" --adapter-dir {adapter_dir}"
     print(f"wrote tiny weights in {elapsed:.1f} s; use them with: {flags}", flush=True)
     return 0

@@ -12,7 +12,12 @@ import sys
 from pathlib import Path
 
 from omnirt.cli import CliError
-from omnirt.commands.common import add_model_path_arg, parse_model_paths
+from omnirt.commands.common import (
+    add_adapter_dir_arg,
+    add_model_path_arg,
+    parse_adapter_dirs,
+    parse_model_paths,
+)
 from omnirt.registry import DEFAULT_ALLOWED_TIERS, TIERS
 from omnirt.telemetry.options import add_cli_args as add_tracing_args
 from omnirt.telemetry.options import cli_options as tracing_options
@@ -52,6 +57,7 @@ def register(sub) -> None:
     p.add_argument("--max-queue", type=int, default=1000, help="jobs allowed to wait; beyond -> 429")
     p.add_argument("--artifact-dir", default=None, help="where output images are stored (content-addressed)")
     add_model_path_arg(p)
+    add_adapter_dir_arg(p)
     p.add_argument("--max-body-bytes", type=int, default=32 * 1024 * 1024)
     p.add_argument("--shutdown-grace-s", type=float, default=30.0)
     p.add_argument("--job-retention-s", type=float, default=86400.0)
@@ -184,6 +190,7 @@ def run(args) -> int:
         otlp_endpoint=otlp_endpoint,
         otlp_headers=otlp_headers,
         log_format=args.log_format,
+        adapter_dirs=parse_adapter_dirs(args.adapter_dir),
     )
     code = gateway.run_forever()
     sys.stdout.flush()

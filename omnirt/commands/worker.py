@@ -16,7 +16,12 @@ import sys
 from pathlib import Path
 
 from omnirt.cli import CliError
-from omnirt.commands.common import add_model_path_arg, parse_model_paths
+from omnirt.commands.common import (
+    add_adapter_dir_arg,
+    add_model_path_arg,
+    parse_adapter_dirs,
+    parse_model_paths,
+)
 from omnirt.telemetry.options import add_cli_args as add_tracing_args
 from omnirt.telemetry.options import cli_options as tracing_options
 
@@ -47,6 +52,7 @@ def register(sub) -> None:
     p.add_argument("--models", default="", help="comma list of model ids served here (default: every model)")
     p.add_argument("--tags", default="", help="comma list of routing tags (e.g. gpu,a100)")
     add_model_path_arg(p)
+    add_adapter_dir_arg(p)
     p.add_argument("--metrics-port", type=int, default=None, help="serve /metrics and /healthz over HTTP (0 = any)")
     p.add_argument("--grpc-tls-cert", default=None, metavar="PEM", help="serve gRPC over TLS with this certificate")
     p.add_argument("--grpc-tls-key", default=None, metavar="PEM", help="the certificate's private key")
@@ -127,6 +133,7 @@ def run(args: argparse.Namespace) -> int:
             backend=args.backend,
             pipeline_cache_size=args.pipeline_cache_size,
             model_paths=model_paths or None,
+            adapter_dirs=parse_adapter_dirs(args.adapter_dir),
             worker_id=args.worker_id,
             max_concurrency=args.max_concurrency,
         )

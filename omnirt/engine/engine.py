@@ -33,6 +33,7 @@ from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 
 from omnirt.backends import BackendUnavailable, default_dtype, resolve_backend
 from omnirt.contract import Artifact, GenerateResult, RunReport
+from omnirt.engine.adapters import AdapterDirs, AdapterRejected
 from omnirt.engine.base import CancelToken, EmitFn, EngineJob, JobCancelled, JobFailed, RunOutcome
 from omnirt.engine.cache import PipelineCache
 from omnirt.engine.images import decode_input_image, png_bytes
@@ -90,6 +91,8 @@ class Engine:
         model_paths: dict[str, str] | None = None,
         worker_id: str = "local",
         max_concurrency: int = 1,
+        adapter_dirs: tuple[str, ...] | list[str] = (),
+        adapter_cache_size: int = 8,
     ):
         self.backend = backend
         self.pipeline_cache_size = pipeline_cache_size
@@ -99,6 +102,10 @@ class Engine:
         #: intra-op threads each torch job gets (applied once per process, at the first load)
         self.torch_threads = max(1, cpu_count() // self.max_concurrency)
         self.cache = PipelineCache(pipeline_cache_size)
+        #: where LoRA files may come from (``--adapter-dir``); empty = adapters are refused
+        self.adapter_dirs = AdapterDirs(adapter_dirs)
+        #: adapters kept loaded per pipeline (least recently used unloaded first)
+        self.adapter_cache_size = adapter_cache_size
         self._executor = ThreadPoolExecutor(
             max_workers=self.max_concurrency, thread_name_prefix=f"omnirt-engine-{worker_id}"
         )
@@ -137,6 +144,15 @@ class Engine:
         """Model ids with a loaded pipeline in the cache (any backend, dtype or device)."""
         return sorted({key[0] for key in self.cache.keys()})
 
+    def loaded_adapters(self) -> dict[str, list[str]]:
+        """``{model id: [adapter name or path, ...]}`` of the LoRA adapters loaded into cached pipelines."""
+        loaded: dict[str, set[str]] = {}
+        for key, value in zip(self.cache.keys(), self.cache.values(), strict=False):
+            gate = getattr(value, "adapters", None)
+            if gate is not None:
+                loaded.setdefault(key[0], set()).update(gate.loaded_labels())
+        return {model: sorted(keys) for model, keys in loaded.items() if keys}
+
     def close(self) -> None:
         """Refuse new jobs, drop queued ones, release cached pipelines (running jobs finish)."""
         if self._closed.is_set():
@@ -166,6 +182,11 @@ class Engine:
             return os.path.abspath(os.path.expanduser(path)), True
         return get_model(model_id).default_source, False
 
+    def _load_options(self, renderer) -> dict[str, object]:
+        if renderer.__name__.endswith(".sdxl"):
+            return {"adapter_cache_size": self.adapter_cache_size}
+        return {}
+
     def _run_job(self, job: EngineJob, backend: str, emit: EmitFn, cancel: CancelToken) -> RunOutcome:
         try:
             return self._run_stages(job, backend, emit, cancel)
@@ -190,6 +211,12 @@ class Engine:
         )
         if requested_dtype not in ("auto", dtype):
             config["dtype_requested"] = requested_dtype
+        try:
+            adapters = tuple(self.adapter_dirs.resolve(request.model, request.adapters))
+        except AdapterRejected as exc:
+            raise JobFailed(exc.message) from None
+        if adapters:
+            config["adapters"] = [{"path": a.path, "scale": a.scale} for a in adapters]
         image = None
         if request.task == "image2image":
             image = decode_input_image(request.inputs.get("image"), int(config["width"]), int(config["height"]))
@@ -200,6 +227,7 @@ class Engine:
             negative_prompt=request.inputs.get("negative_prompt"),
             image=image,
             config=config,
+            adapters=adapters,
         )
         renderer = _renderer(backend)
         key = (request.model, backend, dtype, renderer.placement(backend))
@@ -211,7 +239,7 @@ class Engine:
                 key,
                 lambda: renderer.load(
                     request.model, source=source, local=local, backend=backend, dtype=dtype,
-                    threads=self.torch_threads,
+                    threads=self.torch_threads, **self._load_options(renderer),
                 ),
             )
         images = loaded.generate(render_job, tracker)
@@ -241,7 +269,7 @@ class Engine:
             queue_wait_ms=float(started_ms - job.enqueued_at_ms) if job.enqueued_at_ms else None,
             timings=timings,
             memory={"peak_rss_mb": peak_rss_mb(), **loaded.memory()},
-            config_resolved=config,
+            config_resolved={**config, **tracker.facts},
             batch_size=len(outputs),
         )
         return RunOutcome(result=GenerateResult(outputs=outputs, metadata=report), blobs=blobs)

@@ -30,6 +30,8 @@ class RenderJob:
     negative_prompt: str | None
     image: Any  # PIL.Image.Image (RGB, already width x height) for image2image, else None
     config: dict[str, Any]
+    #: omnirt.engine.adapters.ResolvedAdapter for each LoRA of the job (files already checked)
+    adapters: tuple[Any, ...] = ()
 
     @property
     def seed(self) -> int:
@@ -81,6 +83,8 @@ class StageTracker:
         self.cancel = cancel
         self.clock = clock
         self.timings: dict[str, float] = {}
+        #: facts about the run the renderer reports (adapter switch, preview count...), for the RunReport
+        self.facts: dict[str, Any] = {}
         self._stage_started = 0.0
 
     @contextlib.contextmanager

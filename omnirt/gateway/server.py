@@ -45,7 +45,7 @@ class Gateway:
                  worker_idle_timeout_s=10.0, redis_url=None, redis_namespace="omnirt", gateway_id=None,
                  lease_ttl_s=10.0, request_deadline_s=30.0, worker_tls=None, access_log=False, rate_limit=None,
                  max_jobs_per_key=None, fleet=None, fleet_stop_on_exit=False, otlp_endpoint=None, otlp_headers=None,
-                 log_format="text", reactor=None):
+                 log_format="text", reactor=None, adapter_dirs=()):
         self.reactor = reactor or global_reactor
         #: OTLP/HTTP traces URL (None: spans are made for the trace view but not exported)
         self.otlp_endpoint = otlp_endpoint
@@ -64,6 +64,8 @@ class Gateway:
         self.max_queue = max_queue
         self.artifact_dir = artifact_dir
         self.model_paths = model_paths
+        #: --adapter-dir folders of the in-process engine (LoRA files are looked up there)
+        self.adapter_dirs = tuple(adapter_dirs)
         self.max_body_bytes = max_body_bytes
         self.shutdown_grace_s = shutdown_grace_s
         self.job_retention_s = job_retention_s
@@ -99,11 +101,20 @@ class Gateway:
         from omnirt.workers.local import LocalWorkerConnection
 
         engine = Engine(backend=self.backend, pipeline_cache_size=self.pipeline_cache_size,
-                        model_paths=self.model_paths, worker_id="local", max_concurrency=self.max_concurrency)
+                        model_paths=self.model_paths, worker_id="local", max_concurrency=self.max_concurrency,
+                        adapter_dirs=self.adapter_dirs)
         conn = LocalWorkerConnection(engine, self.reactor, worker_id="local", capacity=self.max_concurrency,
                                      tracing=self.tracing)
         conn.start()
         return conn
+
+    def _adapter_check(self):
+        """Adapters are checked here (400) when the in-process engine is the only worker."""
+        if not self.local_worker or self.remote_specs or self.fleet:
+            return None
+        from omnirt.engine.adapters import AdapterDirs
+
+        return AdapterDirs(self.adapter_dirs)
 
     async def _remote_connections(self):
         from omnirt.workers.grpc import GrpcWorkerConnection, probe
@@ -166,7 +177,8 @@ class Gateway:
                                      metrics=self.metrics, max_attempts=self.max_attempts, tracing=self.tracing)
         self.service = JobService(clock=clock, store=self.store, dispatcher=self.dispatcher,
                                   allowed_tiers=self.allowed_tiers, max_queue=self.max_queue,
-                                  default_backend=self.backend, max_jobs_per_principal=self.max_jobs_per_key)
+                                  default_backend=self.backend, max_jobs_per_principal=self.max_jobs_per_key,
+                                  adapter_check=self._adapter_check())
         await self.pool.start()
         if self.gateway_fleet is not None:
             self.gateway_fleet.watch(self.pool)

@@ -47,6 +47,7 @@ class JobService:
         default_backend: str = "auto",
         retention_sweep_s: float = 60.0,
         max_jobs_per_principal: int | None = None,
+        adapter_check=None,
     ):
         self._clock = clock
         self.store = store
@@ -58,6 +59,9 @@ class JobService:
         #: at most this many unfinished jobs per client (API key or address); None = no cap
         self.max_jobs_per_principal = max_jobs_per_principal
         self._principal_jobs: dict[str, set[str]] = {}
+        #: omnirt.engine.adapters.AdapterDirs of the in-process engine when it is the only worker
+        #: (adapters then get their 400 here); None when workers check their own folders
+        self.adapter_check = adapter_check
         self._sweep = LoopingCall(self._expire)
         self._sweep.clock = clock
         self._retention_sweep_s = retention_sweep_s
@@ -104,6 +108,8 @@ class JobService:
         if not self.accepting:
             raise ServiceUnavailable("server is shutting down; not accepting new jobs")
         resolved = resolve_request(request, self.allowed_tiers)
+        if self.adapter_check is not None:
+            self.adapter_check.resolve(resolved.model, resolved.adapters)  # AdapterRejected: 400
         pool = self.dispatcher.pool
         if not pool.configured_for(resolved.model):
             raise NoWorkerForModel(f"no configured worker serves model {resolved.model!r}")

@@ -70,6 +70,10 @@ def _digest(job: RenderJob) -> bytes:
         "strength": job.config.get("strength") if job.task == "image2image" else None,
         "image": hashlib.sha256(job.image.tobytes()).hexdigest() if job.image is not None else None,
     }
+    # the stub's stand-in for a LoRA: each adapter with a non-zero scale changes the picture
+    applied = [[a.key, a.scale] for a in job.adapters if a.scale != 0]
+    if applied:
+        material["adapters"] = applied
     return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).digest()
 
 

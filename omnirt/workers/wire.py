@@ -94,12 +94,14 @@ def request_to_pb(request: GenerateRequest) -> pb.GenerateRequest:
         backend=request.backend,
         inputs=json_map(request.inputs),
         config=json_map(request.config),
-        adapters=[pb.AdapterRef(kind=a.kind, path=a.path, scale=a.scale) for a in request.adapters or ()],
+        adapters=[pb.AdapterRef(kind=a.kind, path=a.path or "", name=a.name or "", scale=a.scale)
+                  for a in request.adapters or ()],
     )
 
 
 def request_from_pb(message: pb.GenerateRequest) -> GenerateRequest:
-    adapters = [AdapterRef(kind=a.kind or "lora", path=a.path, scale=a.scale) for a in message.adapters]
+    adapters = [AdapterRef(kind=a.kind or "lora", path=a.path or None, name=a.name or None, scale=a.scale)
+                for a in message.adapters]
     try:
         return GenerateRequest(
             task=message.task,

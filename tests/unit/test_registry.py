@@ -6,6 +6,8 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from omnirt.contract import GenerateRequest, ModelTierForbidden, RequestInvalid, UnknownModel
 from omnirt.registry import (
+    MAX_ADAPTER_SCALE,
+    MAX_ADAPTERS,
     MAX_IMAGES,
     MAX_SIDE,
     MAX_STEPS,
@@ -19,10 +21,12 @@ from omnirt.registry import (
 )
 
 
-def make(task="text2image", model="sdxl-base-1.0", backend="auto", inputs=None, config=None) -> GenerateRequest:
+def make(task="text2image", model="sdxl-base-1.0", backend="auto", inputs=None, config=None,
+         adapters=None) -> GenerateRequest:
     if inputs is None:
         inputs = {"prompt": "a lighthouse"} if task == "text2image" else {"prompt": "x", "image": "aGVsbG8="}
-    return GenerateRequest(task=task, model=model, backend=backend, inputs=inputs, config=config or {})
+    return GenerateRequest(task=task, model=model, backend=backend, inputs=inputs, config=config or {},
+                           adapters=adapters)
 
 
 class ListingTests(SynchronousTestCase):
@@ -127,6 +131,16 @@ PROBLEM_CASES = [
     ("strength above one", make(task="image2image", config={"strength": 1.5}), ("config", "strength"), "(0, 1]"),
     ("steps x strength < 1", make(task="image2image", config={"num_inference_steps": 2, "strength": 0.3}), ("config", "strength"), "at least 1"),
     ("strength on text2image", make(config={"strength": 0.5}), ("config", "strength"), "only applies to image2image"),
+    ("adapter kind", make(adapters=[{"kind": "hypernetwork", "name": "a"}]), ("adapters", 0, "kind"), "unknown adapter kind"),
+    ("adapter name and path", make(adapters=[{"name": "a", "path": "/x/a.safetensors"}]), ("adapters", 0, "name"), "exactly one"),
+    ("adapter neither", make(adapters=[{"scale": 1.0}]), ("adapters", 0, "name"), "exactly one"),
+    ("adapter name with folder", make(adapters=[{"name": "../etc/a"}]), ("adapters", 0, "name"), "plain file name"),
+    ("adapter hidden name", make(adapters=[{"name": ".a"}]), ("adapters", 0, "name"), "plain file name"),
+    ("adapter empty path", make(adapters=[{"path": ""}]), ("adapters", 0, "path"), "non-empty"),
+    ("adapter scale high", make(adapters=[{"name": "a", "scale": MAX_ADAPTER_SCALE + 0.5}]), ("adapters", 0, "scale"), "scale must be"),
+    ("adapter scale nan", make(adapters=[{"name": "a", "scale": float("nan")}]), ("adapters", 0, "scale"), "scale must be"),
+    ("adapter twice", make(adapters=[{"name": "a"}, {"name": "a", "scale": 0.5}]), ("adapters", 1), "listed twice"),
+    ("too many adapters", make(adapters=[{"name": f"a{i}"} for i in range(MAX_ADAPTERS + 1)]), ("adapters",), f"at most {MAX_ADAPTERS}"),
 ]
 
 
@@ -162,3 +176,4 @@ class ValidationTests(SynchronousTestCase):
                                      "num_images_per_prompt": MAX_IMAGES, "stub_step_delay_ms": 0}))
         resolve_request(make(task="image2image", config={"num_inference_steps": 1, "strength": 1.0}))
         resolve_request(make(task="image2image", inputs={"image": {"artifact": "ab" * 32}}))
+        resolve_request(make(adapters=[{"name": "a", "scale": -MAX_ADAPTER_SCALE}, {"path": "/x/b", "scale": 0}]))

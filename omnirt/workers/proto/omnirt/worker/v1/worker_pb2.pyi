@@ -32,14 +32,16 @@ class JsonMap(_message.Message):
     def __init__(self, json: _Optional[str] = ...) -> None: ...
 
 class AdapterRef(_message.Message):
-    __slots__ = ("kind", "path", "scale")
+    __slots__ = ("kind", "path", "scale", "name")
     KIND_FIELD_NUMBER: _ClassVar[int]
     PATH_FIELD_NUMBER: _ClassVar[int]
     SCALE_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
     kind: str
     path: str
     scale: float
-    def __init__(self, kind: _Optional[str] = ..., path: _Optional[str] = ..., scale: _Optional[float] = ...) -> None: ...
+    name: str
+    def __init__(self, kind: _Optional[str] = ..., path: _Optional[str] = ..., scale: _Optional[float] = ..., name: _Optional[str] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
     __slots__ = ("task", "model", "backend", "inputs", "config", "adapters")
