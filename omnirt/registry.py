@@ -50,6 +50,7 @@ CONFIG_KEYS = frozenset(
         "stub_step_delay_ms",
         "aesthetic_score",
         "negative_aesthetic_score",
+        "preview_every",
     }
 )
 INPUT_KEYS = frozenset({"prompt", "negative_prompt", "image"})
@@ -100,6 +101,8 @@ _SDXL_DEFAULTS = {
     "dtype": "auto",  # fp16 on accelerators, fp32 on CPU (decided where the job runs)
     "num_images_per_prompt": 1,
     "seed": None,
+    # a step preview every N denoise steps (0 = none): a 30-step job gets 6
+    "preview_every": 5,
 }
 
 MODELS: dict[str, ModelSpec] = {
@@ -259,6 +262,10 @@ def resolve_request(
     delay = config.get("stub_step_delay_ms")
     if delay is not None and (not _is_number(delay) or not 0 <= delay <= MAX_STUB_STEP_DELAY_MS):
         bad(("config", "stub_step_delay_ms"), f"stub_step_delay_ms must be a number from 0 to {MAX_STUB_STEP_DELAY_MS}")
+
+    every = config.get("preview_every", 0)
+    if not _is_int(every) or not 0 <= every <= MAX_STEPS:
+        bad(("config", "preview_every"), f"preview_every must be an integer from 0 (off) to {MAX_STEPS}")
 
     for key in ("aesthetic_score", "negative_aesthetic_score"):
         if key in config and not _is_number(config[key]):

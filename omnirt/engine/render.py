@@ -109,13 +109,23 @@ class StageTracker:
         self.timings[f"{name}_ms"] = elapsed_ms
         self.emit("stage_end", name, {"model": self.model, "elapsed_ms": elapsed_ms, **end_data})
 
-    def progress(self, step: int, total: int, timestep: int) -> None:
-        """Report denoise step ``step`` of ``total`` (1-based); stop here if the job was cancelled."""
+    def wants_preview(self, step: int, every: int) -> bool:
+        """Whether step ``step`` gets a preview (every ``every`` steps; 0 = never)."""
+        return every > 0 and step % every == 0
+
+    def progress(self, step: int, total: int, timestep: int, preview=None) -> None:
+        """Report denoise step ``step`` of ``total`` (1-based); stop here if the job was cancelled.
+
+        ``preview``: a callable returning the step's preview fields (``omnirt.engine.previews``);
+        it is timed (``preview_ms`` in the run's timings, ``previews`` in its facts).
+        """
         self.cancel.raise_if_cancelled()
         elapsed_ms = (self.clock() - self._stage_started) * 1000.0
         eta_ms = elapsed_ms / step * max(total - step, 0) if step > 0 else 0.0
-        self.emit(
-            "stage_progress",
-            "denoise",
-            {"step": step, "total": total, "timestep": int(timestep), "eta_ms": eta_ms},
-        )
+        data: dict[str, Any] = {"step": step, "total": total, "timestep": int(timestep), "eta_ms": eta_ms}
+        if preview is not None:
+            started = self.clock()
+            data.update(preview())
+            self.timings["preview_ms"] = self.timings.get("preview_ms", 0.0) + (self.clock() - started) * 1000.0
+            self.facts["previews"] = self.facts.get("previews", 0) + 1
+        self.emit("stage_progress", "denoise", data)

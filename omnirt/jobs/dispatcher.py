@@ -17,6 +17,7 @@ from twisted.python import log
 
 from omnirt.contract import GenerateResult, JobRecord, JobState
 from omnirt.jobs.outcomes import record_terminal, store_outputs
+from omnirt.jobs.previews import store_preview
 from omnirt.store.artifacts import ArtifactStore
 from omnirt.store.base import JobStore, NewEvent, StoreUnavailable
 from omnirt.telemetry.metrics import GatewayMetrics
@@ -60,8 +61,10 @@ class RunningJob:
 class EventWriter:
     """Appends a job's worker events to the store strictly in arrival order."""
 
-    def __init__(self, store: JobStore, job_id: str, attempt: int, on_event: Callable[[WorkerUpdate], None]):
+    def __init__(self, store: JobStore, job_id: str, attempt: int, on_event: Callable[[WorkerUpdate], None],
+                 artifacts=None):
         self._store = store
+        self._artifacts = artifacts
         self._job_id = job_id
         self._attempt = attempt
         self._index = 0
@@ -70,12 +73,15 @@ class EventWriter:
 
     def push(self, update: WorkerUpdate) -> None:
         self._on_event(update)
-        event = NewEvent(update.event, update.stage, update.data)
         self._index += 1
         index = self._index
-        d = self._lock.run(lambda: Deferred.fromCoroutine(
-            self._store.append_worker_event(self._job_id, self._attempt, index, event)))
+        d = self._lock.run(lambda: Deferred.fromCoroutine(self._append(index, update)))
         d.addErrback(log.err, f"could not record event {update.event} of job {self._job_id}")
+
+    async def _append(self, index: int, update: WorkerUpdate) -> None:
+        data = await store_preview(self._artifacts, update.data) if self._artifacts is not None else update.data
+        await self._store.append_worker_event(self._job_id, self._attempt, index,
+                                              NewEvent(update.event, update.stage, data))
 
     def drain(self) -> Deferred:
         """Fires once every pushed event is stored."""
@@ -226,7 +232,7 @@ class Dispatcher:
                     max(0.0, (self._now_ms() - record.enqueued_at_ms) / 1000)
                 )
 
-        writer = EventWriter(self.store, q.job_id, attempt, observe)
+        writer = EventWriter(self.store, q.job_id, attempt, observe, self.artifacts)
         job = WorkerJob(
             job_id=q.job_id,
             request=record.request,

@@ -22,6 +22,7 @@ first load sets torch's intra-op threads to ``threads`` (cpu count // max_concur
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import logging
 import os
@@ -31,6 +32,7 @@ from typing import Any
 
 from omnirt.backends import torch_device
 from omnirt.engine.base import JobFailed
+from omnirt.engine.previews import latents_preview
 from omnirt.engine.render import RenderJob, StageTracker, describe_error
 
 log = logging.getLogger(__name__)
@@ -182,8 +184,14 @@ class SdxlModel:
         use_cfg = guidance > 1 and pipe.unet.config.time_cond_proj_dim is None
         generator = torch.Generator("cpu").manual_seed(job.seed)  # portable seeds across devices
 
-        def on_step_end(p, i, t, _tensors):
-            tracker.progress(i + 1, p.num_timesteps, int(t))
+        every = int(job.config.get("preview_every") or 0)
+
+        def on_step_end(p, i, t, tensors):
+            preview = None
+            if tracker.wants_preview(i + 1, every) and "latents" in tensors:
+                latents = tensors["latents"]
+                preview = functools.partial(latents_preview, latents, job.width, job.height)
+            tracker.progress(i + 1, p.num_timesteps, int(t), preview)
             return {}
 
         with torch.inference_mode():

@@ -1,8 +1,10 @@
-"""Diffusion features through real processes (tiny SDXL on CPU): LoRA adapters, in-process and on a gRPC worker."""
+"""Diffusion features through real processes (tiny SDXL on CPU), in-process and on a gRPC worker:
+LoRA adapters, step previews."""
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -71,6 +73,21 @@ class Served(unittest.TestCase):
         return base64.b64decode(result["outputs"][0]["data_b64"]), result
 
     @inlineCallbacks
+    def check_previews(self, record, every: int, steps: int):
+        """Progress events of the record announce previews at every ``every`` steps, each a fetchable JPEG."""
+        progress = [e["data"] for e in record["events"] if e["event"] == "stage_progress"]
+        announced = [d for d in progress if "preview_url" in d]
+        self.assertEqual([d["step"] for d in announced], list(range(every, steps + 1, every)))
+        self.assertFalse(any("preview_b64" in d for d in progress))  # bytes never reach clients in events
+        for d in announced:
+            self.assertEqual(d["preview_url"], f"/v1/artifacts/{d['preview_sha256']}")
+            resp = yield treq.get(self.base + d["preview_url"], pool=self.pool)
+            content = yield treq.content(resp)
+            self.assertEqual((resp.code, resp.headers.getRawHeaders("content-type")), (200, ["image/jpeg"]))
+            self.assertEqual(content[:3], b"\xff\xd8\xff")
+            self.assertEqual(hashlib.sha256(content).hexdigest(), d["preview_sha256"])
+
+    @inlineCallbacks
     def finish(self, body, timeout=120.0):
         """Submit async and poll (bounded) until the job is terminal; return its record."""
         code, job = yield self.jcall("POST", "/v1/jobs", body)
@@ -84,7 +101,7 @@ class Served(unittest.TestCase):
         raise AssertionError(f"job {job['id']} did not finish in {timeout}s")
 
 
-class InProcessLoraTests(Served):
+class InProcessTests(Served):
     def setUp(self):
         super().setUp()
         self.start_gateway("--backend", "cpu", *model_path_args(), "--adapter-dir", adapter_dir())
@@ -110,6 +127,14 @@ class InProcessLoraTests(Served):
             self.assertIn(words, body["detail"][0]["msg"])
 
 
+    @inlineCallbacks
+    def test_live_previews(self):
+        """An async job with preview_every 2 announces a preview artifact at steps 2 and 4 (served, JPEG)."""
+        record = yield self.finish(job_body(num_inference_steps=4, preview_every=2))
+        self.assertEqual(record["state"], "succeeded", record["error"])
+        yield self.check_previews(record, 2, 4)
+
+
 class NoAdapterDirTests(Served):
     @inlineCallbacks
     def test_adapters_refused(self):
@@ -120,7 +145,7 @@ class NoAdapterDirTests(Served):
         self.assertIn("adapters are not supported by this server", body["detail"][0]["msg"])
 
 
-class RemoteWorkerLoraTests(Served):
+class RemoteWorkerTests(Served):
     @inlineCallbacks
     def test_lora_on_a_grpc_worker(self):
         """A worker with --adapter-dir applies a LoRA named in the request (the name crosses gRPC); a missing
@@ -138,3 +163,6 @@ class RemoteWorkerLoraTests(Served):
         self.assertNotIn("Traceback", failed["error"])
         again = yield self.finish(job_body())
         self.assertEqual(again["result"]["outputs"][0]["sha256"], base["result"]["outputs"][0]["sha256"])
+        # step previews cross gRPC inside the events and become the gateway's artifacts
+        previews = yield self.finish(job_body(num_inference_steps=3, preview_every=1))
+        yield self.check_previews(previews, 1, 3)

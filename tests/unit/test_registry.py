@@ -131,6 +131,8 @@ PROBLEM_CASES = [
     ("strength above one", make(task="image2image", config={"strength": 1.5}), ("config", "strength"), "(0, 1]"),
     ("steps x strength < 1", make(task="image2image", config={"num_inference_steps": 2, "strength": 0.3}), ("config", "strength"), "at least 1"),
     ("strength on text2image", make(config={"strength": 0.5}), ("config", "strength"), "only applies to image2image"),
+    ("preview_every negative", make(config={"preview_every": -1}), ("config", "preview_every"), "from 0 (off)"),
+    ("preview_every float", make(config={"preview_every": 2.5}), ("config", "preview_every"), "from 0 (off)"),
     ("adapter kind", make(adapters=[{"kind": "hypernetwork", "name": "a"}]), ("adapters", 0, "kind"), "unknown adapter kind"),
     ("adapter name and path", make(adapters=[{"name": "a", "path": "/x/a.safetensors"}]), ("adapters", 0, "name"), "exactly one"),
     ("adapter neither", make(adapters=[{"scale": 1.0}]), ("adapters", 0, "name"), "exactly one"),

@@ -1,0 +1,66 @@
+"""Diffusion features of the engine on real diffusers (tiny SDXL, CPU): step previews, base+refiner, inpaint, memory."""
+
+from __future__ import annotations
+
+import base64
+import functools
+import io
+
+from PIL import Image
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
+
+from omnirt.backends import probe
+from omnirt.contract import GenerateRequest
+from omnirt.engine.base import CancelToken, EngineJob
+from omnirt.engine.engine import Engine
+from omnirt.registry import resolve_request
+from tests.unit.test_stub import Recorder
+
+BASE = "sdxl-base-1.0"
+REFINER = "sdxl-refiner-1.0"
+
+
+@functools.cache
+def tiny_paths() -> dict[str, str]:
+    if probe("cpu") is not None:
+        raise SkipTest(f"the diffusion extras are not installed: {probe('cpu')}")
+    from tests.support.tiny import tiny_model_paths
+
+    return tiny_model_paths()
+
+
+@functools.cache
+def shared_engine() -> Engine:
+    return Engine(backend="cpu", model_paths=tiny_paths())
+
+
+def make_job(task="text2image", model=BASE, inputs=None, job_id="job", **config) -> EngineJob:
+    config = {"width": 64, "height": 64, "num_inference_steps": 4, "seed": 9, **config}
+    body = {"task": task, "model": model, "backend": "cpu",
+            "inputs": inputs if inputs is not None else {"prompt": "a green hill"}, "config": config}
+    return EngineJob(job_id, resolve_request(GenerateRequest.model_validate(body)))
+
+
+def run(job, engine=None):
+    rec = Recorder()
+    outcome = (engine or shared_engine()).run(job, rec, CancelToken())
+    return outcome, rec.events
+
+
+class PreviewTests(SynchronousTestCase):
+    def test_previews_every_n_steps(self):
+        """preview_every 2 on 6 steps puts a JPEG of the latents (output aspect, <= 256 px) in steps 2, 4, 6."""
+        outcome, events = run(make_job(num_inference_steps=6, preview_every=2, width=128, height=64))
+        progress = [d for e, _s, d in events if e == "stage_progress"]
+        self.assertEqual([d["step"] for d in progress if "preview_b64" in d], [2, 4, 6])
+        pictures = [Image.open(io.BytesIO(base64.b64decode(d["preview_b64"]))) for d in progress if "preview_b64" in d]
+        self.assertEqual({(p.format, p.size) for p in pictures}, {("JPEG", (128, 64))})
+        self.assertEqual(len({p.tobytes() for p in pictures}), 3)  # the picture changes as denoising goes on
+        self.assertEqual(outcome.result.metadata.config_resolved["previews"], 3)
+
+    def test_previews_do_not_change_the_image(self):
+        """The same job with and without previews gives the same output bytes."""
+        with_previews, _ = run(make_job(preview_every=1))
+        without, events = run(make_job(preview_every=0))
+        self.assertEqual(with_previews.blobs, without.blobs)
+        self.assertFalse(any("preview_b64" in d for _e, _s, d in events))
