@@ -31,6 +31,8 @@ MAX_IMAGES = 4
 MAX_STUB_STEP_DELAY_MS = 60_000
 #: LoRA adapters per job, and the range of a LoRA's scale (0 = the base model's output, bit for bit)
 MAX_ADAPTERS = 4
+#: base + refiner in one job: where the base hands its latents over, unless the request says
+DEFAULT_SWITCH_AT = 0.8
 ADAPTER_KINDS = ("lora",)
 MAX_ADAPTER_SCALE = 4.0
 
@@ -51,6 +53,7 @@ CONFIG_KEYS = frozenset(
         "aesthetic_score",
         "negative_aesthetic_score",
         "preview_every",
+        "refiner",
     }
 )
 INPUT_KEYS = frozenset({"prompt", "negative_prompt", "image"})
@@ -285,10 +288,42 @@ def resolve_request(
         bad(("config", "strength"), "strength only applies to image2image")
 
     _check_adapters(request, bad)
+    if config.get("refiner") is not None:
+        refiner = _check_refiner(spec, request.task, config["refiner"], bad)
+        if refiner is not None:
+            config["refiner"] = refiner
+    else:
+        config.pop("refiner", None)
 
     if problems:
         raise RequestInvalid(problems)
     return request.model_copy(update={"config": config})
+
+
+def _check_refiner(spec: ModelSpec, task: str, value: Any, bad) -> dict[str, Any] | None:
+    """``config.refiner`` = {model, switch_at}: the base runs to switch_at, the refiner from there."""
+    loc = ("config", "refiner")
+    if not isinstance(value, dict):
+        bad(loc, "refiner must be an object {model, switch_at}")
+        return None
+    ok = True
+    for key in sorted(set(value) - {"model", "switch_at"}):
+        bad((*loc, key), "unknown refiner key (known: model, switch_at)")
+        ok = False
+    model = value.get("model")
+    refiner = MODELS.get(model) if isinstance(model, str) else None
+    if refiner is None or "image2image" not in refiner.tasks or refiner.id == spec.id or refiner.family != spec.family:
+        choices = [m.id for m in MODELS.values() if m.id != spec.id and "image2image" in m.tasks and m.family == spec.family]
+        bad((*loc, "model"), f"refiner model must be one of: {', '.join(choices) or 'none'} (got {model!r})")
+        ok = False
+    switch_at = value.get("switch_at", DEFAULT_SWITCH_AT)
+    if not _is_number(switch_at) or not 0 < switch_at < 1:
+        bad((*loc, "switch_at"), "switch_at must be a number strictly between 0 and 1")
+        ok = False
+    if task != "text2image":
+        bad(loc, f"a refiner runs after a text2image base (task is {task!r})")
+        ok = False
+    return {"model": refiner.id, "switch_at": float(switch_at)} if ok and refiner is not None else None
 
 
 def _check_adapters(request: GenerateRequest, bad) -> None:

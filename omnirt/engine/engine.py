@@ -22,6 +22,7 @@ Imports stay light: torch and diffusers are imported on the job thread by
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
@@ -182,6 +183,20 @@ class Engine:
             return os.path.abspath(os.path.expanduser(path)), True
         return get_model(model_id).default_source, False
 
+    def _load(self, model_id: str, renderer, backend: str, dtype: str, tracker: StageTracker):
+        """The cached pipeline of ``model_id`` (loaded once), in a load_pipeline stage of its own."""
+        key = (model_id, backend, dtype, renderer.placement(backend))
+        with tracker.stage("load_pipeline", model=model_id) as end:
+            source, local = self._source(model_id)
+            loaded, end["cached"] = self.cache.get_or_load(
+                key,
+                lambda: renderer.load(
+                    model_id, source=source, local=local, backend=backend, dtype=dtype,
+                    threads=self.torch_threads, **self._load_options(renderer),
+                ),
+            )
+        return loaded
+
     def _load_options(self, renderer) -> dict[str, object]:
         if renderer.__name__.endswith(".sdxl"):
             return {"adapter_cache_size": self.adapter_cache_size}
@@ -230,18 +245,15 @@ class Engine:
             adapters=adapters,
         )
         renderer = _renderer(backend)
-        key = (request.model, backend, dtype, renderer.placement(backend))
         tracker = StageTracker(request.model, emit, cancel)
 
-        with tracker.stage("load_pipeline") as end:
-            source, local = self._source(request.model)
-            loaded, end["cached"] = self.cache.get_or_load(
-                key,
-                lambda: renderer.load(
-                    request.model, source=source, local=local, backend=backend, dtype=dtype,
-                    threads=self.torch_threads, **self._load_options(renderer),
-                ),
-            )
+        loaded = self._load(request.model, renderer, backend, dtype, tracker)
+        refiner_spec = config.get("refiner")
+        if refiner_spec:  # loaded before the base runs: a worker without the refiner fails fast
+            if backend == "cpu-stub":
+                raise JobFailed("config.refiner: the cpu-stub backend has no refiner to hand latents to")
+            refiner = self._load(refiner_spec["model"], renderer, backend, dtype, tracker)
+            render_job = dataclasses.replace(render_job, refiner=refiner)
         images = loaded.generate(render_job, tracker)
         with tracker.stage("export"):
             blobs = [png_bytes(im) for im in images]

@@ -32,6 +32,8 @@ class RenderJob:
     config: dict[str, Any]
     #: omnirt.engine.adapters.ResolvedAdapter for each LoRA of the job (files already checked)
     adapters: tuple[Any, ...] = ()
+    #: the loaded refiner of a base + refiner job (``config.refiner``), else None
+    refiner: Any = None
 
     @property
     def seed(self) -> int:
@@ -88,9 +90,11 @@ class StageTracker:
         self._stage_started = 0.0
 
     @contextlib.contextmanager
-    def stage(self, name: str) -> Iterator[dict[str, Any]]:
+    def stage(self, name: str, model: str | None = None) -> Iterator[dict[str, Any]]:
+        """One stage; ``model`` names the model running it when it is not the job's (the refiner)."""
+        model = model or self.model
         self.cancel.raise_if_cancelled()
-        self.emit("stage_start", name, {"model": self.model})
+        self.emit("stage_start", name, {"model": model})
         self._stage_started = started = self.clock()
         end_data: dict[str, Any] = {}
         try:
@@ -98,16 +102,16 @@ class StageTracker:
         except JobCancelled:
             raise
         except JobFailed as exc:
-            self.emit("stage_error", name, {"model": self.model, "error": str(exc)})
+            self.emit("stage_error", name, {"model": model, "error": str(exc)})
             raise
         except Exception as exc:
-            log.exception("stage %s of model %s failed", name, self.model)
+            log.exception("stage %s of model %s failed", name, model)
             message = f"{name} failed: {describe_error(exc)}"
-            self.emit("stage_error", name, {"model": self.model, "error": message})
+            self.emit("stage_error", name, {"model": model, "error": message})
             raise JobFailed(message) from exc
         elapsed_ms = (self.clock() - started) * 1000.0
-        self.timings[f"{name}_ms"] = elapsed_ms
-        self.emit("stage_end", name, {"model": self.model, "elapsed_ms": elapsed_ms, **end_data})
+        self.timings[f"{name}_ms"] = self.timings.get(f"{name}_ms", 0.0) + elapsed_ms
+        self.emit("stage_end", name, {"model": model, "elapsed_ms": elapsed_ms, **end_data})
 
     def wants_preview(self, step: int, every: int) -> bool:
         """Whether step ``step`` gets a preview (every ``every`` steps; 0 = never)."""

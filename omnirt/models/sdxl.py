@@ -136,6 +136,9 @@ class SdxlModel:
         self.pipe = pipe
         self.device = device
         self.backend = backend
+        #: the fast tokenizers keep padding/truncation state per call: one encode_prompt at a time
+        #: (two at once gave "Expected size 23 but got size 77")
+        self._tokenizer_lock = threading.Lock()
         #: LoRA adapters loaded into the shared modules (an LRU), and who may run with which set
         self.adapters = AdapterGate(PipelineAdapters(pipe, model_id, device), capacity=adapter_cache_size)
         #: one pristine scheduler per name, never stepped: jobs get deep copies (~0.1 ms, from_config ~0.6 ms)
@@ -179,54 +182,86 @@ class SdxlModel:
     def _generate(self, job: RenderJob, tracker: StageTracker) -> list:
         import torch
 
-        pipe = self.job_pipeline(job.task, job.config["scheduler"])
+        generator = torch.Generator("cpu").manual_seed(job.seed)  # portable seeds across devices
+        with torch.inference_mode():
+            if job.refiner is None:
+                pipe, latents = self.denoise(job, tracker, generator, task=job.task)
+                with tracker.stage("decode"):
+                    return self._decode(pipe, latents)
+            # the ensemble of expert denoisers: base to switch_at (latents out), refiner from there
+            switch_at = float(job.config["refiner"]["switch_at"])
+            _pipe, latents = self.denoise(job, tracker, generator, task="text2image", end=switch_at)
+            refiner = job.refiner
+            with refiner.adapters.use((), tracker.cancel):
+                pipe, latents = refiner.denoise(job, tracker, generator, task="image2image", start=switch_at,
+                                                latents=latents, step_offset=tracker.facts["base_steps"])
+                with tracker.stage("decode", model=refiner.model_id):
+                    return refiner._decode(pipe, latents)
+
+    def denoise(self, job: RenderJob, tracker: StageTracker, generator, *, task: str, end: float | None = None,
+                start: float | None = None, latents=None, step_offset: int = 0):
+        """encode_prompt + denoise on this model; return (its job pipeline, the latents).
+
+        ``end``: stop at that fraction of the schedule (base of an ensemble); ``start`` + ``latents``:
+        continue a base's latents from that fraction (refiner). Progress steps count on from
+        ``step_offset`` so the two denoise stages of an ensemble add up to one job's steps.
+        """
+        import torch
+
+        pipe = self.job_pipeline(task, job.config["scheduler"])
         guidance = float(job.config["guidance_scale"])
         use_cfg = guidance > 1 and pipe.unet.config.time_cond_proj_dim is None
-        generator = torch.Generator("cpu").manual_seed(job.seed)  # portable seeds across devices
-
         every = int(job.config.get("preview_every") or 0)
+        model = self.model_id
+        ensemble = end is not None or start is not None
 
         def on_step_end(p, i, t, tensors):
+            step = step_offset + i + 1
+            total = max(job.steps, step_offset + p.num_timesteps) if ensemble else p.num_timesteps
             preview = None
-            if tracker.wants_preview(i + 1, every) and "latents" in tensors:
-                latents = tensors["latents"]
-                preview = functools.partial(latents_preview, latents, job.width, job.height)
-            tracker.progress(i + 1, p.num_timesteps, int(t), preview)
+            if tracker.wants_preview(step, every) and "latents" in tensors:
+                preview = functools.partial(latents_preview, tensors["latents"], job.width, job.height)
+            tracker.progress(step, total, int(t), preview)
             return {}
 
-        with torch.inference_mode():
-            with tracker.stage("encode_prompt"):
-                embeds, negative, pooled, negative_pooled = pipe.encode_prompt(
-                    prompt=job.prompt,
-                    device=torch.device(self.device),
-                    num_images_per_prompt=1,  # the pipeline call repeats embeddings per image
-                    do_classifier_free_guidance=use_cfg,
-                    negative_prompt=job.negative_prompt,
-                )
-            with tracker.stage("denoise"):
-                call: dict[str, Any] = {
-                    "prompt_embeds": embeds,
-                    "negative_prompt_embeds": negative,
-                    "pooled_prompt_embeds": pooled,
-                    "negative_pooled_prompt_embeds": negative_pooled,
-                    "num_inference_steps": job.steps,
-                    "guidance_scale": guidance,
-                    "num_images_per_prompt": job.num_images,
-                    "generator": generator,
-                    "output_type": "latent",
-                    "callback_on_step_end": on_step_end,
-                }
-                if job.task == "image2image":
+        with tracker.stage("encode_prompt", model=model), self._tokenizer_lock:
+            embeds, negative, pooled, negative_pooled = pipe.encode_prompt(
+                prompt=job.prompt,
+                device=torch.device(self.device),
+                num_images_per_prompt=1,  # the pipeline call repeats embeddings per image
+                do_classifier_free_guidance=use_cfg,
+                negative_prompt=job.negative_prompt,
+            )
+        with tracker.stage("denoise", model=model):
+            call: dict[str, Any] = {
+                "prompt_embeds": embeds,
+                "negative_prompt_embeds": negative,
+                "pooled_prompt_embeds": pooled,
+                "negative_pooled_prompt_embeds": negative_pooled,
+                "num_inference_steps": job.steps,
+                "guidance_scale": guidance,
+                "num_images_per_prompt": job.num_images,
+                "generator": generator,
+                "output_type": "latent",
+                "callback_on_step_end": on_step_end,
+            }
+            if task == "image2image":
+                if latents is not None:
+                    call["image"], call["denoising_start"] = latents, start
+                else:
                     call["image"] = self._encode_image(pipe, job.image, generator)
                     call["strength"] = float(job.config["strength"])
-                    for key in ("aesthetic_score", "negative_aesthetic_score"):
-                        if key in job.config:
-                            call[key] = float(job.config[key])
-                else:
-                    call["width"], call["height"] = job.width, job.height
-                latents = pipe(**call).images
-            with tracker.stage("decode"):
-                return self._decode(pipe, latents)
+                for key in ("aesthetic_score", "negative_aesthetic_score"):
+                    if key in job.config:
+                        call[key] = float(job.config[key])
+            else:
+                call["width"], call["height"] = job.width, job.height
+            if end is not None:
+                call["denoising_end"] = end
+            out = pipe(**call).images
+            if end is not None:
+                tracker.facts["base_steps"] = pipe.num_timesteps
+        return pipe, out
 
     def _encode_image(self, pipe, image, generator):
         """The input image as scaled latents (4 channels: the pipeline then skips its own VAE pass)."""

@@ -1,5 +1,5 @@
 """Diffusion features through real processes (tiny SDXL on CPU), in-process and on a gRPC worker:
-LoRA adapters, step previews."""
+LoRA adapters, step previews, base + refiner in one job."""
 
 from __future__ import annotations
 
@@ -166,3 +166,12 @@ class RemoteWorkerTests(Served):
         # step previews cross gRPC inside the events and become the gateway's artifacts
         previews = yield self.finish(job_body(num_inference_steps=3, preview_every=1))
         yield self.check_previews(previews, 1, 3)
+        # base + refiner in one job on the worker: one event stream with both denoise stages
+        ensemble = yield self.finish(job_body(num_inference_steps=5, preview_every=0,
+                                              refiner={"model": "sdxl-refiner-1.0", "switch_at": 0.6}))
+        self.assertEqual(ensemble["state"], "succeeded", ensemble["error"])
+        denoisers = [e["data"]["model"] for e in ensemble["events"]
+                     if e["event"] == "stage_start" and e["stage"] == "denoise"]
+        self.assertEqual(denoisers, [BASE, "sdxl-refiner-1.0"])
+        steps = [e["data"]["step"] for e in ensemble["events"] if e["event"] == "stage_progress"]
+        self.assertEqual(steps, [1, 2, 3, 4, 5])

@@ -11,7 +11,7 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from omnirt.backends import probe
 from omnirt.contract import GenerateRequest
-from omnirt.engine.base import CancelToken, EngineJob
+from omnirt.engine.base import CancelToken, EngineJob, JobFailed
 from omnirt.engine.engine import Engine
 from omnirt.registry import resolve_request
 from tests.unit.test_stub import Recorder
@@ -64,3 +64,42 @@ class PreviewTests(SynchronousTestCase):
         without, events = run(make_job(preview_every=0))
         self.assertEqual(with_previews.blobs, without.blobs)
         self.assertFalse(any("preview_b64" in d for _e, _s, d in events))
+
+
+class RefinerEnsembleTests(SynchronousTestCase):
+    def test_base_then_refiner_in_one_job(self):
+        """config.refiner runs the base to switch_at and the refiner from there: two denoise stages (base,
+        then refiner), progress steps that count on to the job's total, previews through both, both cached."""
+        engine = Engine(backend="cpu", model_paths=tiny_paths())
+        self.addCleanup(engine.close)
+        outcome, events = run(make_job(num_inference_steps=10, preview_every=2,
+                                       refiner={"model": REFINER, "switch_at": 0.6}), engine)
+        stages = [(e, s, d.get("model")) for e, s, d in events if e == "stage_start"]
+        self.assertEqual(stages, [
+            ("stage_start", "load_pipeline", BASE), ("stage_start", "load_pipeline", REFINER),
+            ("stage_start", "encode_prompt", BASE), ("stage_start", "denoise", BASE),
+            ("stage_start", "encode_prompt", REFINER), ("stage_start", "denoise", REFINER),
+            ("stage_start", "decode", REFINER), ("stage_start", "export", BASE),
+        ])
+        steps = [d["step"] for e, _s, d in events if e == "stage_progress"]
+        self.assertEqual(steps, list(range(1, 11)))
+        self.assertEqual([d["total"] for e, _s, d in events if e == "stage_progress"][-1], 10)
+        self.assertEqual([d["step"] for e, _s, d in events if e == "stage_progress" and "preview_b64" in d],
+                         [2, 4, 6, 8, 10])
+        self.assertEqual(sorted(engine.loaded_models()), [BASE, REFINER])
+        self.assertEqual(outcome.result.metadata.config_resolved["refiner"], {"model": REFINER, "switch_at": 0.6})
+        again, _ = run(make_job(num_inference_steps=10, refiner={"model": REFINER, "switch_at": 0.6}), engine)
+        self.assertEqual(again.blobs, outcome.blobs)  # deterministic
+        base_only, _ = run(make_job(num_inference_steps=10), engine)
+        self.assertNotEqual(base_only.blobs, outcome.blobs)
+        self.assertEqual(engine.cache.loads, 2)
+
+    def test_missing_refiner_fails_fast(self):
+        """A worker without the refiner's weights fails the job at load, before the base denoises anything."""
+        engine = Engine(backend="cpu", model_paths={BASE: tiny_paths()[BASE], REFINER: "/nonexistent/refiner"})
+        self.addCleanup(engine.close)
+        rec = Recorder()
+        with self.assertRaises(JobFailed) as caught:
+            engine.run(make_job(refiner={"model": REFINER, "switch_at": 0.5}), rec, CancelToken())
+        self.assertIn(REFINER, str(caught.exception))
+        self.assertFalse(any(s == "denoise" for _e, s, _d in rec.events))

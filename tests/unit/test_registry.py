@@ -133,6 +133,13 @@ PROBLEM_CASES = [
     ("strength on text2image", make(config={"strength": 0.5}), ("config", "strength"), "only applies to image2image"),
     ("preview_every negative", make(config={"preview_every": -1}), ("config", "preview_every"), "from 0 (off)"),
     ("preview_every float", make(config={"preview_every": 2.5}), ("config", "preview_every"), "from 0 (off)"),
+    ("refiner not object", make(config={"refiner": "sdxl-refiner-1.0"}), ("config", "refiner"), "must be an object"),
+    ("refiner unknown model", make(config={"refiner": {"model": "nope"}}), ("config", "refiner", "model"), "sdxl-refiner-1.0"),
+    ("refiner is the base", make(config={"refiner": {"model": "sdxl-base-1.0"}}), ("config", "refiner", "model"), "must be one of"),
+    ("refiner switch 0", make(config={"refiner": {"model": "sdxl-refiner-1.0", "switch_at": 0}}), ("config", "refiner", "switch_at"), "strictly between"),
+    ("refiner switch 1", make(config={"refiner": {"model": "sdxl-refiner-1.0", "switch_at": 1.0}}), ("config", "refiner", "switch_at"), "strictly between"),
+    ("refiner extra key", make(config={"refiner": {"model": "sdxl-refiner-1.0", "steps": 3}}), ("config", "refiner", "steps"), "unknown refiner key"),
+    ("refiner on image2image", make(task="image2image", config={"refiner": {"model": "sdxl-refiner-1.0"}}), ("config", "refiner"), "after a text2image"),
     ("adapter kind", make(adapters=[{"kind": "hypernetwork", "name": "a"}]), ("adapters", 0, "kind"), "unknown adapter kind"),
     ("adapter name and path", make(adapters=[{"name": "a", "path": "/x/a.safetensors"}]), ("adapters", 0, "name"), "exactly one"),
     ("adapter neither", make(adapters=[{"scale": 1.0}]), ("adapters", 0, "name"), "exactly one"),
@@ -178,4 +185,6 @@ class ValidationTests(SynchronousTestCase):
                                      "num_images_per_prompt": MAX_IMAGES, "stub_step_delay_ms": 0}))
         resolve_request(make(task="image2image", config={"num_inference_steps": 1, "strength": 1.0}))
         resolve_request(make(task="image2image", inputs={"image": {"artifact": "ab" * 32}}))
+        self.assertEqual(resolve_request(make(config={"refiner": {"model": "sdxl-refiner-1.0"}})).config["refiner"],
+                         {"model": "sdxl-refiner-1.0", "switch_at": 0.8})
         resolve_request(make(adapters=[{"name": "a", "scale": -MAX_ADAPTER_SCALE}, {"path": "/x/b", "scale": 0}]))
