@@ -56,7 +56,9 @@ CONFIG_KEYS = frozenset(
         "refiner",
     }
 )
-INPUT_KEYS = frozenset({"prompt", "negative_prompt", "image"})
+INPUT_KEYS = frozenset({"prompt", "negative_prompt", "image", "mask"})
+#: tasks that take an input image, and those that take strength
+IMAGE_TASKS = ("image2image", "inpaint")
 
 PRESETS: dict[str, dict[str, Any]] = {
     "fast": {"num_inference_steps": 20, "guidance_scale": 5.5},
@@ -113,13 +115,13 @@ MODELS: dict[str, ModelSpec] = {
     for spec in (
         ModelSpec(
             id="sdxl-base-1.0",
-            tasks=("text2image", "image2image"),
+            tasks=("text2image", "image2image", "inpaint"),
             tier="adjacent",
             maturity="stable",
-            summary="Stable Diffusion XL 1.0 base: text-to-image and image-to-image at 1024x1024.",
+            summary="Stable Diffusion XL 1.0 base: text-to-image, image-to-image and inpainting at 1024x1024.",
             default_source="stabilityai/stable-diffusion-xl-base-1.0",
             defaults=dict(_SDXL_DEFAULTS),
-            task_defaults={"image2image": {"strength": 0.8}},
+            task_defaults={"image2image": {"strength": 0.8}, "inpaint": {"strength": 0.99}},
         ),
         ModelSpec(
             id="sdxl-refiner-1.0",
@@ -213,14 +215,15 @@ def resolve_request(
     negative = request.inputs.get("negative_prompt")
     if negative is not None and not isinstance(negative, str):
         bad(("inputs", "negative_prompt"), "negative_prompt must be a string")
-    image = request.inputs.get("image")
-    if request.task == "image2image":
-        if image is None:
-            bad(("inputs", "image"), "image2image needs an input image (base64, data URL, or artifact:<sha256>)")
-        elif not (isinstance(image, str) and image) and not (isinstance(image, dict) and "artifact" in image):
-            bad(("inputs", "image"), "image must be a base64 string, a data URL, or an artifact reference")
-    elif image is not None:
-        bad(("inputs", "image"), f"task {request.task!r} takes no input image")
+    for field, tasks in (("image", IMAGE_TASKS), ("mask", ("inpaint",))):
+        image = request.inputs.get(field)
+        if request.task in tasks:
+            if image is None:
+                bad(("inputs", field), f"{request.task} needs an input {field} (base64, data URL, or artifact:<sha256>)")
+            elif not (isinstance(image, str) and image) and not (isinstance(image, dict) and "artifact" in image):
+                bad(("inputs", field), f"{field} must be a base64 string, a data URL, or an artifact reference")
+        elif image is not None:
+            bad(("inputs", field), f"task {request.task!r} takes no input {field}")
 
     preset = request.config.get("preset")
     if preset is not None and preset not in PRESETS:
@@ -274,7 +277,9 @@ def resolve_request(
         if key in config and not _is_number(config[key]):
             bad(("config", key), f"{key} must be a number")
 
-    if request.task == "image2image":
+    if request.task in IMAGE_TASKS and request.task not in spec.tasks:
+        pass  # the task problem is reported already; strength has no default to check against
+    elif request.task in IMAGE_TASKS:
         strength = config.get("strength")
         if not _is_number(strength) or not 0 < strength <= 1:
             bad(("config", "strength"), "strength must be a number in (0, 1]")
@@ -285,7 +290,7 @@ def resolve_request(
                 f"({steps} x {strength} = {steps * strength:g}); raise steps or strength",
             )
     elif "strength" in request.config:
-        bad(("config", "strength"), "strength only applies to image2image")
+        bad(("config", "strength"), "strength only applies to image2image and inpaint")
 
     _check_adapters(request, bad)
     if config.get("refiner") is not None:

@@ -37,7 +37,7 @@ from omnirt.contract import Artifact, GenerateResult, RunReport
 from omnirt.engine.adapters import AdapterDirs, AdapterRejected
 from omnirt.engine.base import CancelToken, EmitFn, EngineJob, JobCancelled, JobFailed, RunOutcome
 from omnirt.engine.cache import PipelineCache
-from omnirt.engine.images import decode_input_image, png_bytes
+from omnirt.engine.images import decode_input_image, inpaint_problem, png_bytes
 from omnirt.engine.render import RenderJob, StageTracker, describe_error
 from omnirt.registry import get_model
 
@@ -232,9 +232,16 @@ class Engine:
             raise JobFailed(exc.message) from None
         if adapters:
             config["adapters"] = [{"path": a.path, "scale": a.scale} for a in adapters]
-        image = None
+        image = mask = None
+        width, height = int(config["width"]), int(config["height"])
         if request.task == "image2image":
-            image = decode_input_image(request.inputs.get("image"), int(config["width"]), int(config["height"]))
+            image = decode_input_image(request.inputs.get("image"), width, height)
+        elif request.task == "inpaint":
+            problem = inpaint_problem(request.inputs)
+            if problem is not None:
+                raise JobFailed(f"inputs.{problem[0]}: {problem[1]}")
+            image = decode_input_image(request.inputs.get("image"), width, height)
+            mask = decode_input_image(request.inputs.get("mask"), width, height, field="mask", mode="L")
         render_job = RenderJob(
             task=request.task,
             model=request.model,
@@ -243,6 +250,7 @@ class Engine:
             image=image,
             config=config,
             adapters=adapters,
+            mask=mask,
         )
         renderer = _renderer(backend)
         tracker = StageTracker(request.model, emit, cancel)

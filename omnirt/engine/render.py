@@ -32,6 +32,8 @@ class RenderJob:
     config: dict[str, Any]
     #: omnirt.engine.adapters.ResolvedAdapter for each LoRA of the job (files already checked)
     adapters: tuple[Any, ...] = ()
+    #: the inpaint mask (PIL "L", width x height; white = repaint), else None
+    mask: Any = None
     #: the loaded refiner of a base + refiner job (``config.refiner``), else None
     refiner: Any = None
 

@@ -28,6 +28,7 @@ from omnirt.contract import (
     RequestInvalid,
     request_fingerprint,
 )
+from omnirt.engine.images import inpaint_problem
 from omnirt.jobs.dispatcher import Dispatcher, QueuedJob
 from omnirt.jobs.errors import JobConflict, JobNotFoundError, NoWorkerForModel, QueueFull, ServiceUnavailable
 from omnirt.jobs.limits import TooManyJobs
@@ -193,19 +194,24 @@ class JobService:
     async def _resolve_artifact_refs(self, request: GenerateRequest) -> GenerateRequest:
         """Replace an ``artifact:<sha256>`` / ``{"artifact": sha}`` input image with its bytes
         (workers share no filesystem with the gateway)."""
-        image = request.inputs.get("image")
-        sha = None
-        if isinstance(image, dict):
-            sha = str(image.get("artifact", ""))
-        elif isinstance(image, str) and image.startswith("artifact:"):
-            sha = image.removeprefix("artifact:")
-        if sha is None:
-            return request
-        blob = await self.dispatcher.artifacts.read(sha)
-        if blob is None:
-            raise RequestInvalid([Problem(loc=("inputs", "image"), msg=f"unknown artifact {sha!r}")])
         inputs = dict(request.inputs)
-        inputs["image"] = base64.b64encode(blob).decode()
+        for field in ("image", "mask"):  # the inpaint mask may be an artifact too
+            image = request.inputs.get(field)
+            sha = None
+            if isinstance(image, dict):
+                sha = str(image.get("artifact", ""))
+            elif isinstance(image, str) and image.startswith("artifact:"):
+                sha = image.removeprefix("artifact:")
+            if sha is None:
+                continue
+            blob = await self.dispatcher.artifacts.read(sha)
+            if blob is None:
+                raise RequestInvalid([Problem(loc=("inputs", field), msg=f"unknown artifact {sha!r}")])
+            inputs[field] = base64.b64encode(blob).decode()
+        if request.task == "inpaint":
+            problem = inpaint_problem(inputs)  # mask size against the image: a 400 here, not a job error
+            if problem is not None:
+                raise RequestInvalid([Problem(loc=("inputs", problem[0]), msg=problem[1])])
         return request.model_copy(update={"inputs": inputs})
 
     # -- read --------------------------------------------------------------------------------

@@ -46,6 +46,8 @@ SCHEDULER_CLASSES = {
 TASK_PIPELINES = {
     "text2image": "StableDiffusionXLPipeline",
     "image2image": "StableDiffusionXLImg2ImgPipeline",
+    # built from the loaded base's modules like the others: no second copy of the weights
+    "inpaint": "StableDiffusionXLInpaintPipeline",
 }
 
 _torch_configured = threading.Lock()
@@ -254,6 +256,10 @@ class SdxlModel:
                 for key in ("aesthetic_score", "negative_aesthetic_score"):
                     if key in job.config:
                         call[key] = float(job.config[key])
+            elif task == "inpaint":
+                call["image"], call["mask_image"] = job.image, job.mask
+                call["strength"] = float(job.config["strength"])
+                call["width"], call["height"] = job.width, job.height
             else:
                 call["width"], call["height"] = job.width, job.height
             if end is not None:

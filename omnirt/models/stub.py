@@ -32,7 +32,7 @@ def load(model_id: str, *, source: str | None = None, local: bool = False, backe
 
 
 def denoise_steps(job: RenderJob) -> int:
-    if job.task == "image2image":
+    if job.task in ("image2image", "inpaint"):
         return max(1, int(job.steps * float(job.config.get("strength", 1.0))))
     return job.steps
 
@@ -49,7 +49,7 @@ class StubModel:
             digest = _digest(job)
         total = denoise_steps(job)
         delay_s = float(job.config.get("stub_step_delay_ms") or 0) / 1000.0
-        first_timestep = 999 if job.task != "image2image" else int(999 * float(job.config.get("strength", 1.0)))
+        first_timestep = 999 if job.task not in ("image2image", "inpaint") else int(999 * float(job.config.get("strength", 1.0)))
         every = int(job.config.get("preview_every") or 0)
         with tracker.stage("denoise"):
             for i in range(total):
@@ -83,7 +83,8 @@ def _digest(job: RenderJob) -> bytes:
         "seed": job.seed,
         "width": job.width,
         "height": job.height,
-        "strength": job.config.get("strength") if job.task == "image2image" else None,
+        "strength": job.config.get("strength") if job.task in ("image2image", "inpaint") else None,
+        "mask": hashlib.sha256(job.mask.tobytes()).hexdigest() if job.mask is not None else None,
         "image": hashlib.sha256(job.image.tobytes()).hexdigest() if job.image is not None else None,
     }
     # the stub's stand-in for a LoRA: each adapter with a non-zero scale changes the picture

@@ -103,3 +103,44 @@ class RefinerEnsembleTests(SynchronousTestCase):
             engine.run(make_job(refiner={"model": REFINER, "switch_at": 0.5}), rec, CancelToken())
         self.assertIn(REFINER, str(caught.exception))
         self.assertFalse(any(s == "denoise" for _e, s, _d in rec.events))
+
+
+def png_b64(size, colour, mode="RGB") -> str:
+    buf = io.BytesIO()
+    Image.new(mode, size, colour).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def half_mask(size=(64, 64)) -> str:
+    mask = Image.new("L", size, 0)
+    mask.paste(255, (0, 0, size[0] // 2, size[1]))  # repaint the left half
+    buf = io.BytesIO()
+    mask.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+class InpaintTests(SynchronousTestCase):
+    def test_inpaint_on_the_base_weights(self):
+        """Task inpaint on the base runs diffusers' SDXL inpaint pipeline over the already-loaded base modules
+        (no second load), repaints the masked half and keeps the rest close to the input."""
+        engine = Engine(backend="cpu", model_paths=tiny_paths())
+        self.addCleanup(engine.close)
+        run(make_job(), engine)
+        inputs = {"prompt": "a door", "image": png_b64((64, 64), (200, 40, 40)), "mask": half_mask()}
+        outcome, events = run(make_job(task="inpaint", inputs=inputs, num_inference_steps=5), engine)
+        self.assertEqual(engine.cache.loads, 1)  # the inpaint pipeline shares the base's weights
+        picture = Image.open(io.BytesIO(outcome.blobs[0])).convert("RGB")
+        self.assertEqual(picture.size, (64, 64))
+        kept = [picture.getpixel((x, y)) for x in range(40, 64, 4) for y in range(0, 64, 8)]
+        repainted = [picture.getpixel((x, y)) for x in range(0, 24, 4) for y in range(0, 64, 8)]
+        distance = lambda px: sum(abs(a - b) for a, b in zip(px, (200, 40, 40), strict=True))  # noqa: E731
+        self.assertLess(sum(map(distance, kept)) / len(kept), sum(map(distance, repainted)) / len(repainted))
+        again, _ = run(make_job(task="inpaint", inputs=inputs, num_inference_steps=5), engine)
+        self.assertEqual(again.blobs, outcome.blobs)
+
+    def test_mask_of_another_size_fails_clearly(self):
+        """A mask whose size differs from the image's fails naming inputs.mask and both sizes."""
+        inputs = {"prompt": "a door", "image": png_b64((64, 64), (200, 40, 40)), "mask": half_mask((32, 64))}
+        with self.assertRaises(JobFailed) as caught:
+            run(make_job(task="inpaint", inputs=inputs))
+        self.assertIn("inputs.mask: mask is 32x64 but the image is 64x64", str(caught.exception))

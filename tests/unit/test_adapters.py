@@ -250,3 +250,31 @@ class GatewayAdapterTests(GatewayTestCase):
         resp, content = yield self.h.request("POST", "/v1/generate", body)
         self.assertEqual(resp.code, 400)
         self.assertEqual(json.loads(content)["detail"][0]["loc"], ["adapters", 0, "scale"])
+
+
+def _png(size) -> str:
+    import base64
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", size, (9, 9, 9)).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+class GatewayInpaintTests(GatewayTestCase):
+    @inlineCallbacks
+    def test_mask_size_checked_at_submission(self):
+        """An inpaint mask of another size than its image is a 400 at inputs.mask, before any worker sees it."""
+        body = {"task": "inpaint", "model": "sdxl-base-1.0",
+                "inputs": {"prompt": "a door", "image": _png((64, 64)), "mask": _png((64, 32))},
+                "config": {"width": 64, "height": 64, "num_inference_steps": 2}}
+        resp, content = yield self.h.request("POST", "/v1/jobs", body)
+        self.assertEqual(resp.code, 400, content)
+        detail = json.loads(content)["detail"]
+        self.assertEqual(detail[0]["loc"], ["inputs", "mask"])
+        self.assertIn("64x32 but the image is 64x64", detail[0]["msg"])
+        body["inputs"]["mask"] = "bm90IGFuIGltYWdl"
+        resp, content = yield self.h.request("POST", "/v1/jobs", body)
+        self.assertEqual((resp.code, json.loads(content)["detail"][0]["loc"]), (400, ["inputs", "mask"]))

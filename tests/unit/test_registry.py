@@ -100,7 +100,11 @@ class MergeOrderTests(SynchronousTestCase):
 PROBLEM_CASES = [
     ("task not served", make(model="sdxl-refiner-1.0"), ("task",), "does not serve"),
     ("unknown backend", make(backend="tpu"), ("backend",), "unknown backend"),
-    ("unknown input key", make(inputs={"prompt": "p", "mask": "x"}), ("inputs", "mask"), "unknown input key"),
+    ("unknown input key", make(inputs={"prompt": "p", "depth": "x"}), ("inputs", "depth"), "unknown input key"),
+    ("mask on text2image", make(inputs={"prompt": "p", "mask": "x"}), ("inputs", "mask"), "takes no input mask"),
+    ("inpaint without mask", make(task="inpaint", inputs={"prompt": "p", "image": "aGk="}), ("inputs", "mask"), "needs an input mask"),
+    ("inpaint mask wrong type", make(task="inpaint", inputs={"image": "aGk=", "mask": 3}), ("inputs", "mask"), "base64 string"),
+    ("inpaint on refiner", make(task="inpaint", model="sdxl-refiner-1.0", inputs={"image": "aGk=", "mask": "aGk="}), ("task",), "does not serve"),
     ("unknown config key", make(config={"steps": 3}), ("config", "steps"), "unknown config key"),
     ("missing prompt", make(inputs={}), ("inputs", "prompt"), "non-empty prompt"),
     ("blank prompt", make(inputs={"prompt": "   "}), ("inputs", "prompt"), "non-empty prompt"),
@@ -166,13 +170,13 @@ class ValidationTests(SynchronousTestCase):
         """A request breaking many rules gets every problem in one error, not just the first."""
         request = make(
             backend="tpu",
-            inputs={"prompt": "", "mask": 1},
+            inputs={"prompt": "", "depth": 1},
             config={"width": 7, "height": 4096, "num_inference_steps": 0, "scheduler": "x", "seed": -3, "zzz": 1},
         )
         exc = self.assertRaises(RequestInvalid, resolve_request, request)
         locs = [p.loc for p in exc.problems]
         expected = [
-            ("backend",), ("inputs", "mask"), ("config", "zzz"), ("inputs", "prompt"), ("config", "width"),
+            ("backend",), ("inputs", "depth"), ("config", "zzz"), ("inputs", "prompt"), ("config", "width"),
             ("config", "height"), ("config", "num_inference_steps"), ("config", "seed"), ("config", "scheduler"),
         ]
         self.assertEqual(sorted(locs), sorted(expected))
