@@ -54,8 +54,17 @@ CONFIG_KEYS = frozenset(
         "negative_aesthetic_score",
         "preview_every",
         "refiner",
+        "memory_mode",
     }
 )
+#: how a pipeline is placed on an accelerator (cuda/ascend); on cpu every mode runs as "default"
+#: and the run report says the techniques were not applicable
+MEMORY_MODES = ("default", "low-vram", "sequential-offload")
+MEMORY_MODE_TECHNIQUES = {
+    "default": (),
+    "low-vram": ("model_cpu_offload", "vae_tiling", "vae_slicing", "attention_slicing"),
+    "sequential-offload": ("sequential_cpu_offload", "vae_tiling", "vae_slicing", "attention_slicing"),
+}
 INPUT_KEYS = frozenset({"prompt", "negative_prompt", "image", "mask"})
 #: tasks that take an input image, and those that take strength
 IMAGE_TASKS = ("image2image", "inpaint")
@@ -64,7 +73,15 @@ PRESETS: dict[str, dict[str, Any]] = {
     "fast": {"num_inference_steps": 20, "guidance_scale": 5.5},
     "balanced": {"guidance_scale": 7.5},
     "quality": {"num_inference_steps": 40, "guidance_scale": 8.0},
-    "low-vram": {"num_inference_steps": 18, "dtype": "fp16"},
+    "low-vram": {"memory_mode": "low-vram", "dtype": "fp16"},
+}
+#: what each preset does, in words (``omnirt models ID`` prints it)
+PRESET_DOCS = {
+    "fast": "20 steps, guidance 5.5",
+    "balanced": "guidance 7.5 (the model's steps)",
+    "quality": "40 steps, guidance 8.0",
+    "low-vram": "fp16; on cuda/ascend: model CPU offload (each module on the device only while it runs), "
+                "VAE tiling and slicing, attention slicing; not applicable on cpu (reported in the run report)",
 }
 
 
@@ -108,6 +125,7 @@ _SDXL_DEFAULTS = {
     "seed": None,
     # a step preview every N denoise steps (0 = none): a 30-step job gets 6
     "preview_every": 5,
+    "memory_mode": "default",
 }
 
 MODELS: dict[str, ModelSpec] = {
@@ -258,6 +276,8 @@ def resolve_request(
 
     if config.get("scheduler") not in SCHEDULERS:
         bad(("config", "scheduler"), f"unknown scheduler {config.get('scheduler')!r} (one of: {', '.join(SCHEDULERS)})")
+    if config.get("memory_mode") not in MEMORY_MODES:
+        bad(("config", "memory_mode"), f"unknown memory_mode {config.get('memory_mode')!r} (one of: {', '.join(MEMORY_MODES)})")
     if config.get("dtype") not in DTYPES:
         bad(("config", "dtype"), f"unknown dtype {config.get('dtype')!r} (one of: {', '.join(DTYPES)})")
 

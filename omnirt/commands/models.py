@@ -78,7 +78,7 @@ def describe(spec) -> dict:
 
 def show(args) -> int:
     from omnirt.contract import UnknownModel
-    from omnirt.registry import PRESETS, get_model
+    from omnirt.registry import PRESET_DOCS, PRESETS, get_model
 
     if args.tier is not None:
         _tiers(args.tier)
@@ -100,7 +100,8 @@ def show(args) -> int:
             print(f"    {key} = {json.dumps(value)}")
     print("  presets (applied over the defaults, under the request's own config):")
     for name, preset in PRESETS.items():
-        print(f"    {name}: " + ", ".join(f"{k}={json.dumps(v)}" for k, v in preset.items()))
+        print(f"    {name}: " + ", ".join(f"{k}={json.dumps(v)}" for k, v in preset.items())
+              + (f" ({PRESET_DOCS[name]})" if name in PRESET_DOCS else ""))
     return 0
 
 

@@ -185,21 +185,22 @@ class Engine:
 
     def _load(self, model_id: str, renderer, backend: str, dtype: str, tracker: StageTracker):
         """The cached pipeline of ``model_id`` (loaded once), in a load_pipeline stage of its own."""
-        key = (model_id, backend, dtype, renderer.placement(backend))
+        memory_mode = str(tracker.facts.get("memory_mode", "default"))
+        key = (model_id, backend, dtype, renderer.placement(backend, memory_mode))
         with tracker.stage("load_pipeline", model=model_id) as end:
             source, local = self._source(model_id)
             loaded, end["cached"] = self.cache.get_or_load(
                 key,
                 lambda: renderer.load(
                     model_id, source=source, local=local, backend=backend, dtype=dtype,
-                    threads=self.torch_threads, **self._load_options(renderer),
+                    threads=self.torch_threads, **self._load_options(renderer, memory_mode),
                 ),
             )
         return loaded
 
-    def _load_options(self, renderer) -> dict[str, object]:
+    def _load_options(self, renderer, memory_mode: str) -> dict[str, object]:
         if renderer.__name__.endswith(".sdxl"):
-            return {"adapter_cache_size": self.adapter_cache_size}
+            return {"adapter_cache_size": self.adapter_cache_size, "memory_mode": memory_mode}
         return {}
 
     def _run_job(self, job: EngineJob, backend: str, emit: EmitFn, cancel: CancelToken) -> RunOutcome:
@@ -254,8 +255,15 @@ class Engine:
         )
         renderer = _renderer(backend)
         tracker = StageTracker(request.model, emit, cancel)
+        tracker.facts["memory_mode"] = config.get("memory_mode", "default")
 
         loaded = self._load(request.model, renderer, backend, dtype, tracker)
+        mode = tracker.facts["memory_mode"]
+        tracker.facts["memory_techniques"] = list(getattr(loaded, "memory_techniques", ()))
+        if mode != "default" and not tracker.facts["memory_techniques"]:
+            tracker.facts["memory_mode_note"] = (
+                f"memory_mode {mode} is not applicable on {backend} (no accelerator memory to save): nothing changed"
+            )
         refiner_spec = config.get("refiner")
         if refiner_spec:  # loaded before the base runs: a worker without the refiner fails fast
             if backend == "cpu-stub":

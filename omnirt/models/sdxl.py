@@ -80,8 +80,33 @@ def configure_torch(threads: int) -> None:
         _torch_ready = True
 
 
-def placement(backend: str) -> str:
-    return torch_device(backend)
+def placement(backend: str, memory_mode: str = "default") -> str:
+    """The cache's placement key: the device, plus the memory mode where one applies (accelerators)."""
+    device = torch_device(backend)
+    if memory_mode == "default" or backend not in ACCELERATOR_BACKENDS:
+        return device
+    return f"{device}+{memory_mode}"
+
+
+#: backends whose device memory the memory modes save (on cpu they change nothing)
+ACCELERATOR_BACKENDS = ("cuda", "ascend")
+
+
+def apply_memory_mode(pipe, memory_mode: str, backend: str, device: str) -> tuple[str, ...]:
+    """Place ``pipe`` on ``device`` as ``memory_mode`` says; return the techniques applied."""
+    if memory_mode == "default" or backend not in ACCELERATOR_BACKENDS:
+        pipe.to(device)
+        return ()
+    if memory_mode == "sequential-offload":
+        pipe.enable_sequential_cpu_offload(device=device)
+        applied = ["sequential_cpu_offload"]
+    else:
+        pipe.enable_model_cpu_offload(device=device)
+        applied = ["model_cpu_offload"]
+    pipe.vae.enable_tiling()
+    pipe.vae.enable_slicing()
+    pipe.enable_attention_slicing()
+    return (*applied, "vae_tiling", "vae_slicing", "attention_slicing")
 
 
 def _torch_dtype(dtype: str):
@@ -91,7 +116,7 @@ def _torch_dtype(dtype: str):
 
 
 def load(model_id: str, *, source: str, local: bool, backend: str, dtype: str, threads: int,
-         adapter_cache_size: int = 8) -> SdxlModel:
+         adapter_cache_size: int = 8, memory_mode: str = "default") -> SdxlModel:
     """Load ``source`` (a local diffusers folder, or a hub id when ``local`` is False)."""
     configure_torch(threads)
     if local:
@@ -120,11 +145,13 @@ def load(model_id: str, *, source: str, local: bool, backend: str, dtype: str, t
             f"on a host without the hub, pass --model-path {model_id}=DIR "
             f"(offline test weights: omnirt models make-tiny DIR)"
         ) from exc
-    device = placement(backend)
-    pipe.to(device)
-    if torch_dtype == torch.float16 and getattr(pipe.vae.config, "force_upcast", False):
+    device = torch_device(backend)
+    techniques = apply_memory_mode(pipe, memory_mode, backend, device)
+    if torch_dtype == torch.float16 and getattr(pipe.vae.config, "force_upcast", False) and not techniques:
         pipe.vae.to(torch.float32)  # what diffusers does per call, done once, without mutating mid-job
-    return SdxlModel(model_id, pipe, device, backend, adapter_cache_size=adapter_cache_size)
+    model = SdxlModel(model_id, pipe, device, backend, adapter_cache_size=adapter_cache_size)
+    model.memory_techniques = techniques
+    return model
 
 
 class SdxlModel:
@@ -138,6 +165,8 @@ class SdxlModel:
         self.pipe = pipe
         self.device = device
         self.backend = backend
+        #: what the memory mode applied to this pipeline (``apply_memory_mode``); () = plain placement
+        self.memory_techniques: tuple[str, ...] = ()
         #: the fast tokenizers keep padding/truncation state per call: one encode_prompt at a time
         #: (two at once gave "Expected size 23 but got size 77")
         self._tokenizer_lock = threading.Lock()
@@ -172,6 +201,7 @@ class SdxlModel:
         """Run the job's stages with its adapter set active on the shared modules (see ``AdapterGate``)."""
         from omnirt.engine.adapters import AdapterRejected
 
+        self._reset_peak_memory()
         started = tracker.clock()
         try:
             with self.adapters.use(job.adapters, tracker.cancel) as held:
@@ -292,8 +322,17 @@ class SdxlModel:
         pixels = vae.decode(latents, return_dict=False)[0]
         return pipe.image_processor.postprocess(pixels, output_type="pil")
 
+    def _reset_peak_memory(self) -> None:
+        """Peak accelerator memory is measured per job (with concurrent jobs on one device it is their joint peak)."""
+        import torch
+
+        if self.backend == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        elif self.backend == "ascend":
+            torch.npu.reset_peak_memory_stats()  # type: ignore[attr-defined]
+
     def memory(self) -> dict[str, float]:
-        """Process-wide peak accelerator memory, in MiB (empty on CPU)."""
+        """Peak accelerator memory since this job began, in MiB (empty on CPU)."""
         import torch
 
         if self.backend == "cuda":

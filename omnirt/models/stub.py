@@ -21,7 +21,7 @@ from omnirt.engine.render import RenderJob, StageTracker
 _CANCEL_POLL_S = 0.01
 
 
-def placement(backend: str) -> str:
+def placement(backend: str, memory_mode: str = "default") -> str:
     return "cpu"
 
 

@@ -144,3 +144,31 @@ class InpaintTests(SynchronousTestCase):
         with self.assertRaises(JobFailed) as caught:
             run(make_job(task="inpaint", inputs=inputs))
         self.assertIn("inputs.mask: mask is 32x64 but the image is 64x64", str(caught.exception))
+
+
+class MemoryModeTests(SynchronousTestCase):
+    def test_low_vram_on_cpu_is_reported_not_applicable(self):
+        """The low-vram preset on cpu changes nothing (same pipeline, same image, same steps) and the run report
+        says it was not applicable; the report carries the host's peak RSS."""
+        engine = Engine(backend="cpu", model_paths=tiny_paths())
+        self.addCleanup(engine.close)
+        plain, _ = run(make_job(), engine)
+        low, _ = run(make_job(preset="low-vram"), engine)
+        self.assertEqual(engine.cache.loads, 1)
+        self.assertEqual(low.blobs, plain.blobs)
+        report = low.result.metadata
+        self.assertEqual(report.config_resolved["memory_mode"], "low-vram")
+        self.assertEqual(report.config_resolved["num_inference_steps"], 4)
+        self.assertEqual(report.config_resolved["memory_techniques"], [])
+        self.assertIn("not applicable on cpu", report.config_resolved["memory_mode_note"])
+        self.assertNotIn("memory_mode_note", plain.result.metadata.config_resolved)
+        self.assertGreater(report.memory["peak_rss_mb"], 0)
+        self.assertNotIn("peak_gpu_mb", report.memory)
+
+    def test_memory_mode_placement(self):
+        """On accelerators each memory mode is its own cache placement; on cpu every mode shares one."""
+        from omnirt.models.sdxl import placement
+
+        self.assertEqual({placement("cpu", m) for m in ("default", "low-vram", "sequential-offload")}, {"cpu"})
+        self.assertEqual(placement("cuda", "low-vram"), "cuda+low-vram")
+        self.assertEqual(placement("cuda", "default"), "cuda")

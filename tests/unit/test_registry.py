@@ -79,6 +79,8 @@ class MergeOrderTests(SynchronousTestCase):
         self.assertEqual(config["num_inference_steps"], PRESETS["fast"]["num_inference_steps"])
         self.assertEqual(config["guidance_scale"], 3.0)
         self.assertEqual(resolve_request(make(config={"preset": "low-vram"})).config["dtype"], "fp16")
+        low = resolve_request(make(config={"preset": "low-vram"})).config
+        self.assertEqual((low["memory_mode"], low["num_inference_steps"]), ("low-vram", 30))  # steps untouched
         user = resolve_request(make(config={"preset": "low-vram", "dtype": "fp32", "num_inference_steps": 5}))
         self.assertEqual((user.config["dtype"], user.config["num_inference_steps"]), ("fp32", 5))
 
@@ -144,6 +146,7 @@ PROBLEM_CASES = [
     ("refiner switch 1", make(config={"refiner": {"model": "sdxl-refiner-1.0", "switch_at": 1.0}}), ("config", "refiner", "switch_at"), "strictly between"),
     ("refiner extra key", make(config={"refiner": {"model": "sdxl-refiner-1.0", "steps": 3}}), ("config", "refiner", "steps"), "unknown refiner key"),
     ("refiner on image2image", make(task="image2image", config={"refiner": {"model": "sdxl-refiner-1.0"}}), ("config", "refiner"), "after a text2image"),
+    ("unknown memory mode", make(config={"memory_mode": "tiny"}), ("config", "memory_mode"), "unknown memory_mode"),
     ("adapter kind", make(adapters=[{"kind": "hypernetwork", "name": "a"}]), ("adapters", 0, "kind"), "unknown adapter kind"),
     ("adapter name and path", make(adapters=[{"name": "a", "path": "/x/a.safetensors"}]), ("adapters", 0, "name"), "exactly one"),
     ("adapter neither", make(adapters=[{"scale": 1.0}]), ("adapters", 0, "name"), "exactly one"),
