@@ -257,6 +257,7 @@ class SdxlModel:
             return {}
 
         with tracker.stage("encode_prompt", model=model), self._tokenizer_lock:
+            self._note_truncation(pipe, job, tracker)
             embeds, negative, pooled, negative_pooled = pipe.encode_prompt(
                 prompt=job.prompt,
                 device=torch.device(self.device),
@@ -298,6 +299,20 @@ class SdxlModel:
             if end is not None:
                 tracker.facts["base_steps"] = pipe.num_timesteps
         return pipe, out
+
+    @staticmethod
+    def _note_truncation(pipe, job: RenderJob, tracker: StageTracker) -> None:
+        """A prompt longer than the text encoder's window is cut by diffusers: say so in the run report."""
+        tokenizer = pipe.tokenizer or pipe.tokenizer_2
+        limit = int(tokenizer.model_max_length)
+        for field, text in (("prompt", job.prompt), ("negative_prompt", job.negative_prompt)):
+            if not text:
+                continue
+            count = len(tokenizer(text, truncation=False).input_ids)
+            if count > limit:
+                tracker.facts[f"{field}_truncated"] = True
+                tracker.facts[f"{field}_tokens"] = count
+                tracker.facts["prompt_token_limit"] = limit
 
     def _encode_image(self, pipe, image, generator):
         """The input image as scaled latents (4 channels: the pipeline then skips its own VAE pass)."""

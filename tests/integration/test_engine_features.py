@@ -172,3 +172,16 @@ class MemoryModeTests(SynchronousTestCase):
         self.assertEqual({placement("cpu", m) for m in ("default", "low-vram", "sequential-offload")}, {"cpu"})
         self.assertEqual(placement("cuda", "low-vram"), "cuda+low-vram")
         self.assertEqual(placement("cuda", "default"), "cuda")
+
+
+class PromptTruncationTests(SynchronousTestCase):
+    def test_long_prompt_reported_truncated(self):
+        """A prompt over the text encoder's 77 tokens is reported as truncated (with its token count); a short one is not."""
+        long_prompt = "a very long prompt " * 10
+        outcome, _ = run(make_job(inputs={"prompt": long_prompt}))
+        facts = outcome.result.metadata.config_resolved
+        self.assertTrue(facts["prompt_truncated"])
+        self.assertGreater(facts["prompt_tokens"], 77)
+        self.assertEqual(facts["prompt_token_limit"], 77)
+        short, _ = run(make_job())
+        self.assertNotIn("prompt_truncated", short.result.metadata.config_resolved)
