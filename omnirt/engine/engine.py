@@ -154,6 +154,10 @@ class Engine:
                 loaded.setdefault(key[0], set()).update(gate.loaded_labels())
         return {model: sorted(keys) for model, keys in loaded.items() if keys}
 
+    def adapter_labels(self) -> tuple[str, ...]:
+        """``loaded_adapters`` as health reports them: "<model>:<adapter name or path>"."""
+        return tuple(f"{model}:{label}" for model, labels in self.loaded_adapters().items() for label in labels)
+
     def close(self) -> None:
         """Refuse new jobs, drop queued ones, release cached pipelines (running jobs finish)."""
         if self._closed.is_set():

@@ -44,6 +44,8 @@ class QueuedJob:
     tags: tuple[str, ...]
     attempts: int = 0
     excluded: tuple[str, ...] = ()
+    #: the job's LoRA adapters (name or path): routing prefers a worker that has them loaded
+    adapters: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass
@@ -163,9 +165,9 @@ class Dispatcher:
             i = 0
             while i < len(self.queue):
                 q = self.queue[i]
-                entry = self.pool.pick(q.model, q.tags, exclude=q.excluded)
+                entry = self.pool.pick(q.model, q.tags, exclude=q.excluded, adapters=q.adapters)
                 if entry is None and q.excluded:
-                    entry = self.pool.pick(q.model, q.tags)
+                    entry = self.pool.pick(q.model, q.tags, adapters=q.adapters)
                 if entry is None:
                     i += 1
                     continue
@@ -200,7 +202,8 @@ class Dispatcher:
             fields["started_at_ms"] = self._now_ms()
         record = await self.store.transition(
             q.job_id, (JobState.queued,), JobState.running,
-            NewEvent("job_dispatched", "job", {"job_id": q.job_id, "worker_id": entry.worker_id, "attempt": attempt}),
+            NewEvent("job_dispatched", "job", {"job_id": q.job_id, "worker_id": entry.worker_id, "attempt": attempt,
+                                               "reason": self.pool.reason(entry, q.model, q.adapters)}),
             fields,
         )
         if record is None:  # cancelled meanwhile
@@ -323,7 +326,8 @@ class Dispatcher:
             return
         self.metrics.job_retries.labels(reason=reason).inc()
         if enqueue:
-            self.enqueue(QueuedJob(q.job_id, q.model, q.tags, attempts=attempts_used, excluded=excluded), front=True)
+            self.enqueue(QueuedJob(q.job_id, q.model, q.tags, attempts=attempts_used, excluded=excluded,
+                                   adapters=q.adapters), front=True)
 
     async def _store_outputs(self, record: JobRecord, running: RunningJob, outcome: RunOutcome) -> GenerateResult:
         return await store_outputs(self.artifacts, record, running.entry.worker_id, outcome)

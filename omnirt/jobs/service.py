@@ -172,7 +172,8 @@ class JobService:
         if principal is not None and self.max_jobs_per_principal is not None:
             self._principal_jobs.setdefault(principal, set()).add(job_id)
         request = record.request
-        self.dispatcher.enqueue(QueuedJob(job_id, request.model, tuple(request.routing_tags)))
+        self.dispatcher.enqueue(QueuedJob(job_id, request.model, tuple(request.routing_tags),
+                                          adapters=tuple(a.name or a.path or "" for a in request.adapters or ())))
         return record
 
     async def _check_principal(self, principal: str) -> None:

@@ -136,6 +136,7 @@ class LocalWorkerConnection:
                 capacity=self.capacity,
                 models=self.models,
                 loaded_models=tuple(self.engine.loaded_models()),
+                loaded_adapters=tuple(getattr(self.engine, "adapter_labels", tuple)()),
                 backend=getattr(self.engine, "backend", ""),
                 tags=self.tags,
                 last_error=self.last_error,

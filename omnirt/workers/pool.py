@@ -78,6 +78,7 @@ class WorkerEntry:
             "state": self.state,
             "models": list(self.conn.models or (self.health.models if self.health else ())),
             "loaded_models": list(self.loaded_models),
+            "loaded_adapters": list(self.health.loaded_adapters if self.health else ()),
             "inflight": self.inflight,
             "capacity": self.capacity,
             "tags": list(self.conn.tags),
@@ -190,8 +191,10 @@ class WorkerPool:
             and not e.busy
         ]
 
-    def pick(self, model: str, tags: Iterable[str] = (), exclude: Iterable[str] = ()) -> WorkerEntry | None:
-        """Warm model first, then lowest inflight/capacity, then round-robin."""
+    def pick(self, model: str, tags: Iterable[str] = (), exclude: Iterable[str] = (),
+             adapters: Iterable[str] = ()) -> WorkerEntry | None:
+        """Warm adapters first (those of the job), then warm model, then lowest inflight/capacity, then round-robin."""
+        wanted = {f"{model}:{a}" for a in adapters}
         candidates = self.eligible(model, tags, exclude)
         if not candidates:
             return None
@@ -200,9 +203,20 @@ class WorkerPool:
         order = {wid: (i - turn) % n for i, wid in enumerate(self.entries)}
 
         def rank(e: WorkerEntry):
-            return (0 if model in e.loaded_models else 1, e.inflight / e.capacity, order[e.worker_id])
+            warm = len(wanted - set(e.health.loaded_adapters if e.health else ()))
+            return (warm, 0 if model in e.loaded_models else 1, e.inflight / e.capacity, order[e.worker_id])
 
         return min(candidates, key=rank)
+
+    def reason(self, entry: WorkerEntry, model: str, adapters: Iterable[str] = ()) -> str:
+        """Why ``pick`` chose ``entry``, in words for ``job_dispatched.data.reason``."""
+        wanted = {f"{model}:{a}" for a in adapters}
+        loaded = set(entry.health.loaded_adapters if entry.health else ())
+        if wanted and wanted <= loaded:
+            return "warm adapter"
+        if model in entry.loaded_models:
+            return "warm model"
+        return "least loaded"
 
     def acquire(self, entry: WorkerEntry) -> None:
         entry.inflight += 1

@@ -210,6 +210,7 @@ class WorkerCore:
             inflight=len(self._running),
             capacity=self.capacity,
             models=self.models,
+            loaded_adapters=tuple(getattr(self.engine, "adapter_labels", tuple)()),
             loaded_models=loaded,
             backend=self.backend,
             tags=self.tags,

@@ -66,6 +66,8 @@ class ControlledWorker:
         self.calls: list[RunningCall] = []
         self.cancelled_ids: list[str] = []
         self.loaded: tuple[str, ...] = ()
+        #: LoRA adapters this fake reports loaded ("<model>:<name>")
+        self.loaded_adapters: tuple[str, ...] = ()
 
     def run(self, job, on_update) -> Deferred:
         d: Deferred = Deferred()
@@ -94,7 +96,7 @@ class ControlledWorker:
             return Deferred.fromCoroutine(_raise(ConnectionError("refused")))
         return succeed(WorkerHealth(ok=True, worker_id=self.worker_id, state="ready", inflight=len(self.calls),
                                     capacity=self.capacity, models=self.models, loaded_models=self.loaded,
-                                    tags=self.tags))
+                                    loaded_adapters=self.loaded_adapters, tags=self.tags))
 
     def close(self) -> Deferred:
         return succeed(None)

@@ -278,3 +278,39 @@ class GatewayInpaintTests(GatewayTestCase):
         body["inputs"]["mask"] = "bm90IGFuIGltYWdl"
         resp, content = yield self.h.request("POST", "/v1/jobs", body)
         self.assertEqual((resp.code, json.loads(content)["detail"][0]["loc"]), (400, ["inputs", "mask"]))
+
+
+class AdapterRoutingTests(SynchronousTestCase):
+    """Routing by warm adapters, on the real gateway (dispatcher, pool) with fake workers."""
+
+    @inlineCallbacks
+    def _dispatched(self, workers, adapters):
+        from tests.unit.gateway_harness import Harness
+
+        h = Harness(self, workers)
+        yield h.start()
+        body = body_for()
+        if adapters:
+            body["adapters"] = adapters
+        code, job, _ = yield h.json("POST", "/v1/jobs", body)
+        self.assertEqual(code, 202, job)
+        record = yield h.record(job["id"])
+        return next(e.data for e in record.events if e.event == "job_dispatched")
+
+    def _workers(self):
+        from tests.support.fakes import ControlledWorker
+
+        idle, warm = ControlledWorker("idle"), ControlledWorker("warm")
+        warm.loaded = idle.loaded = ("sdxl-base-1.0",)
+        warm.loaded_adapters = ("sdxl-base-1.0:style",)
+        return [idle, warm]
+
+    def test_warm_adapter_first(self):
+        """A job with an adapter goes to the worker that has it loaded, and job_dispatched says why."""
+        data = self.successResultOf(self._dispatched(self._workers(), [{"name": "style"}]))
+        self.assertEqual((data["worker_id"], data["reason"]), ("warm", "warm adapter"))
+
+    def test_without_adapters_warm_model(self):
+        """A job without adapters is routed as before (warm model, least loaded), the reason says so."""
+        data = self.successResultOf(self._dispatched(self._workers(), None))
+        self.assertEqual(data["reason"], "warm model")

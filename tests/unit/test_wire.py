@@ -69,7 +69,7 @@ class FieldNumberTests(SynchronousTestCase):
         health = self.fields(pb.HealthResponse)
         for number, name in enumerate(
             ["ok", "worker_id", "state", "model_loaded", "queue_depth", "inflight", "last_error", "gpu_mem_used_gb",
-             "capacity", "models", "loaded_models", "backend", "tags", "draining", "version"],
+             "capacity", "models", "loaded_models", "backend", "tags", "draining", "version", "loaded_adapters"],
             start=1,
         ):
             self.assertEqual(health[name], number, name)

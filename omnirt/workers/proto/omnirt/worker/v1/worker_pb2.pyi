@@ -138,7 +138,7 @@ class HealthRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class HealthResponse(_message.Message):
-    __slots__ = ("ok", "worker_id", "state", "model_loaded", "queue_depth", "inflight", "last_error", "gpu_mem_used_gb", "capacity", "models", "loaded_models", "backend", "tags", "draining", "version")
+    __slots__ = ("ok", "worker_id", "state", "model_loaded", "queue_depth", "inflight", "last_error", "gpu_mem_used_gb", "capacity", "models", "loaded_models", "backend", "tags", "draining", "version", "loaded_adapters")
     OK_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -154,6 +154,7 @@ class HealthResponse(_message.Message):
     TAGS_FIELD_NUMBER: _ClassVar[int]
     DRAINING_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    LOADED_ADAPTERS_FIELD_NUMBER: _ClassVar[int]
     ok: bool
     worker_id: str
     state: str
@@ -169,7 +170,8 @@ class HealthResponse(_message.Message):
     tags: _containers.RepeatedScalarFieldContainer[str]
     draining: bool
     version: str
-    def __init__(self, ok: _Optional[bool] = ..., worker_id: _Optional[str] = ..., state: _Optional[str] = ..., model_loaded: _Optional[bool] = ..., queue_depth: _Optional[int] = ..., inflight: _Optional[int] = ..., last_error: _Optional[str] = ..., gpu_mem_used_gb: _Optional[float] = ..., capacity: _Optional[int] = ..., models: _Optional[_Iterable[str]] = ..., loaded_models: _Optional[_Iterable[str]] = ..., backend: _Optional[str] = ..., tags: _Optional[_Iterable[str]] = ..., draining: _Optional[bool] = ..., version: _Optional[str] = ...) -> None: ...
+    loaded_adapters: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, ok: _Optional[bool] = ..., worker_id: _Optional[str] = ..., state: _Optional[str] = ..., model_loaded: _Optional[bool] = ..., queue_depth: _Optional[int] = ..., inflight: _Optional[int] = ..., last_error: _Optional[str] = ..., gpu_mem_used_gb: _Optional[float] = ..., capacity: _Optional[int] = ..., models: _Optional[_Iterable[str]] = ..., loaded_models: _Optional[_Iterable[str]] = ..., backend: _Optional[str] = ..., tags: _Optional[_Iterable[str]] = ..., draining: _Optional[bool] = ..., version: _Optional[str] = ..., loaded_adapters: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class RunRequest(_message.Message):
     __slots__ = ("request", "job_id", "attempt", "trace_id", "execution_mode", "enqueued_at_ms")
