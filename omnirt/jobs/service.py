@@ -114,6 +114,9 @@ class JobService:
         pool = self.dispatcher.pool
         if not pool.configured_for(resolved.model):
             raise NoWorkerForModel(f"no configured worker serves model {resolved.model!r}")
+        refiner = (resolved.config.get("refiner") or {}).get("model")
+        if refiner and not pool.configured_for(refiner):
+            raise NoWorkerForModel(f"no configured worker serves the refiner {refiner!r} of config.refiner")
         if resolved.routing_tags and not pool.configured_for_tags(resolved.model, resolved.routing_tags):
             raise NoWorkerForModel(
                 f"no configured worker serves model {resolved.model!r} with tags {', '.join(resolved.routing_tags)}"

@@ -314,3 +314,20 @@ class AdapterRoutingTests(SynchronousTestCase):
         """A job without adapters is routed as before (warm model, least loaded), the reason says so."""
         data = self.successResultOf(self._dispatched(self._workers(), None))
         self.assertEqual(data["reason"], "warm model")
+
+
+class RefinerAdmissionTests(GatewayTestCase):
+    @inlineCallbacks
+    def test_refiner_no_worker_serves(self):
+        """A base + refiner job where no configured worker serves the refiner is a 503 at submit, not a queued job."""
+        from tests.support.fakes import ControlledWorker
+        from tests.unit.gateway_harness import Harness
+
+        h = Harness(self, [ControlledWorker("w1", models=("sdxl-base-1.0",))])
+        yield h.start()
+        code, out, _ = yield h.json("POST", "/v1/jobs", body_for(refiner={"model": "sdxl-refiner-1.0", "switch_at": 0.7}))
+        self.assertEqual(code, 503, out)
+        self.assertIn("refiner", out["detail"])
+        code, out, _ = yield self.h.json("POST", "/v1/jobs", body_for(refiner={"model": "sdxl-refiner-1.0",
+                                                                              "switch_at": 1.5}))
+        self.assertEqual((code, out["detail"][0]["loc"]), (400, ["config", "refiner", "switch_at"]))
