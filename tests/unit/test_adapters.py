@@ -310,6 +310,22 @@ class AdapterRoutingTests(SynchronousTestCase):
         data = self.successResultOf(self._dispatched(self._workers(), [{"name": "style"}]))
         self.assertEqual((data["worker_id"], data["reason"]), ("warm", "warm adapter"))
 
+    @inlineCallbacks
+    def _readiness(self, workers):
+        from tests.unit.gateway_harness import Harness
+
+        h = Harness(self, workers)
+        yield h.start()
+        code, body, _ = yield h.json("GET", "/readyz")
+        return code, body
+
+    def test_readyz_lists_loaded_adapters(self):
+        """/readyz shows each worker's loaded adapters as its health reported them."""
+        code, body = self.successResultOf(self._readiness(self._workers()))
+        self.assertEqual(code, 200, body)
+        adapters = {w["worker_id"]: w["loaded_adapters"] for w in body["workers"]}
+        self.assertEqual(adapters, {"idle": [], "warm": ["sdxl-base-1.0:style"]})
+
     def test_without_adapters_warm_model(self):
         """A job without adapters is routed as before (warm model, least loaded), the reason says so."""
         data = self.successResultOf(self._dispatched(self._workers(), None))
