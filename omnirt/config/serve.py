@@ -20,6 +20,7 @@ class ConfigError(ValueError):
 def add_arguments(p) -> None:
     """The flags of ``omnirt serve``."""
     from omnirt.commands.common import add_model_path_arg
+    from omnirt.config.adapters import add_adapter_dir_arg
     from omnirt.telemetry.options import add_cli_args as add_tracing_args
     from omnirt.webhooks.options import add_cli_args as add_webhook_args
 
@@ -55,6 +56,7 @@ def add_arguments(p) -> None:
     p.add_argument("--max-queue", type=int, default=1000, help="jobs allowed to wait; beyond -> 429")
     p.add_argument("--artifact-dir", default=None, help="where output images are stored (content-addressed)")
     add_model_path_arg(p)
+    add_adapter_dir_arg(p)
     p.add_argument("--max-body-bytes", type=int, default=32 * 1024 * 1024)
     p.add_argument("--shutdown-grace-s", type=float, default=30.0)
     p.add_argument("--job-retention-s", type=float, default=86400.0)
@@ -112,6 +114,8 @@ class GatewayConfig:
     artifact_dir: str = dataclasses.field(default_factory=default_artifact_dir)
     #: model -> weights folder (checked to be a directory)
     model_paths: dict[str, str] = dataclasses.field(default_factory=dict)
+    #: --adapter-dir folders of the in-process engine (absolute; LoRA files are looked up there)
+    adapter_dirs: tuple[str, ...] = ()
     max_body_bytes: int = 32 * 1024 * 1024
     shutdown_grace_s: float = 30.0
     job_retention_s: float = 86400.0
@@ -172,6 +176,7 @@ class GatewayConfig:
             api_keys=_api_keys(args.api_key_file), remote_specs=tuple(remote_specs),
             local_worker=args.local_worker or not (remote_specs or fleet), max_queue=args.max_queue,
             artifact_dir=args.artifact_dir or default_artifact_dir(), model_paths=_model_dirs(args.model_path),
+            adapter_dirs=_adapter_dirs(args.adapter_dir),
             max_body_bytes=args.max_body_bytes, shutdown_grace_s=args.shutdown_grace_s,
             job_retention_s=args.job_retention_s, max_attempts=args.max_attempts,
             health_interval_s=args.health_interval_s, health_failure_threshold=args.health_failure_threshold,
@@ -182,7 +187,8 @@ class GatewayConfig:
             public_url=_public_url(args.public_url), rate_limit=args.rate_limit, max_jobs_per_key=args.max_jobs_per_key, fleet=fleet,
             fleet_stop_on_exit=args.fleet_stop_on_exit, otlp_endpoint=otlp_endpoint, otlp_headers=otlp_headers,
             log_format=args.log_format, webhooks=webhooks, upstream_options=upstream_options,
-            warnings=tuple(plaintext_warnings(remote_specs, worker_tls)),
+            warnings=tuple(plaintext_warnings(remote_specs, worker_tls)
+                           + _adapter_dir_warnings(args, local_worker=args.local_worker or not (remote_specs or fleet))),
         )
 
 
@@ -231,6 +237,23 @@ def _model_dirs(items: list[str]) -> dict[str, str]:
             raise ConfigError(f"--model-path {model}={folder}: {folder} is not a directory")
         paths[model] = str(Path(folder).resolve())
     return paths
+
+
+def _adapter_dirs(items: list[str]) -> tuple[str, ...]:
+    from omnirt.config.adapters import parse_adapter_dirs
+
+    try:
+        return parse_adapter_dirs(items)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def _adapter_dir_warnings(args, *, local_worker: bool) -> list[str]:
+    """--adapter-dir is the in-process engine's: without one it is ignored, and said so."""
+    if not args.adapter_dir or local_worker:
+        return []
+    return ["warning: --adapter-dir is ignored: it applies to the in-process engine (--local-worker); "
+            "remote workers resolve adapters in their own --adapter-dir"]
 
 
 def _api_keys(path: str | None):

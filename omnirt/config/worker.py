@@ -13,6 +13,7 @@ import ipaddress
 import os
 from pathlib import Path
 
+from omnirt.config.adapters import add_adapter_dir_arg, parse_adapter_dirs
 from omnirt.workers.compat import ALLOW_PATH_FLAG, MAX_QUEUE_FLAG, OUTPUT_DIR_FLAG
 from omnirt.workers.spec import comma_list as _comma_list  # the one comma-list parser (``--remote-worker``'s)
 
@@ -48,6 +49,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tags", default="", help="comma list of routing tags (e.g. gpu,a100)")
     p.add_argument("--model-path", action="append", default=[], metavar="MODEL=DIR",
                    help="load MODEL's weights from local folder DIR (repeatable)")
+    add_adapter_dir_arg(p)
     p.add_argument("--metrics-port", type=int, default=None, help="serve /metrics and /healthz over HTTP (0 = any)")
     p.add_argument("--grpc-tls-cert", default=None, metavar="PEM", help="serve gRPC over TLS with this certificate")
     p.add_argument("--grpc-tls-key", default=None, metavar="PEM", help="the certificate's private key")
@@ -85,6 +87,8 @@ class WorkerConfig:
     tags: tuple[str, ...] = ()
     #: model id -> absolute weights folder
     model_paths: dict[str, str] = dataclasses.field(default_factory=dict)
+    #: --adapter-dir folders (absolute): where jobs' LoRA adapters may come from; empty = refused
+    adapter_dirs: tuple[str, ...] = ()
     metrics_port: int | None = None
     grpc_tls_cert: str | None = None
     grpc_tls_key: str | None = None
@@ -169,6 +173,10 @@ class WorkerConfig:
                 os.makedirs(args.output_dir, exist_ok=True)
             except OSError as exc:
                 raise ConfigError(f"{OUTPUT_DIR_FLAG} {args.output_dir!r}: {exc.strerror}") from None
+        try:
+            adapter_dirs = parse_adapter_dirs(args.adapter_dir)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         return cls(
             host=args.host,
             port=args.port,
@@ -179,6 +187,7 @@ class WorkerConfig:
             models=models,
             tags=_comma_list(args.tags),
             model_paths=model_paths,
+            adapter_dirs=adapter_dirs,
             metrics_port=args.metrics_port,
             grpc_tls_cert=args.grpc_tls_cert,
             grpc_tls_key=args.grpc_tls_key,

@@ -114,6 +114,7 @@ class WorkerView(BaseModel):
     state: str
     models: list[str]
     loaded_models: list[str]
+    loaded_adapters: list[str] = Field([], description='LoRA adapters loaded in warm pipelines, "<model>:<name or path>"')
     inflight: int
     capacity: int
     tags: list[str]

@@ -20,6 +20,7 @@ from twisted.python import log
 from omnirt.contract import JobState
 from omnirt.engine.base import RunOutcome
 from omnirt.jobs.outcomes import record_terminal, store_outputs
+from omnirt.jobs.previews import store_preview
 from omnirt.store.artifacts import RedisArtifactStore
 from omnirt.store.base import NewEvent, StoreUnavailable
 from omnirt.workers.tasks import TaskTracker
@@ -82,11 +83,10 @@ class StoreRecorder:
             return
         entry.index += 1
         index = entry.index
-        new = NewEvent(event, stage, data)
-
         async def write():
             if entry.known:
-                await self.store.append_worker_event(job_id, entry.attempt, index, new)
+                stored = await store_preview(self.artifacts, data)
+                await self.store.append_worker_event(job_id, entry.attempt, index, NewEvent(event, stage, stored))
 
         self._queue(entry, write())
 

@@ -319,7 +319,7 @@ def make_worker_service(config: WorkerConfig, reactor: Any, *, engine: Any = Non
         try:
             engine = Engine(backend=config.backend, pipeline_cache_size=config.pipeline_cache_size,
                             model_paths=config.model_paths or None, worker_id=config.worker_id,
-                            max_concurrency=config.max_concurrency)
+                            max_concurrency=config.max_concurrency, adapter_dirs=config.adapter_dirs)
         except (ValueError, OSError) as exc:
             raise StartupError(f"cannot start the engine: {exc}") from None
     metrics = WorkerMetrics()

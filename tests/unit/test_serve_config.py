@@ -58,3 +58,30 @@ class GatewayConfigTests(unittest.TestCase):
                 parse(*argv)
             self.assertIn(words, str(caught.exception))
             self.assertNotIn("\n", str(caught.exception))
+
+    def test_adapter_dirs(self):
+        """--adapter-dir folders land resolved in the gateway's and the worker's config; one that is
+        not a folder is a one-line error naming the flag, on both commands."""
+        from omnirt.config.worker import ConfigError as WorkerConfigError
+        from omnirt.config.worker import WorkerConfig
+
+        folder = self.mktemp()
+        os.makedirs(folder)
+        self.assertEqual(parse("--adapter-dir", folder).adapter_dirs, (os.path.realpath(folder),))
+        worker = WorkerConfig.from_args(build_parser().parse_args(["worker", "--adapter-dir", folder]))
+        self.assertEqual(worker.adapter_dirs, (os.path.realpath(folder),))
+        with self.assertRaises(ConfigError) as caught:
+            parse("--adapter-dir", "/nonexistent/loras")
+        self.assertEqual(str(caught.exception), "--adapter-dir '/nonexistent/loras' is not a folder")
+        with self.assertRaises(WorkerConfigError):
+            WorkerConfig.from_args(build_parser().parse_args(["worker", "--adapter-dir", "/nonexistent/loras"]))
+
+    def test_adapter_dir_without_local_engine_is_reported(self):
+        """--adapter-dir on a gateway with only remote workers is not silently ignored: a warning says so."""
+        folder = self.mktemp()
+        os.makedirs(folder)
+        config = parse("--adapter-dir", folder, "--remote-worker", "w1=127.0.0.1:50061")
+        self.assertFalse(config.local_worker)
+        self.assertTrue(any("--adapter-dir is ignored" in w for w in config.warnings), config.warnings)
+        config = parse("--adapter-dir", folder, "--remote-worker", "w1=127.0.0.1:50061", "--local-worker")
+        self.assertFalse(any("--adapter-dir" in w for w in config.warnings), config.warnings)
