@@ -186,3 +186,156 @@ def _self_signed_cert(directory: Path) -> tuple[Path, Path]:
                           serialization.NoEncryption())
     )
     return cert_path, key_path
+
+
+class SentinelTopology:
+    """A primary, ``replicas`` replicas and ``sentinels`` ``redis-server --sentinel`` processes on
+    free loopback ports, tuned for fast failovers on loopback (down-after 800 ms, failover
+    timeout 3 s). ``master_port()`` asks the Sentinels; ``kill_master()`` SIGKILLs the current
+    master; ``restart_as_replica(server)`` brings a killed node back replicating the new one."""
+
+    master_name = "omnirt"
+
+    def __init__(self, directory: Path, *, replicas: int = 1, sentinels: int = 3, password: str | None = None,
+                 down_after_ms: int = 800, failover_timeout_ms: int = 3000, appendonly: bool = True):
+        self.directory = Path(directory).resolve()
+        self.password = password
+        self.down_after_ms = down_after_ms
+        self.failover_timeout_ms = failover_timeout_ms
+        self.primary = RedisServer(self.directory / "primary", appendonly=appendonly, password=password)
+        self.replicas = [RedisServer(self.directory / f"replica{i}", appendonly=appendonly, password=password)
+                         for i in range(replicas)]
+        self.sentinel_ports: list[int] = []
+        self.sentinel_procs: list[Proc] = []
+        self._n_sentinels = sentinels
+
+    @property
+    def nodes(self) -> list[RedisServer]:
+        return [self.primary, *self.replicas]
+
+    def start(self, timeout: float = 15.0) -> None:
+        self.primary.start()
+        for replica in self.replicas:
+            self._start_replica(replica, self.primary.port)
+        self.wait_replicas_online(self.primary, len(self.replicas), timeout=timeout)
+        for i in range(self._n_sentinels):
+            port = free_port()
+            conf = self.directory / f"sentinel{i}.conf"
+            lines = [f"port {port}", "bind 127.0.0.1", "protected-mode no", f"dir {self.directory}",
+                     f"sentinel monitor {self.master_name} 127.0.0.1 {self.primary.port} 2",
+                     f"sentinel down-after-milliseconds {self.master_name} {self.down_after_ms}",
+                     f"sentinel failover-timeout {self.master_name} {self.failover_timeout_ms}",
+                     f"sentinel parallel-syncs {self.master_name} 1"]
+            if self.password:
+                lines.append(f"sentinel auth-pass {self.master_name} \"{self.password}\"")
+            conf.write_text("\n".join(lines) + "\n")
+            proc = Proc([REDIS_SERVER, str(conf), "--sentinel"], self.directory / f"sentinel{i}.log")
+            self.sentinel_procs.append(proc)
+            self.sentinel_ports.append(port)
+        for port, proc in zip(self.sentinel_ports, self.sentinel_procs, strict=True):
+            proc.wait_until(lambda p=port: self._sentinel_knows_all(p), timeout=timeout,
+                            what=f"Sentinel on {port} seeing the replicas and the other Sentinels")
+
+    def _start_replica(self, server: RedisServer, master_port: int) -> None:
+        extra = ["--replicaof", "127.0.0.1", str(master_port)]
+        if self.password:
+            extra += ["--masterauth", self.password]
+        if server.port == 0:
+            server.port = free_port()
+        server._starts += 1
+        server.proc = Proc(server.argv() + extra, server.directory / f"redis-{server._starts}.log")
+        server.proc.wait_until(server.pingable, timeout=10.0, what=f"answering PING on {server.port}")
+
+    def _sentinel_knows_all(self, port: int) -> bool:
+        try:
+            replicas = redis_cli(port, "SENTINEL", "REPLICAS", self.master_name, timeout=1.0)
+            sentinels = redis_cli(port, "SENTINEL", "SENTINELS", self.master_name, timeout=1.0)
+        except (ConnectionError, RedisReplyError):
+            return False
+        return len(replicas) >= len(self.replicas) and len(sentinels) >= self._n_sentinels - 1
+
+    def stop(self) -> None:
+        for proc in self.sentinel_procs:
+            proc.stop()
+        for node in self.nodes:
+            node.stop()
+
+    # -- Sentinel's view ---------------------------------------------------------------------
+
+    def url(self, *, db: int | None = None) -> str:
+        auth = f":{quote(self.password, safe='')}@" if self.password else ""
+        hosts = ",".join(f"127.0.0.1:{p}" for p in self.sentinel_ports)
+        path = f"/{db}" if db is not None else ""
+        return f"redis+sentinel://{auth}{hosts}/{self.master_name}{path}"
+
+    def master_port(self) -> int | None:
+        """The master port the Sentinels agree on (a majority), or None."""
+        votes: dict[int, int] = {}
+        for port in self.sentinel_ports:
+            try:
+                addr = redis_cli(port, "SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.master_name, timeout=1.0)
+            except (ConnectionError, RedisReplyError):
+                continue
+            if addr:
+                votes[int(addr[1])] = votes.get(int(addr[1]), 0) + 1
+        best = max(votes.items(), key=lambda kv: kv[1], default=(None, 0))
+        return best[0] if best[1] * 2 > len(self.sentinel_ports) else None
+
+    def node(self, port: int) -> RedisServer:
+        return next(n for n in self.nodes if n.port == port)
+
+    def master(self) -> RedisServer:
+        port = self.master_port()
+        assert port is not None, "the Sentinels agree on no master"
+        return self.node(port)
+
+    def kill_master(self) -> RedisServer:
+        """SIGKILL the current master; returns it (to restart later)."""
+        old = self.master()
+        old.stop()
+        return old
+
+    def wait_new_master(self, old_port: int, timeout: float = 20.0) -> RedisServer:
+        """Until the Sentinels agree on a master other than ``old_port`` that says it is one."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            port = self.master_port()
+            if port is not None and port != old_port:
+                node = self.node(port)
+                try:
+                    if node.command("ROLE", timeout=1.0)[0] == "master":
+                        return node
+                except (ConnectionError, RedisReplyError):
+                    pass
+            time.sleep(0.05)
+        raise AssertionError(f"no failover away from {old_port} within {timeout}s")
+
+    def restart_as_replica(self, server: RedisServer, timeout: float = 15.0) -> None:
+        """Start a killed node again as a replica of the current master (its AOF is replaced by a
+        full sync), and wait until the master counts it online."""
+        master = self.master()
+        self._start_replica(server, master.port)
+        self.wait_replicas_online(master, len(self.replicas), timeout=timeout)
+
+    @staticmethod
+    def wait_replicas_online(master: RedisServer, count: int, timeout: float = 15.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                info = master.command("INFO", "replication", timeout=1.0)
+            except (ConnectionError, RedisReplyError):
+                info = ""
+            online = sum(1 for line in str(info).splitlines()
+                         if line.startswith("slave") and "state=online" in line)
+            if online >= count:
+                return
+            time.sleep(0.05)
+        raise AssertionError(f"{count} replica(s) of {master.port} not online within {timeout}s")
+
+
+def start_sentinel_topology(testcase, **kw) -> SentinelTopology:
+    """A fresh primary + replica(s) + Sentinels in the test's temp dir, all SIGKILLed at cleanup."""
+    topo = SentinelTopology(Path(testcase.mktemp()), **kw)
+    testcase.addCleanup(topo.stop)
+    topo.start()
+    return topo

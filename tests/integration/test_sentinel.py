@@ -1,0 +1,178 @@
+"""RedisJobStore behind Redis Sentinel, against real processes (a primary, a replica, three
+``redis-server --sentinel``): the master is found and followed through a SIGKILL of the primary
+by every connection of the store, ``--redis-min-replicas`` acknowledgement (and its clean refusal),
+readiness while switching, and the lease fence across a store pause."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, ensureDeferred, inlineCallbacks
+from twisted.internet.task import deferLater
+from twisted.trial import unittest
+
+from omnirt.contract import JobState
+from omnirt.store.base import NewEvent, NotReplicated, StoreUnavailable
+from omnirt.store.redis import RedisJobStore
+from tests.support.redis import REDIS_CLI, start_sentinel_topology
+from tests.unit.store_suite import _record
+
+
+def d(coro) -> Deferred:
+    return ensureDeferred(coro)
+
+
+def sleep(seconds: float) -> Deferred:
+    return deferLater(reactor, seconds, lambda: None)
+
+
+class _Counter:
+    def __init__(self):
+        self.value = 0
+
+    def inc(self):
+        self.value += 1
+
+
+class _Metrics:
+    def __init__(self):
+        self.store_failovers = _Counter()
+        self.store_wait_timeouts = _Counter()
+
+
+class SentinelStoreTests(unittest.TestCase):
+    timeout = 90
+
+    def setUp(self):
+        self.topo = start_sentinel_topology(self, password="s3cret pw")
+
+    @inlineCallbacks
+    def open_store(self, **kw):
+        params = {"retention_s": 60.0, "call_timeout_s": 1.0, "gateway_id": "gw-a", **kw}
+        store = RedisJobStore(reactor, url=self.topo.url(db=2), **params)
+        yield d(store.connect())
+        self.addCleanup(lambda: d(store.close()))
+        return store
+
+    @inlineCallbacks
+    def _create_until_accepted(self, store, job_id: str, budget_s: float = 30.0):
+        """Submit ``job_id`` until the store accepts it (bounded); returns seconds it took and the
+        degraded states seen meanwhile."""
+        started = time.monotonic()
+        states = set()
+        while True:
+            states.add(store.status()["state"])
+            try:
+                yield d(store.create(_record(job_id), NewEvent("job_enqueued", "job", {"job_id": job_id})))
+                return time.monotonic() - started, states
+            except StoreUnavailable:
+                if time.monotonic() - started > budget_s:
+                    raise
+                yield sleep(0.05)
+            except ValueError:  # an earlier attempt's create did land: accepted
+                return time.monotonic() - started, states
+
+    @inlineCallbacks
+    def test_discovers_master_and_follows_it_through_sigkill(self):
+        """The store finds the master through the Sentinels (password and db from the URL), and
+        after the primary is SIGKILLed every connection follows the promoted replica: commands
+        (creates, transitions), the stream reader (a live subscriber gets the events written
+        after the failover, each once) and lease refreshes. Readiness reports degraded during the
+        switch and ok with the new master after it; one failover is counted."""
+        metrics = _Metrics()
+        store = yield self.open_store(metrics=metrics)
+        old = self.topo.master()
+        self.assertEqual(store.status()["master"], f"127.0.0.1:{old.port}")
+        self.assertEqual(store.status()["state"], "ok")
+        yield d(store.create(_record("j1"), NewEvent("job_enqueued", "job", {"job_id": "j1"})))
+        yield d(store.transition("j1", [JobState.queued], JobState.running, NewEvent("job_started")))
+        seen: list[int] = []
+        sub = store.subscribe("j1", 0, lambda e: seen.append(e.seq))
+        self.addCleanup(sub.close)
+        yield d(store.append_event("j1", NewEvent("stage_progress", "denoise", {"step": 1})))
+        deadline = time.monotonic() + 5
+        while len(seen) < 3 and time.monotonic() < deadline:
+            yield sleep(0.02)
+        self.assertEqual(seen, [1, 2, 3])
+        # the replica must have everything before the kill (async replication on loopback)
+        self.topo.wait_replicas_online(old, 1)
+        old.command("WAIT", 1, 2000)
+
+        self.topo.kill_master()
+        _took, states = yield self._create_until_accepted(store, "j2")
+        new = self.topo.master()
+        self.assertNotEqual(new.port, old.port)
+        self.assertIn("degraded", states)
+        status = store.status()
+        self.assertEqual(status["master"], f"127.0.0.1:{new.port}")
+        self.assertEqual(status["failovers"], 1)
+        self.assertEqual(metrics.store_failovers.value, 1)
+        yield d(store.append_event("j1", NewEvent("stage_progress", "denoise", {"step": 2})))
+        yield d(store.transition("j1", [JobState.running], JobState.succeeded, NewEvent("job_finished")))
+        deadline = time.monotonic() + 10
+        while len(seen) < 5 and time.monotonic() < deadline:
+            yield sleep(0.02)
+        self.assertEqual(seen, [1, 2, 3, 4, 5])
+        yield d(store.refresh_lease("gw-a", 5.0))
+        self.assertIn("gw-a", (yield d(store.live_gateways())))
+        self.assertEqual((yield d(store.get("j1"))).state, JobState.succeeded)
+        self.assertEqual(_db2(new, "HGET", "omnirt:job:j1", "state"), "succeeded")
+        yield d(store.ping())
+        self.assertEqual(store.status()["state"], "ok")
+
+    @inlineCallbacks
+    def test_old_master_back_as_replica_then_second_failover(self):
+        """After a first failover the old primary restarted as a replica serves as the next
+        standby: killing the new master moves the store back to it, with jobs from both eras."""
+        store = yield self.open_store()
+        first = self.topo.master()
+        yield self._create_until_accepted(store, "a")
+        first.command("WAIT", 1, 2000)
+        self.topo.kill_master()
+        yield self._create_until_accepted(store, "b")
+        second = self.topo.master()
+        self.topo.restart_as_replica(first)
+        second.command("WAIT", 1, 2000)
+        self.topo.kill_master()
+        yield self._create_until_accepted(store, "c")
+        self.assertEqual(self.topo.master().port, first.port)
+        for job_id in ("a", "b", "c"):
+            self.assertIsNotNone((yield d(store.get(job_id))), job_id)
+        self.assertEqual(store.status()["failovers"], 2)
+
+    @inlineCallbacks
+    def test_min_replicas_acknowledged_or_refused_without_leftovers(self):
+        """With min_replicas=1 a create returns only once the replica has the job; with the
+        replica gone a create is refused (NotReplicated, a StoreUnavailable: 503 + Retry-After)
+        after the WAIT timeout and leaves no key, index entry or idempotency claim behind; the
+        WAIT timeout is counted."""
+        metrics = _Metrics()
+        store = yield self.open_store(min_replicas=1, wait_timeout_s=0.3, metrics=metrics)
+        yield d(store.claim_idempotency("k1", "fp", "ok1"))
+        yield d(store.create(_record("ok1", key="k1"), NewEvent("job_enqueued", "job", {"job_id": "ok1"})))
+        replica = self.topo.replicas[0]
+        self.assertEqual(_db2(replica, "EXISTS", "omnirt:job:ok1"), 1)
+        replica.stop()
+        yield d(store.claim_idempotency("k2", "fp", "lost"))
+        with self.assertRaises(NotReplicated):
+            yield d(store.create(_record("lost", key="k2"), NewEvent("job_enqueued", "job", {"job_id": "lost"})))
+        self.assertEqual(metrics.store_wait_timeouts.value, 1)
+        primary = self.topo.primary
+        for key in ("omnirt:job:lost", "omnirt:job:lost:events", "omnirt:idem:k2"):
+            self.assertEqual(_db2(primary, "EXISTS", key), 0, key)
+        for index in ("omnirt:jobs", "omnirt:state:queued", "omnirt:model:sdxl-base-1.0"):
+            self.assertIsNone(_db2(primary, "ZSCORE", index, "lost"), index)
+        self.assertIsNone((yield d(store.get("lost"))))
+        self.assertIsNotNone((yield d(store.get("ok1"))))
+
+
+def _db2(server, *args):
+    """One command on database 2 of ``server`` (redis-cli -n)."""
+    env = dict(os.environ, REDISCLI_AUTH=server.password or "")
+    out = subprocess.run([REDIS_CLI, "-p", str(server.port), "-n", "2", "-2", "--json", *map(str, args)],
+                         capture_output=True, text=True, timeout=5, env=env, check=True).stdout.strip()
+    return json.loads(out)
