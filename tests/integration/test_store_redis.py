@@ -378,6 +378,52 @@ class RedisStoreTests(_RedisStores, unittest.TestCase):
         self.redis.command("SELECT", 3)  # a fresh connection per command: just proves SELECT works
 
 
+class LeaseFenceTests(_RedisStores, unittest.TestCase):
+    """Leases fenced by the store's own clock (Redis TIME in lease.lua / live.lua)."""
+
+    def setUp(self):
+        self.redis = start_redis(self)
+
+    @inlineCallbacks
+    def test_store_pause_longer_than_the_lease_is_not_a_dead_gateway(self):
+        """Redis unavailable (SIGSTOP) for longer than the lease TTL: both gateways' leases ran
+        out in store time, but the first refresh afterwards sees that NOBODY could refresh and
+        fences: gateway B still counts as live to A (its jobs are not adopted) until B has had a
+        full lease to refresh; a gateway that really stopped refreshing is dropped after that."""
+        store_a = yield self.open_store(gateway_id="a", call_timeout_s=0.5)
+        store_b = yield self.open_store(gateway_id="b", call_timeout_s=0.5)
+        ttl = 1.0
+        yield d(store_a.refresh_lease("a", ttl))
+        yield d(store_b.refresh_lease("b", ttl))
+        self.assertEqual((yield d(store_a.live_gateways())), {"a", "b"})
+        self.redis.pause()
+        yield sleep(ttl * 1.6)
+        self.redis.resume()
+        yield d(store_a.refresh_lease("a", ttl))  # a's lease loop gets there first
+        self.assertEqual((yield d(store_a.live_gateways())), {"a", "b"})
+        # b never refreshes again (it died during the outage): after the fence it is dead
+        deadline = time.monotonic() + ttl * 3
+        live = {"b"}
+        while "b" in live and time.monotonic() < deadline:
+            yield sleep(ttl / 3)
+            yield d(store_a.refresh_lease("a", ttl))
+            live = yield d(store_a.live_gateways())
+        self.assertEqual(live, {"a"})
+
+    @inlineCallbacks
+    def test_without_a_store_pause_an_expired_lease_is_dead(self):
+        """While the store answers and others refresh, a gateway whose lease ran out is not
+        live (no fence without a gap in the store's refreshes)."""
+        store = yield self.open_store(gateway_id="a")
+        ttl = 0.6
+        yield d(store.refresh_lease("a", ttl))
+        yield d(store.refresh_lease("b", ttl))
+        for _ in range(5):
+            yield sleep(ttl / 3)
+            yield d(store.refresh_lease("a", ttl))
+        self.assertEqual((yield d(store.live_gateways())), {"a"})
+
+
 class RedisTLSTests(_RedisStores, unittest.TestCase):
     @inlineCallbacks
     def test_rediss_url_with_ca(self):
