@@ -411,6 +411,23 @@ class LeaseFenceTests(_RedisStores, unittest.TestCase):
         self.assertEqual(live, {"a"})
 
     @inlineCallbacks
+    def test_fence_holds_when_a_longer_lease_refreshes_first(self):
+        """A worker's lease (TTL 10 s) refreshed first after the pause does not hide the gap
+        from gateways with a shorter TTL: the fence follows the shortest TTL and lasts the
+        longest, so gateway B (TTL 1 s) is still live to A."""
+        store = yield self.open_store(gateway_id="a", call_timeout_s=0.5)
+        ttl = 1.0
+        yield d(store.refresh_lease("worker-w1", 10.0))
+        yield d(store.refresh_lease("a", ttl))
+        yield d(store.refresh_lease("b", ttl))
+        self.redis.pause()
+        yield sleep(ttl * 1.6)
+        self.redis.resume()
+        yield d(store.refresh_lease("worker-w1", 10.0))
+        yield d(store.refresh_lease("a", ttl))
+        self.assertEqual((yield d(store.live_gateways())), {"a", "b", "worker-w1"})
+
+    @inlineCallbacks
     def test_without_a_store_pause_an_expired_lease_is_dead(self):
         """While the store answers and others refresh, a gateway whose lease ran out is not
         live (no fence without a gap in the store's refreshes)."""
