@@ -14,6 +14,7 @@ from pathlib import Path
 from omnirt.cli import CliError
 from omnirt.commands.common import add_model_path_arg, parse_model_paths
 from omnirt.registry import DEFAULT_ALLOWED_TIERS, TIERS
+from omnirt.store.redis.options import add_ha_arguments, store_kwargs
 from omnirt.telemetry.options import add_cli_args as add_tracing_args
 from omnirt.telemetry.options import cli_options as tracing_options
 
@@ -32,6 +33,7 @@ def register(sub) -> None:
     p.add_argument("--redis-url", default=None,
                    help="shared, durable job store: redis://[:password@]host:port/db or rediss://")
     p.add_argument("--redis-namespace", default="omnirt", help="prefix of every Redis key")
+    add_ha_arguments(p)
     p.add_argument("--gateway-id", default=None, help="this gateway's id in Redis (default: host-port-random)")
     p.add_argument("--lease-ttl-s", type=float, default=10.0,
                    help="a gateway silent this long is dead; another adopts its unfinished jobs")
@@ -157,6 +159,10 @@ def run(args) -> int:
     for warning in plaintext_warnings(remote_specs, worker_tls):
         print(warning, file=sys.stderr, flush=True)
 
+    try:
+        redis = store_kwargs(args)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
     from omnirt.gateway.server import Gateway
 
     gateway = Gateway(
@@ -180,7 +186,8 @@ def run(args) -> int:
         health_failure_threshold=args.health_failure_threshold,
         keepalive_s=args.keepalive_s,
         worker_idle_timeout_s=args.worker_idle_timeout_s,
-        redis_url=args.redis_url,
+        redis_url=redis["url"] if redis else None,
+        redis_options=redis,
         redis_namespace=args.redis_namespace,
         gateway_id=args.gateway_id,
         lease_ttl_s=args.lease_ttl_s,

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from omnirt.cli import CliError
 from omnirt.commands.common import add_model_path_arg, parse_model_paths
+from omnirt.store.redis.options import add_ha_arguments, store_kwargs
 from omnirt.telemetry.options import add_cli_args as add_tracing_args
 from omnirt.telemetry.options import cli_options as tracing_options
 
@@ -57,6 +58,7 @@ def register(sub) -> None:
     p.add_argument("--redis-url", default=None,
                    help="also record jobs' events and outcomes in the gateways' Redis store (same URL as serve)")
     p.add_argument("--redis-namespace", default="omnirt", help="prefix of every Redis key (as on serve)")
+    add_ha_arguments(p)
     add_tracing_args(p)
     p.set_defaults(func=run, needs_reactor=True)
 
@@ -207,7 +209,11 @@ class _WorkerApp:
                 self.metrics_port = self._listen_metrics(args.host, args.metrics_port)
             for sig in (signal.SIGTERM, signal.SIGINT):
                 self.loop.add_signal_handler(sig, self._on_signal, sig)
-            if args.redis_url:
+            try:
+                use_store = store_kwargs(args) is not None
+            except ValueError as exc:
+                raise CliError(str(exc)) from None
+            if use_store:
                 await self._connect_store()
             try:
                 await self.core.startup()
@@ -239,7 +245,7 @@ class _WorkerApp:
         from omnirt.workers.recorder import StoreRecorder
 
         try:
-            store = RedisJobStore(self.reactor, url=self.args.redis_url, namespace=self.args.redis_namespace,
+            store = RedisJobStore(self.reactor, **store_kwargs(self.args), namespace=self.args.redis_namespace,
                                   gateway_id=f"worker-{self.args.worker_id}")
         except ValueError as exc:
             raise CliError(f"bad --redis-url: {exc}") from None

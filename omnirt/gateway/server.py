@@ -45,7 +45,7 @@ class Gateway:
                  worker_idle_timeout_s=10.0, redis_url=None, redis_namespace="omnirt", gateway_id=None,
                  lease_ttl_s=10.0, request_deadline_s=30.0, worker_tls=None, access_log=False, rate_limit=None,
                  max_jobs_per_key=None, fleet=None, fleet_stop_on_exit=False, otlp_endpoint=None, otlp_headers=None,
-                 log_format="text", public_url=None, reactor=None):
+                 log_format="text", public_url=None, redis_options=None, reactor=None):
         self.reactor = reactor or global_reactor
         #: OTLP/HTTP traces URL (None: spans are made for the trace view but not exported)
         self.otlp_endpoint = otlp_endpoint
@@ -73,6 +73,7 @@ class Gateway:
         self.keepalive_s = keepalive_s
         self.worker_idle_timeout_s = worker_idle_timeout_s
         self.redis_url = redis_url
+        self.redis_options = redis_options or {}
         self.redis_namespace = redis_namespace
         self.gateway_id = gateway_id or default_gateway_id(port)
         self.lease_ttl_s = lease_ttl_s
@@ -143,7 +144,10 @@ class Gateway:
 
             try:
                 raw_store = RedisJobStore(clock, url=self.redis_url, namespace=self.redis_namespace,
-                                          retention_s=self.job_retention_s, gateway_id=self.gateway_id)
+                                          retention_s=self.job_retention_s, gateway_id=self.gateway_id,
+                                          min_replicas=self.redis_options.get("min_replicas", 0),
+                                          wait_timeout_s=self.redis_options.get("wait_timeout_s", 1.0),
+                                          metrics=self.metrics)
             except ValueError as exc:
                 raise StartupError(f"bad --redis-url: {exc}") from None
             try:

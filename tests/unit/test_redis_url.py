@@ -58,3 +58,33 @@ class SentinelUrlTests(unittest.TestCase):
                      ("redis+sentinel://a:1/m", ["b:2"], "m")):
             with self.assertRaises(ValueError):
                 sentinel_url(*args)
+
+
+class HaFlagsTests(unittest.TestCase):
+    def _parse(self, *argv):
+        import argparse
+
+        from omnirt.store.redis.options import add_ha_arguments, store_kwargs
+
+        parser = argparse.ArgumentParser()
+        parser.add_argument("--redis-url", default=None)
+        add_ha_arguments(parser)
+        return store_kwargs(parser.parse_args(list(argv)))
+
+    def test_flags_make_store_arguments(self):
+        """``--redis-sentinel`` ×2 + ``--redis-master-name`` + ``--redis-min-replicas`` +
+        ``--redis-wait-timeout-s`` give the Sentinel URL and the WAIT settings; no Redis flag at
+        all gives None (memory store)."""
+        kw = self._parse("--redis-sentinel", "a:1", "--redis-sentinel", "b:2", "--redis-master-name", "m",
+                         "--redis-min-replicas", "1", "--redis-wait-timeout-s", "0.25")
+        self.assertEqual(kw, {"url": "redis+sentinel://a:1,b:2/m", "min_replicas": 1, "wait_timeout_s": 0.25})
+        self.assertIsNone(self._parse())
+
+    def test_refused_combinations(self):
+        """Negative replicas, a non-positive timeout, and --redis-min-replicas without any Redis
+        store are one-line errors, not silently ignored."""
+        for argv in (("--redis-url", "redis://h", "--redis-min-replicas", "-1"),
+                     ("--redis-url", "redis://h", "--redis-wait-timeout-s", "0"),
+                     ("--redis-min-replicas", "1",)):
+            with self.assertRaises(ValueError):
+                self._parse(*argv)
