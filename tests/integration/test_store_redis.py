@@ -441,6 +441,35 @@ class LeaseFenceTests(_RedisStores, unittest.TestCase):
         self.assertEqual((yield d(store.live_gateways())), {"a"})
 
 
+class StoreIdentityTests(_RedisStores, unittest.TestCase):
+    def setUp(self):
+        self.redis = start_redis(self)
+
+    @inlineCallbacks
+    def test_a_store_that_comes_back_empty_is_detected(self):
+        """Redis loses its data (FLUSHALL stands for a restart without persistence): the next
+        lease refresh of every store notices the missing identity, counts one reset and says so
+        in ``status()``; a store that connected after the loss (and wrote a new identity) makes
+        an older store detect it too; refreshes after that are quiet again."""
+        a = yield self.open_store(gateway_id="a")
+        yield d(a.refresh_lease("a", 5.0))
+        self.assertEqual(a.resets, 0)
+        self.assertNotIn("resets", a.status())
+        self.redis.command("FLUSHALL")
+        b = yield self.open_store(gateway_id="b")  # writes a fresh identity
+        yield d(b.refresh_lease("b", 5.0))
+        self.assertEqual(b.resets, 0)
+        yield d(a.refresh_lease("a", 5.0))
+        self.assertEqual(a.resets, 1)
+        self.assertIn("came back without its data", a.status()["last_reset"])
+        yield d(a.refresh_lease("a", 5.0))
+        self.assertEqual((a.resets, a.identity), (1, b.identity))
+        self.redis.command("FLUSHALL")
+        yield d(b.refresh_lease("b", 5.0))
+        yield d(a.refresh_lease("a", 5.0))
+        self.assertEqual((a.resets, b.resets), (2, 1))
+
+
 class RedisTLSTests(_RedisStores, unittest.TestCase):
     @inlineCallbacks
     def test_rediss_url_with_ca(self):

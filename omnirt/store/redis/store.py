@@ -87,6 +87,10 @@ class RedisJobStore(JobStore):
         self._metrics = metrics
         self.wait_timeouts = 0
         self.monitor: SentinelMonitor | None = None
+        #: the store's identity (``P store:id``); a different or missing one means Redis came back empty
+        self.identity: str | None = None
+        self.resets = 0
+        self.last_reset: str | None = None
         self._dur: Connection | None = None
         self.namespace = namespace
         self._prefix = f"{namespace}:"
@@ -185,6 +189,7 @@ class RedisJobStore(JobStore):
         try:
             await both
             await self._call("PING")
+            self.identity = str(await self._eval("identity", [], [self._prefix, uuid.uuid4().hex]))
         except Exception as exc:
             reason = self._cmd_failure(exc, *conns)
             self._cmd = self._dur = None
@@ -480,7 +485,21 @@ class RedisJobStore(JobStore):
         return {job_id: JobState(state) for job_id, state in zip(ids, reply, strict=False) if state}
 
     async def refresh_lease(self, gateway_id: str, ttl_s: float) -> None:
-        await self._eval("lease", [], [self._prefix, gateway_id, max(1, int(ttl_s * 1000))])
+        """Also checks the store's identity: a Redis that came back empty (restarted without
+        persistence, a replica that lost its data) is detected, logged, counted
+        (``store_resets``) and reported by ``status()``."""
+        now = await self._eval("lease", [], [self._prefix, gateway_id, max(1, int(ttl_s * 1000)), self.identity or ""])
+        if int(now) == 0 and self.identity:
+            await self._store_reset()
+
+    async def _store_reset(self) -> None:
+        old = self.identity
+        self.identity = str(await self._eval("identity", [], [self._prefix, uuid.uuid4().hex]))
+        self.resets += 1
+        self.last_reset = (f"the store at {self.address} came back without its data (identity {old} is gone): "
+                           f"jobs accepted before may be lost")
+        self._count("store_resets")
+        log.msg(f"ALERT: {self.last_reset}")
 
     async def live_gateways(self) -> set[str]:
         return set(arr(unpack(await self._eval("live", [], [self._prefix]))))
@@ -518,6 +537,9 @@ class RedisJobStore(JobStore):
             out = {"state": "ok", "master": self.target.address}
         out["min_replicas"] = self.min_replicas
         out["wait_timeouts"] = self.wait_timeouts
+        if self.resets:
+            out["resets"] = self.resets
+            out["last_reset"] = self.last_reset
         return out
 
     def subscriber_count(self) -> int:

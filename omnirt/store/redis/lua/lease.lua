@@ -1,5 +1,6 @@
--- ARGV: P, gateway_id, ttl_ms. A lease is a member of the P gateways zset scored by its deadline
--- (workers that record jobs hold one too); P lease:ttl remembers each holder's TTL.
+-- ARGV: P, gateway_id, ttl_ms[, identity]. Returns the store time, or 0 when the store identity
+-- P store:id is not the caller's (missing or new): the store came back empty. A lease is a
+-- member of the P gateways zset scored by its deadline (workers that record jobs hold one too); P lease:ttl remembers each holder's TTL.
 -- Fence against store pauses (an outage, a Sentinel failover): P lease:beat is the store time of
 -- the last refresh by anyone. When a refresh finds a gap of more than half the shortest TTL
 -- (leases are refreshed every third of theirs), nobody could refresh: the STORE was away, not
@@ -9,6 +10,10 @@
 local P, id, ttl = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local reset = false
+if ARGV[4] and ARGV[4] ~= '' and redis.call('GET', P .. 'store:id') ~= ARGV[4] then
+  reset = true  -- the caller takes the current identity (identity.lua), making one if missing
+end
 local ttls = P .. 'lease:ttl'
 if ttl < 100 then redis.call('HDEL', ttls, id) else redis.call('HSET', ttls, id, ttl) end
 local shortest, longest = nil, 0
@@ -33,4 +38,5 @@ redis.call('ZADD', P .. 'gateways', now + ttl, id)
 local old = redis.call('ZRANGEBYSCORE', P .. 'gateways', '-inf', now - 86400000)
 for _, gone in ipairs(old) do redis.call('HDEL', ttls, gone) end
 redis.call('ZREMRANGEBYSCORE', P .. 'gateways', '-inf', now - 86400000)
+if reset then return 0 end
 return now
