@@ -54,6 +54,7 @@ class GatewayMetrics:
         self.store_errors = Counter("omnirt_store_errors", "Job store calls that failed (unreachable)", ["op"],
                                     registry=r)
         self.store_failovers = Counter("omnirt_store_failovers", "Redis master changes followed (Sentinel)", registry=r)
+        self.store_resets = Counter("omnirt_store_resets", "Times the store came back without its data", registry=r)
         self.store_wait_timeouts = Counter("omnirt_store_wait_timeouts",
                                            "Writes fewer than --redis-min-replicas replicas acknowledged in time",
                                            registry=r)

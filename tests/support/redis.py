@@ -58,12 +58,13 @@ class RedisServer:
     """One redis-server child process (loopback only, data in ``directory``)."""
 
     def __init__(self, directory: Path, *, appendonly: bool = False, password: str | None = None,
-                 tls: bool = False):
+                 tls: bool = False, extra_args: list[str] | None = None):
         self.directory = Path(directory).resolve()  # the child runs in the repo root
         self.directory.mkdir(parents=True, exist_ok=True)
         self.appendonly = appendonly
         self.password = password
         self.tls = tls
+        self.extra_args = list(extra_args or [])
         self.port = 0
         self.proc: Proc | None = None
         self._starts = 0
@@ -84,7 +85,7 @@ class RedisServer:
             argv += ["--port", str(self.port)]
         if self.password is not None:
             argv += ["--requirepass", self.password]
-        return argv
+        return argv + self.extra_args
 
     def start(self, timeout: float = 10.0) -> None:
         """Start (or restart on the same port and data directory) and wait until PING answers."""
@@ -190,21 +191,24 @@ def _self_signed_cert(directory: Path) -> tuple[Path, Path]:
 
 class SentinelTopology:
     """A primary, ``replicas`` replicas and ``sentinels`` ``redis-server --sentinel`` processes on
-    free loopback ports, tuned for fast failovers on loopback (down-after 800 ms, failover
+    free loopback ports, tuned for fast failovers on loopback (down-after 1 s, failover
     timeout 3 s). ``master_port()`` asks the Sentinels; ``kill_master()`` SIGKILLs the current
     master; ``restart_as_replica(server)`` brings a killed node back replicating the new one."""
 
     master_name = "omnirt"
 
     def __init__(self, directory: Path, *, replicas: int = 1, sentinels: int = 3, password: str | None = None,
-                 down_after_ms: int = 800, failover_timeout_ms: int = 3000, appendonly: bool = True):
+                 down_after_ms: int = 1000, failover_timeout_ms: int = 3000, appendonly: bool = True):
         self.directory = Path(directory).resolve()
         self.password = password
         self.down_after_ms = down_after_ms
         self.failover_timeout_ms = failover_timeout_ms
-        self.primary = RedisServer(self.directory / "primary", appendonly=appendonly, password=password)
-        self.replicas = [RedisServer(self.directory / f"replica{i}", appendonly=appendonly, password=password)
-                         for i in range(replicas)]
+        # a full resync (a node back as a replica) starts at once instead of after 5 s
+        extra = ["--repl-diskless-sync-delay", "0"]
+        self.primary = RedisServer(self.directory / "primary", appendonly=appendonly, password=password,
+                                   extra_args=extra)
+        self.replicas = [RedisServer(self.directory / f"replica{i}", appendonly=appendonly, password=password,
+                                     extra_args=extra) for i in range(replicas)]
         self.sentinel_ports: list[int] = []
         self.sentinel_procs: list[Proc] = []
         self._n_sentinels = sentinels
@@ -315,7 +319,18 @@ class SentinelTopology:
         full sync), and wait until the master counts it online."""
         master = self.master()
         self._start_replica(server, master.port)
-        self.wait_replicas_online(master, len(self.replicas), timeout=timeout)
+        deadline = time.monotonic() + timeout
+        while True:  # Sentinel may reconfigure meanwhile: follow whatever master it names
+            current = self.master_port()
+            try:
+                if current is not None:
+                    self.wait_replicas_online(self.node(current), len(self.replicas), timeout=0.5)
+                    return
+            except AssertionError:
+                pass
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{server.port} not an online replica within {timeout}s")
+            time.sleep(0.05)
 
     @staticmethod
     def wait_replicas_online(master: RedisServer, count: int, timeout: float = 15.0) -> None:

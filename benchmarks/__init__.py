@@ -1,0 +1,1 @@
+"""Benchmark and drill drivers run by thin scripts/ entry points (and some integration tests)."""
