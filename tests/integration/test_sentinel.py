@@ -18,7 +18,7 @@ from twisted.trial import unittest
 from omnirt.contract import JobState
 from omnirt.store.base import NewEvent, NotReplicated, StoreUnavailable
 from omnirt.store.redis import RedisJobStore
-from tests.support.redis import REDIS_CLI, start_sentinel_topology
+from tests.support.redis import REDIS_CLI, redis_cli, start_sentinel_topology
 from tests.unit.store_suite import _record
 
 
@@ -143,6 +143,51 @@ class SentinelStoreTests(unittest.TestCase):
         for job_id in ("a", "b", "c"):
             self.assertIsNotNone((yield d(store.get(job_id))), job_id)
         self.assertEqual(store.status()["failovers"], 2)
+
+    @inlineCallbacks
+    def test_coordinated_failover_with_the_old_master_still_up(self):
+        """``SENTINEL FAILOVER``: the old master stays up and becomes a replica (it would answer
+        writes with -READONLY, and no connection drops by itself); the store moves every
+        connection to the new master (+switch-master / READONLY) and writes go on, each job
+        on the new master, with one failover counted."""
+        store = yield self.open_store()
+        old = self.topo.master()
+        yield self._create_until_accepted(store, "before")
+        old.command("WAIT", 1, 2000)
+        seen: list[int] = []
+        sub = store.subscribe("before", 0, lambda e: seen.append(e.seq))
+        self.addCleanup(sub.close)
+        self.assertEqual(redis_cli(self.topo.sentinel_ports[0], "SENTINEL", "FAILOVER", self.topo.master_name), "OK")
+        new = self.topo.wait_new_master(old.port)
+        yield self._create_until_accepted(store, "after")
+        yield d(store.append_event("before", NewEvent("stage_progress", "denoise", {"step": 1})))
+        self.assertEqual(_db2(new, "EXISTS", "omnirt:job:after"), 1)
+        self.assertEqual(store.status()["master"], f"127.0.0.1:{new.port}")
+        self.assertEqual(store.status()["failovers"], 1)
+        deadline = time.monotonic() + 10
+        while len(seen) < 2 and time.monotonic() < deadline:
+            yield sleep(0.02)
+        self.assertEqual(seen, [1, 2])
+
+    @inlineCallbacks
+    def test_readonly_reply_alone_finds_the_new_master(self):
+        """With the +switch-master subscriptions gone, a coordinated failover is noticed from a
+        -READONLY reply (or the demoted master closing the link): the store asks the Sentinels
+        again and the next writes land on the new master."""
+        store = yield self.open_store()
+        for listener in store.monitor._listeners:
+            yield listener.disconnect()
+        old = self.topo.master()
+        yield self._create_until_accepted(store, "before")
+        self.assertEqual(redis_cli(self.topo.sentinel_ports[0], "SENTINEL", "FAILOVER", self.topo.master_name), "OK")
+        new = self.topo.wait_new_master(old.port)
+        deadline = time.monotonic() + 10
+        while old.command("ROLE")[0] != "slave" and time.monotonic() < deadline:
+            yield sleep(0.02)  # Sentinel demotes the old master a moment after the promotion
+        self.assertEqual(old.command("ROLE")[0], "slave")
+        _took, states = yield self._create_until_accepted(store, "after")
+        self.assertEqual(_db2(new, "EXISTS", "omnirt:job:after"), 1)
+        self.assertEqual(store.status()["master"], f"127.0.0.1:{new.port}")
 
     @inlineCallbacks
     def test_min_replicas_acknowledged_or_refused_without_leftovers(self):
