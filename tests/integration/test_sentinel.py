@@ -221,3 +221,25 @@ def _db2(server, *args):
     out = subprocess.run([REDIS_CLI, "-p", str(server.port), "-n", "2", "-2", "--json", *map(str, args)],
                          capture_output=True, text=True, timeout=5, env=env, check=True).stdout.strip()
     return json.loads(out)
+
+
+class SentinelStartupTests(unittest.TestCase):
+    @inlineCallbacks
+    def test_no_sentinel_reachable_fails_fast_without_the_password(self):
+        """No Sentinel listening: connect() fails at once with StoreUnavailable naming every
+        Sentinel it tried, never the password, and leaves nothing running."""
+        from tests.support.procs import free_port
+
+        ports = [free_port(), free_port()]
+        url = f"redis+sentinel://:hunter2@127.0.0.1:{ports[0]},127.0.0.1:{ports[1]}/omnirt/0"
+        store = RedisJobStore(reactor, url=url, call_timeout_s=1.0)
+        started = time.monotonic()
+        with self.assertRaises(StoreUnavailable) as caught:
+            yield d(store.connect())
+        self.assertLess(time.monotonic() - started, 3.0)
+        text = str(caught.exception)
+        self.assertIn("no Sentinel reachable", text)
+        for port in ports:
+            self.assertIn(f"127.0.0.1:{port}", text)
+        self.assertNotIn("hunter2", text)
+        self.assertIsNone(store.monitor)

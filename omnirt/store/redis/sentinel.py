@@ -19,7 +19,9 @@ from typing import Any
 import txredisapi
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import HostnameEndpoint, connectProtocol
 from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
+from twisted.internet.protocol import Protocol
 from twisted.python import log
 from zope.interface import implementer
 
@@ -115,8 +117,28 @@ class SentinelMonitor:
 
     # -- lifecycle ---------------------------------------------------------------------------
 
+    async def _reachable(self) -> list[str]:
+        """TCP-probe every Sentinel at once; the errors of those that refuse (all of them: fail
+        fast with a clear reason instead of retrying in the background)."""
+
+        async def probe(host: str, port: int) -> str | None:
+            endpoint = HostnameEndpoint(self._clock, host, port, timeout=self.timeout_s)
+            try:
+                proto = await connectProtocol(endpoint, Protocol())
+            except Exception as exc:
+                return f"{host}:{port}: {exc}"
+            proto.transport.loseConnection()
+            return None
+
+        results = await defer.gatherResults(
+            [Deferred.fromCoroutine(probe(h, p)) for h, p in self.target.sentinels], consumeErrors=True)
+        return [r for r in results if r is not None]
+
     async def start(self) -> tuple[str, int]:
         """Connect to the Sentinels and find the master (StoreUnavailable when none answers)."""
+        errors = await self._reachable()
+        if len(errors) == len(self.target.sentinels):
+            raise StoreUnavailable(f"no Sentinel reachable ({'; '.join(errors)})")
         for host, port in self.target.sentinels:
             node = self.target.node(host, port, sentinel=True)
             endpoint = endpoint_for(self._clock, node, self.timeout_s)
