@@ -18,7 +18,7 @@ from twisted.trial import unittest
 from omnirt.contract import JobState
 from omnirt.store.base import NewEvent, NotReplicated, StoreUnavailable
 from omnirt.store.redis import RedisJobStore
-from tests.support.redis import REDIS_CLI, redis_cli, start_sentinel_topology
+from tests.support.redis import REDIS_CLI, RedisReplyError, redis_cli, start_sentinel_topology
 from tests.unit.store_suite import _record
 
 
@@ -45,10 +45,12 @@ class _Metrics:
 
 
 class SentinelStoreTests(unittest.TestCase):
+    """Data nodes and Sentinels both require a password (each its own)."""
+
     timeout = 90
 
     def setUp(self):
-        self.topo = start_sentinel_topology(self, password="s3cret pw")
+        self.topo = start_sentinel_topology(self, password="s3cret pw", sentinel_password="sentinel pw")
 
     @inlineCallbacks
     def open_store(self, **kw):
@@ -83,6 +85,8 @@ class SentinelStoreTests(unittest.TestCase):
         (creates, transitions), the stream reader (a live subscriber gets the events written
         after the failover, each once) and lease refreshes. Readiness reports degraded during the
         switch and ok with the new master after it; one failover is counted."""
+        with self.assertRaises(RedisReplyError):  # the Sentinels do require their password
+            redis_cli(self.topo.sentinel_ports[0], "SENTINEL", "MASTERS")
         metrics = _Metrics()
         store = yield self.open_store(metrics=metrics)
         old = self.topo.master()
@@ -157,7 +161,7 @@ class SentinelStoreTests(unittest.TestCase):
         seen: list[int] = []
         sub = store.subscribe("before", 0, lambda e: seen.append(e.seq))
         self.addCleanup(sub.close)
-        self.assertEqual(redis_cli(self.topo.sentinel_ports[0], "SENTINEL", "FAILOVER", self.topo.master_name), "OK")
+        self.assertEqual(self.topo.sentinel_command(self.topo.sentinel_ports[0], "SENTINEL", "FAILOVER", self.topo.master_name), "OK")
         new = self.topo.wait_new_master(old.port)
         yield self._create_until_accepted(store, "after")
         yield d(store.append_event("before", NewEvent("stage_progress", "denoise", {"step": 1})))
@@ -179,7 +183,7 @@ class SentinelStoreTests(unittest.TestCase):
             yield listener.disconnect()
         old = self.topo.master()
         yield self._create_until_accepted(store, "before")
-        self.assertEqual(redis_cli(self.topo.sentinel_ports[0], "SENTINEL", "FAILOVER", self.topo.master_name), "OK")
+        self.assertEqual(self.topo.sentinel_command(self.topo.sentinel_ports[0], "SENTINEL", "FAILOVER", self.topo.master_name), "OK")
         new = self.topo.wait_new_master(old.port)
         deadline = time.monotonic() + 10
         while old.command("ROLE")[0] != "slave" and time.monotonic() < deadline:

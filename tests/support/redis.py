@@ -198,9 +198,12 @@ class SentinelTopology:
     master_name = "omnirt"
 
     def __init__(self, directory: Path, *, replicas: int = 1, sentinels: int = 3, password: str | None = None,
+                 sentinel_password: str | None = None,
                  down_after_ms: int = 1000, failover_timeout_ms: int = 3000, appendonly: bool = True):
         self.directory = Path(directory).resolve()
         self.password = password
+        #: the Sentinels' own requirepass (and the one they use with each other)
+        self.sentinel_password = sentinel_password
         self.down_after_ms = down_after_ms
         self.failover_timeout_ms = failover_timeout_ms
         # a full resync (a node back as a replica) starts at once instead of after 5 s
@@ -232,6 +235,9 @@ class SentinelTopology:
                      f"sentinel parallel-syncs {self.master_name} 1"]
             if self.password:
                 lines.append(f"sentinel auth-pass {self.master_name} \"{self.password}\"")
+            if self.sentinel_password:
+                lines += [f"requirepass \"{self.sentinel_password}\"",
+                          f"sentinel sentinel-pass \"{self.sentinel_password}\""]
             conf.write_text("\n".join(lines) + "\n")
             proc = Proc([REDIS_SERVER, str(conf), "--sentinel"], self.directory / f"sentinel{i}.log")
             self.sentinel_procs.append(proc)
@@ -252,8 +258,8 @@ class SentinelTopology:
 
     def _sentinel_knows_all(self, port: int) -> bool:
         try:
-            replicas = redis_cli(port, "SENTINEL", "REPLICAS", self.master_name, timeout=1.0)
-            sentinels = redis_cli(port, "SENTINEL", "SENTINELS", self.master_name, timeout=1.0)
+            replicas = self.sentinel_command(port, "SENTINEL", "REPLICAS", self.master_name)
+            sentinels = self.sentinel_command(port, "SENTINEL", "SENTINELS", self.master_name)
         except (ConnectionError, RedisReplyError):
             return False
         return len(replicas) >= len(self.replicas) and len(sentinels) >= self._n_sentinels - 1
@@ -266,18 +272,23 @@ class SentinelTopology:
 
     # -- Sentinel's view ---------------------------------------------------------------------
 
+    def sentinel_command(self, port: int, *args, timeout: float = 1.0):
+        """One command to the Sentinel on ``port`` (with its password)."""
+        return redis_cli(port, *args, password=self.sentinel_password, timeout=timeout)
+
     def url(self, *, db: int | None = None) -> str:
         auth = f":{quote(self.password, safe='')}@" if self.password else ""
         hosts = ",".join(f"127.0.0.1:{p}" for p in self.sentinel_ports)
         path = f"/{db}" if db is not None else ""
-        return f"redis+sentinel://{auth}{hosts}/{self.master_name}{path}"
+        query = f"?sentinel_password={quote(self.sentinel_password, safe='')}" if self.sentinel_password else ""
+        return f"redis+sentinel://{auth}{hosts}/{self.master_name}{path}{query}"
 
     def master_port(self) -> int | None:
         """The master port the Sentinels agree on (a majority), or None."""
         votes: dict[int, int] = {}
         for port in self.sentinel_ports:
             try:
-                addr = redis_cli(port, "SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.master_name, timeout=1.0)
+                addr = self.sentinel_command(port, "SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.master_name)
             except (ConnectionError, RedisReplyError):
                 continue
             if addr:
