@@ -227,6 +227,35 @@ def _db2(server, *args):
     return json.loads(out)
 
 
+class SentinelTLSTests(unittest.TestCase):
+    timeout = 60
+
+    @inlineCallbacks
+    def test_tls_to_sentinels_and_data_nodes_through_a_failover(self):
+        """``rediss+sentinel://`` with ``ssl_ca_certs``: Sentinels and data nodes only speak TLS
+        (certificate verified), the master is found, and followed after a SIGKILL."""
+        topo = start_sentinel_topology(self, password="pw", tls=True)
+        store = RedisJobStore(reactor, url=topo.url(db=0), call_timeout_s=1.0, gateway_id="gw-tls")
+        yield d(store.connect())
+        self.addCleanup(lambda: d(store.close()))
+        yield d(store.create(_record("t1"), NewEvent("job_enqueued", "job", {"job_id": "t1"})))
+        old = topo.master()
+        old.command("WAIT", 1, 2000)
+        topo.kill_master()
+        new = topo.wait_new_master(old.port)
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                yield d(store.create(_record("t2"), NewEvent("job_enqueued", "job", {"job_id": "t2"})))
+                break
+            except StoreUnavailable:
+                if time.monotonic() > deadline:
+                    raise
+                yield sleep(0.05)
+        self.assertEqual(store.status()["master"], f"127.0.0.1:{new.port}")
+        self.assertIsNotNone((yield d(store.get("t1"))))
+
+
 class SentinelStartupTests(unittest.TestCase):
     @inlineCallbacks
     def test_no_sentinel_reachable_fails_fast_without_the_password(self):

@@ -198,7 +198,7 @@ class SentinelTopology:
     master_name = "omnirt"
 
     def __init__(self, directory: Path, *, replicas: int = 1, sentinels: int = 3, password: str | None = None,
-                 sentinel_password: str | None = None,
+                 sentinel_password: str | None = None, tls: bool = False,
                  down_after_ms: int = 1000, failover_timeout_ms: int = 3000, appendonly: bool = True):
         self.directory = Path(directory).resolve()
         self.password = password
@@ -208,10 +208,18 @@ class SentinelTopology:
         self.failover_timeout_ms = failover_timeout_ms
         # a full resync (a node back as a replica) starts at once instead of after 5 s
         extra = ["--repl-diskless-sync-delay", "0"]
+        self.tls = tls
+        self.cert = self.key = None
+        if tls:  # one certificate (localhost, 127.0.0.1) for every node and Sentinel
+            self.directory.mkdir(parents=True, exist_ok=True)
+            self.cert, self.key = _self_signed_cert(self.directory)
+            extra += ["--tls-replication", "yes"]
         self.primary = RedisServer(self.directory / "primary", appendonly=appendonly, password=password,
-                                   extra_args=extra)
+                                   extra_args=extra, tls=tls)
         self.replicas = [RedisServer(self.directory / f"replica{i}", appendonly=appendonly, password=password,
-                                     extra_args=extra) for i in range(replicas)]
+                                     extra_args=extra, tls=tls) for i in range(replicas)]
+        for node in self.nodes if tls else ():
+            node.cert, node.key = self.cert, self.key
         self.sentinel_ports: list[int] = []
         self.sentinel_procs: list[Proc] = []
         self._n_sentinels = sentinels
@@ -228,13 +236,16 @@ class SentinelTopology:
         for i in range(self._n_sentinels):
             port = free_port()
             conf = self.directory / f"sentinel{i}.conf"
-            lines = [f"port {port}", "bind 127.0.0.1", "protected-mode no", f"dir {self.directory}",
+            lines = [f"port {0 if self.tls else port}", "bind 127.0.0.1", "protected-mode no", f"dir {self.directory}",
                      f"sentinel monitor {self.master_name} 127.0.0.1 {self.primary.port} 2",
                      f"sentinel down-after-milliseconds {self.master_name} {self.down_after_ms}",
                      f"sentinel failover-timeout {self.master_name} {self.failover_timeout_ms}",
                      f"sentinel parallel-syncs {self.master_name} 1"]
             if self.password:
                 lines.append(f"sentinel auth-pass {self.master_name} \"{self.password}\"")
+            if self.tls:
+                lines += [f"tls-port {port}", f"tls-cert-file {self.cert}", f"tls-key-file {self.key}",
+                          f"tls-ca-cert-file {self.cert}", "tls-replication yes", "tls-auth-clients no"]
             if self.sentinel_password:
                 lines += [f"requirepass \"{self.sentinel_password}\"",
                           f"sentinel sentinel-pass \"{self.sentinel_password}\""]
@@ -274,14 +285,20 @@ class SentinelTopology:
 
     def sentinel_command(self, port: int, *args, timeout: float = 1.0):
         """One command to the Sentinel on ``port`` (with its password)."""
-        return redis_cli(port, *args, password=self.sentinel_password, timeout=timeout)
+        return redis_cli(port, *args, password=self.sentinel_password, timeout=timeout, cacert=self.cert)
 
     def url(self, *, db: int | None = None) -> str:
         auth = f":{quote(self.password, safe='')}@" if self.password else ""
         hosts = ",".join(f"127.0.0.1:{p}" for p in self.sentinel_ports)
         path = f"/{db}" if db is not None else ""
-        query = f"?sentinel_password={quote(self.sentinel_password, safe='')}" if self.sentinel_password else ""
-        return f"redis+sentinel://{auth}{hosts}/{self.master_name}{path}{query}"
+        params = []
+        if self.sentinel_password:
+            params.append(f"sentinel_password={quote(self.sentinel_password, safe='')}")
+        if self.tls:
+            params.append(f"ssl_ca_certs={quote(str(self.cert))}")
+        query = f"?{'&'.join(params)}" if params else ""
+        scheme = "rediss+sentinel" if self.tls else "redis+sentinel"
+        return f"{scheme}://{auth}{hosts}/{self.master_name}{path}{query}"
 
     def master_port(self) -> int | None:
         """The master port the Sentinels agree on (a majority), or None."""
