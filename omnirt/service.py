@@ -199,7 +199,9 @@ class GatewayService(OrderedService):
 
             try:
                 raw = RedisJobStore(self.clock, url=config.redis_url, namespace=config.redis_namespace,
-                                    retention_s=config.job_retention_s, gateway_id=self.gateway_id)
+                                    retention_s=config.job_retention_s, gateway_id=self.gateway_id,
+                                    min_replicas=config.redis_min_replicas,
+                                    wait_timeout_s=config.redis_wait_timeout_s, metrics=self.metrics)
             except ValueError as exc:
                 raise StartupError(f"bad --redis-url: {exc}") from None
             self.store_label = raw.target.redacted

@@ -21,6 +21,7 @@ def add_arguments(p) -> None:
     """The flags of ``omnirt serve``."""
     from omnirt.commands.common import add_model_path_arg
     from omnirt.config.adapters import add_adapter_dir_arg
+    from omnirt.store.redis.options import add_ha_arguments
     from omnirt.telemetry.options import add_cli_args as add_tracing_args
     from omnirt.webhooks.options import add_cli_args as add_webhook_args
 
@@ -36,6 +37,7 @@ def add_arguments(p) -> None:
     p.add_argument("--redis-url", default=None,
                    help="shared, durable job store: redis://[:password@]host:port/db or rediss://")
     p.add_argument("--redis-namespace", default="omnirt", help="prefix of every Redis key")
+    add_ha_arguments(p)
     p.add_argument("--gateway-id", default=None, help="this gateway's id in Redis (default: host-port-random)")
     p.add_argument("--lease-ttl-s", type=float, default=10.0,
                    help="a gateway silent this long is dead; another adopts its unfinished jobs")
@@ -125,8 +127,12 @@ class GatewayConfig:
     health_failure_threshold: int = 2
     keepalive_s: float = 15.0
     worker_idle_timeout_s: float = 10.0
+    #: redis://, rediss:// or redis+sentinel:// (``--redis-sentinel``/``--redis-master-name`` folded in)
     redis_url: str | None = None
     redis_namespace: str = "omnirt"
+    #: WAIT for this many replicas after a create and a terminal transition (``--redis-min-replicas``)
+    redis_min_replicas: int = 0
+    redis_wait_timeout_s: float = 1.0
     gateway_id: str = ""
     lease_ttl_s: float = 10.0
     request_deadline_s: float = 30.0
@@ -169,6 +175,7 @@ class GatewayConfig:
         worker_tls = _worker_tls(args)
         webhooks = _webhooks(args)
         upstream_options = _upstream_options(args)
+        redis = _redis_options(args)
         return cls(
             host=args.host, port=args.port, backend=args.backend, max_concurrency=args.max_concurrency,
             pipeline_cache_size=args.pipeline_cache_size,
@@ -181,7 +188,8 @@ class GatewayConfig:
             job_retention_s=args.job_retention_s, max_attempts=args.max_attempts,
             health_interval_s=args.health_interval_s, health_failure_threshold=args.health_failure_threshold,
             keepalive_s=args.keepalive_s, worker_idle_timeout_s=args.worker_idle_timeout_s,
-            redis_url=args.redis_url, redis_namespace=args.redis_namespace,
+            redis_url=redis["url"], redis_namespace=args.redis_namespace,
+            redis_min_replicas=redis["min_replicas"], redis_wait_timeout_s=redis["wait_timeout_s"],
             gateway_id=args.gateway_id or default_gateway_id(args.port), lease_ttl_s=args.lease_ttl_s,
             request_deadline_s=args.request_deadline_s, worker_tls=worker_tls, access_log=args.access_log,
             public_url=_public_url(args.public_url), rate_limit=args.rate_limit, max_jobs_per_key=args.max_jobs_per_key, fleet=fleet,
@@ -214,6 +222,15 @@ def _public_url(value: str | None) -> str | None:
 
     try:
         return parse_public_url(value)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def _redis_options(args) -> dict[str, Any]:
+    from omnirt.store.redis.options import store_settings
+
+    try:
+        return store_settings(args)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
 

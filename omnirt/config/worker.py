@@ -37,6 +37,7 @@ def format_address(host: str, port: int) -> str:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from omnirt.store.redis.options import add_ha_arguments
     from omnirt.telemetry.options import add_cli_args as add_tracing_args
 
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1)")
@@ -60,6 +61,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--redis-url", default=None,
                    help="also record jobs' events and outcomes in the gateways' Redis store (same URL as serve)")
     p.add_argument("--redis-namespace", default="omnirt", help="prefix of every Redis key (as on serve)")
+    add_ha_arguments(p)
     p.add_argument("--job-retention-s", type=float, default=86400.0,
                    help="how long a job this worker finishes in Redis is kept (as on serve; default 86400)")
     add_tracing_args(p)
@@ -95,8 +97,12 @@ class WorkerConfig:
     grpc_tls_ca: str | None = None
     drain_grace_s: float = 30.0
     heartbeat_s: float = 1.0
+    #: redis://, rediss:// or redis+sentinel:// (``--redis-sentinel``/``--redis-master-name`` folded in)
     redis_url: str | None = None
     redis_namespace: str = "omnirt"
+    #: WAIT for this many replicas after a terminal transition this worker records
+    redis_min_replicas: int = 0
+    redis_wait_timeout_s: float = 1.0
     job_retention_s: float = 86400.0
     otlp_endpoint: str | None = None
     otlp_headers: dict[str, str] = dataclasses.field(default_factory=dict)
@@ -143,10 +149,12 @@ class WorkerConfig:
         """The checked config of parsed flags; ``ConfigError`` names the first bad value."""
         from omnirt.contract import UnknownModel
         from omnirt.registry import MODELS, get_model
+        from omnirt.store.redis.options import store_settings
         from omnirt.telemetry.options import cli_options
 
         try:
             otlp_endpoint, otlp_headers = cli_options(args)
+            redis = store_settings(args)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
         models = _comma_list(args.models)
@@ -194,8 +202,9 @@ class WorkerConfig:
             grpc_tls_ca=args.grpc_tls_ca,
             drain_grace_s=args.drain_grace_s,
             heartbeat_s=args.heartbeat_s,
-            redis_url=args.redis_url,
+            redis_url=redis["url"],
             redis_namespace=args.redis_namespace, job_retention_s=args.job_retention_s,
+            redis_min_replicas=redis["min_replicas"], redis_wait_timeout_s=redis["wait_timeout_s"],
             otlp_endpoint=otlp_endpoint,
             otlp_headers=otlp_headers,
             log_format=args.log_format,

@@ -132,6 +132,7 @@ class Readiness(BaseModel):
     backend: str
     accepting: bool
     job_store_error: str | None = None
+    job_store: dict[str, Any] | None = Field(None, description="store state: ok | degraded (switching master), master")
     fleet: dict[str, Any] | None = Field(None, description="the --fleet supervisord and its workers")
     reason: str | None = Field(None, description="why not ready (503 only)")
 

@@ -90,7 +90,9 @@ class StoreStep(Step):
         try:
             store = RedisJobStore(self.reactor, url=self.config.redis_url, namespace=self.config.redis_namespace,
                                   retention_s=self.config.job_retention_s,
-                                  gateway_id=f"worker-{self.config.worker_id}")
+                                  gateway_id=f"worker-{self.config.worker_id}",
+                                  min_replicas=self.config.redis_min_replicas,
+                                  wait_timeout_s=self.config.redis_wait_timeout_s)
         except ValueError as exc:
             raise StartupError(f"bad --redis-url: {exc}") from None
         try:
