@@ -185,9 +185,11 @@ class SentinelStoreTests(unittest.TestCase):
         yield self._create_until_accepted(store, "before")
         self.assertEqual(self.topo.sentinel_command(self.topo.sentinel_ports[0], "SENTINEL", "FAILOVER", self.topo.master_name), "OK")
         new = self.topo.wait_new_master(old.port)
-        deadline = time.monotonic() + 10
+        # Sentinel turns the old master into a replica when its next INFO poll of it runs (Sentinel
+        # polls a master every 10 s outside a failover), so the bound covers one poll period
+        deadline = time.monotonic() + 30
         while old.command("ROLE")[0] != "slave" and time.monotonic() < deadline:
-            yield sleep(0.02)  # Sentinel demotes the old master a moment after the promotion
+            yield sleep(0.05)
         self.assertEqual(old.command("ROLE")[0], "slave")
         _took, states = yield self._create_until_accepted(store, "after")
         self.assertEqual(_db2(new, "EXISTS", "omnirt:job:after"), 1)
