@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from twisted.internet import reactor
 from twisted.internet.defer import CancelledError, DeferredList, inlineCallbacks
+from twisted.trial.unittest import TestCase
 
 from omnirt.contract import GenerateRequest
 from omnirt.workers.base import WorkerBusy, WorkerJob
@@ -71,3 +72,30 @@ class WorkerBatchingTests(WorkerTestCase):
         self.assertEqual(outcome.result.metadata.batch_size, 2)
         health = yield self.wait_health(conn, lambda h: h.inflight == 0)
         self.assertEqual(health.inflight, 0)
+
+
+class InProcessBatchingTests(TestCase):
+    timeout = 120
+
+    @inlineCallbacks
+    def test_in_process_engine_batches_through_the_core(self):
+        """The in-process connection (omnirt serve's engine) admits max batch jobs and streams
+        each its own job_started with the shared batch_group_id."""
+        from omnirt.config.engine import EngineOptions
+        from omnirt.engine.engine import Engine
+        from omnirt.workers.local import LocalWorkerConnection
+
+        options = EngineOptions(batch_window_ms=600000.0, max_batch_size=2)
+        engine = Engine(backend="cpu", model_paths=tiny_paths(), options=options)
+        conn = LocalWorkerConnection(engine, reactor, worker_id="local", capacity=options.job_capacity(1))
+        self.addCleanup(conn.close)
+        recs = [Recorder(), Recorder()]
+        results = yield DeferredList([conn.run(tiny_job(f"l{i}", seed=i), recs[i]).addTimeout(100, reactor)
+                                      for i in range(2)], consumeErrors=True)
+        ids = set()
+        for (ok, outcome), rec in zip(results, recs, strict=True):
+            self.assertTrue(ok, outcome)
+            self.assertEqual((rec.updates[0].event, rec.updates[0].data["batch_size"]), ("job_started", 2))
+            ids.add(rec.updates[0].data["batch_group_id"])
+            self.assertEqual(outcome.result.metadata.batch_group_id, rec.updates[0].data["batch_group_id"])
+        self.assertEqual(len(ids), 1)
