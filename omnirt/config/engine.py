@@ -76,7 +76,7 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-window-ms", type=float, default=0.0, metavar="MS",
                    help="a batchable job waits up to MS for compatible jobs to share its pipeline call "
                         "(default 0: batching off)")
-    p.add_argument("--max-batch-size", type=int, default=4, metavar="N",
+    p.add_argument("--max-batch-size", type=int, default=None, metavar="N",
                    help="most jobs in one batched pipeline call (default 4; only with --batch-window-ms)")
     p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
                    help="pipeline dtype when a job asks none (auto: fp16 on cuda/ascend, fp32 on cpu)")
@@ -104,9 +104,13 @@ def refuse_on_cpu(options: EngineOptions, backend: str) -> EngineOptions:
 
 def engine_options(args: argparse.Namespace) -> EngineOptions:
     """The checked options of parsed flags; ``ValueError`` names the first bad one."""
+    if args.max_batch_size is not None and not args.batch_window_ms > 0:
+        raise ValueError("--max-batch-size needs --batch-window-ms (batching is off without a window)")
+    if args.max_batch_size == 1 and args.batch_window_ms > 0:
+        raise ValueError("--batch-window-ms with --max-batch-size 1 would only delay jobs: give a size of 2 or more")
     return EngineOptions(
         batch_window_ms=args.batch_window_ms,
-        max_batch_size=args.max_batch_size,
+        max_batch_size=4 if args.max_batch_size is None else args.max_batch_size,
         dtype=args.dtype,
         compile=args.compile,
         channels_last=args.channels_last,

@@ -41,11 +41,14 @@ class EngineFlagTests(unittest.TestCase):
             self.assertEqual(config.job_capacity, 3)
 
     def test_bad_values_are_one_line_errors(self):
-        """A negative window, a batch size under 1, or an accelerator flag with an explicit cpu
+        """A negative window, a batch size under 2 or without a window, or an accelerator flag with an explicit cpu
         backend is refused with one line naming the flag, on both commands."""
         cases = (
             (("--batch-window-ms", "-1"), "--batch-window-ms must not be negative"),
-            (("--max-batch-size", "0"), "--max-batch-size must be at least 1"),
+            (("--batch-window-ms", "5", "--max-batch-size", "0"), "--max-batch-size must be at least 1"),
+            (("--max-batch-size", "8"), "--max-batch-size needs --batch-window-ms (batching is off without a window)"),
+            (("--batch-window-ms", "5", "--max-batch-size", "1"),
+             "--batch-window-ms with --max-batch-size 1 would only delay jobs: give a size of 2 or more"),
             (("--backend", "cpu", "--compile", "--tf32"),
              "--compile, --tf32: accelerator options, not applicable to --backend cpu"),
             (("--backend", "cpu-stub", "--dtype", "fp16"),
