@@ -169,7 +169,13 @@ class RunReport(BaseModel):
     timings: dict[str, float] = Field(default_factory=dict)
     memory: dict[str, float] = Field(default_factory=dict)
     config_resolved: dict[str, Any] = Field(default_factory=dict)
+    #: images made by the pipeline call this job ran in (its own, plus its batch mates')
     batch_size: int = 1
+    #: the batch this job ran in (``--batch-window-ms``), "" when it ran alone
+    batch_group_id: str = ""
+    #: the engine's batching and accelerator options as they held for this run (dtype default,
+    #: attention, compile, channels-last, TF32, VAE handling): facts, not request config
+    engine: dict[str, Any] = Field(default_factory=dict)
     error: str | None = None
     stream_events: bool = False
     #: the worker's span summaries of this run (omnirt.telemetry.tracing): moved into

@@ -232,9 +232,9 @@ class GatewayService(OrderedService):
 
             engine = Engine(backend=config.backend, pipeline_cache_size=config.pipeline_cache_size,
                             model_paths=config.model_paths, worker_id="local", max_concurrency=config.max_concurrency,
-                            adapter_dirs=config.adapter_dirs)
+                            adapter_dirs=config.adapter_dirs, options=config.engine_options)
             conns.append(LocalWorkerConnection(engine, self.reactor, worker_id="local",
-                                               capacity=config.max_concurrency, tracing=self.tracing))
+                                               capacity=config.job_capacity, tracing=self.tracing))
         return conns
 
     def _adapter_check(self):

@@ -215,7 +215,10 @@ def report(results: dict, opts, run: Run | None) -> int:
     if why_not and f"chart skipped: {why_not}" not in results["notes"]:
         results["notes"].append(f"chart skipped: {why_not}")
     output = Path(opts.output)
+    kept = kept_sections(output)
     write_markdown(results, output, None if why_not else chart, why_not or "")
+    if kept:  # sections other benchmarks wrote (below the marker) survive a new topology run
+        output.write_text(output.read_text().rstrip("\n") + "\n\n" + kept)
     print_report(results)
     print(f"\nwrote {output}" + ("" if why_not else f" and {chart}"))
     if opts.json and run is not None:
@@ -228,5 +231,20 @@ def report(results: dict, opts, run: Run | None) -> int:
     return 0
 
 
+#: sections below this line in BENCHMARKS.md are written by hand from other benchmarks (engine, GPU)
+KEPT_MARKER = "<!-- sections below: other benchmarks (scripts/bench-engine, scripts/bench-gpu); kept by bench-topologies -->"
+
+
+def kept_sections(output: Path) -> str:
+    """The part of an existing report from ``KEPT_MARKER`` on ("" when there is none)."""
+    try:
+        text = output.read_text()
+    except OSError:
+        return ""
+    at = text.find(KEPT_MARKER)
+    return text[at:] if at >= 0 else ""
+
+
 if __name__ == "__main__":
     sys.exit(main())
+

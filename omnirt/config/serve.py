@@ -31,6 +31,9 @@ def add_arguments(p) -> None:
                    help="default backend for requests that say auto")
     p.add_argument("--max-concurrency", type=int, default=1, help="jobs the in-process engine runs at once")
     p.add_argument("--pipeline-cache-size", type=int, default=4)
+    from omnirt.config.engine import add_engine_arguments
+
+    add_engine_arguments(p)  # the in-process engine's batching and accelerator options
     p.add_argument("--model-tier", action="append", choices=TIERS, default=None,
                    help=f"allowed model tier (repeatable; default: {', '.join(DEFAULT_ALLOWED_TIERS)})")
     p.add_argument("--api-key-file", default=None, help="file with one API key per line (# comments)")
@@ -153,6 +156,15 @@ class GatewayConfig:
     webhooks: WebhookSettings = dataclasses.field(default_factory=WebhookSettings)
     #: omnirt.workers.upstream.UpstreamOptions for upstream OmniRT 0.1 workers (None: the defaults)
     upstream_options: Any = None
+    #: the in-process engine's batching and accelerator options (omnirt.config.engine.EngineOptions)
+    engine_options: Any = None
+
+    @property
+    def job_capacity(self) -> int:
+        """Jobs the in-process engine admits at once (a batch counts as the jobs it holds)."""
+        if self.engine_options is None:
+            return self.max_concurrency
+        return self.engine_options.job_capacity(self.max_concurrency)
     #: one line per warning, printed at start (e.g. plaintext links to remote workers)
     warnings: tuple[str, ...] = ()
 
@@ -176,6 +188,12 @@ class GatewayConfig:
         webhooks = _webhooks(args)
         upstream_options = _upstream_options(args)
         redis = _redis_options(args)
+        from omnirt.config.engine import engine_options, refuse_on_cpu
+
+        try:
+            options = refuse_on_cpu(engine_options(args), args.backend)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         return cls(
             host=args.host, port=args.port, backend=args.backend, max_concurrency=args.max_concurrency,
             pipeline_cache_size=args.pipeline_cache_size,
@@ -195,6 +213,7 @@ class GatewayConfig:
             public_url=_public_url(args.public_url), rate_limit=args.rate_limit, max_jobs_per_key=args.max_jobs_per_key, fleet=fleet,
             fleet_stop_on_exit=args.fleet_stop_on_exit, otlp_endpoint=otlp_endpoint, otlp_headers=otlp_headers,
             log_format=args.log_format, webhooks=webhooks, upstream_options=upstream_options,
+            engine_options=options,
             warnings=tuple(plaintext_warnings(remote_specs, worker_tls)
                            + _adapter_dir_warnings(args, local_worker=args.local_worker or not (remote_specs or fleet))),
         )

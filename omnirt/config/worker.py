@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 
 from omnirt.config.adapters import add_adapter_dir_arg, parse_adapter_dirs
+from omnirt.config.engine import EngineOptions, add_engine_arguments, engine_options, refuse_on_cpu
 from omnirt.workers.compat import ALLOW_PATH_FLAG, MAX_QUEUE_FLAG, OUTPUT_DIR_FLAG
 from omnirt.workers.spec import comma_list as _comma_list  # the one comma-list parser (``--remote-worker``'s)
 
@@ -51,6 +52,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-path", action="append", default=[], metavar="MODEL=DIR",
                    help="load MODEL's weights from local folder DIR (repeatable)")
     add_adapter_dir_arg(p)
+    add_engine_arguments(p)
     p.add_argument("--metrics-port", type=int, default=None, help="serve /metrics and /healthz over HTTP (0 = any)")
     p.add_argument("--grpc-tls-cert", default=None, metavar="PEM", help="serve gRPC over TLS with this certificate")
     p.add_argument("--grpc-tls-key", default=None, metavar="PEM", help="the certificate's private key")
@@ -115,6 +117,13 @@ class WorkerConfig:
     max_queue: int = 0
     #: seconds the stop sequence gives the gRPC server to end its calls after the drain
     server_stop_grace_s: float = 5.0
+    #: batching and accelerator options (--batch-window-ms, --max-batch-size, --compile...)
+    engine_options: EngineOptions = dataclasses.field(default_factory=EngineOptions)
+
+    @property
+    def job_capacity(self) -> int:
+        """Jobs admitted at once (a batch counts as the jobs it holds)."""
+        return self.engine_options.job_capacity(self.max_concurrency)
 
     @property
     def grpc_address(self) -> str:
@@ -183,6 +192,7 @@ class WorkerConfig:
                 raise ConfigError(f"{OUTPUT_DIR_FLAG} {args.output_dir!r}: {exc.strerror}") from None
         try:
             adapter_dirs = parse_adapter_dirs(args.adapter_dir)
+            options = refuse_on_cpu(engine_options(args), args.backend)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
         return cls(
@@ -211,4 +221,5 @@ class WorkerConfig:
             allow_paths=tuple(os.path.realpath(folder) for folder in args.allow_path or ()),
             output_dir=os.path.realpath(args.output_dir) if args.output_dir else None,
             max_queue=args.max_queue,
+            engine_options=options,
         )

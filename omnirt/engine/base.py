@@ -40,6 +40,9 @@ class EngineJob:
     enqueued_at_ms: int | None = None
     #: weights folder for this job instead of the engine's own for the model (upstream's config.model_path)
     model_path: str | None = None
+    #: called (on an engine thread) with ``job_started``'s engine facts when the job's pipeline call
+    #: begins: ``{}`` alone, ``{"batch_group_id", "batch_size"}`` in a batch
+    on_started: Callable[[dict[str, Any]], None] | None = None
 
 
 @dataclasses.dataclass

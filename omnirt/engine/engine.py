@@ -30,9 +30,10 @@ import secrets
 import threading
 import time
 import uuid
-from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
+from concurrent.futures import CancelledError, Future, InvalidStateError, ThreadPoolExecutor
 
 from omnirt.backends import BackendUnavailable, default_dtype, resolve_backend
+from omnirt.config.engine import EngineOptions
 from omnirt.contract import Artifact, GenerateResult, RunReport
 from omnirt.engine.adapters import AdapterDirs, AdapterRejected
 from omnirt.engine.base import (
@@ -44,7 +45,9 @@ from omnirt.engine.base import (
     JobRejected,
     RunOutcome,
 )
+from omnirt.engine.batching import AllCancelled, Batcher, Group, Member, batch_key
 from omnirt.engine.cache import PipelineCache
+from omnirt.engine.efficiency import report as efficiency_report
 from omnirt.engine.images import decode_input_image, inpaint_problem, png_bytes
 from omnirt.engine.render import RenderJob, StageTracker, describe_error
 from omnirt.registry import get_model
@@ -102,6 +105,7 @@ class Engine:
         max_concurrency: int = 1,
         adapter_dirs: tuple[str, ...] | list[str] = (),
         adapter_cache_size: int = 8,
+        options: EngineOptions | None = None,
     ):
         self.backend = backend
         self.pipeline_cache_size = pipeline_cache_size
@@ -119,6 +123,14 @@ class Engine:
             max_workers=self.max_concurrency, thread_name_prefix=f"omnirt-engine-{worker_id}"
         )
         self._closed = threading.Event()
+        #: batching and accelerator options (``--batch-window-ms``, ``--compile``...)
+        self.options = options or EngineOptions()
+        #: compatible jobs wait here for a shared pipeline call (None: batching off)
+        self.batcher = (Batcher(self.options.batch_window_ms / 1000.0, self.options.max_batch_size, self._submit_group)
+                        if self.options.batching else None)
+
+    #: the engine says ``job_started`` itself (``EngineJob.on_started``), once the job's pipeline call begins
+    announces_start = True
 
     # -- public API ------------------------------------------------------------------------
 
@@ -143,6 +155,12 @@ class Engine:
         except BackendUnavailable as exc:
             raise JobFailed(str(exc)) from None
         cancel.raise_if_cancelled()
+        if self.batcher is not None:
+            member = self._member(job, backend, emit, cancel)
+            if member is not None:
+                self.batcher.add(member.key, member)
+                return self._wait_member(member.future, cancel)
+        _started(job, {})
         try:
             future = self._executor.submit(self._run_job, job, backend, emit, cancel)
         except RuntimeError:  # shut down between the check above and here
@@ -214,7 +232,7 @@ class Engine:
 
     def _load_options(self, renderer, memory_mode: str) -> dict[str, object]:
         if renderer.__name__.endswith(".sdxl"):
-            return {"adapter_cache_size": self.adapter_cache_size, "memory_mode": memory_mode}
+            return {"adapter_cache_size": self.adapter_cache_size, "memory_mode": memory_mode, "options": self.options}
         return {}
 
     def _run_job(self, job: EngineJob, backend: str, emit: EmitFn, cancel: CancelToken) -> RunOutcome:
@@ -226,13 +244,14 @@ class Engine:
             log.exception("job %s failed outside a stage", job.job_id)
             raise JobFailed(f"internal error: {describe_error(exc)}") from exc
 
-    def _run_stages(self, job: EngineJob, backend: str, emit: EmitFn, cancel: CancelToken) -> RunOutcome:
-        started = time.perf_counter()
-        started_ms = int(time.time() * 1000)
-        cancel.raise_if_cancelled()
+    def _prepare(self, job: EngineJob, backend: str) -> tuple[RenderJob, str, tuple]:
+        """The job's render job (config resolved: seed chosen, dtype decided, inputs decoded), its
+        dtype and adapters; ``JobRejected`` for input the worker refuses."""
         request = job.request
         config = dict(request.config)
         requested_dtype = config.get("dtype", "auto")
+        if requested_dtype in (None, "auto") and self.options.dtype != "auto":
+            requested_dtype = self.options.dtype  # --dtype: this engine's default
         dtype = resolve_dtype(requested_dtype, backend)
         config.update(
             seed=config.get("seed") if config.get("seed") is not None else secrets.randbelow(2**32),
@@ -267,17 +286,29 @@ class Engine:
             adapters=adapters,
             mask=mask,
         )
-        renderer = _renderer(backend)
-        tracker = StageTracker(request.model, emit, cancel)
-        tracker.facts["memory_mode"] = config.get("memory_mode", "default")
+        return render_job, dtype, adapters
 
-        loaded = self._load(request.model, renderer, backend, dtype, tracker, model_path=job.model_path)
+    def _note_memory_mode(self, loaded, backend: str, tracker: StageTracker) -> None:
         mode = tracker.facts["memory_mode"]
         tracker.facts["memory_techniques"] = list(getattr(loaded, "memory_techniques", ()))
         if mode != "default" and not tracker.facts["memory_techniques"]:
             tracker.facts["memory_mode_note"] = (
                 f"memory_mode {mode} is not applicable on {backend} (no accelerator memory to save): nothing changed"
             )
+
+    def _run_stages(self, job: EngineJob, backend: str, emit: EmitFn, cancel: CancelToken) -> RunOutcome:
+        started = time.perf_counter()
+        started_ms = int(time.time() * 1000)
+        cancel.raise_if_cancelled()
+        request = job.request
+        render_job, dtype, _adapters = self._prepare(job, backend)
+        config = render_job.config
+        renderer = _renderer(backend)
+        tracker = StageTracker(request.model, emit, cancel)
+        tracker.facts["memory_mode"] = config.get("memory_mode", "default")
+
+        loaded = self._load(request.model, renderer, backend, dtype, tracker, model_path=job.model_path)
+        self._note_memory_mode(loaded, backend, tracker)
         refiner_spec = config.get("refiner")
         if refiner_spec:  # loaded before the base runs: a worker without the refiner fails fast
             if backend == "cpu-stub":
@@ -285,6 +316,15 @@ class Engine:
             refiner = self._load(refiner_spec["model"], renderer, backend, dtype, tracker)
             render_job = dataclasses.replace(render_job, refiner=refiner)
         images = loaded.generate(render_job, tracker)
+        outputs, blobs = self._export(images, tracker)
+        timings = dict(tracker.timings)
+        timings["total_ms"] = (time.perf_counter() - started) * 1000.0
+        report = self._report(job, backend, started_ms, timings, {**config, **tracker.facts}, loaded.memory(),
+                              batch_size=len(outputs), applied=getattr(loaded, "applied", None))
+        return RunOutcome(result=GenerateResult(outputs=outputs, metadata=report), blobs=blobs)
+
+    @staticmethod
+    def _export(images: list, tracker: StageTracker) -> tuple[list[Artifact], list[bytes]]:
         with tracker.stage("export"):
             blobs = [png_bytes(im) for im in images]
             outputs = [
@@ -295,10 +335,17 @@ class Engine:
                 )
                 for im, blob in zip(images, blobs, strict=True)
             ]
+        return outputs, blobs
 
-        timings = dict(tracker.timings)
-        timings["total_ms"] = (time.perf_counter() - started) * 1000.0
-        report = RunReport(
+    def efficiency(self, backend: str) -> dict:
+        """The batching and accelerator options as they hold on ``backend`` (Health reports it)."""
+        return efficiency_report(self.options, backend)
+
+    def _report(self, job: EngineJob, backend: str, started_ms: int, timings: dict[str, float],
+                config_resolved: dict, memory: dict[str, float], *, batch_size: int,
+                batch_group_id: str = "", applied: dict | None = None) -> RunReport:
+        request = job.request
+        return RunReport(
             run_id=uuid.uuid4().hex,
             task=request.task,
             model=request.model,
@@ -310,9 +357,121 @@ class Engine:
             enqueued_at_ms=job.enqueued_at_ms,
             queue_wait_ms=float(started_ms - job.enqueued_at_ms) if job.enqueued_at_ms else None,
             timings=timings,
-            memory={"peak_rss_mb": peak_rss_mb(), **loaded.memory()},
-            config_resolved={**config, **tracker.facts},
-            batch_size=len(outputs),
+            memory={"peak_rss_mb": peak_rss_mb(), **memory},
+            config_resolved=config_resolved,
+            batch_size=batch_size,
+            batch_group_id=batch_group_id,
+            engine={**self.efficiency(backend), **(applied or {})},
         )
-        return RunOutcome(result=GenerateResult(outputs=outputs, metadata=report), blobs=blobs)
 
+    # -- batching ------------------------------------------------------------------------------
+
+    def _member(self, job: EngineJob, backend: str, emit: EmitFn, cancel: CancelToken) -> Member | None:
+        """The job as a batch member, or None when it cannot share a pipeline call (it runs alone)."""
+        try:
+            render_job, dtype, adapters = self._prepare(job, backend)
+        except JobFailed:
+            return None  # the solo path reports the problem in its own stages
+        key = batch_key(job.request.task, job.request.model, backend, render_job.config, adapters, job.model_path)
+        if key is None:
+            return None
+        return Member(job=job, emit=emit, cancel=cancel, render_job=render_job, backend=backend, dtype=dtype, key=key)
+
+    def _submit_group(self, group: Group) -> None:
+        try:
+            self._executor.submit(self._run_group, group)
+        except RuntimeError:  # shut down
+            for member in group.members:
+                _settle(member.future, exc=JobFailed("the engine shut down before the job started"))
+
+    @staticmethod
+    def _wait_member(future: Future, cancel: CancelToken) -> RunOutcome:
+        """A member's own wait: its cancel ends it at once (the rest of its batch goes on)."""
+        while True:
+            try:
+                return future.result(timeout=_QUEUED_CANCEL_POLL_S)
+            except TimeoutError:
+                if cancel.cancelled:
+                    raise JobCancelled(cancel.reason or "cancelled") from None
+
+    def _run_group(self, group: Group) -> None:
+        members = self.batcher.take(group) if self.batcher is not None else group.members
+        if not members:
+            return
+        try:
+            results = self._run_batch(group, members)
+        except (JobCancelled, JobFailed) as exc:
+            for member in members:
+                _settle(member.future, exc=exc)
+            return
+        except Exception as exc:  # a bug outside any stage: still a clean one-line failure
+            log.exception("batch %s failed outside a stage", group.group_id)
+            failure = JobFailed(f"internal error: {describe_error(exc)}")
+            for member in members:
+                _settle(member.future, exc=failure)
+            return
+        for member, result in zip(members, results, strict=True):
+            if isinstance(result, BaseException):
+                _settle(member.future, exc=result)
+            else:
+                _settle(member.future, result=result)
+
+    def _run_batch(self, group: Group, members: list[Member]) -> list[RunOutcome | BaseException]:
+        """One pipeline call for every member; each gets its own events, images and report."""
+        started = time.perf_counter()
+        started_ms = int(time.time() * 1000)
+        first = members[0]
+        size = sum(m.render_job.num_images for m in members)
+        for member in members:
+            _started(member.job, {"batch_group_id": group.group_id, "batch_size": size})
+
+        def fan_out(event: str, stage: str, data: dict) -> None:
+            for member in members:
+                if not member.cancel.cancelled:
+                    member.emit(event, stage, dict(data))
+
+        tracker = StageTracker(first.job.request.model, fan_out, AllCancelled([m.cancel for m in members]))
+        tracker.facts["memory_mode"] = first.render_job.config.get("memory_mode", "default")
+        renderer = _renderer(first.backend)
+        loaded = self._load(first.job.request.model, renderer, first.backend, first.dtype, tracker,
+                            model_path=first.job.model_path)
+        self._note_memory_mode(loaded, first.backend, tracker)
+        own = [StageTracker(m.job.request.model, m.emit, m.cancel) for m in members]
+        images = loaded.generate_batch([m.render_job for m in members], tracker, own)
+        memory = loaded.memory()
+        results: list[RunOutcome | BaseException] = []
+        for member, member_tracker, member_images in zip(members, own, images, strict=True):
+            if isinstance(member_images, BaseException):
+                results.append(member_images)
+                continue
+            try:
+                member.cancel.raise_if_cancelled()
+                outputs, blobs = self._export(member_images, member_tracker)
+            except (JobCancelled, JobFailed) as exc:
+                results.append(exc)
+                continue
+            timings = {**tracker.timings, **member_tracker.timings}
+            timings["total_ms"] = (time.perf_counter() - started) * 1000.0
+            facts = {**tracker.facts, **member_tracker.facts}
+            report = self._report(member.job, member.backend, started_ms, timings,
+                                  {**member.render_job.config, **facts}, memory,
+                                  batch_size=size, batch_group_id=group.group_id,
+                                  applied=getattr(loaded, "applied", None))
+            results.append(RunOutcome(result=GenerateResult(outputs=outputs, metadata=report), blobs=blobs))
+        return results
+
+
+def _started(job: EngineJob, data: dict) -> None:
+    if job.on_started is not None:
+        job.on_started(data)
+
+
+def _settle(future: Future, *, result: RunOutcome | None = None, exc: BaseException | None = None) -> None:
+    """Complete ``future`` unless it already is (a member may have left on its own cancel)."""
+    try:
+        if exc is not None:
+            future.set_exception(exc)
+        else:
+            future.set_result(result)
+    except InvalidStateError:
+        pass

@@ -116,7 +116,7 @@ def _torch_dtype(dtype: str):
 
 
 def load(model_id: str, *, source: str, local: bool, backend: str, dtype: str, threads: int,
-         adapter_cache_size: int = 8, memory_mode: str = "default") -> SdxlModel:
+         adapter_cache_size: int = 8, memory_mode: str = "default", options=None) -> SdxlModel:
     """Load ``source`` (a local diffusers folder, or a hub id when ``local`` is False)."""
     configure_torch(threads)
     if local:
@@ -147,11 +147,72 @@ def load(model_id: str, *, source: str, local: bool, backend: str, dtype: str, t
         ) from exc
     device = torch_device(backend)
     techniques = apply_memory_mode(pipe, memory_mode, backend, device)
+    from omnirt.config.engine import EngineOptions
+    from omnirt.engine import efficiency
+
+    options = options or EngineOptions()
     if torch_dtype == torch.float16 and getattr(pipe.vae.config, "force_upcast", False) and not techniques:
-        pipe.vae.to(torch.float32)  # what diffusers does per call, done once, without mutating mid-job
+        if options.vae_fp16 == "fp16-fix":  # fp16-safe VAE weights: no upcast, not even per call
+            pipe.vae.register_to_config(force_upcast=False)
+        else:
+            pipe.vae.to(torch.float32)  # what diffusers does per call, done once, without mutating mid-job
+    if backend == "cpu":
+        batch_invariant_linears(pipe.unet)
     model = SdxlModel(model_id, pipe, device, backend, adapter_cache_size=adapter_cache_size)
     model.memory_techniques = techniques
+    model.applied = efficiency.apply(pipe, options, backend, warmup=functools.partial(_warm_up, model, options))
     return model
+
+
+def _warm_up(model: SdxlModel, options) -> None:
+    """One short text2image call per batch size a request may bring (1, and --max-batch-size when
+    batching) at SDXL's 1024x1024, so that torch.compile traces at load, never on the request path."""
+    from omnirt.engine.base import CancelToken
+    from omnirt.engine.render import RenderJob, StageTracker
+
+    if model.model_id.startswith("sdxl-refiner"):
+        return  # image2image only: compiled on its first job
+    config = {"width": 1024, "height": 1024, "num_inference_steps": 2, "guidance_scale": 5.0, "seed": 0,
+              "scheduler": "euler-discrete"}
+    job = RenderJob(task="text2image", model=model.model_id, prompt="warm-up", negative_prompt=None, image=None,
+                    config=config)
+    sizes = sorted({1, options.max_batch_size if options.batching else 1})
+    for size in sizes:
+        tracker = StageTracker(model.model_id, lambda *_: None, CancelToken())
+        if size == 1:
+            model.generate(job, tracker)
+        else:
+            model.generate_batch([job] * size, tracker, [StageTracker(model.model_id, lambda *_: None, CancelToken())
+                                                         for _ in range(size)])
+
+
+#: on cpu, a matrix product of fewer rows takes another kernel (its rows' rounding then depends on the
+#: batch): the UNet's per-image linears (time and added-condition embeddings) get at least this many rows
+CPU_MIN_GEMM_ROWS = 64
+
+
+def batch_invariant_linears(unet, min_rows: int = CPU_MIN_GEMM_ROWS) -> int:
+    """Pad the 2-D inputs of ``unet``'s linear layers to ``min_rows`` rows (cpu), so that an image's
+    UNet output does not depend on how many images share the call: a batched job's image then
+    equals its solo image bit for bit. The padding costs a few tiny matrix products per step."""
+    import torch
+
+    wrapped = 0
+    for module in unet.modules():
+        if isinstance(module, torch.nn.Linear) and not getattr(module, "_omnirt_padded", False):
+            module.forward = functools.partial(_padded_linear, module.forward, min_rows)
+            module._omnirt_padded = True
+            wrapped += 1
+    return wrapped
+
+
+def _padded_linear(forward, min_rows: int, x):
+    rows = x.shape[0]
+    if x.dim() != 2 or rows >= min_rows:
+        return forward(x)
+    import torch
+
+    return forward(torch.cat([x, x.new_zeros(min_rows - rows, x.shape[1])]))[:rows]
 
 
 class SdxlModel:
@@ -167,6 +228,8 @@ class SdxlModel:
         self.backend = backend
         #: what the memory mode applied to this pipeline (``apply_memory_mode``); () = plain placement
         self.memory_techniques: tuple[str, ...] = ()
+        #: the efficiency options as applied at load (``omnirt.engine.efficiency.apply``)
+        self.applied: dict[str, Any] = {}
         #: the fast tokenizers keep padding/truncation state per call: one encode_prompt at a time
         #: (two at once gave "Expected size 23 but got size 77")
         self._tokenizer_lock = threading.Lock()
@@ -210,6 +273,12 @@ class SdxlModel:
                 return self._generate(job, tracker)
         except AdapterRejected as exc:  # a bad adapter file found at load: the client's error (4xx)
             raise JobRejected(exc.message) from None
+
+    def generate_batch(self, jobs: list[RenderJob], tracker: StageTracker, members: list[StageTracker]) -> list:
+        """Several compatible text2image jobs in one pipeline call (``omnirt.models.sdxl_batch``)."""
+        from omnirt.models.sdxl_batch import generate_batch
+
+        return generate_batch(self, jobs, tracker, members)
 
     def _generate(self, job: RenderJob, tracker: StageTracker) -> list:
         import torch

@@ -82,6 +82,8 @@ class WorkerHealth:
     instance_id: str = ""
     queue_depth: int = 0
     gpu_mem_used_gb: float = 0.0
+    #: the engine's batching and accelerator options on this backend (``omnirt.engine.efficiency.report``)
+    engine: Any = dataclasses.field(default_factory=dict)
 
 
 class WorkerConnection(Protocol):

@@ -301,7 +301,17 @@ class WorkerCore:
             instance_id=INSTANCE_ID,
             queue_depth=self.sync_queue.waiting,
             gpu_mem_used_gb=self._gpu_mem_used_gb(),
+            engine=self._engine_facts(),
         )
+
+    def _engine_facts(self) -> dict[str, Any]:
+        facts = getattr(self.engine, "efficiency", None)
+        if facts is None or not self.backend:
+            return {}
+        try:
+            return dict(facts(self.backend))
+        except Exception:  # health must answer even if the engine is in trouble
+            return {}
 
     def _gpu_mem_used_gb(self) -> float:
         torch = sys.modules.get("torch")  # never import torch just to answer health
@@ -428,7 +438,13 @@ class WorkerCore:
                 backend = self.engine.resolve_backend(job.request.backend)
             except BackendUnavailable as exc:
                 raise JobRejected(str(exc)) from None
-            emit("job_started", "job", {"job_id": job.job_id, "worker_id": self.worker_id, "backend": backend})
+            started = {"job_id": job.job_id, "worker_id": self.worker_id, "backend": backend}
+
+            def on_started(facts: dict[str, Any]) -> None:  # batch_group_id, batch_size of a batched job
+                emit("job_started", "job", {**started, **facts})
+
+            if not getattr(self.engine, "announces_start", False):
+                on_started({})
             outcome = self.engine.run(
                 EngineJob(
                     job_id=job.job_id,
@@ -438,6 +454,7 @@ class WorkerCore:
                     trace_id=job.trace_id,
                     execution_mode=job.execution_mode,
                     enqueued_at_ms=job.enqueued_at_ms,
+                    on_started=on_started if getattr(self.engine, "announces_start", False) else None,
                 ),
                 emit,
                 running.token,

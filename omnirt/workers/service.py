@@ -321,14 +321,15 @@ def make_worker_service(config: WorkerConfig, reactor: Any, *, engine: Any = Non
         try:
             engine = Engine(backend=config.backend, pipeline_cache_size=config.pipeline_cache_size,
                             model_paths=config.model_paths or None, worker_id=config.worker_id,
-                            max_concurrency=config.max_concurrency, adapter_dirs=config.adapter_dirs)
+                            max_concurrency=config.max_concurrency, adapter_dirs=config.adapter_dirs,
+                            options=config.engine_options)
         except (ValueError, OSError) as exc:
             raise StartupError(f"cannot start the engine: {exc}") from None
     metrics = WorkerMetrics()
     tracing = Tracing(SERVICE_WORKER, endpoint=config.otlp_endpoint, headers=config.otlp_headers,
                       resource_attributes={"omnirt.worker_id": config.worker_id},
                       failure_counter=metrics.trace_export_failures)
-    core = WorkerCore(engine, reactor, worker_id=config.worker_id, capacity=config.max_concurrency,
+    core = WorkerCore(engine, reactor, worker_id=config.worker_id, capacity=config.job_capacity,
                       models=config.models, tags=config.tags, backend=config.backend, metrics=metrics,
                       tracing=tracing, upstream_compat=Compat(config.allow_paths, config.output_dir),
                       max_queue=config.max_queue)

@@ -185,10 +185,12 @@ def report_to_pb(report: RunReport, events: list[dict[str, Any]] | None = None) 
         execution_mode=report.execution_mode,
         schema_version=report.schema_version,
         job_id=report.job_id,
+        batch_group_id=report.batch_group_id,
         batch_size=report.batch_size,
         timings=json_map(report.timings),
         memory=json_map(report.memory),
         config_resolved=json_map(report.config_resolved),
+        engine=json_map(report.engine),
         stream_events=event_list(events),
         events_streamed=report.stream_events,
         error=report.error or "",
@@ -220,6 +222,8 @@ def report_from_pb(message: pb.RunReport) -> RunReport:
             memory=json_map_value(message.memory, "memory"),
             config_resolved=json_map_value(message.config_resolved, "config_resolved"),
             batch_size=message.batch_size or 1,
+            batch_group_id=message.batch_group_id,
+            engine=_engine_map(message),
             error=message.error or None,
             stream_events=message.events_streamed,
         )
@@ -348,6 +352,7 @@ def health_to_pb(health: WorkerHealth) -> pb.HealthResponse:
         draining=health.draining,
         version=health.version,
         instance_id=health.instance_id,
+        engine=json_map(dict(health.engine)),
     )
 
 
@@ -371,4 +376,13 @@ def health_from_pb(message: pb.HealthResponse) -> WorkerHealth:
         instance_id=message.instance_id,
         queue_depth=message.queue_depth,
         gpu_mem_used_gb=message.gpu_mem_used_gb,
+        engine=_engine_map(message),
     )
+
+
+def _engine_map(message) -> dict[str, Any]:
+    """The engine facts of a Health answer or RunReport ({} from a worker that sends none)."""
+    try:
+        return json_map_value(message.engine, "engine") if message.HasField("engine") else {}
+    except WireError:
+        return {}

@@ -84,7 +84,7 @@ class Artifact(_message.Message):
     def __init__(self, kind: _Optional[str] = ..., path: _Optional[str] = ..., mime: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., num_frames: _Optional[int] = ..., transport: _Optional[_Union[ArtifactTransport, str]] = ..., data: _Optional[bytes] = ..., sha256: _Optional[str] = ...) -> None: ...
 
 class RunReport(_message.Message):
-    __slots__ = ("run_id", "task", "model", "backend", "execution_mode", "schema_version", "job_id", "batch_group_id", "batch_size", "timings", "memory", "backend_timeline", "config_resolved", "stream_events", "error", "trace_id", "worker_id", "enqueued_at_ms", "queue_wait_ms", "trace", "events_streamed")
+    __slots__ = ("run_id", "task", "model", "backend", "execution_mode", "schema_version", "job_id", "batch_group_id", "batch_size", "timings", "memory", "backend_timeline", "config_resolved", "stream_events", "error", "trace_id", "worker_id", "enqueued_at_ms", "queue_wait_ms", "trace", "events_streamed", "engine")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     TASK_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -106,6 +106,7 @@ class RunReport(_message.Message):
     QUEUE_WAIT_MS_FIELD_NUMBER: _ClassVar[int]
     TRACE_FIELD_NUMBER: _ClassVar[int]
     EVENTS_STREAMED_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     task: str
     model: str
@@ -127,7 +128,8 @@ class RunReport(_message.Message):
     queue_wait_ms: float
     trace: JsonMap
     events_streamed: bool
-    def __init__(self, run_id: _Optional[str] = ..., task: _Optional[str] = ..., model: _Optional[str] = ..., backend: _Optional[str] = ..., execution_mode: _Optional[str] = ..., schema_version: _Optional[str] = ..., job_id: _Optional[str] = ..., batch_group_id: _Optional[str] = ..., batch_size: _Optional[int] = ..., timings: _Optional[_Union[JsonMap, _Mapping]] = ..., memory: _Optional[_Union[JsonMap, _Mapping]] = ..., backend_timeline: _Optional[_Union[JsonMap, _Mapping]] = ..., config_resolved: _Optional[_Union[JsonMap, _Mapping]] = ..., stream_events: _Optional[_Union[JsonMap, _Mapping]] = ..., error: _Optional[str] = ..., trace_id: _Optional[str] = ..., worker_id: _Optional[str] = ..., enqueued_at_ms: _Optional[int] = ..., queue_wait_ms: _Optional[float] = ..., trace: _Optional[_Union[JsonMap, _Mapping]] = ..., events_streamed: _Optional[bool] = ...) -> None: ...
+    engine: JsonMap
+    def __init__(self, run_id: _Optional[str] = ..., task: _Optional[str] = ..., model: _Optional[str] = ..., backend: _Optional[str] = ..., execution_mode: _Optional[str] = ..., schema_version: _Optional[str] = ..., job_id: _Optional[str] = ..., batch_group_id: _Optional[str] = ..., batch_size: _Optional[int] = ..., timings: _Optional[_Union[JsonMap, _Mapping]] = ..., memory: _Optional[_Union[JsonMap, _Mapping]] = ..., backend_timeline: _Optional[_Union[JsonMap, _Mapping]] = ..., config_resolved: _Optional[_Union[JsonMap, _Mapping]] = ..., stream_events: _Optional[_Union[JsonMap, _Mapping]] = ..., error: _Optional[str] = ..., trace_id: _Optional[str] = ..., worker_id: _Optional[str] = ..., enqueued_at_ms: _Optional[int] = ..., queue_wait_ms: _Optional[float] = ..., trace: _Optional[_Union[JsonMap, _Mapping]] = ..., events_streamed: _Optional[bool] = ..., engine: _Optional[_Union[JsonMap, _Mapping]] = ...) -> None: ...
 
 class GenerateResult(_message.Message):
     __slots__ = ("outputs", "metadata")
@@ -142,7 +144,7 @@ class HealthRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class HealthResponse(_message.Message):
-    __slots__ = ("ok", "worker_id", "state", "model_loaded", "queue_depth", "inflight", "last_error", "gpu_mem_used_gb", "capacity", "models", "loaded_models", "backend", "tags", "draining", "version", "instance_id", "loaded_adapters")
+    __slots__ = ("ok", "worker_id", "state", "model_loaded", "queue_depth", "inflight", "last_error", "gpu_mem_used_gb", "capacity", "models", "loaded_models", "backend", "tags", "draining", "version", "instance_id", "loaded_adapters", "engine")
     OK_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -160,6 +162,7 @@ class HealthResponse(_message.Message):
     VERSION_FIELD_NUMBER: _ClassVar[int]
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     LOADED_ADAPTERS_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_FIELD_NUMBER: _ClassVar[int]
     ok: bool
     worker_id: str
     state: str
@@ -177,7 +180,8 @@ class HealthResponse(_message.Message):
     version: str
     instance_id: str
     loaded_adapters: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, ok: _Optional[bool] = ..., worker_id: _Optional[str] = ..., state: _Optional[str] = ..., model_loaded: _Optional[bool] = ..., queue_depth: _Optional[int] = ..., inflight: _Optional[int] = ..., last_error: _Optional[str] = ..., gpu_mem_used_gb: _Optional[float] = ..., capacity: _Optional[int] = ..., models: _Optional[_Iterable[str]] = ..., loaded_models: _Optional[_Iterable[str]] = ..., backend: _Optional[str] = ..., tags: _Optional[_Iterable[str]] = ..., draining: _Optional[bool] = ..., version: _Optional[str] = ..., instance_id: _Optional[str] = ..., loaded_adapters: _Optional[_Iterable[str]] = ...) -> None: ...
+    engine: JsonMap
+    def __init__(self, ok: _Optional[bool] = ..., worker_id: _Optional[str] = ..., state: _Optional[str] = ..., model_loaded: _Optional[bool] = ..., queue_depth: _Optional[int] = ..., inflight: _Optional[int] = ..., last_error: _Optional[str] = ..., gpu_mem_used_gb: _Optional[float] = ..., capacity: _Optional[int] = ..., models: _Optional[_Iterable[str]] = ..., loaded_models: _Optional[_Iterable[str]] = ..., backend: _Optional[str] = ..., tags: _Optional[_Iterable[str]] = ..., draining: _Optional[bool] = ..., version: _Optional[str] = ..., instance_id: _Optional[str] = ..., loaded_adapters: _Optional[_Iterable[str]] = ..., engine: _Optional[_Union[JsonMap, _Mapping]] = ...) -> None: ...
 
 class RunRequest(_message.Message):
     __slots__ = ("request", "job_id", "attempt", "trace_id", "execution_mode", "enqueued_at_ms")
