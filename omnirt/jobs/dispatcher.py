@@ -16,10 +16,10 @@ from twisted.python import log
 
 from omnirt.contract import JobRecord, JobState
 from omnirt.jobs.outcomes import store_outputs
-from omnirt.jobs.tasks import Tasks
 from omnirt.jobs.transitions import JobTransitions
 from omnirt.store.artifacts import ArtifactStore
 from omnirt.store.base import JobStore, StoreUnavailable
+from omnirt.tasks import Tasks
 from omnirt.telemetry.metrics import GatewayMetrics
 from omnirt.telemetry.tracing import Tracing
 from omnirt.workers.base import (
@@ -105,7 +105,7 @@ class Dispatcher:
         #: spans of the jobs (their roots live here from submit to the terminal transition)
         self.tracing = self.transitions.tracing
         #: fire-and-forget work (dispatches, event writes) that shutdown waits for
-        self.tasks = tasks or Tasks()
+        self.tasks = tasks if tasks is not None else Tasks()  # an empty Tasks is falsy
         self.store = store
         self.pool = pool
         self.artifacts = artifacts
