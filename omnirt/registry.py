@@ -7,7 +7,7 @@ every problem at once (``RequestInvalid``).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, TypeGuard
 
 from omnirt.contract import (
     GenerateRequest,
@@ -156,11 +156,11 @@ def merge_config(spec: ModelSpec, task: str, user_config: dict[str, Any]) -> dic
     return merged
 
 
-def _is_int(value: Any) -> bool:
+def _is_int(value: Any) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _is_number(value: Any) -> bool:
+def _is_number(value: Any) -> TypeGuard[float]:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 

@@ -42,7 +42,7 @@ class Tasks:
         waiters: list[Deferred[None]] = []
         for d in pending:
             w: Deferred[None] = Deferred()
-            d.addBoth(_relay_end, w)
+            d.addBoth(fire_waiter, w)
             waiters.append(w)
         done: Deferred[Any] = DeferredList(waiters, consumeErrors=True).addCallback(lambda _: True)
         if timeout_s is not None:
@@ -53,8 +53,9 @@ class Tasks:
         return done
 
 
-def _relay_end(result: object, waiter: Deferred[None]) -> object:
-    """Fires ``waiter`` when a tracked task ends, passing the task's own result on untouched."""
+def fire_waiter(result: object, waiter: Deferred[None]) -> object:
+    """A callback that fires ``waiter`` (with None, once) and passes ``result`` on untouched: a
+    second party waits for a Deferred without taking its result (``d.addBoth(fire_waiter, w)``)."""
     if not waiter.called:
         waiter.callback(None)
     return result

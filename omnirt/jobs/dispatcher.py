@@ -17,7 +17,7 @@ from twisted.python import log
 from omnirt.contract import JobRecord, JobState
 from omnirt.jobs.outcomes import store_outputs
 from omnirt.jobs.transitions import JobTransitions
-from omnirt.store.artifacts import ArtifactStore
+from omnirt.store.artifacts import ArtifactStore, RedisArtifactStore
 from omnirt.store.base import JobStore, StoreUnavailable
 from omnirt.tasks import Tasks
 from omnirt.telemetry.metrics import GatewayMetrics
@@ -91,7 +91,7 @@ class Dispatcher:
         clock: IReactorTime,
         store: JobStore,
         pool: WorkerPool,
-        artifacts: ArtifactStore,
+        artifacts: ArtifactStore | RedisArtifactStore,
         metrics: GatewayMetrics,
         max_attempts: int = 3,
         cancel_timeout_s: float = 30.0,

@@ -161,8 +161,9 @@ class JobService:
 
     async def _check_principal(self, principal: str) -> None:
         """429 when the client already has ``max_jobs_per_principal`` unfinished jobs."""
+        limit = self.max_jobs_per_principal
         held = self._principal_jobs.get(principal)
-        if not held or len(held) < self.max_jobs_per_principal:
+        if limit is None or not held or len(held) < limit:
             return
         states = await self.store.states(held)
         held = {job_id for job_id, state in states.items() if not state.terminal}
@@ -170,7 +171,7 @@ class JobService:
             self._principal_jobs[principal] = held
         else:
             self._principal_jobs.pop(principal, None)
-        if len(held) >= self.max_jobs_per_principal:
+        if len(held) >= limit:
             retry = max(1, math.ceil(self.dispatcher.mean_service_s or 1.0))
             raise TooManyJobs(f"this client already has {len(held)} unfinished jobs "
                               f"(limit {self.max_jobs_per_principal}); retry in {retry}s", retry)
