@@ -15,10 +15,10 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.python import log
 
 from omnirt.contract import JobRecord, JobState
-from omnirt.jobs.outcomes import store_outputs
 from omnirt.jobs.transitions import JobTransitions
 from omnirt.store.artifacts import ArtifactStore, RedisArtifactStore
 from omnirt.store.base import JobStore, StoreUnavailable
+from omnirt.store.outcomes import store_outputs
 from omnirt.tasks import Tasks
 from omnirt.telemetry.metrics import GatewayMetrics
 from omnirt.telemetry.tracing import Tracing

@@ -20,8 +20,8 @@ from twisted.internet.task import deferLater
 from twisted.python import log
 
 from omnirt.contract import JobRecord, JobState
-from omnirt.jobs.outcomes import RUNNING_STATES, record_terminal
 from omnirt.store.base import JobStore, NewEvent, StoreUnavailable
+from omnirt.store.outcomes import RUNNING_STATES, record_terminal
 from omnirt.telemetry.metrics import GatewayMetrics
 from omnirt.telemetry.tracing import SERVICE_GATEWAY, JobTrace, Tracing, merge_spans
 from omnirt.workers.base import WorkerUpdate

@@ -19,9 +19,9 @@ from twisted.python import log
 
 from omnirt.contract import JobState
 from omnirt.engine.base import RunOutcome
-from omnirt.jobs.outcomes import record_terminal, store_outputs
 from omnirt.store.artifacts import RedisArtifactStore
 from omnirt.store.base import NewEvent, StoreUnavailable
+from omnirt.store.outcomes import record_terminal, store_outputs
 from omnirt.tasks import Tasks
 
 LEASE_TTL_S = 10.0
