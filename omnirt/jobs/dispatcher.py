@@ -13,6 +13,7 @@ from twisted.application.internet import TimerService
 from twisted.internet.defer import CancelledError, Deferred, DeferredLock
 from twisted.internet.interfaces import IReactorTime
 from twisted.python import log
+from twisted.python.failure import Failure
 
 from omnirt.contract import JobRecord, JobState
 from omnirt.jobs.transitions import JobTransitions
@@ -357,7 +358,7 @@ class Dispatcher:
             if not found and running.deferred is not None and not running.deferred.called:
                 running.deferred.cancel()  # not known by id there (old worker): drop the call
 
-        def failed(_f) -> None:
+        def failed(_f: Failure) -> None:
             if running.deferred is not None and not running.deferred.called:
                 running.deferred.cancel()
 

@@ -32,6 +32,8 @@ from omnirt.jobs.errors import JobConflict, JobNotFoundError, NoWorkerForModel, 
 from omnirt.jobs.limits import TooManyJobs
 from omnirt.registry import DEFAULT_ALLOWED_TIERS, resolve_request
 from omnirt.store.base import JobStore, StoreUnavailable, Subscription
+from omnirt.telemetry.metrics import GatewayMetrics
+from omnirt.telemetry.tracing import JobTrace
 
 #: how long the drain waits for the cancels and hand-backs it started
 SETTLE_S = 5.0
@@ -151,7 +153,8 @@ class JobService:
             self._create_and_enqueue(record, position, trace, principal)))
         return self._decorate(created), True
 
-    async def _create_and_enqueue(self, record: JobRecord, position: int, trace, principal: str | None) -> JobRecord:
+    async def _create_and_enqueue(self, record: JobRecord, position: int, trace: JobTrace | None,
+                                  principal: str | None) -> JobRecord:
         record = await self.transitions.enqueue(record, position, trace)
         if principal is not None and self.max_jobs_per_principal is not None:
             self._principal_jobs.setdefault(principal, set()).add(record.id)
@@ -307,7 +310,7 @@ def shielded(d: Deferred) -> Deferred:
     """A Deferred with ``d``'s result whose cancellation leaves ``d`` running to the end."""
     outer: Deferred = Deferred()
 
-    def relay(result):
+    def relay(result: object) -> None:
         if not outer.called:
             if isinstance(result, Failure):
                 outer.errback(result)
@@ -320,7 +323,7 @@ def shielded(d: Deferred) -> Deferred:
 
 
 class _CountedSubscription(Subscription):
-    def __init__(self, inner: Subscription, metrics):
+    def __init__(self, inner: Subscription, metrics: GatewayMetrics):
         self._inner = inner
         self._metrics = metrics
         self._closed = False
