@@ -71,8 +71,15 @@ class _Strict(BaseModel):
 
 
 class AdapterRef(_Strict):
+    """A LoRA to apply for one job: ``name`` (resolved in the worker's ``--adapter-dir``) or ``path``.
+
+    Which of the two, the kind, and the scale's range are checked by ``registry.resolve_request``
+    (each problem named by its field); whether the file exists and fits the model, by the engine.
+    """
+
     kind: str = "lora"
-    path: str
+    name: str | None = None
+    path: str | None = None
     scale: float = 1.0
 
 

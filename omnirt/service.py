@@ -153,7 +153,7 @@ class GatewayService(OrderedService):
         self.service = JobService(clock=clock, store=self.store, dispatcher=self.dispatcher,
                                   allowed_tiers=config.allowed_tiers, max_queue=config.max_queue,
                                   default_backend=config.backend, max_jobs_per_principal=config.max_jobs_per_key,
-                                  retention_sweep_s=config.retention_sweep_s)
+                                  retention_sweep_s=config.retention_sweep_s, adapter_check=self._adapter_check())
         self.lease: GatewayLease | None = None
         if self.store.shared:
             self.lease = GatewayLease(clock=clock, store=self.store, dispatcher=self.dispatcher,
@@ -206,7 +206,9 @@ class GatewayService(OrderedService):
 
             try:
                 raw = RedisJobStore(self.clock, url=config.redis_url, namespace=config.redis_namespace,
-                                    retention_s=config.job_retention_s, gateway_id=self.gateway_id)
+                                    retention_s=config.job_retention_s, gateway_id=self.gateway_id,
+                                    min_replicas=config.redis_min_replicas,
+                                    wait_timeout_s=config.redis_wait_timeout_s, metrics=self.metrics)
             except ValueError as exc:
                 raise StartupError(f"bad --redis-url: {exc}") from None
             self.store_label = raw.target.redacted
@@ -237,10 +239,21 @@ class GatewayService(OrderedService):
             from omnirt.workers.local import LocalWorkerConnection
 
             engine = Engine(backend=config.backend, pipeline_cache_size=config.pipeline_cache_size,
-                            model_paths=config.model_paths, worker_id="local", max_concurrency=config.max_concurrency)
+                            model_paths=config.model_paths, worker_id="local", max_concurrency=config.max_concurrency,
+                            adapter_dirs=config.adapter_dirs)
             conns.append(LocalWorkerConnection(engine, self.reactor, worker_id="local",
                                                capacity=config.max_concurrency, tracing=self.tracing))
         return conns
+
+    def _adapter_check(self):
+        """The in-process engine's adapter folders when it is the only worker: a request's adapters
+        are then checked at submit (400); None when workers check their own ``--adapter-dir``."""
+        config = self.config
+        if self._injected or not config.local_worker or config.remote_specs or config.fleet is not None:
+            return None
+        from omnirt.engine.adapters import AdapterDirs
+
+        return AdapterDirs(config.adapter_dirs)
 
     # -- starting ----------------------------------------------------------------------------
 

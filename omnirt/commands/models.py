@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from pathlib import Path
 
 from omnirt.cli import CliError
 
@@ -77,7 +78,7 @@ def describe(spec) -> dict:
 
 def show(args) -> int:
     from omnirt.contract import UnknownModel
-    from omnirt.registry import PRESETS, get_model
+    from omnirt.registry import PRESET_DOCS, PRESETS, get_model
 
     if args.tier is not None:
         _tiers(args.tier)
@@ -99,7 +100,8 @@ def show(args) -> int:
             print(f"    {key} = {json.dumps(value)}")
     print("  presets (applied over the defaults, under the request's own config):")
     for name, preset in PRESETS.items():
-        print(f"    {name}: " + ", ".join(f"{k}={json.dumps(v)}" for k, v in preset.items()))
+        print(f"    {name}: " + ", ".join(f"{k}={json.dumps(v)}" for k, v in preset.items())
+              + (f" ({PRESET_DOCS[name]})" if name in PRESET_DOCS else ""))
     return 0
 
 
@@ -118,11 +120,17 @@ def make_tiny(args) -> int:
     started = time.perf_counter()
     paths = build_tiny(args.dir, force=args.force)
     elapsed = time.perf_counter() - started
+    from omnirt.models.tiny import ADAPTER_DIR, MODEL_IDS, tiny_adapter_name
+
+    adapter_dir = str(Path(args.dir).absolute() / ADAPTER_DIR)
     if args.json:
-        print(json.dumps({"model_paths": paths, "seconds": round(elapsed, 2)}, indent=2))
+        print(json.dumps({"model_paths": paths, "adapter_dir": adapter_dir,
+                          "adapters": {m: tiny_adapter_name(m) for m in MODEL_IDS},
+                          "seconds": round(elapsed, 2)}, indent=2))
         return 0
     for model_id, folder in paths.items():
         print(f"{model_id}={folder}")
-    flags = " ".join(f"--model-path {m}={f}" for m, f in paths.items())
+    print(f"LoRA adapters: {', '.join(tiny_adapter_name(m) for m in MODEL_IDS)} in {adapter_dir}")
+    flags = " ".join(f"--model-path {m}={f}" for m, f in paths.items()) + f" --adapter-dir {adapter_dir}"
     print(f"wrote tiny weights in {elapsed:.1f} s; use them with: {flags}", flush=True)
     return 0

@@ -16,6 +16,8 @@ from omnirt.webhooks.settings import WebhookSettings
 
 def add_arguments(p) -> None:
     """The flags of ``omnirt serve``."""
+    from omnirt.config.adapters import add_adapter_dir_arg
+    from omnirt.store.redis.options import add_ha_arguments
     from omnirt.telemetry.options import add_cli_args as add_tracing_args
     from omnirt.webhooks.options import add_cli_args as add_webhook_args
 
@@ -31,6 +33,7 @@ def add_arguments(p) -> None:
     p.add_argument("--redis-url", default=None,
                    help="shared, durable job store: redis://[:password@]host:port/db or rediss://")
     p.add_argument("--redis-namespace", default="omnirt", help="prefix of every Redis key")
+    add_ha_arguments(p)
     p.add_argument("--gateway-id", default=None, help="this gateway's id in Redis (default: host-port-random)")
     p.add_argument("--lease-ttl-s", type=float, default=10.0,
                    help="a gateway silent this long is dead; another adopts its unfinished jobs")
@@ -51,6 +54,7 @@ def add_arguments(p) -> None:
     p.add_argument("--max-queue", type=int, default=1000, help="jobs allowed to wait; beyond -> 429")
     p.add_argument("--artifact-dir", default=None, help="where output images are stored (content-addressed)")
     add_model_path_arg(p)
+    add_adapter_dir_arg(p)
     p.add_argument("--max-body-bytes", type=int, default=32 * 1024 * 1024)
     p.add_argument("--shutdown-grace-s", type=float, default=30.0)
     p.add_argument("--job-retention-s", type=float, default=86400.0)
@@ -108,6 +112,8 @@ class GatewayConfig:
     artifact_dir: str = dataclasses.field(default_factory=default_artifact_dir)
     #: model -> weights folder (checked to be a directory)
     model_paths: dict[str, str] = dataclasses.field(default_factory=dict)
+    #: --adapter-dir folders of the in-process engine (absolute; LoRA files are looked up there)
+    adapter_dirs: tuple[str, ...] = ()
     max_body_bytes: int = 32 * 1024 * 1024
     shutdown_grace_s: float = 30.0
     job_retention_s: float = 86400.0
@@ -117,8 +123,12 @@ class GatewayConfig:
     health_failure_threshold: int = 2
     keepalive_s: float = 15.0
     worker_idle_timeout_s: float = 10.0
+    #: redis://, rediss:// or redis+sentinel:// (``--redis-sentinel``/``--redis-master-name`` folded in)
     redis_url: str | None = None
     redis_namespace: str = "omnirt"
+    #: WAIT for this many replicas after a create and a terminal transition (``--redis-min-replicas``)
+    redis_min_replicas: int = 0
+    redis_wait_timeout_s: float = 1.0
     gateway_id: str = ""
     lease_ttl_s: float = 10.0
     request_deadline_s: float = 30.0
@@ -161,6 +171,7 @@ class GatewayConfig:
         worker_tls = _worker_tls(args)
         webhooks = _webhooks(args)
         upstream_options = _upstream_options(args)
+        redis = _redis_options(args)
         return cls(
             host=args.host, port=args.port, backend=args.backend, max_concurrency=args.max_concurrency,
             pipeline_cache_size=args.pipeline_cache_size,
@@ -168,17 +179,20 @@ class GatewayConfig:
             api_keys=_api_keys(args.api_key_file), remote_specs=tuple(remote_specs),
             local_worker=args.local_worker or not (remote_specs or fleet), max_queue=args.max_queue,
             artifact_dir=args.artifact_dir or default_artifact_dir(), model_paths=parse_model_paths(args.model_path),
+            adapter_dirs=_adapter_dirs(args.adapter_dir),
             max_body_bytes=args.max_body_bytes, shutdown_grace_s=args.shutdown_grace_s,
             job_retention_s=args.job_retention_s, max_attempts=args.max_attempts,
             health_interval_s=args.health_interval_s, health_failure_threshold=args.health_failure_threshold,
             keepalive_s=args.keepalive_s, worker_idle_timeout_s=args.worker_idle_timeout_s,
-            redis_url=args.redis_url, redis_namespace=args.redis_namespace,
+            redis_url=redis["url"], redis_namespace=args.redis_namespace,
+            redis_min_replicas=redis["min_replicas"], redis_wait_timeout_s=redis["wait_timeout_s"],
             gateway_id=args.gateway_id or default_gateway_id(args.port), lease_ttl_s=args.lease_ttl_s,
             request_deadline_s=args.request_deadline_s, worker_tls=worker_tls, access_log=args.access_log,
             public_url=_public_url(args.public_url), rate_limit=args.rate_limit, max_jobs_per_key=args.max_jobs_per_key, fleet=fleet,
             fleet_stop_on_exit=args.fleet_stop_on_exit, otlp_endpoint=otlp_endpoint, otlp_headers=otlp_headers,
             log_format=args.log_format, webhooks=webhooks, upstream_options=upstream_options,
-            warnings=tuple(plaintext_warnings(remote_specs, worker_tls)),
+            warnings=tuple(plaintext_warnings(remote_specs, worker_tls)
+                           + _adapter_dir_warnings(args, local_worker=args.local_worker or not (remote_specs or fleet))),
         )
 
 
@@ -208,6 +222,15 @@ def _public_url(value: str | None) -> str | None:
         raise ConfigError(str(exc)) from None
 
 
+def _redis_options(args) -> dict[str, Any]:
+    from omnirt.store.redis.options import store_settings
+
+    try:
+        return store_settings(args)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
 def _webhooks(args) -> WebhookSettings:
     from omnirt.webhooks.options import cli_settings
 
@@ -215,6 +238,23 @@ def _webhooks(args) -> WebhookSettings:
         return cli_settings(args)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+
+
+def _adapter_dirs(items: list[str]) -> tuple[str, ...]:
+    from omnirt.config.adapters import parse_adapter_dirs
+
+    try:
+        return parse_adapter_dirs(items)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def _adapter_dir_warnings(args, *, local_worker: bool) -> list[str]:
+    """--adapter-dir is the in-process engine's: without one it is ignored, and said so."""
+    if not args.adapter_dir or local_worker:
+        return []
+    return ["warning: --adapter-dir is ignored: it applies to the in-process engine (--local-worker); "
+            "remote workers resolve adapters in their own --adapter-dir"]
 
 
 def _api_keys(path: str | None):

@@ -12,6 +12,7 @@ import dataclasses
 import ipaddress
 import os
 
+from omnirt.config.adapters import add_adapter_dir_arg, parse_adapter_dirs
 from omnirt.config.flags import ConfigError, add_model_path_arg, parse_model_paths
 from omnirt.workers.compat import ALLOW_PATH_FLAG, MAX_QUEUE_FLAG, OUTPUT_DIR_FLAG
 from omnirt.workers.spec import comma_list as _comma_list  # the one comma-list parser (``--remote-worker``'s)
@@ -32,6 +33,7 @@ def format_address(host: str, port: int) -> str:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from omnirt.store.redis.options import add_ha_arguments
     from omnirt.telemetry.options import add_cli_args as add_tracing_args
 
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1)")
@@ -43,6 +45,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--models", default="", help="comma list of model ids served here (default: every model)")
     p.add_argument("--tags", default="", help="comma list of routing tags (e.g. gpu,a100)")
     add_model_path_arg(p)
+    add_adapter_dir_arg(p)
     p.add_argument("--metrics-port", type=int, default=None, help="serve /metrics and /healthz over HTTP (0 = any)")
     p.add_argument("--grpc-tls-cert", default=None, metavar="PEM", help="serve gRPC over TLS with this certificate")
     p.add_argument("--grpc-tls-key", default=None, metavar="PEM", help="the certificate's private key")
@@ -53,6 +56,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--redis-url", default=None,
                    help="also record jobs' events and outcomes in the gateways' Redis store (same URL as serve)")
     p.add_argument("--redis-namespace", default="omnirt", help="prefix of every Redis key (as on serve)")
+    add_ha_arguments(p)
     p.add_argument("--job-retention-s", type=float, default=86400.0,
                    help="how long a job this worker finishes in Redis is kept (as on serve; default 86400)")
     add_tracing_args(p)
@@ -80,14 +84,20 @@ class WorkerConfig:
     tags: tuple[str, ...] = ()
     #: model id -> absolute weights folder
     model_paths: dict[str, str] = dataclasses.field(default_factory=dict)
+    #: --adapter-dir folders (absolute): where jobs' LoRA adapters may come from; empty = refused
+    adapter_dirs: tuple[str, ...] = ()
     metrics_port: int | None = None
     grpc_tls_cert: str | None = None
     grpc_tls_key: str | None = None
     grpc_tls_ca: str | None = None
     drain_grace_s: float = 30.0
     heartbeat_s: float = 1.0
+    #: redis://, rediss:// or redis+sentinel:// (``--redis-sentinel``/``--redis-master-name`` folded in)
     redis_url: str | None = None
     redis_namespace: str = "omnirt"
+    #: WAIT for this many replicas after a terminal transition this worker records
+    redis_min_replicas: int = 0
+    redis_wait_timeout_s: float = 1.0
     job_retention_s: float = 86400.0
     otlp_endpoint: str | None = None
     otlp_headers: dict[str, str] = dataclasses.field(default_factory=dict)
@@ -134,10 +144,12 @@ class WorkerConfig:
         """The checked config of parsed flags; ``ConfigError`` names the first bad value."""
         from omnirt.contract import UnknownModel
         from omnirt.registry import get_model
+        from omnirt.store.redis.options import store_settings
         from omnirt.telemetry.options import cli_options
 
         try:
             otlp_endpoint, otlp_headers = cli_options(args)
+            redis = store_settings(args)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
         models = _comma_list(args.models)
@@ -155,6 +167,10 @@ class WorkerConfig:
                 os.makedirs(args.output_dir, exist_ok=True)
             except OSError as exc:
                 raise ConfigError(f"{OUTPUT_DIR_FLAG} {args.output_dir!r}: {exc.strerror}") from None
+        try:
+            adapter_dirs = parse_adapter_dirs(args.adapter_dir)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         return cls(
             host=args.host,
             port=args.port,
@@ -165,14 +181,16 @@ class WorkerConfig:
             models=models,
             tags=_comma_list(args.tags),
             model_paths=model_paths,
+            adapter_dirs=adapter_dirs,
             metrics_port=args.metrics_port,
             grpc_tls_cert=args.grpc_tls_cert,
             grpc_tls_key=args.grpc_tls_key,
             grpc_tls_ca=args.grpc_tls_ca,
             drain_grace_s=args.drain_grace_s,
             heartbeat_s=args.heartbeat_s,
-            redis_url=args.redis_url,
+            redis_url=redis["url"],
             redis_namespace=args.redis_namespace, job_retention_s=args.job_retention_s,
+            redis_min_replicas=redis["min_replicas"], redis_wait_timeout_s=redis["wait_timeout_s"],
             otlp_endpoint=otlp_endpoint,
             otlp_headers=otlp_headers,
             log_format=args.log_format,

@@ -22,6 +22,7 @@ Imports stay light: torch and diffusers are imported on the job thread by
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
@@ -33,9 +34,18 @@ from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 
 from omnirt.backends import BackendUnavailable, default_dtype, resolve_backend
 from omnirt.contract import Artifact, GenerateResult, RunReport
-from omnirt.engine.base import CancelToken, EmitFn, EngineJob, JobCancelled, JobFailed, RunOutcome
+from omnirt.engine.adapters import AdapterDirs, AdapterRejected
+from omnirt.engine.base import (
+    CancelToken,
+    EmitFn,
+    EngineJob,
+    JobCancelled,
+    JobFailed,
+    JobRejected,
+    RunOutcome,
+)
 from omnirt.engine.cache import PipelineCache
-from omnirt.engine.images import decode_input_image, png_bytes
+from omnirt.engine.images import decode_input_image, inpaint_problem, png_bytes
 from omnirt.engine.render import RenderJob, StageTracker, describe_error
 from omnirt.registry import get_model
 
@@ -90,6 +100,8 @@ class Engine:
         model_paths: dict[str, str] | None = None,
         worker_id: str = "local",
         max_concurrency: int = 1,
+        adapter_dirs: tuple[str, ...] | list[str] = (),
+        adapter_cache_size: int = 8,
     ):
         self.backend = backend
         self.pipeline_cache_size = pipeline_cache_size
@@ -99,6 +111,10 @@ class Engine:
         #: intra-op threads each torch job gets (applied once per process, at the first load)
         self.torch_threads = max(1, cpu_count() // self.max_concurrency)
         self.cache = PipelineCache(pipeline_cache_size)
+        #: where LoRA files may come from (``--adapter-dir``); empty = adapters are refused
+        self.adapter_dirs = AdapterDirs(adapter_dirs)
+        #: adapters kept loaded per pipeline (least recently used unloaded first)
+        self.adapter_cache_size = adapter_cache_size
         self._executor = ThreadPoolExecutor(
             max_workers=self.max_concurrency, thread_name_prefix=f"omnirt-engine-{worker_id}"
         )
@@ -137,6 +153,19 @@ class Engine:
         """Model ids with a loaded pipeline in the cache (any backend, dtype or device)."""
         return sorted({key[0] for key in self.cache.keys()})
 
+    def loaded_adapters(self) -> dict[str, list[str]]:
+        """``{model id: [adapter name or path, ...]}`` of the LoRA adapters loaded into cached pipelines."""
+        loaded: dict[str, set[str]] = {}
+        for key, value in zip(self.cache.keys(), self.cache.values(), strict=False):
+            gate = getattr(value, "adapters", None)
+            if gate is not None:
+                loaded.setdefault(key[0], set()).update(gate.loaded_labels())
+        return {model: sorted(keys) for model, keys in loaded.items() if keys}
+
+    def adapter_labels(self) -> tuple[str, ...]:
+        """``loaded_adapters`` as health reports them: "<model>:<adapter name or path>"."""
+        return tuple(f"{model}:{label}" for model, labels in self.loaded_adapters().items() for label in labels)
+
     def close(self) -> None:
         """Refuse new jobs, drop queued ones, release cached pipelines (running jobs finish)."""
         if self._closed.is_set():
@@ -166,6 +195,28 @@ class Engine:
             return os.path.abspath(os.path.expanduser(path)), True
         return get_model(model_id).default_source, False
 
+    def _load(self, model_id: str, renderer, backend: str, dtype: str, tracker: StageTracker,
+              model_path: str | None = None):
+        """The cached pipeline of ``model_id`` (loaded once), in a load_pipeline stage of its own;
+        ``model_path``: the job's own weights folder (an upstream ``config.model_path``)."""
+        memory_mode = str(tracker.facts.get("memory_mode", "default"))
+        key = (model_id, backend, dtype, renderer.placement(backend, memory_mode)) + ((model_path,) if model_path else ())
+        with tracker.stage("load_pipeline", model=model_id) as end:
+            source, local = (model_path, True) if model_path else self._source(model_id)
+            loaded, end["cached"] = self.cache.get_or_load(
+                key,
+                lambda: renderer.load(
+                    model_id, source=source, local=local, backend=backend, dtype=dtype,
+                    threads=self.torch_threads, **self._load_options(renderer, memory_mode),
+                ),
+            )
+        return loaded
+
+    def _load_options(self, renderer, memory_mode: str) -> dict[str, object]:
+        if renderer.__name__.endswith(".sdxl"):
+            return {"adapter_cache_size": self.adapter_cache_size, "memory_mode": memory_mode}
+        return {}
+
     def _run_job(self, job: EngineJob, backend: str, emit: EmitFn, cancel: CancelToken) -> RunOutcome:
         try:
             return self._run_stages(job, backend, emit, cancel)
@@ -190,9 +241,22 @@ class Engine:
         )
         if requested_dtype not in ("auto", dtype):
             config["dtype_requested"] = requested_dtype
-        image = None
+        try:
+            adapters = tuple(self.adapter_dirs.resolve(request.model, request.adapters))
+        except AdapterRejected as exc:  # the client's error: a 4xx, never retried
+            raise JobRejected(exc.message) from None
+        if adapters:
+            config["adapters"] = [{"path": a.path, "scale": a.scale} for a in adapters]
+        image = mask = None
+        width, height = int(config["width"]), int(config["height"])
         if request.task == "image2image":
-            image = decode_input_image(request.inputs.get("image"), int(config["width"]), int(config["height"]))
+            image = decode_input_image(request.inputs.get("image"), width, height)
+        elif request.task == "inpaint":
+            problem = inpaint_problem(request.inputs)
+            if problem is not None:
+                raise JobRejected(f"inputs.{problem[0]}: {problem[1]}")
+            image = decode_input_image(request.inputs.get("image"), width, height)
+            mask = decode_input_image(request.inputs.get("mask"), width, height, field="mask", mode="L")
         render_job = RenderJob(
             task=request.task,
             model=request.model,
@@ -200,20 +264,26 @@ class Engine:
             negative_prompt=request.inputs.get("negative_prompt"),
             image=image,
             config=config,
+            adapters=adapters,
+            mask=mask,
         )
         renderer = _renderer(backend)
-        key = (request.model, backend, dtype, renderer.placement(backend)) + ((job.model_path,) if job.model_path else ())
         tracker = StageTracker(request.model, emit, cancel)
+        tracker.facts["memory_mode"] = config.get("memory_mode", "default")
 
-        with tracker.stage("load_pipeline") as end:
-            source, local = (job.model_path, True) if job.model_path else self._source(request.model)
-            loaded, end["cached"] = self.cache.get_or_load(
-                key,
-                lambda: renderer.load(
-                    request.model, source=source, local=local, backend=backend, dtype=dtype,
-                    threads=self.torch_threads,
-                ),
+        loaded = self._load(request.model, renderer, backend, dtype, tracker, model_path=job.model_path)
+        mode = tracker.facts["memory_mode"]
+        tracker.facts["memory_techniques"] = list(getattr(loaded, "memory_techniques", ()))
+        if mode != "default" and not tracker.facts["memory_techniques"]:
+            tracker.facts["memory_mode_note"] = (
+                f"memory_mode {mode} is not applicable on {backend} (no accelerator memory to save): nothing changed"
             )
+        refiner_spec = config.get("refiner")
+        if refiner_spec:  # loaded before the base runs: a worker without the refiner fails fast
+            if backend == "cpu-stub":
+                raise JobRejected("config.refiner: the cpu-stub backend has no refiner to hand latents to")
+            refiner = self._load(refiner_spec["model"], renderer, backend, dtype, tracker)
+            render_job = dataclasses.replace(render_job, refiner=refiner)
         images = loaded.generate(render_job, tracker)
         with tracker.stage("export"):
             blobs = [png_bytes(im) for im in images]
@@ -241,7 +311,7 @@ class Engine:
             queue_wait_ms=float(started_ms - job.enqueued_at_ms) if job.enqueued_at_ms else None,
             timings=timings,
             memory={"peak_rss_mb": peak_rss_mb(), **loaded.memory()},
-            config_resolved=config,
+            config_resolved={**config, **tracker.facts},
             batch_size=len(outputs),
         )
         return RunOutcome(result=GenerateResult(outputs=outputs, metadata=report), blobs=blobs)

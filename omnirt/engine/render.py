@@ -30,6 +30,12 @@ class RenderJob:
     negative_prompt: str | None
     image: Any  # PIL.Image.Image (RGB, already width x height) for image2image, else None
     config: dict[str, Any]
+    #: omnirt.engine.adapters.ResolvedAdapter for each LoRA of the job (files already checked)
+    adapters: tuple[Any, ...] = ()
+    #: the inpaint mask (PIL "L", width x height; white = repaint), else None
+    mask: Any = None
+    #: the loaded refiner of a base + refiner job (``config.refiner``), else None
+    refiner: Any = None
 
     @property
     def seed(self) -> int:
@@ -81,12 +87,16 @@ class StageTracker:
         self.cancel = cancel
         self.clock = clock
         self.timings: dict[str, float] = {}
+        #: facts about the run the renderer reports (adapter switch, preview count...), for the RunReport
+        self.facts: dict[str, Any] = {}
         self._stage_started = 0.0
 
     @contextlib.contextmanager
-    def stage(self, name: str) -> Iterator[dict[str, Any]]:
+    def stage(self, name: str, model: str | None = None) -> Iterator[dict[str, Any]]:
+        """One stage; ``model`` names the model running it when it is not the job's (the refiner)."""
+        model = model or self.model
         self.cancel.raise_if_cancelled()
-        self.emit("stage_start", name, {"model": self.model})
+        self.emit("stage_start", name, {"model": model})
         self._stage_started = started = self.clock()
         end_data: dict[str, Any] = {}
         try:
@@ -94,24 +104,34 @@ class StageTracker:
         except JobCancelled:
             raise
         except JobFailed as exc:
-            self.emit("stage_error", name, {"model": self.model, "error": str(exc)})
+            self.emit("stage_error", name, {"model": model, "error": str(exc)})
             raise
         except Exception as exc:
-            log.exception("stage %s of model %s failed", name, self.model)
+            log.exception("stage %s of model %s failed", name, model)
             message = f"{name} failed: {describe_error(exc)}"
-            self.emit("stage_error", name, {"model": self.model, "error": message})
+            self.emit("stage_error", name, {"model": model, "error": message})
             raise JobFailed(message) from exc
         elapsed_ms = (self.clock() - started) * 1000.0
-        self.timings[f"{name}_ms"] = elapsed_ms
-        self.emit("stage_end", name, {"model": self.model, "elapsed_ms": elapsed_ms, **end_data})
+        self.timings[f"{name}_ms"] = self.timings.get(f"{name}_ms", 0.0) + elapsed_ms
+        self.emit("stage_end", name, {"model": model, "elapsed_ms": elapsed_ms, **end_data})
 
-    def progress(self, step: int, total: int, timestep: int) -> None:
-        """Report denoise step ``step`` of ``total`` (1-based); stop here if the job was cancelled."""
+    def wants_preview(self, step: int, every: int) -> bool:
+        """Whether step ``step`` gets a preview (every ``every`` steps; 0 = never)."""
+        return every > 0 and step % every == 0
+
+    def progress(self, step: int, total: int, timestep: int, preview=None) -> None:
+        """Report denoise step ``step`` of ``total`` (1-based); stop here if the job was cancelled.
+
+        ``preview``: a callable returning the step's preview fields (``omnirt.engine.previews``);
+        it is timed (``preview_ms`` in the run's timings, ``previews`` in its facts).
+        """
         self.cancel.raise_if_cancelled()
         elapsed_ms = (self.clock() - self._stage_started) * 1000.0
         eta_ms = elapsed_ms / step * max(total - step, 0) if step > 0 else 0.0
-        self.emit(
-            "stage_progress",
-            "denoise",
-            {"step": step, "total": total, "timestep": int(timestep), "eta_ms": eta_ms},
-        )
+        data: dict[str, Any] = {"step": step, "total": total, "timestep": int(timestep), "eta_ms": eta_ms}
+        if preview is not None:
+            started = self.clock()
+            data.update(preview())
+            self.timings["preview_ms"] = self.timings.get("preview_ms", 0.0) + (self.clock() - started) * 1000.0
+            self.facts["previews"] = self.facts.get("previews", 0) + 1
+        self.emit("stage_progress", "denoise", data)

@@ -147,6 +147,9 @@ class GatewayAPI:
             "accepting": self.service.accepting,
         }
         problems = []
+        body["job_store"] = store.status()
+        if body["job_store"].get("state") == "degraded":
+            problems.append(f"job store degraded: {body['job_store'].get('reason') or 'switching master'}")
         try:
             await store.ping()
         except StoreUnavailable as exc:

@@ -114,6 +114,7 @@ class WorkerView(BaseModel):
     state: str
     models: list[str]
     loaded_models: list[str]
+    loaded_adapters: list[str] = Field([], description='LoRA adapters loaded in warm pipelines, "<model>:<name or path>"')
     inflight: int
     capacity: int
     tags: list[str]
@@ -131,6 +132,7 @@ class Readiness(BaseModel):
     backend: str
     accepting: bool
     job_store_error: str | None = None
+    job_store: dict[str, Any] | None = Field(None, description="store state: ok | degraded (switching master), master")
     fleet: dict[str, Any] | None = Field(None, description="the --fleet supervisord and its workers")
     reason: str | None = Field(None, description="why not ready (503 only)")
 

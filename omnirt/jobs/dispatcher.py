@@ -15,11 +15,12 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.python import log
 from twisted.python.failure import Failure
 
-from omnirt.contract import JobRecord, JobState
+from omnirt.contract import GenerateRequest, JobRecord, JobState
 from omnirt.jobs.transitions import JobTransitions
 from omnirt.store.artifacts import ArtifactStore, RedisArtifactStore
 from omnirt.store.base import JobStore, StoreUnavailable
 from omnirt.store.outcomes import store_outputs
+from omnirt.store.previews import store_preview
 from omnirt.tasks import Tasks
 from omnirt.telemetry.metrics import GatewayMetrics
 from omnirt.telemetry.tracing import Tracing
@@ -43,6 +44,13 @@ class QueuedJob:
     attempts: int = 0
     #: workers the job was lost on: worker id -> the instance it was lost on ("" unknown)
     excluded: dict[str, str] = dataclasses.field(default_factory=dict)
+    #: the job's LoRA adapters (name or path): routing prefers a worker that has them loaded
+    adapters: tuple[str, ...] = ()
+
+
+def job_adapters(request: GenerateRequest) -> tuple[str, ...]:
+    """A request's LoRA adapters as routing knows them (name, else path), as health reports them."""
+    return tuple(a.name or a.path or "" for a in request.adapters or ())
 
 
 @dataclasses.dataclass
@@ -63,9 +71,12 @@ class EventWriter:
     """Appends a job's worker events to the store strictly in arrival order."""
 
     def __init__(self, transitions: JobTransitions, job_id: str, attempt: int,
-                 on_event: Callable[[WorkerUpdate], None], tasks: Tasks):
+                 on_event: Callable[[WorkerUpdate], None], tasks: Tasks,
+                 artifacts: ArtifactStore | RedisArtifactStore | None = None):
         self._transitions = transitions
         self._tasks = tasks
+        #: where a step preview's bytes are stored before its event is (None: previews are kept inline)
+        self._artifacts = artifacts
         self._job_id = job_id
         self._attempt = attempt
         self._index = 0
@@ -76,9 +87,14 @@ class EventWriter:
         self._on_event(update)
         self._index += 1
         index = self._index
-        d = self._lock.run(lambda: Deferred.fromCoroutine(
-            self._transitions.progress(self._job_id, self._attempt, index, update)))
+        d = self._lock.run(lambda: Deferred.fromCoroutine(self._append(index, update)))
         self._tasks.track(d, f"could not record event {update.event} of job {self._job_id}")
+
+    async def _append(self, index: int, update: WorkerUpdate) -> None:
+        if self._artifacts is not None and "preview_b64" in update.data:
+            # the preview's bytes become an artifact; the event stores its url and sha256
+            update = dataclasses.replace(update, data=await store_preview(self._artifacts, update.data))
+        await self._transitions.progress(self._job_id, self._attempt, index, update)
 
     def drain(self) -> Deferred:
         """Fires once every pushed event is stored."""
@@ -182,13 +198,13 @@ class Dispatcher:
         while i < len(self.queue):
             q = self.queue[i]
             if q.excluded:
-                entry = self.pool.pick_retry(q.model, q.tags, q.excluded)
+                entry = self.pool.pick_retry(q.model, q.tags, q.excluded, adapters=q.adapters)
                 if entry is None and self.pool.only_lost_instances(q.model, q.tags, q.excluded):
                     del self.queue[i]
                     self.tasks.track(Deferred.fromCoroutine(self._no_worker_left(q)), "giving up a job failed")
                     continue
             else:
-                entry = self.pool.pick(q.model, q.tags)
+                entry = self.pool.pick(q.model, q.tags, adapters=q.adapters)
             if entry is None:
                 i += 1
                 continue
@@ -205,7 +221,8 @@ class Dispatcher:
         attempt = q.attempts + 1
         instance = entry.instance
         try:
-            dispatched = await self.transitions.dispatch(q.job_id, entry.worker_id, attempt, entry.conn.address)
+            dispatched = await self.transitions.dispatch(q.job_id, entry.worker_id, attempt, entry.conn.address,
+                                                         reason=self.pool.reason(entry, q.model, q.adapters))
         except BaseException:
             self.pool.release(entry)
             raise
@@ -223,7 +240,7 @@ class Dispatcher:
             observe(update)
             running.started = running.started or observe.started()
 
-        writer = EventWriter(self.transitions, q.job_id, attempt, on_event, self.tasks)
+        writer = EventWriter(self.transitions, q.job_id, attempt, on_event, self.tasks, self.artifacts)
         job = WorkerJob(
             job_id=q.job_id,
             request=record.request,
@@ -304,7 +321,8 @@ class Dispatcher:
             q.job_id, attempt=running.attempt, reason=reason, previous_worker_id=running.entry.worker_id,
             error=error, attempts_used=attempts_used, excluded=excluded, requeue=enqueue)
         if retried is not None and enqueue:
-            self.enqueue(QueuedJob(q.job_id, q.model, q.tags, attempts=attempts_used, excluded=excluded), front=True)
+            self.enqueue(QueuedJob(q.job_id, q.model, q.tags, attempts=attempts_used, excluded=excluded,
+                                   adapters=q.adapters), front=True)
 
     async def _no_worker_left(self, q: QueuedJob) -> None:
         """queued -> failed: the job was lost on every worker that serves it, and each is back as
@@ -326,7 +344,7 @@ class Dispatcher:
         request = record.request
         excluded = {wid: self.pool.instance_of(wid) for wid in record.excluded_workers}
         return QueuedJob(record.id, request.model, tuple(request.routing_tags), attempts=record.attempts,
-                         excluded=excluded)
+                         excluded=excluded, adapters=job_adapters(request))
 
     # -- cancel ------------------------------------------------------------------------------
 

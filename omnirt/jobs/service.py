@@ -11,6 +11,7 @@ import base64
 import math
 import uuid
 from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING
 
 from twisted.application.internet import TimerService
 from twisted.internet.defer import Deferred
@@ -27,13 +28,17 @@ from omnirt.contract import (
     RequestInvalid,
     request_fingerprint,
 )
-from omnirt.jobs.dispatcher import Dispatcher, QueuedJob
+from omnirt.engine.images import inpaint_problem
+from omnirt.jobs.dispatcher import Dispatcher, QueuedJob, job_adapters
 from omnirt.jobs.errors import JobConflict, JobNotFoundError, NoWorkerForModel, QueueFull, ServiceUnavailable
 from omnirt.jobs.limits import TooManyJobs
 from omnirt.registry import DEFAULT_ALLOWED_TIERS, resolve_request
 from omnirt.store.base import JobStore, StoreUnavailable, Subscription
 from omnirt.telemetry.metrics import GatewayMetrics
 from omnirt.telemetry.tracing import JobTrace
+
+if TYPE_CHECKING:
+    from omnirt.engine.adapters import AdapterDirs
 
 #: how long the drain waits for the cancels and hand-backs it started
 SETTLE_S = 5.0
@@ -51,6 +56,7 @@ class JobService:
         default_backend: str = "auto",
         retention_sweep_s: float = 60.0,
         max_jobs_per_principal: int | None = None,
+        adapter_check: AdapterDirs | None = None,
     ):
         self._clock = clock
         self.store = store
@@ -64,6 +70,9 @@ class JobService:
         #: at most this many unfinished jobs per client (API key or address); None = no cap
         self.max_jobs_per_principal = max_jobs_per_principal
         self._principal_jobs: dict[str, set[str]] = {}
+        #: omnirt.engine.adapters.AdapterDirs of the in-process engine when it is the only worker
+        #: (adapters then get their 400 here); None when workers check their own folders
+        self.adapter_check = adapter_check
         #: the retention sweep (periodic; a child of the gateway's service tree)
         self.sweep = TimerService(retention_sweep_s, lambda: Deferred.fromCoroutine(self.expire()))
         self.sweep.clock = clock
@@ -104,9 +113,14 @@ class JobService:
         if not self.accepting:
             raise ServiceUnavailable("server is shutting down; not accepting new jobs")
         resolved = resolve_request(request, self.allowed_tiers)
+        if self.adapter_check is not None:
+            self.adapter_check.resolve(resolved.model, resolved.adapters)  # AdapterRejected: 400
         pool = self.dispatcher.pool
         if not pool.configured_for(resolved.model):
             raise NoWorkerForModel(f"no configured worker serves model {resolved.model!r}")
+        refiner = (resolved.config.get("refiner") or {}).get("model")
+        if refiner and not pool.configured_for(refiner):
+            raise NoWorkerForModel(f"no configured worker serves the refiner {refiner!r} of config.refiner")
         if resolved.routing_tags and not pool.configured_for_tags(resolved.model, resolved.routing_tags):
             raise NoWorkerForModel(
                 f"no configured worker serves model {resolved.model!r} with tags {', '.join(resolved.routing_tags)}"
@@ -159,7 +173,8 @@ class JobService:
         if principal is not None and self.max_jobs_per_principal is not None:
             self._principal_jobs.setdefault(principal, set()).add(record.id)
         request = record.request
-        self.dispatcher.enqueue(QueuedJob(record.id, request.model, tuple(request.routing_tags)))
+        self.dispatcher.enqueue(QueuedJob(record.id, request.model, tuple(request.routing_tags),
+                                          adapters=job_adapters(request)))
         return record
 
     async def _check_principal(self, principal: str) -> None:
@@ -182,19 +197,24 @@ class JobService:
     async def _resolve_artifact_refs(self, request: GenerateRequest) -> GenerateRequest:
         """Replace an ``artifact:<sha256>`` / ``{"artifact": sha}`` input image with its bytes
         (workers share no filesystem with the gateway)."""
-        image = request.inputs.get("image")
-        sha = None
-        if isinstance(image, dict):
-            sha = str(image.get("artifact", ""))
-        elif isinstance(image, str) and image.startswith("artifact:"):
-            sha = image.removeprefix("artifact:")
-        if sha is None:
-            return request
-        blob = await self.dispatcher.artifacts.read(sha)
-        if blob is None:
-            raise RequestInvalid([Problem(loc=("inputs", "image"), msg=f"unknown artifact {sha!r}")])
         inputs = dict(request.inputs)
-        inputs["image"] = base64.b64encode(blob).decode()
+        for field in ("image", "mask"):  # the inpaint mask may be an artifact too
+            image = request.inputs.get(field)
+            sha = None
+            if isinstance(image, dict):
+                sha = str(image.get("artifact", ""))
+            elif isinstance(image, str) and image.startswith("artifact:"):
+                sha = image.removeprefix("artifact:")
+            if sha is None:
+                continue
+            blob = await self.dispatcher.artifacts.read(sha)
+            if blob is None:
+                raise RequestInvalid([Problem(loc=("inputs", field), msg=f"unknown artifact {sha!r}")])
+            inputs[field] = base64.b64encode(blob).decode()
+        if request.task == "inpaint":
+            problem = inpaint_problem(inputs)  # mask size against the image: a 400 here, not a job error
+            if problem is not None:
+                raise RequestInvalid([Problem(loc=("inputs", problem[0]), msg=problem[1])])
         return request.model_copy(update={"inputs": inputs})
 
     # -- read --------------------------------------------------------------------------------

@@ -78,10 +78,11 @@ class JobTransitions:
 
     # -- dispatch, start, progress ---------------------------------------------------------
 
-    async def dispatch(self, job_id: str, worker_id: str, attempt: int,
-                       address: str = "") -> tuple[JobRecord, dict[str, str]] | None:
-        """queued -> running on ``worker_id`` (``job_dispatched``); returns the record and the W3C
-        context of the attempt's dispatch span, or None when the job is no longer queued."""
+    async def dispatch(self, job_id: str, worker_id: str, attempt: int, address: str = "", *,
+                       reason: str | None = None) -> tuple[JobRecord, dict[str, str]] | None:
+        """queued -> running on ``worker_id`` (``job_dispatched``, with the routing ``reason`` when
+        given: warm adapter, warm model, least loaded); returns the record and the W3C context of
+        the attempt's dispatch span, or None when the job is no longer queued."""
         current = await self.store.get(job_id)
         if current is None or current.state != Q:
             live = self.tracing.live(job_id)
@@ -91,11 +92,10 @@ class JobTransitions:
         fields: dict[str, Any] = {"worker_id": worker_id, "attempts": attempt, "queue_position": None}
         if current.started_at_ms is None:
             fields["started_at_ms"] = self.now_ms()
-        record = await self.store.transition(
-            job_id, (Q,), R,
-            NewEvent("job_dispatched", "job", {"job_id": job_id, "worker_id": worker_id, "attempt": attempt}),
-            fields,
-        )
+        data: dict[str, Any] = {"job_id": job_id, "worker_id": worker_id, "attempt": attempt}
+        if reason is not None:
+            data["reason"] = reason
+        record = await self.store.transition(job_id, (Q,), R, NewEvent("job_dispatched", "job", data), fields)
         if record is None:  # cancelled meanwhile
             return None
         if attempt == 1:

@@ -22,6 +22,7 @@ first load sets torch's intra-op threads to ``threads`` (cpu count // max_concur
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import logging
 import os
@@ -30,7 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from omnirt.backends import torch_device
-from omnirt.engine.base import JobFailed
+from omnirt.engine.base import JobFailed, JobRejected
+from omnirt.engine.previews import latents_preview
 from omnirt.engine.render import RenderJob, StageTracker, describe_error
 
 log = logging.getLogger(__name__)
@@ -44,6 +46,8 @@ SCHEDULER_CLASSES = {
 TASK_PIPELINES = {
     "text2image": "StableDiffusionXLPipeline",
     "image2image": "StableDiffusionXLImg2ImgPipeline",
+    # built from the loaded base's modules like the others: no second copy of the weights
+    "inpaint": "StableDiffusionXLInpaintPipeline",
 }
 
 _torch_configured = threading.Lock()
@@ -53,6 +57,8 @@ _torch_ready = False
 def quiet_libraries() -> None:
     """No loading bars, and no warning that the unused CLIP image processor lacks torchvision."""
     logging.getLogger("transformers.utils.import_utils").setLevel(logging.ERROR)
+    # "No LoRA keys associated to CLIPTextModel": a UNet-only LoRA is normal, not a warning
+    logging.getLogger("diffusers.loaders.lora_base").setLevel(logging.ERROR)
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
@@ -74,8 +80,33 @@ def configure_torch(threads: int) -> None:
         _torch_ready = True
 
 
-def placement(backend: str) -> str:
-    return torch_device(backend)
+def placement(backend: str, memory_mode: str = "default") -> str:
+    """The cache's placement key: the device, plus the memory mode where one applies (accelerators)."""
+    device = torch_device(backend)
+    if memory_mode == "default" or backend not in ACCELERATOR_BACKENDS:
+        return device
+    return f"{device}+{memory_mode}"
+
+
+#: backends whose device memory the memory modes save (on cpu they change nothing)
+ACCELERATOR_BACKENDS = ("cuda", "ascend")
+
+
+def apply_memory_mode(pipe, memory_mode: str, backend: str, device: str) -> tuple[str, ...]:
+    """Place ``pipe`` on ``device`` as ``memory_mode`` says; return the techniques applied."""
+    if memory_mode == "default" or backend not in ACCELERATOR_BACKENDS:
+        pipe.to(device)
+        return ()
+    if memory_mode == "sequential-offload":
+        pipe.enable_sequential_cpu_offload(device=device)
+        applied = ["sequential_cpu_offload"]
+    else:
+        pipe.enable_model_cpu_offload(device=device)
+        applied = ["model_cpu_offload"]
+    pipe.vae.enable_tiling()
+    pipe.vae.enable_slicing()
+    pipe.enable_attention_slicing()
+    return (*applied, "vae_tiling", "vae_slicing", "attention_slicing")
 
 
 def _torch_dtype(dtype: str):
@@ -84,7 +115,8 @@ def _torch_dtype(dtype: str):
     return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
 
 
-def load(model_id: str, *, source: str, local: bool, backend: str, dtype: str, threads: int) -> SdxlModel:
+def load(model_id: str, *, source: str, local: bool, backend: str, dtype: str, threads: int,
+         adapter_cache_size: int = 8, memory_mode: str = "default") -> SdxlModel:
     """Load ``source`` (a local diffusers folder, or a hub id when ``local`` is False)."""
     configure_torch(threads)
     if local:
@@ -113,21 +145,33 @@ def load(model_id: str, *, source: str, local: bool, backend: str, dtype: str, t
             f"on a host without the hub, pass --model-path {model_id}=DIR "
             f"(offline test weights: omnirt models make-tiny DIR)"
         ) from exc
-    device = placement(backend)
-    pipe.to(device)
-    if torch_dtype == torch.float16 and getattr(pipe.vae.config, "force_upcast", False):
+    device = torch_device(backend)
+    techniques = apply_memory_mode(pipe, memory_mode, backend, device)
+    if torch_dtype == torch.float16 and getattr(pipe.vae.config, "force_upcast", False) and not techniques:
         pipe.vae.to(torch.float32)  # what diffusers does per call, done once, without mutating mid-job
-    return SdxlModel(model_id, pipe, device, backend)
+    model = SdxlModel(model_id, pipe, device, backend, adapter_cache_size=adapter_cache_size)
+    model.memory_techniques = techniques
+    return model
 
 
 class SdxlModel:
     """A loaded SDXL pipeline (base or refiner); ``generate`` is safe to call from several threads."""
 
-    def __init__(self, model_id: str, pipe, device: str, backend: str):
+    def __init__(self, model_id: str, pipe, device: str, backend: str, adapter_cache_size: int = 8):
+        from omnirt.engine.adapters import AdapterGate
+        from omnirt.models.lora import PipelineAdapters
+
         self.model_id = model_id
         self.pipe = pipe
         self.device = device
         self.backend = backend
+        #: what the memory mode applied to this pipeline (``apply_memory_mode``); () = plain placement
+        self.memory_techniques: tuple[str, ...] = ()
+        #: the fast tokenizers keep padding/truncation state per call: one encode_prompt at a time
+        #: (two at once gave "Expected size 23 but got size 77")
+        self._tokenizer_lock = threading.Lock()
+        #: LoRA adapters loaded into the shared modules (an LRU), and who may run with which set
+        self.adapters = AdapterGate(PipelineAdapters(pipe, model_id, device), capacity=adapter_cache_size)
         #: one pristine scheduler per name, never stepped: jobs get deep copies (~0.1 ms, from_config ~0.6 ms)
         self._scheduler_templates: dict[str, Any] = {}
 
@@ -154,50 +198,121 @@ class SdxlModel:
         return pipe
 
     def generate(self, job: RenderJob, tracker: StageTracker) -> list:
+        """Run the job's stages with its adapter set active on the shared modules (see ``AdapterGate``)."""
+        from omnirt.engine.adapters import AdapterRejected
+
+        self._reset_peak_memory()
+        started = tracker.clock()
+        try:
+            with self.adapters.use(job.adapters, tracker.cancel) as held:
+                tracker.timings["adapters_ms"] = (tracker.clock() - started) * 1000.0
+                tracker.facts["adapter_switch"] = held["switched"]
+                return self._generate(job, tracker)
+        except AdapterRejected as exc:  # a bad adapter file found at load: the client's error (4xx)
+            raise JobRejected(exc.message) from None
+
+    def _generate(self, job: RenderJob, tracker: StageTracker) -> list:
         import torch
 
-        pipe = self.job_pipeline(job.task, job.config["scheduler"])
+        generator = torch.Generator("cpu").manual_seed(job.seed)  # portable seeds across devices
+        with torch.inference_mode():
+            if job.refiner is None:
+                pipe, latents = self.denoise(job, tracker, generator, task=job.task)
+                with tracker.stage("decode"):
+                    return self._decode(pipe, latents)
+            # the ensemble of expert denoisers: base to switch_at (latents out), refiner from there
+            switch_at = float(job.config["refiner"]["switch_at"])
+            _pipe, latents = self.denoise(job, tracker, generator, task="text2image", end=switch_at)
+            refiner = job.refiner
+            with refiner.adapters.use((), tracker.cancel):
+                pipe, latents = refiner.denoise(job, tracker, generator, task="image2image", start=switch_at,
+                                                latents=latents, step_offset=tracker.facts["base_steps"])
+                with tracker.stage("decode", model=refiner.model_id):
+                    return refiner._decode(pipe, latents)
+
+    def denoise(self, job: RenderJob, tracker: StageTracker, generator, *, task: str, end: float | None = None,
+                start: float | None = None, latents=None, step_offset: int = 0):
+        """encode_prompt + denoise on this model; return (its job pipeline, the latents).
+
+        ``end``: stop at that fraction of the schedule (base of an ensemble); ``start`` + ``latents``:
+        continue a base's latents from that fraction (refiner). Progress steps count on from
+        ``step_offset`` so the two denoise stages of an ensemble add up to one job's steps.
+        """
+        import torch
+
+        pipe = self.job_pipeline(task, job.config["scheduler"])
         guidance = float(job.config["guidance_scale"])
         use_cfg = guidance > 1 and pipe.unet.config.time_cond_proj_dim is None
-        generator = torch.Generator("cpu").manual_seed(job.seed)  # portable seeds across devices
+        every = int(job.config.get("preview_every") or 0)
+        model = self.model_id
+        ensemble = end is not None or start is not None
 
-        def on_step_end(p, i, t, _tensors):
-            tracker.progress(i + 1, p.num_timesteps, int(t))
+        def on_step_end(p, i, t, tensors):
+            step = step_offset + i + 1
+            total = max(job.steps, step_offset + p.num_timesteps) if ensemble else p.num_timesteps
+            preview = None
+            if tracker.wants_preview(step, every) and "latents" in tensors:
+                preview = functools.partial(latents_preview, tensors["latents"], job.width, job.height)
+            tracker.progress(step, total, int(t), preview)
             return {}
 
-        with torch.inference_mode():
-            with tracker.stage("encode_prompt"):
-                embeds, negative, pooled, negative_pooled = pipe.encode_prompt(
-                    prompt=job.prompt,
-                    device=torch.device(self.device),
-                    num_images_per_prompt=1,  # the pipeline call repeats embeddings per image
-                    do_classifier_free_guidance=use_cfg,
-                    negative_prompt=job.negative_prompt,
-                )
-            with tracker.stage("denoise"):
-                call: dict[str, Any] = {
-                    "prompt_embeds": embeds,
-                    "negative_prompt_embeds": negative,
-                    "pooled_prompt_embeds": pooled,
-                    "negative_pooled_prompt_embeds": negative_pooled,
-                    "num_inference_steps": job.steps,
-                    "guidance_scale": guidance,
-                    "num_images_per_prompt": job.num_images,
-                    "generator": generator,
-                    "output_type": "latent",
-                    "callback_on_step_end": on_step_end,
-                }
-                if job.task == "image2image":
+        with tracker.stage("encode_prompt", model=model), self._tokenizer_lock:
+            self._note_truncation(pipe, job, tracker)
+            embeds, negative, pooled, negative_pooled = pipe.encode_prompt(
+                prompt=job.prompt,
+                device=torch.device(self.device),
+                num_images_per_prompt=1,  # the pipeline call repeats embeddings per image
+                do_classifier_free_guidance=use_cfg,
+                negative_prompt=job.negative_prompt,
+            )
+        with tracker.stage("denoise", model=model):
+            call: dict[str, Any] = {
+                "prompt_embeds": embeds,
+                "negative_prompt_embeds": negative,
+                "pooled_prompt_embeds": pooled,
+                "negative_pooled_prompt_embeds": negative_pooled,
+                "num_inference_steps": job.steps,
+                "guidance_scale": guidance,
+                "num_images_per_prompt": job.num_images,
+                "generator": generator,
+                "output_type": "latent",
+                "callback_on_step_end": on_step_end,
+            }
+            if task == "image2image":
+                if latents is not None:
+                    call["image"], call["denoising_start"] = latents, start
+                else:
                     call["image"] = self._encode_image(pipe, job.image, generator)
                     call["strength"] = float(job.config["strength"])
-                    for key in ("aesthetic_score", "negative_aesthetic_score"):
-                        if key in job.config:
-                            call[key] = float(job.config[key])
-                else:
-                    call["width"], call["height"] = job.width, job.height
-                latents = pipe(**call).images
-            with tracker.stage("decode"):
-                return self._decode(pipe, latents)
+                for key in ("aesthetic_score", "negative_aesthetic_score"):
+                    if key in job.config:
+                        call[key] = float(job.config[key])
+            elif task == "inpaint":
+                call["image"], call["mask_image"] = job.image, job.mask
+                call["strength"] = float(job.config["strength"])
+                call["width"], call["height"] = job.width, job.height
+            else:
+                call["width"], call["height"] = job.width, job.height
+            if end is not None:
+                call["denoising_end"] = end
+            out = pipe(**call).images
+            if end is not None:
+                tracker.facts["base_steps"] = pipe.num_timesteps
+        return pipe, out
+
+    @staticmethod
+    def _note_truncation(pipe, job: RenderJob, tracker: StageTracker) -> None:
+        """A prompt longer than the text encoder's window is cut by diffusers: say so in the run report."""
+        tokenizer = pipe.tokenizer or pipe.tokenizer_2
+        limit = int(tokenizer.model_max_length)
+        for field, text in (("prompt", job.prompt), ("negative_prompt", job.negative_prompt)):
+            if not text:
+                continue
+            count = len(tokenizer(text, truncation=False).input_ids)
+            if count > limit:
+                tracker.facts[f"{field}_truncated"] = True
+                tracker.facts[f"{field}_tokens"] = count
+                tracker.facts["prompt_token_limit"] = limit
 
     def _encode_image(self, pipe, image, generator):
         """The input image as scaled latents (4 channels: the pipeline then skips its own VAE pass)."""
@@ -222,8 +337,17 @@ class SdxlModel:
         pixels = vae.decode(latents, return_dict=False)[0]
         return pipe.image_processor.postprocess(pixels, output_type="pil")
 
+    def _reset_peak_memory(self) -> None:
+        """Peak accelerator memory is measured per job (with concurrent jobs on one device it is their joint peak)."""
+        import torch
+
+        if self.backend == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        elif self.backend == "ascend":
+            torch.npu.reset_peak_memory_stats()  # type: ignore[attr-defined]
+
     def memory(self) -> dict[str, float]:
-        """Process-wide peak accelerator memory, in MiB (empty on CPU)."""
+        """Peak accelerator memory since this job began, in MiB (empty on CPU)."""
         import torch
 
         if self.backend == "cuda":
@@ -233,7 +357,8 @@ class SdxlModel:
         return {}
 
     def release(self) -> None:
-        """Evicted from the cache: hand cached accelerator blocks back (running jobs keep their references)."""
+        """Evicted from the cache: unload adapters, hand cached accelerator blocks back."""
+        self.adapters.clear()
         if self.backend == "cuda":
             import gc
 

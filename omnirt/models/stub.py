@@ -9,6 +9,7 @@ image2image runs ``int(steps * strength)`` steps and blends the input image in b
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import time
@@ -20,7 +21,7 @@ from omnirt.engine.render import RenderJob, StageTracker
 _CANCEL_POLL_S = 0.01
 
 
-def placement(backend: str) -> str:
+def placement(backend: str, memory_mode: str = "default") -> str:
     return "cpu"
 
 
@@ -31,7 +32,7 @@ def load(model_id: str, *, source: str | None = None, local: bool = False, backe
 
 
 def denoise_steps(job: RenderJob) -> int:
-    if job.task == "image2image":
+    if job.task in ("image2image", "inpaint"):
         return max(1, int(job.steps * float(job.config.get("strength", 1.0))))
     return job.steps
 
@@ -48,14 +49,29 @@ class StubModel:
             digest = _digest(job)
         total = denoise_steps(job)
         delay_s = float(job.config.get("stub_step_delay_ms") or 0) / 1000.0
-        first_timestep = 999 if job.task != "image2image" else int(999 * float(job.config.get("strength", 1.0)))
+        first_timestep = 999 if job.task not in ("image2image", "inpaint") else int(999 * float(job.config.get("strength", 1.0)))
+        every = int(job.config.get("preview_every") or 0)
         with tracker.stage("denoise"):
             for i in range(total):
                 if delay_s:
                     _sleep_unless_cancelled(tracker.cancel, delay_s)
-                tracker.progress(i + 1, total, first_timestep * (total - i) // total)
+                preview = None
+                if tracker.wants_preview(i + 1, every):
+                    preview = functools.partial(_preview, digest, job, (i + 1) / total)
+                tracker.progress(i + 1, total, first_timestep * (total - i) // total, preview)
         with tracker.stage("decode"):
             return [draw(hashlib.sha256(digest + bytes([i])).digest(), job) for i in range(job.num_images)]
+
+
+def _preview(digest: bytes, job: RenderJob, done: float) -> dict:
+    """The stub's step preview: its picture's base colour fading in from grey as the steps go by."""
+    from PIL import Image
+
+    from omnirt.engine.previews import encode_preview, preview_size
+
+    base = _ByteStream(digest).color()[:3]
+    colour = tuple(int(128 + (c - 128) * done) for c in base)
+    return encode_preview(Image.new("RGB", preview_size(job.width, job.height), colour))
 
 
 def _digest(job: RenderJob) -> bytes:
@@ -67,9 +83,14 @@ def _digest(job: RenderJob) -> bytes:
         "seed": job.seed,
         "width": job.width,
         "height": job.height,
-        "strength": job.config.get("strength") if job.task == "image2image" else None,
+        "strength": job.config.get("strength") if job.task in ("image2image", "inpaint") else None,
+        "mask": hashlib.sha256(job.mask.tobytes()).hexdigest() if job.mask is not None else None,
         "image": hashlib.sha256(job.image.tobytes()).hexdigest() if job.image is not None else None,
     }
+    # the stub's stand-in for a LoRA: each adapter with a non-zero scale changes the picture
+    applied = [[a.key, a.scale] for a in job.adapters if a.scale != 0]
+    if applied:
+        material["adapters"] = applied
     return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).digest()
 
 

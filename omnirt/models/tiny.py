@@ -11,6 +11,10 @@ must hold or diffusers fails at the first step:
 - each text encoder's ``eos_token_id`` = the tokenizer's ``<|endoftext|>`` id (pooling looks it up);
 - VAE with four blocks, so ``vae_scale_factor`` is 8 as in the real model.
 
+Beside them, ``DIR/adapters/tiny-<model>.safetensors`` is a tiny LoRA for each model (rank 4 on
+the UNet's attention projections, random weights from a fixed seed, diffusers' LoRA layout, and
+``omnirt.model`` in its metadata): ``--adapter-dir DIR/adapters`` serves them by name.
+
 The tokenizer is CLIP's byte-level BPE with no merges (every character is a token), written as
 ``vocab.json`` + ``merges.txt`` and then saved by transformers next to them.
 """
@@ -27,7 +31,7 @@ BASE_ID = "sdxl-base-1.0"
 REFINER_ID = "sdxl-refiner-1.0"
 MODEL_IDS = (BASE_ID, REFINER_ID)
 #: bump when the tiny layout changes, so cached builds are rebuilt
-TINY_FORMAT = 1
+TINY_FORMAT = 2
 #: a folder is complete once this file exists (written last)
 COMPLETE_MARKER = "omnirt-tiny.json"
 
@@ -37,6 +41,15 @@ _ENC2_HIDDEN = 64
 _ENC2_PROJECTION = 32
 _TIME_EMBED = 8
 _MAX_TOKENS = 77
+#: the folder of tiny LoRA adapters under a make-tiny directory
+ADAPTER_DIR = "adapters"
+_LORA_RANK = 4
+_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+def tiny_adapter_name(model_id: str) -> str:
+    """The name (in ``DIR/adapters``) of the tiny LoRA built for ``model_id``."""
+    return f"tiny-{model_id}"
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -185,6 +198,40 @@ def _build_one(model_id: str, dest: Path) -> None:
     (dest / COMPLETE_MARKER).write_text(json.dumps({"model": model_id, "tiny_format": TINY_FORMAT}) + "\n")
 
 
+def _build_lora(model_id: str, model_folder: Path, dest: Path) -> None:
+    """A rank-4 LoRA over the UNet's attention of ``model_folder``, written to ``dest`` atomically."""
+    import torch
+    from diffusers import UNet2DConditionModel
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    unet = UNet2DConditionModel.from_pretrained(str(model_folder), subfolder="unet")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(_SEED[model_id] + 1)
+        # random A and B (the default B = 0 would be a LoRA that changes nothing)
+        unet.add_adapter(LoraConfig(r=_LORA_RANK, lora_alpha=_LORA_RANK, target_modules=_LORA_TARGETS,
+                                    init_lora_weights=False))
+        state = {f"unet.{k}": v.detach().contiguous() * 0.5 for k, v in get_peft_model_state_dict(unet).items()}
+    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
+    # one metadata key: safetensors writes the metadata map in a per-process random order, so two
+    # keys would make two builds of the same LoRA differ byte for byte
+    save_file(state, str(tmp), metadata={"omnirt.model": model_id})
+    os.replace(tmp, dest)
+
+
+def build_tiny_adapters(directory: str | os.PathLike[str], *, force: bool = False) -> str:
+    """Write the tiny LoRA of each model under ``directory/adapters`` (models must be built); return the folder."""
+    root = Path(directory)
+    folder = root / ADAPTER_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    for model_id in MODEL_IDS:
+        dest = folder / f"{tiny_adapter_name(model_id)}.safetensors"
+        if force or not dest.is_file():
+            _build_lora(model_id, root / model_id, dest)
+    return str(folder)
+
+
 def is_complete(folder: str | os.PathLike[str]) -> bool:
     return (Path(folder) / COMPLETE_MARKER).is_file()
 
@@ -199,7 +246,10 @@ def build_tiny(directory: str | os.PathLike[str], *, force: bool = False) -> dic
     root = Path(directory)
     paths = {model_id: str(root / model_id) for model_id in MODEL_IDS}
     todo = [m for m in MODEL_IDS if force or not is_complete(root / m)]
-    if not todo:
+    adapters_missing = any(
+        not (root / ADAPTER_DIR / f"{tiny_adapter_name(m)}.safetensors").is_file() for m in MODEL_IDS
+    )
+    if not todo and not adapters_missing and not force:
         return paths
     from omnirt.models.sdxl import quiet_libraries
 
@@ -220,4 +270,5 @@ def build_tiny(directory: str | os.PathLike[str], *, force: bool = False) -> dic
                     raise
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+    build_tiny_adapters(root, force=force)
     return paths

@@ -21,6 +21,11 @@ class StoreUnavailable(Exception):
     """The store cannot be reached (timeout, connection refused): a 503, never a hang."""
 
 
+class NotReplicated(StoreUnavailable):
+    """A write reached the primary but not the required number of replicas in time (``--redis-
+    min-replicas``): the job was not accepted (503 + Retry-After, like any StoreUnavailable)."""
+
+
 class JobNotFound(Exception):
     pass
 
@@ -178,6 +183,11 @@ class JobStore(abc.ABC):
 
     async def ping(self) -> None:
         """Raise StoreUnavailable when the store cannot answer."""
+
+    def status(self) -> dict[str, Any]:
+        """Readiness detail without a call: ``state`` is ``ok`` or ``degraded`` (e.g. Redis
+        switching master), plus where the data is (``master``) for stores that have one."""
+        return {"state": "ok"}
 
     async def close(self) -> None:
         """Release connections."""

@@ -1,6 +1,7 @@
 """In-process JobStore: the default for one gateway. Bounded: terminal jobs expire after the
 retention, and at most ``max_terminal_jobs`` finished jobs are kept (oldest dropped first).
-With an artifact store, the output files of a job go when the last job naming them is dropped."""
+With an artifact store, the files a job names (its outputs and its step previews) go when the last
+job naming them is dropped."""
 
 from __future__ import annotations
 
@@ -88,6 +89,9 @@ class MemoryJobStore(JobStore):
         )
         job.events.append(stored)
         self._outbox.on_event(job.record.id, stored)  # same step as the append: no event without its webhooks
+        preview = stored.data.get("preview_sha256")
+        if isinstance(preview, str) and preview:
+            self._reference(preview, job.record.id)
         for sub in list(job.listeners):
             if not sub.closed:
                 try:
@@ -208,26 +212,38 @@ class MemoryJobStore(JobStore):
 
     # -- artifacts that expire with their jobs -------------------------------------------------
 
+    def _reference(self, sha256: str, job_id: str) -> None:
+        if self.artifacts is not None:
+            self._artifact_refs.setdefault(sha256, {})[job_id] = self.artifacts.reference(sha256)
+
     def _reference_outputs(self, record: JobRecord) -> None:
-        if self.artifacts is None or record.result is None:
+        if record.result is None:
             return
         for artifact in record.result.outputs:
             if artifact.sha256:
-                refs = self._artifact_refs.setdefault(artifact.sha256, {})
-                refs[record.id] = self.artifacts.reference(artifact.sha256)
+                self._reference(artifact.sha256, record.id)
 
-    def _release_outputs(self, record: JobRecord) -> None:
-        if self.artifacts is None or record.result is None:
+    @staticmethod
+    def _artifact_hashes(job: _Job) -> list[str]:
+        """Every artifact a job names: its outputs, and the step previews its events announce
+        (``preview_sha256``)."""
+        hashes = [a.sha256 for a in job.record.result.outputs if a.sha256] if job.record.result else []
+        hashes += [e.data["preview_sha256"] for e in job.events if isinstance(e.data.get("preview_sha256"), str)]
+        return list(dict.fromkeys(hashes))
+
+    def _release_artifacts(self, job: _Job) -> None:
+        if self.artifacts is None:
             return
+        record = job.record
         unreferenced = []
-        for artifact in record.result.outputs:
-            refs = self._artifact_refs.get(artifact.sha256 or "")
+        for sha in self._artifact_hashes(job):
+            refs = self._artifact_refs.get(sha)
             if refs is None or record.id not in refs:
                 continue
             token = refs.pop(record.id)
             if not refs:
-                del self._artifact_refs[artifact.sha256]
-                unreferenced.append((artifact.sha256, token))
+                del self._artifact_refs[sha]
+                unreferenced.append((sha, token))
         if unreferenced:
             d = self.artifacts.discard(unreferenced)
             self._discarding.add(d)
@@ -268,7 +284,7 @@ class MemoryJobStore(JobStore):
         if job is None:
             return
         self._outbox.dropped(job_id)
-        self._release_outputs(job.record)
+        self._release_artifacts(job)
         for sub in list(job.listeners):
             sub.close()
         key = job.record.idempotency_key

@@ -53,6 +53,11 @@ class GatewayMetrics:
         )
         self.store_errors = Counter("omnirt_store_errors", "Job store calls that failed (unreachable)", ["op"],
                                     registry=r)
+        self.store_failovers = Counter("omnirt_store_failovers", "Redis master changes followed (Sentinel)", registry=r)
+        self.store_resets = Counter("omnirt_store_resets", "Times the store came back without its data", registry=r)
+        self.store_wait_timeouts = Counter("omnirt_store_wait_timeouts",
+                                           "Writes fewer than --redis-min-replicas replicas acknowledged in time",
+                                           registry=r)
         self.trace_export_failures = Counter(
             "omnirt_trace_export_failures", "Span exports to the OTLP collector that failed (their spans dropped)",
             registry=r,

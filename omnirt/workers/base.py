@@ -71,6 +71,8 @@ class WorkerHealth:
     capacity: int = 1
     models: tuple[str, ...] = ()  # served models; empty = every model
     loaded_models: tuple[str, ...] = ()
+    #: LoRA adapters loaded in warm pipelines, as "<model>:<adapter name or path>"
+    loaded_adapters: tuple[str, ...] = ()
     backend: str = ""
     tags: tuple[str, ...] = ()
     draining: bool = False

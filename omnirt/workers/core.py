@@ -280,8 +280,9 @@ class WorkerCore:
     def health(self) -> WorkerHealth:
         try:
             loaded = tuple(self.engine.loaded_models())
+            adapters = tuple(getattr(self.engine, "adapter_labels", tuple)())
         except Exception as exc:  # health must answer even if the engine is in trouble
-            loaded = ()
+            loaded = adapters = ()
             self.last_error = f"loaded_models failed: {exc}"
         return WorkerHealth(
             ok=self.state == "ready",
@@ -291,6 +292,7 @@ class WorkerCore:
             capacity=self.capacity,
             models=self.models,
             loaded_models=loaded,
+            loaded_adapters=adapters,
             backend=self.backend,
             tags=self.tags,
             draining=self.state in ("draining", "closed"),

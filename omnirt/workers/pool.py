@@ -85,6 +85,7 @@ class WorkerEntry:
             "state": self.state,
             "models": list(self.conn.models or (self.health.models if self.health else ())),
             "loaded_models": list(self.loaded_models),
+            "loaded_adapters": list(self.health.loaded_adapters if self.health else ()),
             "inflight": self.inflight,
             "capacity": self.capacity,
             "tags": list(self.conn.tags),
@@ -216,16 +217,18 @@ class WorkerPool:
         entry = self.entries.get(worker_id)
         return entry.instance if entry is not None else ""
 
-    def pick_retry(self, model: str, tags: Iterable[str], excluded: dict[str, str]) -> WorkerEntry | None:
+    def pick_retry(self, model: str, tags: Iterable[str], excluded: dict[str, str],
+                   adapters: Iterable[str] = ()) -> WorkerEntry | None:
         """The worker for a retried job that failed on the workers in ``excluded`` (id -> the
         instance it failed on): another healthy worker when one can serve it (the job waits for
         it if it is full); one of the excluded only when no other can and it came back as a new
-        instance."""
-        entry = self.pick(model, tags, exclude=excluded)
+        instance. ``adapters`` rank as in ``pick``."""
+        adapters = tuple(adapters)
+        entry = self.pick(model, tags, exclude=excluded, adapters=adapters)
         if entry is not None or self.can_serve(model, tags, exclude=excluded):
             return entry
         same = [wid for wid, instance in excluded.items() if self.instance_of(wid) in ("", instance)]
-        return self.pick(model, tags, exclude=same)
+        return self.pick(model, tags, exclude=same, adapters=adapters)
 
     def only_lost_instances(self, model: str, tags: Iterable[str], excluded: dict[str, str]) -> bool:
         """True when every worker that serves ``model`` is one the job was lost on, back (healthy)
@@ -236,8 +239,10 @@ class WorkerPool:
             e.worker_id in excluded and e.state == HEALTHY and e.instance in ("", excluded[e.worker_id])
             for e in serving)
 
-    def pick(self, model: str, tags: Iterable[str] = (), exclude: Iterable[str] = ()) -> WorkerEntry | None:
-        """Warm model first, then lowest inflight/capacity, then round-robin."""
+    def pick(self, model: str, tags: Iterable[str] = (), exclude: Iterable[str] = (),
+             adapters: Iterable[str] = ()) -> WorkerEntry | None:
+        """Warm adapters first (those of the job), then warm model, then lowest inflight/capacity, then round-robin."""
+        wanted = {f"{model}:{a}" for a in adapters}
         candidates = self.eligible(model, tags, exclude)
         if not candidates:
             return None
@@ -246,9 +251,20 @@ class WorkerPool:
         order = {wid: (i - turn) % n for i, wid in enumerate(self.entries)}
 
         def rank(e: WorkerEntry):
-            return (0 if model in e.loaded_models else 1, e.inflight / e.capacity, order[e.worker_id])
+            warm = len(wanted - set(e.health.loaded_adapters if e.health else ()))
+            return (warm, 0 if model in e.loaded_models else 1, e.inflight / e.capacity, order[e.worker_id])
 
         return min(candidates, key=rank)
+
+    def reason(self, entry: WorkerEntry, model: str, adapters: Iterable[str] = ()) -> str:
+        """Why ``pick`` chose ``entry``, in words for ``job_dispatched.data.reason``."""
+        wanted = {f"{model}:{a}" for a in adapters}
+        loaded = set(entry.health.loaded_adapters if entry.health else ())
+        if wanted and wanted <= loaded:
+            return "warm adapter"
+        if model in entry.loaded_models:
+            return "warm model"
+        return "least loaded"
 
     def acquire(self, entry: WorkerEntry) -> None:
         entry.inflight += 1

@@ -22,6 +22,7 @@ from omnirt.engine.base import RunOutcome
 from omnirt.store.artifacts import RedisArtifactStore
 from omnirt.store.base import NewEvent, StoreUnavailable
 from omnirt.store.outcomes import record_terminal, store_outputs
+from omnirt.store.previews import store_preview
 from omnirt.tasks import Tasks
 
 LEASE_TTL_S = 10.0
@@ -82,11 +83,10 @@ class StoreRecorder:
             return
         entry.index += 1
         index = entry.index
-        new = NewEvent(event, stage, data)
-
         async def write():
             if entry.known:
-                await self.store.append_worker_event(job_id, entry.attempt, index, new)
+                stored = await store_preview(self.artifacts, data)
+                await self.store.append_worker_event(job_id, entry.attempt, index, NewEvent(event, stage, stored))
 
         self._queue(entry, write())
 

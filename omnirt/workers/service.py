@@ -92,7 +92,9 @@ class StoreStep(Step):
         try:
             store = RedisJobStore(self.reactor, url=self.config.redis_url, namespace=self.config.redis_namespace,
                                   retention_s=self.config.job_retention_s,
-                                  gateway_id=f"worker-{self.config.worker_id}")
+                                  gateway_id=f"worker-{self.config.worker_id}",
+                                  min_replicas=self.config.redis_min_replicas,
+                                  wait_timeout_s=self.config.redis_wait_timeout_s)
         except ValueError as exc:
             raise StartupError(f"bad --redis-url: {exc}") from None
         try:
@@ -323,7 +325,7 @@ def make_worker_service(config: WorkerConfig, reactor: Any, *, engine: Any = Non
         try:
             engine = Engine(backend=config.backend, pipeline_cache_size=config.pipeline_cache_size,
                             model_paths=config.model_paths or None, worker_id=config.worker_id,
-                            max_concurrency=config.max_concurrency)
+                            max_concurrency=config.max_concurrency, adapter_dirs=config.adapter_dirs)
         except (ValueError, OSError) as exc:
             raise StartupError(f"cannot start the engine: {exc}") from None
     metrics = WorkerMetrics()

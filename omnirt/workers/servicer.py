@@ -238,6 +238,6 @@ def build_server(core: WorkerCore, heartbeat_s: float = 1.0) -> grpc.aio.Server:
 
 def health_json(health: WorkerHealth) -> bytes:
     body = dataclasses.asdict(health)
-    for key in ("models", "loaded_models", "tags"):
+    for key in ("models", "loaded_models", "loaded_adapters", "tags"):
         body[key] = list(body[key])
     return json.dumps(body, separators=(",", ":")).encode()

@@ -96,12 +96,14 @@ def request_to_pb(request: GenerateRequest) -> pb.GenerateRequest:
         backend=request.backend,
         inputs=json_map(request.inputs),
         config=json_map(request.config),
-        adapters=[pb.AdapterRef(kind=a.kind, path=a.path, scale=a.scale) for a in request.adapters or ()],
+        adapters=[pb.AdapterRef(kind=a.kind, path=a.path or "", name=a.name or "", scale=a.scale)
+                  for a in request.adapters or ()],
     )
 
 
 def request_from_pb(message: pb.GenerateRequest) -> GenerateRequest:
-    adapters = [AdapterRef(kind=a.kind or "lora", path=a.path, scale=a.scale) for a in message.adapters]
+    adapters = [AdapterRef(kind=a.kind or "lora", path=a.path or None, name=a.name or None, scale=a.scale)
+                for a in message.adapters]
     try:
         return GenerateRequest(
             task=message.task,
@@ -340,6 +342,7 @@ def health_to_pb(health: WorkerHealth) -> pb.HealthResponse:
         capacity=health.capacity,
         models=list(health.models),
         loaded_models=list(health.loaded_models),
+        loaded_adapters=list(health.loaded_adapters),
         backend=health.backend,
         tags=list(health.tags),
         draining=health.draining,
@@ -359,6 +362,7 @@ def health_from_pb(message: pb.HealthResponse) -> WorkerHealth:
         capacity=message.capacity or 1,
         models=tuple(message.models),
         loaded_models=tuple(message.loaded_models),
+        loaded_adapters=tuple(message.loaded_adapters),
         backend=message.backend,
         tags=tuple(message.tags),
         draining=message.draining or state == "draining",

@@ -20,6 +20,7 @@ from twisted.web.client import HTTPConnectionPool
 
 from omnirt.contract import GenerateRequest
 from omnirt.engine.engine import Engine
+from omnirt.registry import CONFIG_KEYS
 from omnirt.workers.base import WorkerJob
 from omnirt.workers.local import LocalWorkerConnection
 from tests.support.fakes import tiny_png
@@ -302,6 +303,9 @@ class TinySDXLRemoteTests(Topology):
         self.addCleanup(engine.close)
         conn = LocalWorkerConnection(engine, reactor, worker_id="local")
         self.addCleanup(conn.close)
+        # the resolved request config (seed included); the run report's facts (adapter_switch,
+        # memory_techniques...) that share config_resolved are not request config
+        resolved = {k: v for k, v in result["metadata"]["config_resolved"].items() if k in CONFIG_KEYS}
         outcome = yield conn.run(WorkerJob("local-1", GenerateRequest.model_validate(
-            {**request, "backend": "cpu", "config": result["metadata"]["config_resolved"]})), lambda u: None)
+            {**request, "backend": "cpu", "config": resolved})), lambda u: None)
         self.assertEqual(outcome.blobs[0], remote_png)

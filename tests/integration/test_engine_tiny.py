@@ -9,7 +9,14 @@ from pathlib import Path
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from omnirt.backends import probe
-from omnirt.models.tiny import COMPLETE_MARKER, MODEL_IDS, build_tiny, is_complete
+from omnirt.models.tiny import (
+    ADAPTER_DIR,
+    COMPLETE_MARKER,
+    MODEL_IDS,
+    build_tiny,
+    is_complete,
+    tiny_adapter_name,
+)
 from tests.support.procs import REPO_ROOT, omnirt_argv
 from tests.support.tiny import tiny_model_paths
 
@@ -31,7 +38,14 @@ class MakeTinyTests(SynchronousTestCase):
         for proc, (out, err) in zip(procs, outputs, strict=True):
             self.assertEqual(proc.returncode, 0, err[-2000:])
             self.assertEqual(set(json.loads(out)["model_paths"]), set(MODEL_IDS))
-        self.assertEqual(sorted(p.name for p in target.iterdir()), sorted(MODEL_IDS))  # no temp folders left
+            self.assertEqual(json.loads(out)["adapter_dir"], str(target / ADAPTER_DIR))
+        # no temp folders left
+        self.assertEqual(sorted(p.name for p in target.iterdir()), sorted([*MODEL_IDS, ADAPTER_DIR]))
+        reference_adapters = Path(tiny_model_paths()[MODEL_IDS[0]]).parent / ADAPTER_DIR
+        for model_id in MODEL_IDS:  # one tiny LoRA per model, reproducible, nothing else in the folder
+            name = f"{tiny_adapter_name(model_id)}.safetensors"
+            self.assertEqual((target / ADAPTER_DIR / name).read_bytes(), (reference_adapters / name).read_bytes())
+        self.assertEqual(len(list((target / ADAPTER_DIR).iterdir())), len(MODEL_IDS))
         reference = tiny_model_paths()
         for model_id in MODEL_IDS:
             built = target / model_id

@@ -379,6 +379,98 @@ class RedisStoreTests(_RedisStores, unittest.TestCase):
         self.redis.command("SELECT", 3)  # a fresh connection per command: just proves SELECT works
 
 
+class LeaseFenceTests(_RedisStores, unittest.TestCase):
+    """Leases fenced by the store's own clock (Redis TIME in lease.lua / live.lua)."""
+
+    def setUp(self):
+        self.redis = start_redis(self)
+
+    @inlineCallbacks
+    def test_store_pause_longer_than_the_lease_is_not_a_dead_gateway(self):
+        """Redis unavailable (SIGSTOP) for longer than the lease TTL: both gateways' leases ran
+        out in store time, but the first refresh afterwards sees that NOBODY could refresh and
+        fences: gateway B still counts as live to A (its jobs are not adopted) until B has had a
+        full lease to refresh; a gateway that really stopped refreshing is dropped after that."""
+        store_a = yield self.open_store(gateway_id="a", call_timeout_s=0.5)
+        store_b = yield self.open_store(gateway_id="b", call_timeout_s=0.5)
+        ttl = 1.0
+        yield d(store_a.refresh_lease("a", ttl))
+        yield d(store_b.refresh_lease("b", ttl))
+        self.assertEqual((yield d(store_a.live_gateways())), {"a", "b"})
+        self.redis.pause()
+        yield sleep(ttl * 1.6)
+        self.redis.resume()
+        yield d(store_a.refresh_lease("a", ttl))  # a's lease loop gets there first
+        self.assertEqual((yield d(store_a.live_gateways())), {"a", "b"})
+        # b never refreshes again (it died during the outage): after the fence it is dead
+        deadline = time.monotonic() + ttl * 3
+        live = {"b"}
+        while "b" in live and time.monotonic() < deadline:
+            yield sleep(ttl / 3)
+            yield d(store_a.refresh_lease("a", ttl))
+            live = yield d(store_a.live_gateways())
+        self.assertEqual(live, {"a"})
+
+    @inlineCallbacks
+    def test_fence_holds_when_a_longer_lease_refreshes_first(self):
+        """A worker's lease (TTL 10 s) refreshed first after the pause does not hide the gap
+        from gateways with a shorter TTL: the fence follows the shortest TTL and lasts the
+        longest, so gateway B (TTL 1 s) is still live to A."""
+        store = yield self.open_store(gateway_id="a", call_timeout_s=0.5)
+        ttl = 1.0
+        yield d(store.refresh_lease("worker-w1", 10.0))
+        yield d(store.refresh_lease("a", ttl))
+        yield d(store.refresh_lease("b", ttl))
+        self.redis.pause()
+        yield sleep(ttl * 1.6)
+        self.redis.resume()
+        yield d(store.refresh_lease("worker-w1", 10.0))
+        yield d(store.refresh_lease("a", ttl))
+        self.assertEqual((yield d(store.live_gateways())), {"a", "b", "worker-w1"})
+
+    @inlineCallbacks
+    def test_without_a_store_pause_an_expired_lease_is_dead(self):
+        """While the store answers and others refresh, a gateway whose lease ran out is not
+        live (no fence without a gap in the store's refreshes)."""
+        store = yield self.open_store(gateway_id="a")
+        ttl = 0.6
+        yield d(store.refresh_lease("a", ttl))
+        yield d(store.refresh_lease("b", ttl))
+        for _ in range(5):
+            yield sleep(ttl / 3)
+            yield d(store.refresh_lease("a", ttl))
+        self.assertEqual((yield d(store.live_gateways())), {"a"})
+
+
+class StoreIdentityTests(_RedisStores, unittest.TestCase):
+    def setUp(self):
+        self.redis = start_redis(self)
+
+    @inlineCallbacks
+    def test_a_store_that_comes_back_empty_is_detected(self):
+        """Redis loses its data (FLUSHALL stands for a restart without persistence): the next
+        lease refresh of every store notices the missing identity, counts one reset and says so
+        in ``status()``; a store that connected after the loss (and wrote a new identity) makes
+        an older store detect it too; refreshes after that are quiet again."""
+        a = yield self.open_store(gateway_id="a")
+        yield d(a.refresh_lease("a", 5.0))
+        self.assertEqual(a.resets, 0)
+        self.assertNotIn("resets", a.status())
+        self.redis.command("FLUSHALL")
+        b = yield self.open_store(gateway_id="b")  # writes a fresh identity
+        yield d(b.refresh_lease("b", 5.0))
+        self.assertEqual(b.resets, 0)
+        yield d(a.refresh_lease("a", 5.0))
+        self.assertEqual(a.resets, 1)
+        self.assertIn("came back without its data", a.status()["last_reset"])
+        yield d(a.refresh_lease("a", 5.0))
+        self.assertEqual((a.resets, a.identity), (1, b.identity))
+        self.redis.command("FLUSHALL")
+        yield d(b.refresh_lease("b", 5.0))
+        yield d(a.refresh_lease("a", 5.0))
+        self.assertEqual((a.resets, b.resets), (2, 1))
+
+
 class RedisTLSTests(_RedisStores, unittest.TestCase):
     @inlineCallbacks
     def test_rediss_url_with_ca(self):

@@ -91,6 +91,8 @@ class ControlledWorker:
         self.closed = False
         #: jobs refused at admission (full or closed), by id
         self.refused_ids: list[str] = []
+        #: LoRA adapters this fake reports loaded ("<model>:<name>")
+        self.loaded_adapters: tuple[str, ...] = ()
 
     def run(self, job, on_update) -> Deferred:
         if self.closed:
@@ -130,7 +132,7 @@ class ControlledWorker:
             return Deferred.fromCoroutine(_raise(ConnectionError("refused")))
         return succeed(WorkerHealth(ok=True, worker_id=self.worker_id, state="ready", inflight=len(self.calls),
                                     capacity=self.capacity, models=self.models, loaded_models=self.loaded,
-                                    tags=self.tags))
+                                    loaded_adapters=self.loaded_adapters, tags=self.tags))
 
     def close(self) -> Deferred:
         self.closed = True

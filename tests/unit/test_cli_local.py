@@ -202,7 +202,7 @@ class ModelsTests(SynchronousTestCase):
         self.assertEqual(status, 0)
         lines = out.splitlines()
         self.assertEqual(len(lines), 2)
-        self.assertEqual(lines[0].split()[:4], ["sdxl-base-1.0", "text2image,image2image", "adjacent", "available"])
+        self.assertEqual(lines[0].split()[:4], ["sdxl-base-1.0", "text2image,image2image,inpaint", "adjacent", "available"])
         status, out, _ = cli("models", "--tier", "experimental")
         self.assertEqual((status, out), (0, ""))
         status, _, err = cli("models", "--tier", "gold")

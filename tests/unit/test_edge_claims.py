@@ -262,12 +262,19 @@ class ArtifactExpiryTests(EdgeTestCase):
     """Output files on disk go with the jobs that name them (memory store + disk artifact store)."""
 
     @inlineCallbacks
-    def finished_job(self, blob):
+    def finished_job(self, blob, preview: bytes | None = None, *, record_of=False):
         job = yield self.h.submit()
         worker = self.h.worker()
         yield wait_for(lambda: ensureDeferred(_true(any(c.job.job_id == job["id"] for c in worker.calls))))
         call = worker.call_for(job["id"])
         call.start()
+        if preview is not None:  # a step preview, as a worker sends it: bytes in the progress event
+            import base64
+
+            from omnirt.workers.base import WorkerUpdate
+
+            call.on_update(WorkerUpdate("stage_progress", "denoise", {
+                "step": 1, "total": 2, "preview_b64": base64.b64encode(preview).decode(), "preview_mime": "image/png"}))
         call.succeed(blob)
 
         def done():
@@ -276,7 +283,7 @@ class ArtifactExpiryTests(EdgeTestCase):
             return d
 
         record = yield wait_for(done)
-        return record.result.outputs[0].sha256
+        return record if record_of else record.result.outputs[0].sha256
 
     @inlineCallbacks
     def artifact_code(self, sha):
@@ -300,6 +307,23 @@ class ArtifactExpiryTests(EdgeTestCase):
         yield self.expire_after(self.h.store.retention_s - 10)
         self.assertEqual((yield self.artifact_code(sha)), 200)
         yield self.expire_after(20)
+        self.assertEqual((yield self.artifact_code(sha)), 404)
+        self.assertEqual([p for p in self.h.artifacts.directory.rglob("*") if p.is_file()], [])
+
+    @inlineCallbacks
+    def test_step_previews_expire_with_their_job(self):
+        """A step preview the worker sent is stored as an artifact the job's event names
+        (preview_sha256); when the job expires the preview file goes too and its URL is a 404."""
+        from tests.support.fakes import tiny_png
+
+        record = yield self.finished_job(tiny_png((1, 2, 3)), preview=tiny_png((7, 7, 7)), record_of=True)
+        previews = [e.data for e in record.events if "preview_sha256" in e.data]
+        self.assertEqual(len(previews), 1, record.events)
+        self.assertNotIn("preview_b64", previews[0])
+        sha = previews[0]["preview_sha256"]
+        self.assertEqual(previews[0]["preview_url"], f"/v1/artifacts/{sha}")
+        self.assertEqual((yield self.artifact_code(sha)), 200)
+        yield self.expire_after(self.h.store.retention_s + 10)
         self.assertEqual((yield self.artifact_code(sha)), 404)
         self.assertEqual([p for p in self.h.artifacts.directory.rglob("*") if p.is_file()], [])
 

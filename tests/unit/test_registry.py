@@ -6,6 +6,8 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from omnirt.contract import GenerateRequest, ModelTierForbidden, RequestInvalid, UnknownModel
 from omnirt.registry import (
+    MAX_ADAPTER_SCALE,
+    MAX_ADAPTERS,
     MAX_IMAGES,
     MAX_SIDE,
     MAX_STEPS,
@@ -19,10 +21,12 @@ from omnirt.registry import (
 )
 
 
-def make(task="text2image", model="sdxl-base-1.0", backend="auto", inputs=None, config=None) -> GenerateRequest:
+def make(task="text2image", model="sdxl-base-1.0", backend="auto", inputs=None, config=None,
+         adapters=None) -> GenerateRequest:
     if inputs is None:
         inputs = {"prompt": "a lighthouse"} if task == "text2image" else {"prompt": "x", "image": "aGVsbG8="}
-    return GenerateRequest(task=task, model=model, backend=backend, inputs=inputs, config=config or {})
+    return GenerateRequest(task=task, model=model, backend=backend, inputs=inputs, config=config or {},
+                           adapters=adapters)
 
 
 class ListingTests(SynchronousTestCase):
@@ -75,6 +79,8 @@ class MergeOrderTests(SynchronousTestCase):
         self.assertEqual(config["num_inference_steps"], PRESETS["fast"]["num_inference_steps"])
         self.assertEqual(config["guidance_scale"], 3.0)
         self.assertEqual(resolve_request(make(config={"preset": "low-vram"})).config["dtype"], "fp16")
+        low = resolve_request(make(config={"preset": "low-vram"})).config
+        self.assertEqual((low["memory_mode"], low["num_inference_steps"]), ("low-vram", 30))  # steps untouched
         user = resolve_request(make(config={"preset": "low-vram", "dtype": "fp32", "num_inference_steps": 5}))
         self.assertEqual((user.config["dtype"], user.config["num_inference_steps"]), ("fp32", 5))
 
@@ -96,7 +102,11 @@ class MergeOrderTests(SynchronousTestCase):
 PROBLEM_CASES = [
     ("task not served", make(model="sdxl-refiner-1.0"), ("task",), "does not serve"),
     ("unknown backend", make(backend="tpu"), ("backend",), "unknown backend"),
-    ("unknown input key", make(inputs={"prompt": "p", "mask": "x"}), ("inputs", "mask"), "unknown input key"),
+    ("unknown input key", make(inputs={"prompt": "p", "depth": "x"}), ("inputs", "depth"), "unknown input key"),
+    ("mask on text2image", make(inputs={"prompt": "p", "mask": "x"}), ("inputs", "mask"), "takes no input mask"),
+    ("inpaint without mask", make(task="inpaint", inputs={"prompt": "p", "image": "aGk="}), ("inputs", "mask"), "needs an input mask"),
+    ("inpaint mask wrong type", make(task="inpaint", inputs={"image": "aGk=", "mask": 3}), ("inputs", "mask"), "base64 string"),
+    ("inpaint on refiner", make(task="inpaint", model="sdxl-refiner-1.0", inputs={"image": "aGk=", "mask": "aGk="}), ("task",), "does not serve"),
     ("unknown config key", make(config={"steps": 3}), ("config", "steps"), "unknown config key"),
     ("missing prompt", make(inputs={}), ("inputs", "prompt"), "non-empty prompt"),
     ("blank prompt", make(inputs={"prompt": "   "}), ("inputs", "prompt"), "non-empty prompt"),
@@ -127,6 +137,26 @@ PROBLEM_CASES = [
     ("strength above one", make(task="image2image", config={"strength": 1.5}), ("config", "strength"), "(0, 1]"),
     ("steps x strength < 1", make(task="image2image", config={"num_inference_steps": 2, "strength": 0.3}), ("config", "strength"), "at least 1"),
     ("strength on text2image", make(config={"strength": 0.5}), ("config", "strength"), "only applies to image2image"),
+    ("preview_every negative", make(config={"preview_every": -1}), ("config", "preview_every"), "from 0 (off)"),
+    ("preview_every float", make(config={"preview_every": 2.5}), ("config", "preview_every"), "from 0 (off)"),
+    ("refiner not object", make(config={"refiner": "sdxl-refiner-1.0"}), ("config", "refiner"), "must be an object"),
+    ("refiner unknown model", make(config={"refiner": {"model": "nope"}}), ("config", "refiner", "model"), "sdxl-refiner-1.0"),
+    ("refiner is the base", make(config={"refiner": {"model": "sdxl-base-1.0"}}), ("config", "refiner", "model"), "must be one of"),
+    ("refiner switch 0", make(config={"refiner": {"model": "sdxl-refiner-1.0", "switch_at": 0}}), ("config", "refiner", "switch_at"), "strictly between"),
+    ("refiner switch 1", make(config={"refiner": {"model": "sdxl-refiner-1.0", "switch_at": 1.0}}), ("config", "refiner", "switch_at"), "strictly between"),
+    ("refiner extra key", make(config={"refiner": {"model": "sdxl-refiner-1.0", "steps": 3}}), ("config", "refiner", "steps"), "unknown refiner key"),
+    ("refiner on image2image", make(task="image2image", config={"refiner": {"model": "sdxl-refiner-1.0"}}), ("config", "refiner"), "after a text2image"),
+    ("unknown memory mode", make(config={"memory_mode": "tiny"}), ("config", "memory_mode"), "unknown memory_mode"),
+    ("adapter kind", make(adapters=[{"kind": "hypernetwork", "name": "a"}]), ("adapters", 0, "kind"), "unknown adapter kind"),
+    ("adapter name and path", make(adapters=[{"name": "a", "path": "/x/a.safetensors"}]), ("adapters", 0, "name"), "exactly one"),
+    ("adapter neither", make(adapters=[{"scale": 1.0}]), ("adapters", 0, "name"), "exactly one"),
+    ("adapter name with folder", make(adapters=[{"name": "../etc/a"}]), ("adapters", 0, "name"), "plain file name"),
+    ("adapter hidden name", make(adapters=[{"name": ".a"}]), ("adapters", 0, "name"), "plain file name"),
+    ("adapter empty path", make(adapters=[{"path": ""}]), ("adapters", 0, "path"), "non-empty"),
+    ("adapter scale high", make(adapters=[{"name": "a", "scale": MAX_ADAPTER_SCALE + 0.5}]), ("adapters", 0, "scale"), "scale must be"),
+    ("adapter scale nan", make(adapters=[{"name": "a", "scale": float("nan")}]), ("adapters", 0, "scale"), "scale must be"),
+    ("adapter twice", make(adapters=[{"name": "a"}, {"name": "a", "scale": 0.5}]), ("adapters", 1), "listed twice"),
+    ("too many adapters", make(adapters=[{"name": f"a{i}"} for i in range(MAX_ADAPTERS + 1)]), ("adapters",), f"at most {MAX_ADAPTERS}"),
 ]
 
 
@@ -143,13 +173,13 @@ class ValidationTests(SynchronousTestCase):
         """A request breaking many rules gets every problem in one error, not just the first."""
         request = make(
             backend="tpu",
-            inputs={"prompt": "", "mask": 1},
+            inputs={"prompt": "", "depth": 1},
             config={"width": 7, "height": 4096, "num_inference_steps": 0, "scheduler": "x", "seed": -3, "zzz": 1},
         )
         exc = self.assertRaises(RequestInvalid, resolve_request, request)
         locs = [p.loc for p in exc.problems]
         expected = [
-            ("backend",), ("inputs", "mask"), ("config", "zzz"), ("inputs", "prompt"), ("config", "width"),
+            ("backend",), ("inputs", "depth"), ("config", "zzz"), ("inputs", "prompt"), ("config", "width"),
             ("config", "height"), ("config", "num_inference_steps"), ("config", "seed"), ("config", "scheduler"),
         ]
         self.assertEqual(sorted(locs), sorted(expected))
@@ -162,3 +192,6 @@ class ValidationTests(SynchronousTestCase):
                                      "num_images_per_prompt": MAX_IMAGES, "stub_step_delay_ms": 0}))
         resolve_request(make(task="image2image", config={"num_inference_steps": 1, "strength": 1.0}))
         resolve_request(make(task="image2image", inputs={"image": {"artifact": "ab" * 32}}))
+        self.assertEqual(resolve_request(make(config={"refiner": {"model": "sdxl-refiner-1.0"}})).config["refiner"],
+                         {"model": "sdxl-refiner-1.0", "switch_at": 0.8})
+        resolve_request(make(adapters=[{"name": "a", "scale": -MAX_ADAPTER_SCALE}, {"path": "/x/b", "scale": 0}]))

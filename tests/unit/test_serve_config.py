@@ -58,3 +58,58 @@ class GatewayConfigTests(unittest.TestCase):
                 parse(*argv)
             self.assertIn(words, str(caught.exception))
             self.assertNotIn("\n", str(caught.exception))
+
+    def test_adapter_dirs(self):
+        """--adapter-dir folders land resolved in the gateway's and the worker's config; one that is
+        not a folder is a one-line error naming the flag, on both commands."""
+        from omnirt.config.worker import ConfigError as WorkerConfigError
+        from omnirt.config.worker import WorkerConfig
+
+        folder = self.mktemp()
+        os.makedirs(folder)
+        self.assertEqual(parse("--adapter-dir", folder).adapter_dirs, (os.path.realpath(folder),))
+        worker = WorkerConfig.from_args(build_parser().parse_args(["worker", "--adapter-dir", folder]))
+        self.assertEqual(worker.adapter_dirs, (os.path.realpath(folder),))
+        with self.assertRaises(ConfigError) as caught:
+            parse("--adapter-dir", "/nonexistent/loras")
+        self.assertEqual(str(caught.exception), "--adapter-dir '/nonexistent/loras' is not a folder")
+        with self.assertRaises(WorkerConfigError):
+            WorkerConfig.from_args(build_parser().parse_args(["worker", "--adapter-dir", "/nonexistent/loras"]))
+
+    def test_adapter_dir_without_local_engine_is_reported(self):
+        """--adapter-dir on a gateway with only remote workers is not silently ignored: a warning says so."""
+        folder = self.mktemp()
+        os.makedirs(folder)
+        config = parse("--adapter-dir", folder, "--remote-worker", "w1=127.0.0.1:50061")
+        self.assertFalse(config.local_worker)
+        self.assertTrue(any("--adapter-dir is ignored" in w for w in config.warnings), config.warnings)
+        config = parse("--adapter-dir", folder, "--remote-worker", "w1=127.0.0.1:50061", "--local-worker")
+        self.assertFalse(any("--adapter-dir" in w for w in config.warnings), config.warnings)
+
+    def test_high_availability_flags_reach_both_configs(self):
+        """--redis-sentinel/--redis-master-name fold into a redis+sentinel:// URL, and
+        --redis-min-replicas/--redis-wait-timeout-s land in the serve and the worker config alike;
+        bad combinations are a ConfigError (one line) naming the flag, on both commands."""
+        from omnirt.config.worker import ConfigError as WorkerConfigError
+        from omnirt.config.worker import WorkerConfig
+
+        argv = ["--redis-sentinel", "127.0.0.1:26379", "--redis-sentinel", "127.0.0.1:26380",
+                "--redis-master-name", "omnirt", "--redis-min-replicas", "1", "--redis-wait-timeout-s", "0.5"]
+        worker = WorkerConfig.from_args(build_parser().parse_args(["worker", *argv]))
+        for config in (parse(*argv), worker):
+            self.assertEqual((config.redis_url, config.redis_min_replicas, config.redis_wait_timeout_s),
+                             ("redis+sentinel://127.0.0.1:26379,127.0.0.1:26380/omnirt", 1, 0.5))
+        plain = parse("--redis-url", "redis://127.0.0.1:6379/0")
+        self.assertEqual((plain.redis_url, plain.redis_min_replicas, plain.redis_wait_timeout_s),
+                         ("redis://127.0.0.1:6379/0", 0, 1.0))
+        self.assertIsNone(parse().redis_url)
+        for bad, words in [(["--redis-min-replicas", "1"], "--redis-min-replicas needs a Redis store"),
+                           (["--redis-sentinel", "127.0.0.1:26379"], "--redis-sentinel needs --redis-master-name"),
+                           (["--redis-url", "redis://h/0", "--redis-wait-timeout-s", "0"],
+                            "--redis-wait-timeout-s must be > 0")]:
+            with self.assertRaises(ConfigError) as caught:
+                parse(*bad)
+            self.assertIn(words, str(caught.exception))
+            with self.assertRaises(WorkerConfigError) as caught:
+                WorkerConfig.from_args(build_parser().parse_args(["worker", *bad]))
+            self.assertIn(words, str(caught.exception))

@@ -47,7 +47,7 @@ class FieldNumberTests(SynchronousTestCase):
         """Every message of API.md keeps its field numbers and the package/service names."""
         self.assertEqual(pb.DESCRIPTOR.package, "omnirt.worker")
         self.assertEqual(self.fields(pb.JsonMap), {"json": 1})
-        self.assertEqual(self.fields(pb.AdapterRef), {"kind": 1, "path": 2, "scale": 3})
+        self.assertEqual(self.fields(pb.AdapterRef), {"kind": 1, "path": 2, "scale": 3, "name": 4})
         self.assertEqual(
             self.fields(pb.GenerateRequest),
             {"task": 1, "model": 2, "backend": 3, "inputs": 4, "config": 5, "adapters": 6},
@@ -70,7 +70,8 @@ class FieldNumberTests(SynchronousTestCase):
         health = self.fields(pb.HealthResponse)
         for number, name in enumerate(
             ["ok", "worker_id", "state", "model_loaded", "queue_depth", "inflight", "last_error", "gpu_mem_used_gb",
-             "capacity", "models", "loaded_models", "backend", "tags", "draining", "version"],
+             "capacity", "models", "loaded_models", "backend", "tags", "draining", "version", "instance_id",
+             "loaded_adapters"],
             start=1,
         ):
             self.assertEqual(health[name], number, name)

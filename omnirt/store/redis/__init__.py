@@ -31,10 +31,21 @@ a live subscriber and fans entries out in-process; subscribers never cost a conn
 
 Modules: ``url`` (targets), ``scripts`` + ``lua/`` (the Lua scripts), ``codec`` (records and
 events), ``connection`` (handshake, TLS, reconnects, deadlines), ``reader`` (the blocking stream
-reader and subscriptions), ``outbox`` (the webhook outbox calls), ``store`` (the JobStore).
+reader and subscriptions), ``outbox`` (the webhook outbox calls), ``sentinel`` (finding and
+following the master through Redis Sentinel), ``options`` (the high-availability CLI flags),
+``store`` (the JobStore).
 """
 
-from omnirt.store.redis.store import RedisJobStore
-from omnirt.store.redis.url import RedisTarget, parse_redis_url
+from omnirt.store.redis.url import RedisTarget, SentinelTarget, parse_redis_url, parse_store_url
 
-__all__ = ["RedisJobStore", "RedisTarget", "parse_redis_url"]
+__all__ = ["RedisJobStore", "RedisTarget", "SentinelTarget", "parse_redis_url", "parse_store_url"]
+
+
+def __getattr__(name: str):
+    # the store imports txredisapi, which imports the global reactor: only on first use, so the
+    # CLI (``options``, ``url``) can be imported before the asyncio reactor is installed
+    if name == "RedisJobStore":
+        from omnirt.store.redis.store import RedisJobStore
+
+        return RedisJobStore
+    raise AttributeError(name)

@@ -62,6 +62,15 @@ class _HandshakeProtocol(txredisapi.RedisProtocol):
                     raise reply
             if name:
                 yield self.execute_command("CLIENT", "SETNAME", name)
+            monitor = getattr(self.factory, "omnirt_monitor", None)
+            if monitor is not None and getattr(self.factory, "omnirt_master_only", False):
+                # Sentinel may still name a node that has just been demoted (or not yet promoted)
+                role = yield self.execute_command("ROLE")
+                if not role or role[0] != "master":
+                    monitor.not_master(self.transport.getPeer())
+                    self.transport.abortConnection()
+                    return None
+                monitor.confirmed(self.transport.getPeer())
         except Exception as exc:
             text = str(exc)
             if isinstance(exc, txredisapi.ResponseError) and any(m in text for m in _FATAL_HANDSHAKE):
@@ -76,6 +85,12 @@ class _HandshakeProtocol(txredisapi.RedisProtocol):
         self._waiting_for_connect, waiting = [], self._waiting_for_connect
         for d in waiting:
             d.callback(self)
+
+    def connectionLost(self, why):
+        monitor = getattr(self.factory, "omnirt_monitor", None)
+        if monitor is not None and getattr(self.factory, "omnirt_master_only", False) and self.connected:
+            monitor.lost("connection to the master lost")
+        return super().connectionLost(why)
 
 
 def _tls_creator(target: RedisTarget):
@@ -115,14 +130,18 @@ class Connection:
     from the caller (``Deferred.addTimeout``); txredisapi's own reply timer drops a stuck link so
     the factory makes it again (50-100 ms doubling to 1 s, instead of its 1 s → 10 s)."""
 
-    def __init__(self, target: RedisTarget, endpoint: IStreamClientEndpoint, name: str, reply_timeout_s: float):
+    def __init__(self, target: RedisTarget, endpoint: IStreamClientEndpoint, name: str | None, reply_timeout_s: float,
+                 *, protocol: type[txredisapi.RedisProtocol] | None = None, monitor=None, master_only: bool = False):
         self.factory = txredisapi.RedisFactory(
             target.address, target.db, 1, isLazy=True, handler=txredisapi.ConnectionHandler,
             charset="utf-8", password=target.password, replyTimeout=reply_timeout_s,
             convertNumbers=False, username=target.username,
         )
-        self.factory.protocol = _HandshakeProtocol
+        self.factory.protocol = protocol or _HandshakeProtocol
         self.factory.omnirt_client_name = name
+        #: a Sentinel monitor: told when this connection finds (or does not find) the master
+        self.factory.omnirt_monitor = monitor
+        self.factory.omnirt_master_only = master_only
         self.factory.initialDelay = 0.1
         self.factory.factor = 2.0
         self.factory.maxDelay = 1.0
@@ -143,3 +162,10 @@ class Connection:
 
     def disconnect(self) -> Deferred:
         return self.factory.disconnect()
+
+    def drop(self) -> None:
+        """Close the live connection(s) so that the factory reconnects (to a new master): calls
+        waiting on them errback, later calls wait for the new connection."""
+        for proto in list(self.factory.pool):
+            if proto.transport is not None:
+                proto.transport.abortConnection()

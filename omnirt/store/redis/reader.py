@@ -168,7 +168,7 @@ class StreamReader:
                 if self._stopped:
                     return
                 if not failures:
-                    log.msg(f"redis event reader ({store.target.address}): {describe(exc)}; retrying")
+                    log.msg(f"redis event reader ({store.address}): {describe(exc)}; retrying")
                 self._backoff = deferLater(store._clock, retry_delay(failures))
                 failures += 1
                 try:
@@ -180,7 +180,7 @@ class StreamReader:
                 continue
             self._inflight = None
             if failures:
-                log.msg(f"redis event reader ({store.target.address}): reading again")
+                log.msg(f"redis event reader ({store.address}): reading again")
             failures = 0
             for key, entries in reply or ():
                 if key == self._wake_key:

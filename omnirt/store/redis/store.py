@@ -20,7 +20,15 @@ from twisted.python import log
 
 from omnirt.contract import ALLOWED_TRANSITIONS, IllegalTransition, JobEvent, JobRecord, JobState
 from omnirt.store import upstream_format
-from omnirt.store.base import EventCallback, JobNotFound, JobStore, NewEvent, StoreUnavailable, Subscription
+from omnirt.store.base import (
+    EventCallback,
+    JobNotFound,
+    JobStore,
+    NewEvent,
+    NotReplicated,
+    StoreUnavailable,
+    Subscription,
+)
 from omnirt.store.redis.codec import (
     STATE_NAMES,
     arr,
@@ -35,14 +43,21 @@ from omnirt.store.redis.connection import UNAVAILABLE_REPLIES, Connection, descr
 from omnirt.store.redis.outbox import RedisOutbox
 from omnirt.store.redis.reader import RedisSubscription, StreamReader
 from omnirt.store.redis.scripts import load_scripts
-from omnirt.store.redis.url import parse_redis_url
+from omnirt.store.redis.sentinel import MasterEndpoint, SentinelMonitor
+from omnirt.store.redis.url import SentinelTarget, parse_store_url
 
 __all__ = ["RedisJobStore"]
 
 
 class RedisJobStore(RedisOutbox, JobStore):
     """JobStore on Redis; see the module docstring for the keys. ``clock`` is the reactor (time,
-    call deadlines, TCP). Call ``connect()`` before use and ``close()`` at the end."""
+    call deadlines, TCP). Call ``connect()`` before use and ``close()`` at the end.
+
+    ``url`` is ``redis://``, ``rediss://`` or ``redis+sentinel://`` (the master found and followed
+    through Sentinel, see ``sentinel``). With ``min_replicas`` N > 0 a job's creation and its
+    terminal transition are followed by ``WAIT N wait_timeout_s``: a create that fewer replicas
+    acknowledged is removed again and raises NotReplicated (a 503). ``metrics`` may carry
+    ``store_failovers`` and ``store_wait_timeouts`` counters."""
 
     backend_name = "redis"
     #: a claimed idempotency key whose job does not exist yet is honoured this long
@@ -59,9 +74,26 @@ class RedisJobStore(RedisOutbox, JobStore):
         retention_s: float = 86400.0,
         call_timeout_s: float = 2.0,
         gateway_id: str | None = None,
+        min_replicas: int = 0,
+        wait_timeout_s: float = 1.0,
+        metrics: Any = None,
     ):
         self._clock = clock
-        self.target = parse_redis_url(url)
+        self.target = parse_store_url(url)
+        if min_replicas < 0:
+            raise ValueError("min_replicas must be >= 0")
+        if wait_timeout_s <= 0:
+            raise ValueError("the replica acknowledgement timeout must be > 0")
+        self.min_replicas = int(min_replicas)
+        self.wait_timeout_s = float(wait_timeout_s)
+        self._metrics = metrics
+        self.wait_timeouts = 0
+        self.monitor: SentinelMonitor | None = None
+        #: the store's identity (``P store:id``); a different or missing one means Redis came back empty
+        self.identity: str | None = None
+        self.resets = 0
+        self.last_reset: str | None = None
+        self._dur: Connection | None = None
         self.namespace = namespace
         self._prefix = f"{namespace}:"
         self.retention_s = retention_s
@@ -96,39 +128,77 @@ class RedisJobStore(RedisOutbox, JobStore):
 
     def _connection(self, role: str, reply_timeout_s: float) -> Connection:
         tag = self.gateway_id or self._tag
-        endpoint = endpoint_for(self._clock, self.target, self.call_timeout_s)
-        return Connection(self.target, endpoint, f"omnirt-{tag}-{role}", reply_timeout_s)
+        name = f"omnirt-{tag}-{role}"
+        if self.monitor is None:
+            endpoint = endpoint_for(self._clock, self.target, self.call_timeout_s)
+            return Connection(self.target, endpoint, name, reply_timeout_s)
+        assert isinstance(self.target, SentinelTarget)
+        endpoint = MasterEndpoint(self._clock, self.monitor, self.call_timeout_s)
+        conn = Connection(self.target.node(self.target.master_name, 0), endpoint, name, reply_timeout_s,
+                          monitor=self.monitor, master_only=True)
+        self.monitor.follow(conn)
+        return conn
+
+    @property
+    def address(self) -> str:
+        """Where the data is now: host:port (the current master with Sentinel)."""
+        return self.monitor.address if self.monitor is not None else self.target.address
 
     def _unavailable(self, what: str, exc: BaseException) -> StoreUnavailable:
-        return StoreUnavailable(f"redis at {self.target.address}: {what}: {describe(exc)}")
+        return StoreUnavailable(f"redis at {self.address}: {what}: {describe(exc)}")
+
+    def _count(self, name: str) -> None:
+        counter = getattr(self._metrics, name, None)
+        if counter is not None:
+            counter.inc()
 
     async def connect(self) -> None:
         """Open the command connection and the event reader; StoreUnavailable if Redis cannot be
         reached (within about ``call_timeout_s``) or refuses the credentials."""
         if self._cmd is not None:
             return
-        # A plain TCP probe fails fast and clearly (refused, no route) where the reconnecting
-        # client would just keep retrying.
-        probe = HostnameEndpoint(self._clock, self.target.host, self.target.port, timeout=self.call_timeout_s)
-        try:
-            proto = await connectProtocol(probe, Protocol())
-            proto.transport.loseConnection()
-        except Exception as exc:
-            raise StoreUnavailable(f"cannot connect to redis at {self.target.address}: {exc}") from None
+        if isinstance(self.target, SentinelTarget):
+            self.monitor = SentinelMonitor(self._clock, self.target, timeout_s=self.call_timeout_s,
+                                           name=self.gateway_id or self._tag,
+                                           on_failover=lambda: self._count("store_failovers"))
+            try:
+                await self.monitor.start()
+            except StoreUnavailable as exc:
+                await self.monitor.close()
+                self.monitor = None
+                raise StoreUnavailable(f"cannot find the redis master: {exc}") from None
+        else:
+            # A plain TCP probe fails fast and clearly (refused, no route) where the reconnecting
+            # client would just keep retrying.
+            probe = HostnameEndpoint(self._clock, self.target.host, self.target.port, timeout=self.call_timeout_s)
+            try:
+                proto = await connectProtocol(probe, Protocol())
+                proto.transport.loseConnection()
+            except Exception as exc:
+                raise StoreUnavailable(f"cannot connect to redis at {self.target.address}: {exc}") from None
         # txredisapi's own reply timer (which drops a stuck connection so that it is made again)
         # runs a little shorter than our deadline on each call, so it usually fires first.
         cmd = self._cmd = self._connection("cmd", self.call_timeout_s * 0.8)
         reader_conn = self._connection("reader", StreamReader.BLOCK_MS / 1000 + self.call_timeout_s)
-        both = defer.gatherResults([cmd.ready, reader_conn.ready], consumeErrors=True)
+        conns = [cmd, reader_conn]
+        if self.min_replicas:
+            # WAIT counts the writes of its own connection and blocks it: acknowledged writes
+            # (creates, terminal transitions) get a connection of their own
+            self._dur = self._connection("durable", self.wait_timeout_s + self.call_timeout_s)
+            conns.append(self._dur)
+        both = defer.gatherResults([c.ready for c in conns], consumeErrors=True)
         both.addTimeout(self.call_timeout_s * 2, self._clock)
         try:
             await both
             await self._call("PING")
+            self.identity = str(await self._eval("identity", [], [self._prefix, uuid.uuid4().hex]))
         except Exception as exc:
-            reason = self._cmd_failure(exc, cmd, reader_conn)
-            self._cmd = None
-            await self._disconnect(cmd, reader_conn)
-            raise StoreUnavailable(f"cannot connect to redis at {self.target.address}: {reason}") from None
+            reason = self._cmd_failure(exc, *conns)
+            self._cmd = self._dur = None
+            await self._disconnect(*conns)
+            if self.monitor is not None:
+                await self.monitor.close()
+            raise StoreUnavailable(f"cannot connect to redis at {self.address}: {reason}") from None
         self._reader = StreamReader(self, reader_conn)
         self._reader.start()
 
@@ -161,20 +231,27 @@ class RedisJobStore(RedisOutbox, JobStore):
         for d in list(self._attaching):
             d.cancel()
         reader_conn = None
+        if self.monitor is not None:
+            self.monitor._closed = True
         if self._reader is not None:
             self._reader.stop()
             reader_conn = self._reader._conn
-        await self._disconnect(self._cmd, reader_conn)
+        await self._disconnect(self._cmd, reader_conn, self._dur)
+        if self.monitor is not None:
+            await self.monitor.close()
         if self._reader is not None and self._reader.loop is not None:
             await self._reader.loop
 
     # -- calls -------------------------------------------------------------------------------
 
     async def _call(self, *args) -> Any:
-        if self._cmd is None:
-            raise StoreUnavailable(f"redis at {self.target.address}: not connected")
-        d = self._cmd.execute(*args)
-        d.addTimeout(self.call_timeout_s, self._clock)
+        return await self._call_on(self._cmd, *args)
+
+    async def _call_on(self, conn: Connection | None, *args, timeout_s: float | None = None) -> Any:
+        if conn is None:
+            raise StoreUnavailable(f"redis at {self.address}: not connected")
+        d = conn.execute(*args)
+        d.addTimeout(timeout_s or self.call_timeout_s, self._clock)
         try:
             return await d
         except defer.CancelledError:
@@ -185,6 +262,8 @@ class RedisJobStore(RedisOutbox, JobStore):
             # forever. Surface every error on a later reactor turn instead.
             await deferLater(self._clock, 0)
             if isinstance(exc, txredisapi.ResponseError):
+                if self.monitor is not None and str(exc).startswith("READONLY"):
+                    self.monitor.invalidate(f"{self.address} answered READONLY (a demoted master)")
                 if str(exc).startswith(UNAVAILABLE_REPLIES):
                     raise self._unavailable(str(args[0]), exc) from None
                 if upstream_format.is_wrongtype(exc):
@@ -195,14 +274,31 @@ class RedisJobStore(RedisOutbox, JobStore):
                 raise self._unavailable(str(args[0]), exc) from None
             raise
 
-    async def _eval(self, name: str, keys: list[str], args: list[Any]) -> Any:
+    async def _eval(self, name: str, keys: list[str], args: list[Any], conn: Connection | None = None) -> Any:
         script = self._scripts[name]
+        conn = conn or self._cmd
         try:
-            return await self._call("EVALSHA", script.sha, len(keys), *keys, *args)
+            return await self._call_on(conn, "EVALSHA", script.sha, len(keys), *keys, *args)
         except txredisapi.ResponseError as exc:
             if not str(exc).startswith("NOSCRIPT"):
                 raise
-        return await self._call("EVAL", script.src, len(keys), *keys, *args)
+        return await self._call_on(conn, "EVAL", script.src, len(keys), *keys, *args)
+
+    async def _acknowledged(self, what: str) -> bool:
+        """``WAIT min_replicas`` for the writes just made on the durable connection: True when
+        enough replicas have them."""
+        try:
+            acked = await self._call_on(self._dur, "WAIT", self.min_replicas, max(1, int(self.wait_timeout_s * 1000)),
+                                        timeout_s=self.wait_timeout_s + self.call_timeout_s)
+        except StoreUnavailable as exc:
+            log.msg(f"{what}: replica acknowledgement lost: {exc}")
+            acked = 0
+        if int(acked) >= self.min_replicas:
+            return True
+        self.wait_timeouts += 1
+        self._count("store_wait_timeouts")
+        log.msg(f"{what}: {acked} of {self.min_replicas} replica(s) acknowledged within {self.wait_timeout_s:g}s")
+        return False
 
     async def find_upstream_records(self) -> str | None:
         """A one-line problem when this namespace holds upstream OmniRT 0.1 records (bounded scan),
@@ -217,7 +313,7 @@ class RedisJobStore(RedisOutbox, JobStore):
     async def ping(self) -> None:
         reply = await self._call("PING")
         if reply != "PONG":
-            raise StoreUnavailable(f"redis at {self.target.address}: unexpected PING reply")
+            raise StoreUnavailable(f"redis at {self.address}: unexpected PING reply")
 
     async def create(self, record: JobRecord, event: NewEvent) -> JobRecord:
         data = record.model_dump(mode="json", exclude={"events"})
@@ -230,10 +326,22 @@ class RedisJobStore(RedisOutbox, JobStore):
             self._prefix, record.id, state, record.request.model, record.idempotency_key or "",
             self.gateway_id or "", "1" if record.state.terminal else "0", self._retention_ms,
             encode_event(event, self._now_ms()), *fv,
-        ])
+        ], conn=self._dur)
         if int(created) == 0:
             raise ValueError(f"job {record.id} exists")
+        if self.min_replicas and not await self._acknowledged(f"job {record.id} create"):
+            await self._discard(record)
+            raise NotReplicated(
+                f"redis at {self.address}: the job was not acknowledged by {self.min_replicas} replica(s) "
+                f"within {self.wait_timeout_s:g}s; it was not accepted")
         return record.model_copy(update={"events": []})
+
+    async def _discard(self, record: JobRecord) -> None:
+        """Remove a create that was not acknowledged (nothing half-created is left behind)."""
+        try:
+            await self._eval("discard", self._job_keys(record.id), [self._prefix, record.id], conn=self._dur)
+        except Exception as exc:  # the lease's self-heal would then run it: say so
+            log.msg(f"job {record.id}: unacknowledged create could not be removed: {describe(exc)}")
 
     async def get(self, job_id: str, *, with_events: bool = False) -> JobRecord | None:
         reply = unpack(await self._eval("get", self._job_keys(job_id), ["1" if with_events else "0"]))
@@ -264,13 +372,18 @@ class RedisJobStore(RedisOutbox, JobStore):
         fv = encode_fields({k: v for k, v in (fields or {}).items() if k != "state"})
         sources = [s.value for s, targets in ALLOWED_TRANSITIONS.items() if target in targets]
         owner = (self.gateway_id or "") if target == JobState.running else ""
+        durable = self.min_replicas > 0 and target.terminal
         reply = unpack(await self._eval("transition", self._job_keys(job_id), [
             self._prefix, job_id, csv(JobState(s).value for s in expected), target.value, csv(sources),
             "1" if target.terminal else "0", self._retention_ms,
             encode_event(event, self._now_ms()) if event is not None else "", owner, *fv,
-        ]))
+        ], conn=self._dur if durable else None))
         code = int(reply[0])
         if code == 1:
+            if durable:
+                # a terminal state a failover could undo would let the job run again: wait for
+                # the replicas (a shortfall is counted and logged; the state stays)
+                await self._acknowledged(f"job {job_id} {target.value}")
             return decode_record(reply[1])
         if code == 0:
             return None
@@ -314,7 +427,7 @@ class RedisJobStore(RedisOutbox, JobStore):
         """Replay (XRANGE) from ``after_seq``, then join the shared reader; delivery is
         asynchronous (callbacks run on the reactor, in seq order, each seq once)."""
         if self._reader is None or self._closed:
-            raise StoreUnavailable(f"redis at {self.target.address}: not connected")
+            raise StoreUnavailable(f"redis at {self.address}: not connected")
         sub = RedisSubscription(self._reader, job_id, max(after_seq, 0), on_event)
         d = Deferred.fromCoroutine(self._attach(sub))
         self._attaching.add(d)
@@ -383,7 +496,21 @@ class RedisJobStore(RedisOutbox, JobStore):
         return {job_id: JobState(state) for job_id, state in zip(ids, reply, strict=False) if state}
 
     async def refresh_lease(self, gateway_id: str, ttl_s: float) -> None:
-        await self._eval("lease", [], [self._prefix, gateway_id, max(1, int(ttl_s * 1000))])
+        """Also checks the store's identity: a Redis that came back empty (restarted without
+        persistence, a replica that lost its data) is detected, logged, counted
+        (``store_resets``) and reported by ``status()``."""
+        now = await self._eval("lease", [], [self._prefix, gateway_id, max(1, int(ttl_s * 1000)), self.identity or ""])
+        if int(now) == 0 and self.identity:
+            await self._store_reset()
+
+    async def _store_reset(self) -> None:
+        old = self.identity
+        self.identity = str(await self._eval("identity", [], [self._prefix, uuid.uuid4().hex]))
+        self.resets += 1
+        self.last_reset = (f"the store at {self.address} came back without its data (identity {old} is gone): "
+                           f"jobs accepted before may be lost")
+        self._count("store_resets")
+        log.msg(f"ALERT: {self.last_reset}")
 
     async def live_gateways(self) -> set[str]:
         return set(arr(unpack(await self._eval("live", [], [self._prefix]))))
@@ -412,6 +539,19 @@ class RedisJobStore(RedisOutbox, JobStore):
         return base64.b64decode(data), mime
 
     # -- introspection (tests, readiness) -----------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        """Readiness detail: ``state`` ok | degraded (switching master), ``master``, failovers."""
+        if self.monitor is not None:
+            out = self.monitor.status()
+        else:
+            out = {"state": "ok", "master": self.target.address}
+        out["min_replicas"] = self.min_replicas
+        out["wait_timeouts"] = self.wait_timeouts
+        if self.resets:
+            out["resets"] = self.resets
+            out["last_reset"] = self.last_reset
+        return out
 
     def subscriber_count(self) -> int:
         return 0 if self._reader is None else self._reader.subscriber_count()

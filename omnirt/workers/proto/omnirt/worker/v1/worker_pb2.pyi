@@ -34,14 +34,16 @@ class JsonMap(_message.Message):
     def __init__(self, json: _Optional[str] = ...) -> None: ...
 
 class AdapterRef(_message.Message):
-    __slots__ = ("kind", "path", "scale")
+    __slots__ = ("kind", "path", "scale", "name")
     KIND_FIELD_NUMBER: _ClassVar[int]
     PATH_FIELD_NUMBER: _ClassVar[int]
     SCALE_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
     kind: str
     path: str
     scale: float
-    def __init__(self, kind: _Optional[str] = ..., path: _Optional[str] = ..., scale: _Optional[float] = ...) -> None: ...
+    name: str
+    def __init__(self, kind: _Optional[str] = ..., path: _Optional[str] = ..., scale: _Optional[float] = ..., name: _Optional[str] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
     __slots__ = ("task", "model", "backend", "inputs", "config", "adapters")
@@ -140,7 +142,7 @@ class HealthRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class HealthResponse(_message.Message):
-    __slots__ = ("ok", "worker_id", "state", "model_loaded", "queue_depth", "inflight", "last_error", "gpu_mem_used_gb", "capacity", "models", "loaded_models", "backend", "tags", "draining", "version", "instance_id")
+    __slots__ = ("ok", "worker_id", "state", "model_loaded", "queue_depth", "inflight", "last_error", "gpu_mem_used_gb", "capacity", "models", "loaded_models", "backend", "tags", "draining", "version", "instance_id", "loaded_adapters")
     OK_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -157,6 +159,7 @@ class HealthResponse(_message.Message):
     DRAINING_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    LOADED_ADAPTERS_FIELD_NUMBER: _ClassVar[int]
     ok: bool
     worker_id: str
     state: str
@@ -173,7 +176,8 @@ class HealthResponse(_message.Message):
     draining: bool
     version: str
     instance_id: str
-    def __init__(self, ok: _Optional[bool] = ..., worker_id: _Optional[str] = ..., state: _Optional[str] = ..., model_loaded: _Optional[bool] = ..., queue_depth: _Optional[int] = ..., inflight: _Optional[int] = ..., last_error: _Optional[str] = ..., gpu_mem_used_gb: _Optional[float] = ..., capacity: _Optional[int] = ..., models: _Optional[_Iterable[str]] = ..., loaded_models: _Optional[_Iterable[str]] = ..., backend: _Optional[str] = ..., tags: _Optional[_Iterable[str]] = ..., draining: _Optional[bool] = ..., version: _Optional[str] = ..., instance_id: _Optional[str] = ...) -> None: ...
+    loaded_adapters: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, ok: _Optional[bool] = ..., worker_id: _Optional[str] = ..., state: _Optional[str] = ..., model_loaded: _Optional[bool] = ..., queue_depth: _Optional[int] = ..., inflight: _Optional[int] = ..., last_error: _Optional[str] = ..., gpu_mem_used_gb: _Optional[float] = ..., capacity: _Optional[int] = ..., models: _Optional[_Iterable[str]] = ..., loaded_models: _Optional[_Iterable[str]] = ..., backend: _Optional[str] = ..., tags: _Optional[_Iterable[str]] = ..., draining: _Optional[bool] = ..., version: _Optional[str] = ..., instance_id: _Optional[str] = ..., loaded_adapters: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class RunRequest(_message.Message):
     __slots__ = ("request", "job_id", "attempt", "trace_id", "execution_mode", "enqueued_at_ms")

@@ -1,0 +1,177 @@
+"""Diffusion features through real processes (tiny SDXL on CPU), in-process and on a gRPC worker:
+LoRA adapters, step previews, base + refiner in one job."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import treq
+from twisted.internet import reactor
+from twisted.internet.defer import inlineCallbacks
+from twisted.internet.task import deferLater
+from twisted.trial import unittest
+from twisted.web.client import HTTPConnectionPool
+
+from omnirt.backends import probe
+from omnirt.models.tiny import ADAPTER_DIR, tiny_adapter_name
+from tests.support.procs import free_port, start_omnirt
+from tests.support.tiny import model_path_args, tiny_model_paths
+
+BASE = "sdxl-base-1.0"
+
+
+def job_body(adapters=None, **config) -> dict:
+    cfg = {"width": 64, "height": 64, "num_inference_steps": 2, "seed": 5, **config}
+    body = {"task": "text2image", "model": BASE, "backend": "cpu", "inputs": {"prompt": "a red boat"}, "config": cfg}
+    if adapters is not None:
+        body["adapters"] = adapters
+    return body
+
+
+def adapter_dir() -> str:
+    return str(Path(tiny_model_paths()[BASE]).parent / ADAPTER_DIR)
+
+
+class Served(unittest.TestCase):
+    timeout = 300
+
+    def setUp(self):
+        if probe("cpu") is not None:
+            raise unittest.SkipTest(f"the diffusion extras are not installed: {probe('cpu')}")
+        self.pool = HTTPConnectionPool(reactor, persistent=True)
+        self.addCleanup(self.pool.closeCachedConnections)
+
+    def start_gateway(self, *extra: str):
+        port = free_port()
+        start_omnirt(self, ["serve", "--port", str(port), "--artifact-dir", str(Path(self.mktemp()).resolve()),
+                            "--health-interval-s", "0.5", *extra], port, name="serve")
+        self.base = f"http://127.0.0.1:{port}"
+
+    def start_worker(self, *extra: str) -> int:
+        port = free_port()
+        proc = start_omnirt(self, ["worker", "--port", str(port), "--worker-id", "w1", "--backend", "cpu",
+                                   *model_path_args(), *extra], port, name="worker")
+        proc.wait_until(lambda: "listening on" in proc.log(), timeout=60, what="listening line")
+        return port
+
+    @inlineCallbacks
+    def jcall(self, method, path, payload=None):
+        data = json.dumps(payload).encode() if payload is not None else None
+        resp = yield treq.request(method, self.base + path, data=data,
+                                  headers={"Content-Type": ["application/json"]}, pool=self.pool)
+        content = yield treq.content(resp)
+        return resp.code, (json.loads(content) if content else None)
+
+    @inlineCallbacks
+    def image(self, body):
+        code, result = yield self.jcall("POST", "/v1/generate", body)
+        self.assertEqual(code, 200, result)
+        return base64.b64decode(result["outputs"][0]["data_b64"]), result
+
+    @inlineCallbacks
+    def check_previews(self, record, every: int, steps: int):
+        """Progress events of the record announce previews at every ``every`` steps, each a fetchable JPEG."""
+        progress = [e["data"] for e in record["events"] if e["event"] == "stage_progress"]
+        announced = [d for d in progress if "preview_url" in d]
+        self.assertEqual([d["step"] for d in announced], list(range(every, steps + 1, every)))
+        self.assertFalse(any("preview_b64" in d for d in progress))  # bytes never reach clients in events
+        for d in announced:
+            self.assertEqual(d["preview_url"], f"/v1/artifacts/{d['preview_sha256']}")
+            resp = yield treq.get(self.base + d["preview_url"], pool=self.pool)
+            content = yield treq.content(resp)
+            self.assertEqual((resp.code, resp.headers.getRawHeaders("content-type")), (200, ["image/jpeg"]))
+            self.assertEqual(content[:3], b"\xff\xd8\xff")
+            self.assertEqual(hashlib.sha256(content).hexdigest(), d["preview_sha256"])
+
+    @inlineCallbacks
+    def finish(self, body, timeout=120.0):
+        """Submit async and poll (bounded) until the job is terminal; return its record."""
+        code, job = yield self.jcall("POST", "/v1/jobs", body)
+        self.assertEqual(code, 202, job)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            code, record = yield self.jcall("GET", f"/v1/jobs/{job['id']}")
+            if record["state"] in ("succeeded", "failed", "cancelled"):
+                return record
+            yield deferLater(reactor, 0.05, lambda: None)
+        raise AssertionError(f"job {job['id']} did not finish in {timeout}s")
+
+
+class InProcessTests(Served):
+    def setUp(self):
+        super().setUp()
+        self.start_gateway("--backend", "cpu", *model_path_args(), "--adapter-dir", adapter_dir())
+
+    @inlineCallbacks
+    def test_lora_job_and_bad_adapters(self):
+        """serve --adapter-dir applies a LoRA by name (scale 0 = the base bytes); an unknown name, a path
+        outside the folder, or the refiner's LoRA on the base is a 400 naming the field."""
+        base, _ = yield self.image(job_body())
+        lora, result = yield self.image(job_body([{"kind": "lora", "name": tiny_adapter_name(BASE), "scale": 1.0}]))
+        self.assertNotEqual(lora, base)
+        self.assertEqual(result["metadata"]["config_resolved"]["adapters"][0]["scale"], 1.0)
+        zero, _ = yield self.image(job_body([{"name": tiny_adapter_name(BASE), "scale": 0}]))
+        self.assertEqual(zero, base)
+        for adapters, loc, words in (
+            ([{"name": "missing"}], ["adapters", 0, "name"], "unknown adapter"),
+            ([{"path": "/etc/passwd"}], ["adapters", 0, "path"], "outside"),
+            ([{"name": tiny_adapter_name("sdxl-refiner-1.0")}], ["adapters", 0, "name"], "made for"),
+        ):
+            code, body = yield self.jcall("POST", "/v1/jobs", job_body(adapters))
+            self.assertEqual(code, 400, body)
+            self.assertEqual(body["detail"][0]["loc"], loc)
+            self.assertIn(words, body["detail"][0]["msg"])
+
+
+    @inlineCallbacks
+    def test_live_previews(self):
+        """An async job with preview_every 2 announces a preview artifact at steps 2 and 4 (served, JPEG)."""
+        record = yield self.finish(job_body(num_inference_steps=4, preview_every=2))
+        self.assertEqual(record["state"], "succeeded", record["error"])
+        yield self.check_previews(record, 2, 4)
+
+
+class NoAdapterDirTests(Served):
+    @inlineCallbacks
+    def test_adapters_refused(self):
+        """A server started without --adapter-dir answers any request with adapters 400, never a silent success."""
+        self.start_gateway("--backend", "cpu-stub")
+        code, body = yield self.jcall("POST", "/v1/generate", dict(job_body([{"name": "x"}]), backend="cpu-stub"))
+        self.assertEqual(code, 400, body)
+        self.assertIn("adapters are not supported by this server", body["detail"][0]["msg"])
+
+
+class RemoteWorkerTests(Served):
+    @inlineCallbacks
+    def test_lora_on_a_grpc_worker(self):
+        """A worker with --adapter-dir applies a LoRA named in the request (the name crosses gRPC); a missing
+        adapter fails the job with a one-line reason naming the field, and the worker stays healthy."""
+        port = self.start_worker("--adapter-dir", adapter_dir())
+        self.start_gateway("--remote-worker", f"w1=127.0.0.1:{port}")
+        base = yield self.finish(job_body())
+        lora = yield self.finish(job_body([{"name": tiny_adapter_name(BASE), "scale": 0.8}]))
+        self.assertEqual((base["state"], lora["state"]), ("succeeded", "succeeded"), (base["error"], lora["error"]))
+        self.assertNotEqual(base["result"]["outputs"][0]["sha256"], lora["result"]["outputs"][0]["sha256"])
+        self.assertEqual(lora["result"]["metadata"]["config_resolved"]["adapters"][0]["scale"], 0.8)
+        failed = yield self.finish(job_body([{"name": "missing"}]))
+        self.assertEqual(failed["state"], "failed")
+        self.assertIn("adapters.0.name: unknown adapter 'missing'", failed["error"])
+        self.assertNotIn("Traceback", failed["error"])
+        again = yield self.finish(job_body())
+        self.assertEqual(again["result"]["outputs"][0]["sha256"], base["result"]["outputs"][0]["sha256"])
+        # step previews cross gRPC inside the events and become the gateway's artifacts
+        previews = yield self.finish(job_body(num_inference_steps=3, preview_every=1))
+        yield self.check_previews(previews, 1, 3)
+        # base + refiner in one job on the worker: one event stream with both denoise stages
+        ensemble = yield self.finish(job_body(num_inference_steps=5, preview_every=0,
+                                              refiner={"model": "sdxl-refiner-1.0", "switch_at": 0.6}))
+        self.assertEqual(ensemble["state"], "succeeded", ensemble["error"])
+        denoisers = [e["data"]["model"] for e in ensemble["events"]
+                     if e["event"] == "stage_start" and e["stage"] == "denoise"]
+        self.assertEqual(denoisers, [BASE, "sdxl-refiner-1.0"])
+        steps = [e["data"]["step"] for e in ensemble["events"] if e["event"] == "stage_progress"]
+        self.assertEqual(steps, [1, 2, 3, 4, 5])
