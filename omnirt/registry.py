@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeGuard
 
 from omnirt.contract import (
     GenerateRequest,
@@ -187,11 +188,15 @@ def merge_config(spec: ModelSpec, task: str, user_config: dict[str, Any]) -> dic
     return merged
 
 
-def _is_int(value: Any) -> bool:
+#: how a check reports one problem: (location, message)
+_Bad = Callable[[tuple[str | int, ...], str], None]
+
+
+def _is_int(value: Any) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _is_number(value: Any) -> bool:
+def _is_number(value: Any) -> TypeGuard[float]:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
@@ -325,7 +330,7 @@ def resolve_request(
     return request.model_copy(update={"config": config})
 
 
-def _check_refiner(spec: ModelSpec, task: str, value: Any, bad) -> dict[str, Any] | None:
+def _check_refiner(spec: ModelSpec, task: str, value: Any, bad: _Bad) -> dict[str, Any] | None:
     """``config.refiner`` = {model, switch_at}: the base runs to switch_at, the refiner from there."""
     loc = ("config", "refiner")
     if not isinstance(value, dict):
@@ -351,7 +356,7 @@ def _check_refiner(spec: ModelSpec, task: str, value: Any, bad) -> dict[str, Any
     return {"model": refiner.id, "switch_at": float(switch_at)} if ok and refiner is not None else None
 
 
-def _check_adapters(request: GenerateRequest, bad) -> None:
+def _check_adapters(request: GenerateRequest, bad: _Bad) -> None:
     """The shape of ``adapters`` (kind, name xor path, scale range); files are the engine's business."""
     adapters = request.adapters or []
     if len(adapters) > MAX_ADAPTERS:

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IListeningPort
 from twisted.python import log
 
 from omnirt.config.serve import GatewayConfig
@@ -30,7 +31,7 @@ from omnirt.jobs.limits import RateLimiter
 from omnirt.jobs.service import JobService
 from omnirt.jobs.transitions import JobTransitions
 from omnirt.store.artifacts import ArtifactStore, RedisArtifactStore
-from omnirt.store.base import StoreUnavailable
+from omnirt.store.base import JobStore, StoreUnavailable
 from omnirt.store.instrumented import InstrumentedStore
 from omnirt.store.memory import MemoryJobStore
 from omnirt.telemetry.metrics import GatewayMetrics
@@ -39,6 +40,10 @@ from omnirt.webhooks.deliverer import WebhookDeliverer
 from omnirt.webhooks.metrics import WebhookMetrics
 from omnirt.webhooks.service import WebhookService
 from omnirt.workers.pool import WorkerPool
+
+if TYPE_CHECKING:
+    from omnirt.fleet import GatewayFleet
+    from omnirt.store.redis import RedisJobStore
 
 #: how long shutdown waits for the answers of requests whose jobs just ended
 ANSWER_GRACE_S = 5.0
@@ -130,8 +135,8 @@ class GatewayService(OrderedService):
         self.tracing = Tracing(SERVICE_GATEWAY, endpoint=config.otlp_endpoint, headers=config.otlp_headers,
                                resource_attributes={"omnirt.gateway_id": self.gateway_id},
                                failure_counter=self.metrics.trace_export_failures)
-        self.listening_port = None
-        self.gateway_fleet = None
+        self.listening_port: IListeningPort | None = None
+        self.gateway_fleet: GatewayFleet | None = None
         #: every child started (set once ``started`` fired with success)
         self.up = False
         self.started.addCallback(self._mark_up)
@@ -149,7 +154,7 @@ class GatewayService(OrderedService):
                                   allowed_tiers=config.allowed_tiers, max_queue=config.max_queue,
                                   default_backend=config.backend, max_jobs_per_principal=config.max_jobs_per_key,
                                   retention_sweep_s=config.retention_sweep_s, adapter_check=self._adapter_check())
-        self.lease = None
+        self.lease: GatewayLease | None = None
         if self.store.shared:
             self.lease = GatewayLease(clock=clock, store=self.store, dispatcher=self.dispatcher,
                                       gateway_id=self.gateway_id, ttl_s=config.lease_ttl_s)
@@ -194,6 +199,8 @@ class GatewayService(OrderedService):
 
     def _build_store(self, threadpool) -> None:
         config = self.config
+        raw: MemoryJobStore | RedisJobStore
+        self.artifacts: ArtifactStore | RedisArtifactStore
         if config.redis_url:
             from omnirt.store.redis import RedisJobStore
 
@@ -214,7 +221,8 @@ class GatewayService(OrderedService):
         #: the outbox throttles progress webhooks per job (latest progress wins)
         raw.webhook_progress_interval_ms = config.webhooks.progress_interval_ms
         self.raw_store = raw
-        self.store = InstrumentedStore(raw, self.metrics)
+        # InstrumentedStore forwards every JobStore method to ``raw`` (timing each): it is one
+        self.store = cast(JobStore, InstrumentedStore(raw, self.metrics))
 
     def _worker_connections(self) -> list[Any]:
         config = self.config
@@ -250,13 +258,15 @@ class GatewayService(OrderedService):
     # -- starting ----------------------------------------------------------------------------
 
     async def _start_store(self) -> None:
-        connect = getattr(self.raw_store, "connect", None)
-        if connect is None or not self.config.redis_url:
+        from omnirt.store.redis import RedisJobStore
+
+        raw = self.raw_store
+        if not isinstance(raw, RedisJobStore):
             return
         try:
-            await connect()
+            await raw.connect()
             # a namespace written by upstream OmniRT 0.1 (a JSON string per job) cannot be shared
-            problem = await self.raw_store.find_upstream_records()
+            problem = await raw.find_upstream_records()
         except StoreUnavailable as exc:
             raise StartupError(str(exc)) from None
         if problem is not None:
@@ -296,11 +306,12 @@ class GatewayService(OrderedService):
         """Start or adopt the fleet's supervisord; its workers are registered even if not up yet."""
         from omnirt.fleet import FleetError, GatewayFleet
 
-        self.gateway_fleet = GatewayFleet(self.config.fleet, self.reactor, stop_on_exit=self.config.fleet_stop_on_exit,
-                                          worker_idle_timeout_s=self.config.worker_idle_timeout_s)
-        self.api.readiness = self.gateway_fleet.readiness
+        fleet = GatewayFleet(self.config.fleet, self.reactor, stop_on_exit=self.config.fleet_stop_on_exit,
+                             worker_idle_timeout_s=self.config.worker_idle_timeout_s)
+        self.gateway_fleet = fleet
+        self.api.readiness = fleet.readiness
         try:
-            return await self.gateway_fleet.start()
+            return await fleet.start()
         except FleetError as exc:
             raise StartupError("; ".join(exc.lines())) from None
 
@@ -308,7 +319,8 @@ class GatewayService(OrderedService):
         self.dispatcher.pump()
 
     async def _start_lease(self) -> None:
-        self.lease.start()
+        if self.lease is not None:
+            self.lease.start()
 
     async def _watch_fleet(self) -> None:
         if self.gateway_fleet is not None:
@@ -319,10 +331,11 @@ class GatewayService(OrderedService):
         host = config.host.replace(":", "\\:")
         endpoint = serverFromString(self.reactor, f"tcp:{config.port}:interface={host}")
         try:
-            self.listening_port = await endpoint.listen(self.site)
+            port = await endpoint.listen(self.site)
         except Exception as exc:  # noqa: BLE001 - CannotListenError and friends
             raise StartupError(f"cannot listen on {config.host}:{config.port}: {exc}") from None
-        bound = self.listening_port.getHost()
+        self.listening_port = port
+        bound = port.getHost()
         self.announce(f"omnirt serve listening on http://{config.host}:{bound.port} "
                       f"(gateway {self.gateway_id}, store {self.store_label}, "
                       f"workers: {', '.join(c.worker_id for c in self.connections)})")

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from omnirt.cli import CliError
-from omnirt.commands.common import add_model_path_arg, parse_model_paths
+from omnirt.config.flags import ConfigError, add_model_path_arg, parse_model_paths
 
 DEFAULT_MODEL = "sdxl-base-1.0"
 
@@ -167,7 +167,10 @@ def register(sub):
 def run(args) -> int:
     from omnirt.contract import ContractError
 
-    model_paths = parse_model_paths(args.model_path)
+    try:
+        model_paths = parse_model_paths(args.model_path, need_dirs=False)
+    except ConfigError as exc:
+        raise CliError(str(exc)) from None
     body = request_body(args, args.config)
     try:
         request, resolved = build_request(body)

@@ -9,17 +9,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from omnirt.config.flags import ConfigError, add_model_path_arg, parse_model_paths
 from omnirt.registry import DEFAULT_ALLOWED_TIERS, TIERS
 from omnirt.webhooks.settings import WebhookSettings
 
 
-class ConfigError(ValueError):
-    """A one-line reason the flags cannot make a gateway (the CLI exits with status 2)."""
-
-
 def add_arguments(p) -> None:
     """The flags of ``omnirt serve``."""
-    from omnirt.commands.common import add_model_path_arg
     from omnirt.config.adapters import add_adapter_dir_arg
     from omnirt.store.redis.options import add_ha_arguments
     from omnirt.telemetry.options import add_cli_args as add_tracing_args
@@ -200,7 +196,7 @@ class GatewayConfig:
             allowed_tiers=tuple(args.model_tier or DEFAULT_ALLOWED_TIERS),
             api_keys=_api_keys(args.api_key_file), remote_specs=tuple(remote_specs),
             local_worker=args.local_worker or not (remote_specs or fleet), max_queue=args.max_queue,
-            artifact_dir=args.artifact_dir or default_artifact_dir(), model_paths=_model_dirs(args.model_path),
+            artifact_dir=args.artifact_dir or default_artifact_dir(), model_paths=parse_model_paths(args.model_path),
             adapter_dirs=_adapter_dirs(args.adapter_dir),
             max_body_bytes=args.max_body_bytes, shutdown_grace_s=args.shutdown_grace_s,
             job_retention_s=args.job_retention_s, max_attempts=args.max_attempts,
@@ -261,18 +257,6 @@ def _webhooks(args) -> WebhookSettings:
         return cli_settings(args)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-
-
-def _model_dirs(items: list[str]) -> dict[str, str]:
-    """``--model-path MODEL=DIR`` items; DIR must be a folder (resolved), as ``omnirt worker`` checks."""
-    from omnirt.commands.common import parse_model_paths
-
-    paths = parse_model_paths(items)
-    for model, folder in paths.items():
-        if not Path(folder).is_dir():
-            raise ConfigError(f"--model-path {model}={folder}: {folder} is not a directory")
-        paths[model] = str(Path(folder).resolve())
-    return paths
 
 
 def _adapter_dirs(items: list[str]) -> tuple[str, ...]:

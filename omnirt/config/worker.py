@@ -11,20 +11,16 @@ import argparse
 import dataclasses
 import ipaddress
 import os
-from pathlib import Path
 
 from omnirt.config.adapters import add_adapter_dir_arg, parse_adapter_dirs
 from omnirt.config.engine import EngineOptions, add_engine_arguments, engine_options, refuse_on_cpu
+from omnirt.config.flags import ConfigError, add_model_path_arg, parse_model_paths
 from omnirt.workers.compat import ALLOW_PATH_FLAG, MAX_QUEUE_FLAG, OUTPUT_DIR_FLAG
 from omnirt.workers.spec import comma_list as _comma_list  # the one comma-list parser (``--remote-worker``'s)
 
 __all__ = ["DEFAULT_PORT", "ConfigError", "WorkerConfig", "add_arguments", "format_address"]
 
 DEFAULT_PORT = 50061
-
-
-class ConfigError(ValueError):
-    """A flag's value cannot be used; the message is one line naming the flag."""
 
 
 def format_address(host: str, port: int) -> str:
@@ -49,8 +45,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pipeline-cache-size", type=int, default=4, help="pipelines kept loaded (LRU, default 4)")
     p.add_argument("--models", default="", help="comma list of model ids served here (default: every model)")
     p.add_argument("--tags", default="", help="comma list of routing tags (e.g. gpu,a100)")
-    p.add_argument("--model-path", action="append", default=[], metavar="MODEL=DIR",
-                   help="load MODEL's weights from local folder DIR (repeatable)")
+    add_model_path_arg(p)
     add_adapter_dir_arg(p)
     add_engine_arguments(p)
     p.add_argument("--metrics-port", type=int, default=None, help="serve /metrics and /healthz over HTTP (0 = any)")
@@ -157,7 +152,7 @@ class WorkerConfig:
     def from_args(cls, args: argparse.Namespace) -> WorkerConfig:
         """The checked config of parsed flags; ``ConfigError`` names the first bad value."""
         from omnirt.contract import UnknownModel
-        from omnirt.registry import MODELS, get_model
+        from omnirt.registry import get_model
         from omnirt.store.redis.options import store_settings
         from omnirt.telemetry.options import cli_options
 
@@ -172,16 +167,7 @@ class WorkerConfig:
                 get_model(model)
         except UnknownModel as exc:
             raise ConfigError(f"--models: {exc.message}") from None
-        model_paths: dict[str, str] = {}
-        for item in args.model_path or ():
-            model, sep, folder = (part.strip() for part in item.partition("="))
-            if not sep or not model or not folder:
-                raise ConfigError(f"--model-path must look like MODEL=DIR (got {item!r})")
-            if model not in MODELS:
-                raise ConfigError(f"--model-path names unknown model {model!r} (known: {', '.join(sorted(MODELS))})")
-            if not Path(folder).is_dir():
-                raise ConfigError(f"--model-path {model}={folder}: {folder} is not a directory")
-            model_paths[model] = str(Path(folder).resolve())
+        model_paths = parse_model_paths(args.model_path)
         for folder in args.allow_path or ():
             if not os.path.isdir(folder):
                 raise ConfigError(f"{ALLOW_PATH_FLAG} {folder!r} is not a folder")

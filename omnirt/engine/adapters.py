@@ -111,7 +111,7 @@ class AdapterDirs:
 
     def names(self) -> list[str]:
         """Adapter files offered by name (``*.safetensors`` directly in the folders)."""
-        found = set()
+        found: set[str] = set()
         for d in self.dirs:
             try:
                 found.update(p.stem for p in Path(d).glob("*.safetensors") if p.is_file())

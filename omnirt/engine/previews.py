@@ -7,7 +7,7 @@ side (the output's aspect) and JPEG-encoded on the job's thread, so it is off th
 costs well under a millisecond per preview (``scripts/bench-engine`` measures it against a step).
 
 A preview travels inside its ``stage_progress`` event as ``preview_b64`` + ``preview_mime``; the
-gateway (``omnirt.jobs.previews``) turns it into an artifact and announces ``preview_url`` and
+gateway (``omnirt.store.previews``) turns it into an artifact and announces ``preview_url`` and
 ``preview_sha256`` instead, so clients never see the bytes in the event stream.
 """
 
@@ -56,5 +56,5 @@ def latents_preview(latents, width: int, height: int) -> dict[str, Any]:
     bias = torch.tensor(SDXL_LATENT_RGB_BIAS, dtype=torch.float32, device=sample.device)
     rgb = torch.einsum("chw,cr->hwr", sample, factors) + bias
     pixels = ((rgb.clamp(-1, 1) + 1) * 127.5).to(torch.uint8).cpu().numpy()
-    picture = Image.fromarray(pixels, mode="RGB").resize(preview_size(width, height), Image.BILINEAR)
+    picture = Image.fromarray(pixels, mode="RGB").resize(preview_size(width, height), Image.Resampling.BILINEAR)
     return encode_preview(picture)

@@ -13,14 +13,15 @@ from twisted.application.internet import TimerService
 from twisted.internet.defer import CancelledError, Deferred, DeferredLock
 from twisted.internet.interfaces import IReactorTime
 from twisted.python import log
+from twisted.python.failure import Failure
 
-from omnirt.contract import JobRecord, JobState
-from omnirt.jobs.outcomes import store_outputs
-from omnirt.jobs.previews import store_preview
-from omnirt.jobs.tasks import Tasks
+from omnirt.contract import GenerateRequest, JobRecord, JobState
 from omnirt.jobs.transitions import JobTransitions
-from omnirt.store.artifacts import ArtifactStore
+from omnirt.store.artifacts import ArtifactStore, RedisArtifactStore
 from omnirt.store.base import JobStore, StoreUnavailable
+from omnirt.store.outcomes import store_outputs
+from omnirt.store.previews import store_preview
+from omnirt.tasks import Tasks
 from omnirt.telemetry.metrics import GatewayMetrics
 from omnirt.telemetry.tracing import Tracing
 from omnirt.workers.base import (
@@ -47,7 +48,7 @@ class QueuedJob:
     adapters: tuple[str, ...] = ()
 
 
-def job_adapters(request) -> tuple[str, ...]:
+def job_adapters(request: GenerateRequest) -> tuple[str, ...]:
     """A request's LoRA adapters as routing knows them (name, else path), as health reports them."""
     return tuple(a.name or a.path or "" for a in request.adapters or ())
 
@@ -70,7 +71,8 @@ class EventWriter:
     """Appends a job's worker events to the store strictly in arrival order."""
 
     def __init__(self, transitions: JobTransitions, job_id: str, attempt: int,
-                 on_event: Callable[[WorkerUpdate], None], tasks: Tasks, artifacts: ArtifactStore | None = None):
+                 on_event: Callable[[WorkerUpdate], None], tasks: Tasks,
+                 artifacts: ArtifactStore | RedisArtifactStore | None = None):
         self._transitions = transitions
         self._tasks = tasks
         #: where a step preview's bytes are stored before its event is (None: previews are kept inline)
@@ -106,7 +108,7 @@ class Dispatcher:
         clock: IReactorTime,
         store: JobStore,
         pool: WorkerPool,
-        artifacts: ArtifactStore,
+        artifacts: ArtifactStore | RedisArtifactStore,
         metrics: GatewayMetrics,
         max_attempts: int = 3,
         cancel_timeout_s: float = 30.0,
@@ -120,7 +122,7 @@ class Dispatcher:
         #: spans of the jobs (their roots live here from submit to the terminal transition)
         self.tracing = self.transitions.tracing
         #: fire-and-forget work (dispatches, event writes) that shutdown waits for
-        self.tasks = tasks or Tasks()
+        self.tasks = tasks if tasks is not None else Tasks()  # an empty Tasks is falsy
         self.store = store
         self.pool = pool
         self.artifacts = artifacts
@@ -374,7 +376,7 @@ class Dispatcher:
             if not found and running.deferred is not None and not running.deferred.called:
                 running.deferred.cancel()  # not known by id there (old worker): drop the call
 
-        def failed(_f) -> None:
+        def failed(_f: Failure) -> None:
             if running.deferred is not None and not running.deferred.called:
                 running.deferred.cancel()
 

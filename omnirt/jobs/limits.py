@@ -10,6 +10,8 @@ import hashlib
 import math
 from collections import OrderedDict
 
+from twisted.internet.interfaces import IReactorTime
+
 from omnirt.jobs.errors import QueueFull
 
 
@@ -32,7 +34,7 @@ class RateLimiter:
     """Token buckets per principal: ``rate`` submissions per second, bursts up to ``burst``.
     At most ``max_clients`` buckets are kept (least recently used dropped), so memory is bounded."""
 
-    def __init__(self, clock, rate: float, burst: float | None = None, max_clients: int = 100_000):
+    def __init__(self, clock: IReactorTime, rate: float, burst: float | None = None, max_clients: int = 100_000):
         if rate <= 0:
             raise ValueError("rate must be positive")
         self._clock = clock

@@ -11,6 +11,7 @@ import base64
 import math
 import uuid
 from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING
 
 from twisted.application.internet import TimerService
 from twisted.internet.defer import Deferred
@@ -33,6 +34,11 @@ from omnirt.jobs.errors import JobConflict, JobNotFoundError, NoWorkerForModel, 
 from omnirt.jobs.limits import TooManyJobs
 from omnirt.registry import DEFAULT_ALLOWED_TIERS, resolve_request
 from omnirt.store.base import JobStore, StoreUnavailable, Subscription
+from omnirt.telemetry.metrics import GatewayMetrics
+from omnirt.telemetry.tracing import JobTrace
+
+if TYPE_CHECKING:
+    from omnirt.engine.adapters import AdapterDirs
 
 #: how long the drain waits for the cancels and hand-backs it started
 SETTLE_S = 5.0
@@ -50,7 +56,7 @@ class JobService:
         default_backend: str = "auto",
         retention_sweep_s: float = 60.0,
         max_jobs_per_principal: int | None = None,
-        adapter_check=None,
+        adapter_check: AdapterDirs | None = None,
     ):
         self._clock = clock
         self.store = store
@@ -161,7 +167,8 @@ class JobService:
             self._create_and_enqueue(record, position, trace, principal)))
         return self._decorate(created), True
 
-    async def _create_and_enqueue(self, record: JobRecord, position: int, trace, principal: str | None) -> JobRecord:
+    async def _create_and_enqueue(self, record: JobRecord, position: int, trace: JobTrace | None,
+                                  principal: str | None) -> JobRecord:
         record = await self.transitions.enqueue(record, position, trace)
         if principal is not None and self.max_jobs_per_principal is not None:
             self._principal_jobs.setdefault(principal, set()).add(record.id)
@@ -172,8 +179,9 @@ class JobService:
 
     async def _check_principal(self, principal: str) -> None:
         """429 when the client already has ``max_jobs_per_principal`` unfinished jobs."""
+        limit = self.max_jobs_per_principal
         held = self._principal_jobs.get(principal)
-        if not held or len(held) < self.max_jobs_per_principal:
+        if limit is None or not held or len(held) < limit:
             return
         states = await self.store.states(held)
         held = {job_id for job_id, state in states.items() if not state.terminal}
@@ -181,7 +189,7 @@ class JobService:
             self._principal_jobs[principal] = held
         else:
             self._principal_jobs.pop(principal, None)
-        if len(held) >= self.max_jobs_per_principal:
+        if len(held) >= limit:
             retry = max(1, math.ceil(self.dispatcher.mean_service_s or 1.0))
             raise TooManyJobs(f"this client already has {len(held)} unfinished jobs "
                               f"(limit {self.max_jobs_per_principal}); retry in {retry}s", retry)
@@ -322,7 +330,7 @@ def shielded(d: Deferred) -> Deferred:
     """A Deferred with ``d``'s result whose cancellation leaves ``d`` running to the end."""
     outer: Deferred = Deferred()
 
-    def relay(result):
+    def relay(result: object) -> None:
         if not outer.called:
             if isinstance(result, Failure):
                 outer.errback(result)
@@ -335,7 +343,7 @@ def shielded(d: Deferred) -> Deferred:
 
 
 class _CountedSubscription(Subscription):
-    def __init__(self, inner: Subscription, metrics):
+    def __init__(self, inner: Subscription, metrics: GatewayMetrics):
         self._inner = inner
         self._metrics = metrics
         self._closed = False

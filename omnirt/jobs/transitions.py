@@ -20,8 +20,8 @@ from twisted.internet.task import deferLater
 from twisted.python import log
 
 from omnirt.contract import JobRecord, JobState
-from omnirt.jobs.outcomes import RUNNING_STATES, record_terminal
 from omnirt.store.base import JobStore, NewEvent, StoreUnavailable
+from omnirt.store.outcomes import RUNNING_STATES, record_terminal
 from omnirt.telemetry.metrics import GatewayMetrics
 from omnirt.telemetry.tracing import SERVICE_GATEWAY, JobTrace, Tracing, merge_spans
 from omnirt.workers.base import WorkerUpdate
@@ -103,29 +103,10 @@ class JobTransitions:
         context = self.tracing.job(job_id, record).begin_dispatch(attempt, worker_id, address)
         return record, context
 
-    def observer(self, record: JobRecord, worker_id: str, attempt: int):
+    def observer(self, record: JobRecord, worker_id: str, attempt: int) -> AttemptObserver:
         """A per-attempt callable that decorates and measures the worker's events (``job_started``
         gets the job and worker ids; stage durations, time to first progress) before they are stored."""
-        dispatched_at = time.monotonic()
-        seen = {"started": False, "progress": False}
-        trace = self.tracing.job(record.id, record)
-        model = record.request.model
-
-        def observe(update: WorkerUpdate) -> None:
-            if update.event == "job_started" and not seen["started"]:
-                seen["started"] = True
-                self.metrics.dispatch_seconds.observe(time.monotonic() - dispatched_at)
-                update.data = {"job_id": record.id, "worker_id": worker_id, **update.data}
-                trace.set_backend(update.data.get("backend"))
-            elif update.event == "stage_end" and "elapsed_ms" in update.data:
-                self.metrics.stage_duration.labels(stage=update.stage, model=model).observe(
-                    float(update.data["elapsed_ms"]) / 1000)
-            elif update.event == "stage_progress" and not seen["progress"] and attempt == 1:
-                seen["progress"] = True
-                self.metrics.time_to_first_progress.observe(max(0.0, (self.now_ms() - record.enqueued_at_ms) / 1000))
-
-        observe.started = lambda: seen["started"]  # type: ignore[attr-defined]
-        return observe
+        return AttemptObserver(self, record, worker_id, attempt)
 
     async def progress(self, job_id: str, attempt: int, index: int, update: WorkerUpdate) -> None:
         """A worker event of attempt ``attempt`` (``job_started``, ``stage_*``), stored at most once."""
@@ -250,3 +231,36 @@ class JobTransitions:
         asked = self._cancel_times.pop(record.id, None)
         if record.state == JobState.cancelled and asked is not None:
             self.metrics.cancel_latency.observe(max(0.0, self._clock.seconds() - asked))
+
+
+class AttemptObserver:
+    """``JobTransitions.observer``'s callable for one attempt; ``started()`` says whether the
+    worker has reported ``job_started`` yet."""
+
+    def __init__(self, transitions: JobTransitions, record: JobRecord, worker_id: str, attempt: int):
+        self._transitions = transitions
+        self._record = record
+        self._worker_id = worker_id
+        self._attempt = attempt
+        self._dispatched_at = time.monotonic()
+        self._started = False
+        self._progressed = False
+        self._trace = transitions.tracing.job(record.id, record)
+
+    def started(self) -> bool:
+        return self._started
+
+    def __call__(self, update: WorkerUpdate) -> None:
+        metrics, record = self._transitions.metrics, self._record
+        if update.event == "job_started" and not self._started:
+            self._started = True
+            metrics.dispatch_seconds.observe(time.monotonic() - self._dispatched_at)
+            update.data = {"job_id": record.id, "worker_id": self._worker_id, **update.data}
+            self._trace.set_backend(update.data.get("backend"))
+        elif update.event == "stage_end" and "elapsed_ms" in update.data:
+            metrics.stage_duration.labels(stage=update.stage, model=record.request.model).observe(
+                float(update.data["elapsed_ms"]) / 1000)
+        elif update.event == "stage_progress" and not self._progressed and self._attempt == 1:
+            self._progressed = True
+            metrics.time_to_first_progress.observe(
+                max(0.0, (self._transitions.now_ms() - record.enqueued_at_ms) / 1000))

@@ -8,6 +8,7 @@ Two implementations pass one shared test suite (``tests/unit/store_suite.py``): 
 from __future__ import annotations
 
 import abc
+import builtins  # inside JobStore ``list`` is the method: annotations after it say builtins.list
 import dataclasses
 from collections.abc import Callable, Collection
 from typing import Any
@@ -93,7 +94,7 @@ class JobStore(abc.ABC):
         return await self.append_event(job_id, event)
 
     @abc.abstractmethod
-    async def events(self, job_id: str, after_seq: int = 0) -> list[JobEvent]:
+    async def events(self, job_id: str, after_seq: int = 0) -> builtins.list[JobEvent]:
         """Events with ``seq > after_seq`` in order."""
 
     @abc.abstractmethod
@@ -131,7 +132,7 @@ class JobStore(abc.ABC):
         """Gateways whose lease has not run out."""
         return set()
 
-    async def orphans(self, live: Collection[str], limit: int = 500) -> list[tuple[str, str, JobState]]:
+    async def orphans(self, live: Collection[str], limit: int = 500) -> builtins.list[tuple[str, str, JobState]]:
         """Unfinished jobs (queued, running, cancelling) whose owner gateway is not in ``live``:
         (job_id, owner, state)."""
         return []
@@ -151,7 +152,7 @@ class JobStore(abc.ABC):
     #: minimum time between two progress webhooks of one job (the latest progress wins)
     webhook_progress_interval_ms = 1000
 
-    async def claim_webhooks(self, owner: str, limit: int, lease_s: float) -> list[OutboxEntry]:
+    async def claim_webhooks(self, owner: str, limit: int, lease_s: float) -> builtins.list[OutboxEntry]:
         """Up to ``limit`` due entries (pending and due, or held under an expired lease), now
         held by ``owner`` for ``lease_s`` seconds (state ``delivering``)."""
         raise NotImplementedError
@@ -166,11 +167,11 @@ class JobStore(abc.ABC):
         claimed it): the caller's result is then dropped."""
         raise NotImplementedError
 
-    async def webhook_deliveries(self, job_id: str) -> list[OutboxEntry] | None:
+    async def webhook_deliveries(self, job_id: str) -> builtins.list[OutboxEntry] | None:
         """The job's outbox entries, oldest first; None when there is no such job."""
         raise NotImplementedError
 
-    async def redeliver_webhooks(self, job_id: str, ids: Collection[str] | None = None) -> list[OutboxEntry] | None:
+    async def redeliver_webhooks(self, job_id: str, ids: Collection[str] | None = None) -> builtins.list[OutboxEntry] | None:
         """Make the job's settled entries (or those named in ``ids``) due again now, keeping their
         ``webhook-id`` (a fresh round: attempts and age start again); entries still pending or being delivered are left alone. Returns the entries
         re-queued; None when there is no such job."""

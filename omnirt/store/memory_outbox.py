@@ -99,7 +99,7 @@ class MemoryOutbox:
             at, job_id, eid = heapq.heappop(self._due)
             hooks = self._jobs.get(job_id)
             current = hooks.entries.get(eid) if hooks is not None else None
-            if current is None or self._due_at(current) != at:
+            if hooks is None or current is None or self._due_at(current) != at:
                 continue  # settled, dropped or rescheduled since
             if hooks.progress_pending == eid:
                 hooks.progress_pending = None
@@ -114,7 +114,7 @@ class MemoryOutbox:
                error: str | None, body: str | None, attempted: bool) -> bool:
         hooks = self._jobs.get(entry.job_id)
         current = hooks.entries.get(entry.id) if hooks is not None else None
-        if current is None or current.state != "delivering" or current.owner != owner:
+        if hooks is None or current is None or current.state != "delivering" or current.owner != owner:
             return False
         now = self._now_ms()
         update: dict = {"owner": None, "lease_until_ms": None}

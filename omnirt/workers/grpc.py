@@ -320,7 +320,7 @@ class GrpcWorkerConnection:
                 raise JobFailed(exc.details() or f"job failed on worker {self.worker_id}") from None
             if code == grpc.StatusCode.CANCELLED and job.job_id in self._sync_cancelled:
                 raise JobCancelled("cancelled by request") from None
-            if code == grpc.StatusCode.CANCELLED and not exc.details().startswith("Locally"):
+            if code == grpc.StatusCode.CANCELLED and not (exc.details() or "").startswith("Locally"):
                 raise JobCancelled(exc.details() or "cancelled on the worker") from None
             if code == grpc.StatusCode.DEADLINE_EXCEEDED:
                 raise WorkerLost(f"worker {self.worker_id}: RunSync took longer than {self.sync_timeout_s}s") from None

@@ -16,6 +16,7 @@ from twisted.internet.defer import Deferred, fail, succeed
 from omnirt.backends import BackendUnavailable
 from omnirt.contract import ContractError
 from omnirt.engine.base import JobCancelled, JobFailed, JobRejected, RunOutcome
+from omnirt.tasks import fire_waiter
 from omnirt.workers.base import WorkerBusy, WorkerHealth, WorkerJob, WorkerLost, WorkerUpdate
 from omnirt.workers.core import Refused, RunEnd, WorkerCore, WorkerMetrics, prepare
 
@@ -78,7 +79,7 @@ class LocalWorkerConnection:
         if self._ready is None:
             self._ready = Deferred.fromCoroutine(self._startup())
         mine: Deferred = Deferred()
-        self._ready.addCallback(lambda result: (mine.callback(None), result)[1])
+        self._ready.addCallback(fire_waiter, mine)
         return mine
 
     async def _startup(self) -> None:
@@ -115,7 +116,10 @@ class LocalWorkerConnection:
             running = self.core.run(prepared, on_update)
         except Refused as exc:
             return fail(WorkerBusy(exc.message))
-        result: Deferred[RunOutcome] = Deferred(lambda _d: self.core.cancel(job.job_id, "call cancelled"))
+        def cancel(_d: Deferred[RunOutcome]) -> None:
+            self.core.cancel(job.job_id, "call cancelled")
+
+        result: Deferred[RunOutcome] = Deferred(cancel)
 
         def ended(end: RunEnd) -> None:
             if result.called:  # the call was cancelled: the job has stopped since

@@ -22,6 +22,7 @@ from twisted.application.internet import TimerService
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.interfaces import IReactorTime
 
+from omnirt.tasks import fire_waiter
 from omnirt.workers.base import WorkerConnection, WorkerHealth
 
 HEALTHY = "healthy"
@@ -286,7 +287,7 @@ class WorkerPool:
         inflight = self._probing.get(entry.worker_id)
         if inflight is not None:
             waiter: Deferred = Deferred()
-            inflight.addBoth(lambda r: (waiter.callback(None), r)[1])
+            inflight.addBoth(fire_waiter, waiter)
             return waiter
         d = entry.conn.health()
         if d.called:

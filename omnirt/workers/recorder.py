@@ -19,11 +19,11 @@ from twisted.python import log
 
 from omnirt.contract import JobState
 from omnirt.engine.base import RunOutcome
-from omnirt.jobs.outcomes import record_terminal, store_outputs
-from omnirt.jobs.previews import store_preview
 from omnirt.store.artifacts import RedisArtifactStore
 from omnirt.store.base import NewEvent, StoreUnavailable
-from omnirt.workers.tasks import TaskTracker
+from omnirt.store.outcomes import record_terminal, store_outputs
+from omnirt.store.previews import store_preview
+from omnirt.tasks import Tasks
 
 LEASE_TTL_S = 10.0
 
@@ -49,7 +49,7 @@ class StoreRecorder:
         self.artifacts = RedisArtifactStore(store)
         self._jobs: dict[str, _JobLog] = {}
         #: the store writes under way (each job's writes are serialised by its lock)
-        self.writes = TaskTracker()
+        self.writes = Tasks()
 
     def lease_service(self) -> TimerService:
         """The lease refresh, every third of its TTL (the first at once), as a service."""
@@ -99,7 +99,7 @@ class StoreRecorder:
 
     def _queue(self, entry: _JobLog, coro) -> None:
         d = entry.lock.run(lambda: Deferred.fromCoroutine(self._guard(entry, coro)))
-        self.writes.track(d, f"recording job {entry.job_id} in the store")
+        self.writes.track(d, f"recording job {entry.job_id} in the store failed")
 
     async def _guard(self, entry: _JobLog, coro) -> None:
         try:

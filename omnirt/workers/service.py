@@ -87,6 +87,8 @@ class StoreStep(Step):
         from omnirt.store.redis import RedisJobStore
         from omnirt.workers.recorder import StoreRecorder
 
+        if not self.config.redis_url:  # this child is only made for a worker given --redis-url
+            raise StartupError("the worker's store recorder needs --redis-url")
         try:
             store = RedisJobStore(self.reactor, url=self.config.redis_url, namespace=self.config.redis_namespace,
                                   retention_s=self.config.job_retention_s,
@@ -239,8 +241,10 @@ class WorkerService(MultiService):
         for child in self:
             child.startService()
             self._up.append(child)
+            started = getattr(child, "started", None)  # a Step's; a plain Service has none
             try:
-                await getattr(child, "started", None)
+                if started is not None:
+                    await started
             except StartupError:
                 self._up.remove(child)
                 await self._stop_children()
@@ -273,7 +277,7 @@ class WorkerService(MultiService):
 
     def _ended(self, result: object) -> None:
         if hasattr(result, "getErrorMessage"):
-            log.error("error while stopping the worker: %s", result.getErrorMessage())  # type: ignore[attr-defined]
+            log.error("error while stopping the worker: %s", result.getErrorMessage())
         self._stopped = True
         waiters, self._stop_waiters = self._stop_waiters, []
         for waiter in waiters:

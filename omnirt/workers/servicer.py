@@ -97,7 +97,11 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         The core calls back on the reactor thread, which is this loop's thread (asyncio reactor)."""
         queue: asyncio.Queue = asyncio.Queue()
         running = self.core.run(job, lambda update: queue.put_nowait((_EVENT, update)))
-        running.done.addCallback(lambda end: (queue.put_nowait((_FINAL, end)), end)[1])
+        def final(end: RunEnd) -> RunEnd:
+            queue.put_nowait((_FINAL, end))
+            return end
+
+        running.done.addCallback(final)
         return running, queue
 
     async def Run(self, request: pb.RunRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.RunUpdate]:

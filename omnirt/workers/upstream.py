@@ -26,7 +26,6 @@ import base64
 import binascii
 import dataclasses
 import hashlib
-import ipaddress
 import os
 import tempfile
 import uuid
@@ -37,6 +36,7 @@ from omnirt.contract import Artifact, GenerateRequest, GenerateResult
 from omnirt.engine.base import JobFailed, RunOutcome
 from omnirt.workers import wire
 from omnirt.workers.base import WorkerHealth, WorkerUpdate
+from omnirt.workers.tls import is_loopback_host
 
 __all__ = [
     "SHARED_DIR_FLAG",
@@ -69,13 +69,8 @@ def is_upstream(health: WorkerHealth | None) -> bool:
 
 
 def _is_loopback(address: str) -> bool:
-    host = address.rsplit(":", 1)[0].strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    """``host:port`` names this machine (``localhost``, 127.0.0.0/8, ``[::1]``)."""
+    return is_loopback_host(address.rsplit(":", 1)[0])
 
 
 @dataclasses.dataclass

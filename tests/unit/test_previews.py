@@ -14,9 +14,9 @@ from omnirt.contract import GenerateRequest
 from omnirt.engine.base import CancelToken, EngineJob
 from omnirt.engine.engine import Engine
 from omnirt.engine.previews import MAX_PREVIEW_SIDE, preview_size
-from omnirt.jobs.previews import store_preview
 from omnirt.registry import resolve_request
 from omnirt.store.artifacts import ArtifactStore
+from omnirt.store.previews import store_preview
 from tests.unit.test_stub import Recorder
 
 

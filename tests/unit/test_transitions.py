@@ -111,8 +111,9 @@ class TransitionTableTests(unittest.TestCase):
                 self.assertEqual(stored.excluded_workers, ["w1"])
 
     def test_no_other_module_writes_job_state(self):
-        """Only the write path (jobs/transitions.py, and jobs/outcomes.py for a worker recording its
-        own jobs) calls the store's create/transition; the gateway's other modules go through it."""
+        """Only the write path (jobs/transitions.py; store/outcomes.py holds the terminal write it
+        shares with a worker recording its own jobs) calls the store's create/transition; the
+        gateway's other modules go through it."""
         root = Path(__file__).resolve().parents[2] / "omnirt"
         writers = set()
         for path in root.rglob("*.py"):
@@ -120,4 +121,4 @@ class TransitionTableTests(unittest.TestCase):
                 continue
             if re.search(r"\bstore\.(transition|create)\(", path.read_text()):
                 writers.add(path.relative_to(root).as_posix())
-        self.assertEqual(writers - {"workers/recorder.py"}, {"jobs/transitions.py", "jobs/outcomes.py"})
+        self.assertEqual(writers - {"workers/recorder.py"}, {"jobs/transitions.py"})
