@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from omnirt.contract import AdapterRef, Problem, RequestInvalid
-from omnirt.engine.base import CancelToken
+from omnirt.engine.base import Cancellation
 
 #: file suffixes tried, in order, when a name is looked up in an adapter folder
 ADAPTER_SUFFIXES = ("", ".safetensors")
@@ -217,7 +217,7 @@ class AdapterGate:
         return False  # pragma: no cover - the ticket is always queued
 
     @contextmanager
-    def use(self, adapters: Sequence[ResolvedAdapter], cancel: CancelToken | None = None) -> Iterator[dict[str, Any]]:
+    def use(self, adapters: Sequence[ResolvedAdapter], cancel: Cancellation | None = None) -> Iterator[dict[str, Any]]:
         """Hold the pipeline with ``adapters`` active (none = the bare model) for one job.
 
         Yields ``{"switched": bool}``; a job cancelled while it waits raises ``JobCancelled``.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from omnirt.contract import GenerateRequest, GenerateResult
 
@@ -51,6 +51,15 @@ class RunOutcome:
 
     result: GenerateResult
     blobs: list[bytes]
+
+
+class Cancellation(Protocol):
+    """What the engine's stages check: one job's CancelToken, or a batch's view over its members'."""
+
+    @property
+    def cancelled(self) -> bool: ...
+
+    def raise_if_cancelled(self) -> None: ...
 
 
 class CancelToken:

@@ -15,7 +15,7 @@ import time
 from collections.abc import Iterator
 from typing import Any, Protocol
 
-from omnirt.engine.base import CancelToken, EmitFn, JobCancelled, JobFailed
+from omnirt.engine.base import Cancellation, EmitFn, JobCancelled, JobFailed
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ class StageTracker:
     ``JobCancelled`` passes through untouched (a cancel is not an error).
     """
 
-    def __init__(self, model: str, emit: EmitFn, cancel: CancelToken, clock=time.perf_counter):
+    def __init__(self, model: str, emit: EmitFn, cancel: Cancellation, clock=time.perf_counter):
         self.model = model
         self.emit = emit
         self.cancel = cancel

@@ -200,8 +200,9 @@ def batch_invariant_linears(unet, min_rows: int = CPU_MIN_GEMM_ROWS) -> int:
     wrapped = 0
     for module in unet.modules():
         if isinstance(module, torch.nn.Linear) and not getattr(module, "_omnirt_padded", False):
-            module.forward = functools.partial(_padded_linear, module.forward, min_rows)
-            module._omnirt_padded = True
+            # an instance attribute shadowing the method (torch calls self.forward)
+            module.forward = functools.partial(_padded_linear, module.forward, min_rows)  # type: ignore[method-assign]
+            module._omnirt_padded = True  # type: ignore[assignment]  # a marker, not a parameter
             wrapped += 1
     return wrapped
 

@@ -69,6 +69,7 @@ def _generate(model: Any, jobs: list[RenderJob], tracker: StageTracker,
         embeds, negative, pooled, negative_pooled = (
             None if parts[0][k] is None else torch.cat([p[k] for p in parts]) for k in range(4)
         )
+        assert embeds is not None  # the positive prompt embeddings always exist
         channels = pipe.unet.config.in_channels
         scale = pipe.vae_scale_factor
         latents = torch.cat([

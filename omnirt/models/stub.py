@@ -14,7 +14,7 @@ import hashlib
 import json
 import time
 
-from omnirt.engine.base import CancelToken
+from omnirt.engine.base import Cancellation
 from omnirt.engine.render import RenderJob, StageTracker
 
 #: how often a delayed step looks at the cancel token
@@ -94,7 +94,7 @@ def _digest(job: RenderJob) -> bytes:
     return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).digest()
 
 
-def _sleep_unless_cancelled(cancel: CancelToken, seconds: float) -> None:
+def _sleep_unless_cancelled(cancel: Cancellation, seconds: float) -> None:
     deadline = time.monotonic() + seconds
     while not cancel.cancelled:
         left = deadline - time.monotonic()
