@@ -55,6 +55,7 @@ def register(sub) -> None:
     p.add_argument("--max-body-bytes", type=int, default=32 * 1024 * 1024)
     p.add_argument("--shutdown-grace-s", type=float, default=30.0)
     p.add_argument("--job-retention-s", type=float, default=86400.0)
+    p.add_argument("--job-store-max-bytes", type=int, default=None, help="memory store: bytes finished jobs may take, oldest evicted first (default 256 MiB; 0 = no byte bound)")
     p.add_argument("--max-attempts", type=int, default=3, help="dispatch attempts per job across workers")
     p.add_argument("--health-interval-s", type=float, default=2.0)
     p.add_argument("--health-failure-threshold", type=int, default=2)
@@ -81,6 +82,8 @@ def _check(args) -> None:
                  "health_failure_threshold"):
         if getattr(args, name) < 1:
             raise CliError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.job_store_max_bytes is not None and (args.job_store_max_bytes < 0 or args.redis_url):
+        raise CliError("--job-store-max-bytes must be >= 0 and bounds the memory store (not --redis-url: Redis's maxmemory does)")
     if args.rate_limit is not None and args.rate_limit <= 0:
         raise CliError("--rate-limit must be positive")
     if args.max_jobs_per_key is not None and args.max_jobs_per_key < 1:
@@ -175,6 +178,7 @@ def run(args) -> int:
         max_body_bytes=args.max_body_bytes,
         shutdown_grace_s=args.shutdown_grace_s,
         job_retention_s=args.job_retention_s,
+        job_store_max_bytes=256 << 20 if args.job_store_max_bytes is None else args.job_store_max_bytes or None,
         max_attempts=args.max_attempts,
         health_interval_s=args.health_interval_s,
         health_failure_threshold=args.health_failure_threshold,

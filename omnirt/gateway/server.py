@@ -45,7 +45,7 @@ class Gateway:
                  worker_idle_timeout_s=10.0, redis_url=None, redis_namespace="omnirt", gateway_id=None,
                  lease_ttl_s=10.0, request_deadline_s=30.0, worker_tls=None, access_log=False, rate_limit=None,
                  max_jobs_per_key=None, fleet=None, fleet_stop_on_exit=False, otlp_endpoint=None, otlp_headers=None,
-                 log_format="text", public_url=None, reactor=None):
+                 log_format="text", public_url=None, reactor=None, job_store_max_bytes=None):
         self.reactor = reactor or global_reactor
         #: OTLP/HTTP traces URL (None: spans are made for the trace view but not exported)
         self.otlp_endpoint = otlp_endpoint
@@ -67,6 +67,7 @@ class Gateway:
         self.max_body_bytes = max_body_bytes
         self.shutdown_grace_s = shutdown_grace_s
         self.job_retention_s = job_retention_s
+        self.job_store_max_bytes = job_store_max_bytes
         self.max_attempts = max_attempts
         self.health_interval_s = health_interval_s
         self.health_failure_threshold = health_failure_threshold
@@ -153,7 +154,8 @@ class Gateway:
             self.artifacts = RedisArtifactStore(raw_store)
         else:
             self.artifacts = ArtifactStore(self.artifact_dir, self.reactor, self.reactor.getThreadPool())
-            raw_store = MemoryJobStore(clock, retention_s=self.job_retention_s, artifacts=self.artifacts)
+            raw_store = MemoryJobStore(clock, retention_s=self.job_retention_s, artifacts=self.artifacts,
+                                       max_bytes=self.job_store_max_bytes, registry=self.metrics.registry)
         self.store = InstrumentedStore(raw_store, self.metrics)
         if self.remote_specs:
             self.connections.extend(await self._remote_connections())

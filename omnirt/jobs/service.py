@@ -65,7 +65,7 @@ class JobService:
     # -- lifecycle ---------------------------------------------------------------------------
 
     def start(self) -> None:
-        self._sweep.start(self._retention_sweep_s, now=False).addErrback(log.err, "retention sweep stopped")
+        self._sweep.start(getattr(self.store, "sweep_interval_s", self._retention_sweep_s), now=False).addErrback(log.err, "retention sweep stopped")
 
     def stop(self) -> None:
         if self._sweep.running:
