@@ -247,7 +247,7 @@ class _WorkerApp:
             await Deferred.fromCoroutine(store.connect()).asFuture(self.loop)
         except StoreUnavailable as exc:
             raise CliError(str(exc)) from None
-        self.core.recorder = StoreRecorder(store, self.args.worker_id, self.reactor)
+        self.core.recorder = StoreRecorder(store, self.args.worker_id, self.reactor, registry=self.metrics.registry)
         self.core.recorder.start()
 
     def _listen_metrics(self, host: str, port: int):
