@@ -19,6 +19,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import struct
+import sys
 import zlib
 from collections import Counter, OrderedDict
 from collections.abc import Collection
@@ -93,7 +94,7 @@ class _Job:
         self.packed: bytes | None = None
         self.listeners: list[_MemorySubscription] = []
         self.state = record.state
-        self.model = record.request.model
+        self.model = sys.intern(record.request.model)  # one string per model, not per job
         self.idempotency_key = record.idempotency_key
         #: attempt -> the highest worker event index stored (append_worker_event)
         self.marks: dict[int, int] | None = None
@@ -135,6 +136,7 @@ class _Job:
             self.packed = pack(self._record, self._events)
             self._record = None
             self._events = None
+            self.marks = None  # a finished job takes no more worker events
         return len(self.packed)
 
 
@@ -318,6 +320,8 @@ class MemoryJobStore(JobStore):
 
     async def append_worker_event(self, job_id: str, attempt: int, index: int, event: NewEvent) -> JobEvent | None:
         job = self._job(job_id)
+        if job.state.terminal:
+            return None  # the terminal event stays the last one
         marks = job.marks if job.marks is not None else {}
         if index <= marks.get(attempt, 0):
             return None  # the other writer (gateway or worker) stored it already

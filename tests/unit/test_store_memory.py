@@ -162,7 +162,8 @@ class MemoryCompactionTests(unittest.TestCase):
 
     @inlineCallbacks
     def test_worker_event_index_lands_once(self):
-        """append_worker_event stores each (attempt, index) once, as the Redis store does."""
+        """append_worker_event stores each (attempt, index) once, as the Redis store does, and
+        nothing after the terminal event."""
         store = MemoryJobStore(Clock())
         yield ensureDeferred(store.create(_record("j1"), NewEvent("job_enqueued")))
         first = yield ensureDeferred(store.append_worker_event("j1", 1, 1, NewEvent("job_started")))
@@ -171,6 +172,10 @@ class MemoryCompactionTests(unittest.TestCase):
         self.assertEqual(first.seq, 2)
         self.assertIsNone(again)
         self.assertEqual(other.seq, 3)
+        yield ensureDeferred(store.transition("j1", [JobState.queued], JobState.cancelled, NewEvent("job_cancelled")))
+        late = yield ensureDeferred(store.append_worker_event("j1", 2, 2, NewEvent("stage_progress")))
+        self.assertIsNone(late)
+        self.assertEqual([e.event for e in (yield ensureDeferred(store.events("j1")))][-1], "job_cancelled")
 
     def test_packed_record_is_much_smaller(self):
         """A finished job's packed bytes are a small fraction of its JSON (events and all)."""
