@@ -246,6 +246,7 @@ class MemoryJobStore(JobStore):
         if record.state.terminal:
             self._finished(record.id)
         self._settle(record.id, job)
+        self._enforce_bound()
         return job.record
 
     async def get(self, job_id: str, *, with_events: bool = False) -> JobRecord | None:
