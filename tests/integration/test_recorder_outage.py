@@ -65,6 +65,7 @@ class WorkerStoreOutage(unittest.TestCase):
         port = free_port()
         proc = start_omnirt(self, ["worker", "--port", str(port), "--worker-id", "w1", "--backend", "cpu-stub",
                                    "--redis-url", self.redis.url()], port, name="worker")
+        proc.wait_until(lambda: "listening on" in proc.log(), timeout=60, what="listening line")
         job_id = "job-outage-1"
         request = GenerateRequest(task="text2image", model="sdxl-base-1.0", backend="cpu-stub",
                                   inputs={"prompt": "a lighthouse"},
@@ -83,6 +84,10 @@ class WorkerStoreOutage(unittest.TestCase):
 
         def progressed(n):
             async def check():
+                if running.called:  # the run ended early: say why
+                    ended = []
+                    running.addBoth(ended.append)
+                    self.fail(f"the run ended before {n} progress events: {ended[0]!r}; log: {proc.log()[-2000:]}")
                 return sum(u.event == "stage_progress" for u in updates) >= n
             return check
 
