@@ -207,7 +207,8 @@ class GatewayService(OrderedService):
         else:
             pool = threadpool if threadpool is not None else self.reactor.getThreadPool()
             self.artifacts = ArtifactStore(config.artifact_dir, self.reactor, pool)
-            raw = MemoryJobStore(self.clock, retention_s=config.job_retention_s, artifacts=self.artifacts)
+            raw = MemoryJobStore(self.clock, retention_s=config.job_retention_s, artifacts=self.artifacts,
+                                 max_bytes=config.job_store_max_bytes, registry=self.metrics.registry)
             self.store_label = "memory"
         #: the outbox throttles progress webhooks per job (latest progress wins)
         raw.webhook_progress_interval_ms = config.webhooks.progress_interval_ms
