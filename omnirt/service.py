@@ -349,6 +349,8 @@ class GatewayService(OrderedService):
         await self.site.when_idle(ANSWER_GRACE_S)
 
     async def _stop_dispatcher(self) -> None:
+        # worker events still waiting for the store get the grace, then are counted as lost
+        await Deferred.fromCoroutine(self.dispatcher.writes.flush(ANSWER_GRACE_S))
         await self.dispatcher.tasks.wait(self.clock, ANSWER_GRACE_S)
 
     async def _stop_workers(self) -> None:
