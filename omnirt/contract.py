@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from omnirt.webhooks.urls import check_url_syntax
+from omnirt.webhooks.urls import WEBHOOK_URL_PATTERN, check_url_syntax
 
 SCHEMA_VERSION = "1"
 
@@ -86,6 +86,13 @@ class AdapterRef(_Strict):
 class GenerateRequest(_Strict):
     """``POST /v1/generate`` and ``POST /v1/jobs`` body; also what a worker receives."""
 
+    # the schema says what _filter_needs_webhook enforces: a filter only with a webhook URL
+    model_config = ConfigDict(extra="forbid", json_schema_extra={
+        "if": {"required": ["webhook_events_filter"],
+               "properties": {"webhook_events_filter": {"type": "array"}}},
+        "then": {"required": ["webhook"], "properties": {"webhook": {"type": "string"}}},
+    })
+
     task: str = Field(min_length=1, description="text2image or image2image")
     model: str = Field(min_length=1, description="model id, e.g. sdxl-base-1.0")
     backend: str = Field("auto", description="auto | cuda | ascend | cpu | cpu-stub")
@@ -94,9 +101,10 @@ class GenerateRequest(_Strict):
     adapters: list[AdapterRef] | None = None
     async_run: bool = False
     routing_tags: list[str] = Field(default_factory=list)
-    webhook: str | None = Field(None, description="http(s) URL that receives signed job webhooks")
+    webhook: str | None = Field(None, description="http(s) URL that receives signed job webhooks",
+                                json_schema_extra={"pattern": WEBHOOK_URL_PATTERN, "maxLength": 2048})
     webhook_events_filter: list[Literal["start", "progress", "output", "completed"]] | None = Field(
-        None, description="webhook kinds to send (default: completed)")
+        None, description="webhook kinds to send (default: completed)", json_schema_extra={"minItems": 1})
 
     @field_validator("webhook")
     @classmethod

@@ -216,7 +216,8 @@ class GatewayService(OrderedService):
         else:
             pool = threadpool if threadpool is not None else self.reactor.getThreadPool()
             self.artifacts = ArtifactStore(config.artifact_dir, self.reactor, pool)
-            raw = MemoryJobStore(self.clock, retention_s=config.job_retention_s, artifacts=self.artifacts)
+            raw = MemoryJobStore(self.clock, retention_s=config.job_retention_s, artifacts=self.artifacts,
+                                 max_bytes=config.job_store_max_bytes, registry=self.metrics.registry)
             self.store_label = "memory"
         #: the outbox throttles progress webhooks per job (latest progress wins)
         raw.webhook_progress_interval_ms = config.webhooks.progress_interval_ms
@@ -363,6 +364,8 @@ class GatewayService(OrderedService):
         await self.site.when_idle(ANSWER_GRACE_S)
 
     async def _stop_dispatcher(self) -> None:
+        # worker events still waiting for the store get the grace, then are counted as lost
+        await Deferred.fromCoroutine(self.dispatcher.writes.flush(ANSWER_GRACE_S))
         await self.dispatcher.tasks.wait(self.clock, ANSWER_GRACE_S)
 
     async def _stop_workers(self) -> None:

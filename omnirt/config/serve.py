@@ -13,6 +13,9 @@ from omnirt.config.flags import ConfigError, add_model_path_arg, parse_model_pat
 from omnirt.registry import DEFAULT_ALLOWED_TIERS, TIERS
 from omnirt.webhooks.settings import WebhookSettings
 
+#: the memory store's default byte bound on finished jobs (``--job-store-max-bytes``)
+DEFAULT_JOB_STORE_MAX_BYTES = 256 << 20
+
 
 def add_arguments(p) -> None:
     """The flags of ``omnirt serve``."""
@@ -61,6 +64,9 @@ def add_arguments(p) -> None:
     p.add_argument("--max-body-bytes", type=int, default=32 * 1024 * 1024)
     p.add_argument("--shutdown-grace-s", type=float, default=30.0)
     p.add_argument("--job-retention-s", type=float, default=86400.0)
+    p.add_argument("--job-store-max-bytes", type=int, default=None,
+                   help="memory store: bytes finished jobs may take, oldest evicted first "
+                        "(default 256 MiB; 0 = no byte bound)")
     p.add_argument("--max-attempts", type=int, default=3, help="dispatch attempts per job across workers")
     p.add_argument("--health-interval-s", type=float, default=2.0)
     p.add_argument("--health-failure-threshold", type=int, default=2)
@@ -120,7 +126,10 @@ class GatewayConfig:
     max_body_bytes: int = 32 * 1024 * 1024
     shutdown_grace_s: float = 30.0
     job_retention_s: float = 86400.0
-    retention_sweep_s: float = 60.0
+    #: seconds between retention sweeps (None: the store's own rate, derived from the retention)
+    retention_sweep_s: float | None = None
+    #: bytes the memory store's finished jobs may take, oldest evicted first (None: no byte bound)
+    job_store_max_bytes: int | None = DEFAULT_JOB_STORE_MAX_BYTES
     max_attempts: int = 3
     health_interval_s: float = 2.0
     health_failure_threshold: int = 2
@@ -199,7 +208,8 @@ class GatewayConfig:
             artifact_dir=args.artifact_dir or default_artifact_dir(), model_paths=parse_model_paths(args.model_path),
             adapter_dirs=_adapter_dirs(args.adapter_dir),
             max_body_bytes=args.max_body_bytes, shutdown_grace_s=args.shutdown_grace_s,
-            job_retention_s=args.job_retention_s, max_attempts=args.max_attempts,
+            job_retention_s=args.job_retention_s, job_store_max_bytes=_job_store_max_bytes(args),
+            max_attempts=args.max_attempts,
             health_interval_s=args.health_interval_s, health_failure_threshold=args.health_failure_threshold,
             keepalive_s=args.keepalive_s, worker_idle_timeout_s=args.worker_idle_timeout_s,
             redis_url=redis["url"], redis_namespace=args.redis_namespace,
@@ -228,6 +238,16 @@ def _check_numbers(args) -> None:
         raise ConfigError("--max-jobs-per-key must be at least 1")
     if not 0 <= args.port <= 65535:
         raise ConfigError(f"--port must be 0..65535 (got {args.port})")
+    if args.job_store_max_bytes is not None and (args.job_store_max_bytes < 0 or args.redis_url):
+        raise ConfigError("--job-store-max-bytes must be >= 0 and bounds the memory store "
+                          "(not --redis-url: Redis's maxmemory does)")
+
+
+def _job_store_max_bytes(args) -> int | None:
+    """--job-store-max-bytes: unset -> the default bound, 0 -> no byte bound."""
+    if args.job_store_max_bytes is None:
+        return DEFAULT_JOB_STORE_MAX_BYTES
+    return args.job_store_max_bytes or None
 
 
 def _public_url(value: str | None) -> str | None:

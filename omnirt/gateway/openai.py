@@ -4,17 +4,26 @@ from __future__ import annotations
 
 import base64
 import time
-from typing import Any
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from omnirt.contract import ContractError, GenerateRequest, JobState, RequestInvalid, problems_from_pydantic
 from omnirt.gateway.edge import listening_url, parse_json_body
 from omnirt.gateway.errors import HTTPError, error_response
 from omnirt.gateway.views import OpenAIImage, OpenAIImagesResponse
+from omnirt.registry import MAX_IMAGES, MAX_SIDE, MAX_STEPS, SIZE_MULTIPLE
 
 SIZE_PATTERN = r"^[0-9]{1,5}x[0-9]{1,5}$"
+#: what the document says of ``size``: each side a multiple of SIZE_MULTIPLE up to MAX_SIDE (the
+#: model checks the form, the registry the numbers, with their own clear messages)
+_SIDES = "|".join(str(v) for v in range(SIZE_MULTIPLE, MAX_SIDE + 1, SIZE_MULTIPLE))
+DOCUMENTED_SIZE_PATTERN = f"^(?:{_SIDES})x(?:{_SIDES})$"
 QUALITY_PRESETS = {"standard": None, "auto": None, "low": "fast", "medium": "balanced", "high": "quality", "hd": "quality"}
+
+
+#: integer fields: JSON Schema's ``integer`` includes 1.0 (never ``true`` or ``"1"``)
+_INTEGER_FIELDS = ("n", "seed", "num_inference_steps")
 
 
 class OpenAIImagesRequest(BaseModel):
@@ -24,17 +33,31 @@ class OpenAIImagesRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     prompt: str = Field(min_length=1)
-    model: str = "sdxl-base-1.0"
-    n: int = Field(1, ge=1, le=4)
-    size: str = Field("1024x1024", pattern=SIZE_PATTERN, description="WIDTHxHEIGHT in pixels, e.g. 1024x1024")
+    model: str = Field("sdxl-base-1.0", min_length=1)
+    n: int = Field(1, ge=1, le=MAX_IMAGES)
+    size: str = Field("1024x1024", pattern=SIZE_PATTERN,
+                      description=f"WIDTHxHEIGHT in pixels, e.g. 1024x1024; each side a multiple of {SIZE_MULTIPLE} "
+                                  f"up to {MAX_SIDE}", json_schema_extra={"pattern": DOCUMENTED_SIZE_PATTERN})
     response_format: str = Field("url", pattern="^(url|b64_json)$")
-    quality: str | None = None
+    quality: Literal["standard", "auto", "low", "medium", "high", "hd"] | None = None
     user: str | None = None
     # OmniRT extensions
     negative_prompt: str | None = None
-    seed: int | None = None
-    num_inference_steps: int | None = None
-    guidance_scale: float | None = None
+    seed: Annotated[int, Field(ge=0, le=2**63 - 1)] | None = None
+    num_inference_steps: Annotated[int, Field(ge=1, le=MAX_STEPS)] | None = None
+    guidance_scale: Annotated[float, Field(ge=0, le=50)] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _integral_floats(cls, data: Any) -> Any:
+        """A float with no fraction in an integer field is that integer, as JSON Schema says."""
+        if isinstance(data, dict) and any(isinstance(data.get(k), float) for k in _INTEGER_FIELDS):
+            data = dict(data)
+            for key in _INTEGER_FIELDS:
+                value = data.get(key)
+                if isinstance(value, float) and value.is_integer():
+                    data[key] = int(value)
+        return data
 
 
 def _openai_error(request, status: int, message: str, code: str, headers: dict[str, str] | None = None) -> bytes:

@@ -116,7 +116,7 @@ def openapi_document() -> dict[str, Any]:
             "get": {"summary": "a job: state, result (output URLs first), ..., request, events last", "parameters": [
                 JOB_ID, {"name": "events", "in": "query", "description": "false: a light record without the events",
                          "schema": {"type": "boolean", "default": True}}],
-                    "responses": {"200": _json(JobView, "the job"), **_errors(401, 404)}},
+                    "responses": {"200": _json(JobView, "the job"), **_errors(400, 401, 404)}},
             "delete": {"summary": "cancel: queued -> cancelled, running -> cancelling", "parameters": [JOB_ID],
                        "responses": {"200": _json(JobView, "cancelled or cancelling"), **_errors(401, 404, 409)}}},
         "/v1/jobs/{job_id}/events": {"get": {

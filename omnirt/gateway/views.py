@@ -5,14 +5,14 @@ describes what is really sent (tests/integration/test_openapi_live.py checks rea
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 # the job bodies live with the record (the webhook deliverer, below the gateway, sends the same body)
 from omnirt.contract import JobEvent, JobSummary, JobView, job_body
 from omnirt.registry import ModelSpec
-from omnirt.webhooks.model import DeliveryView
+from omnirt.webhooks.model import WEBHOOK_ID_PATTERN, DeliveryView
 from omnirt.workers.pool import HEALTHY
 
 __all__ = [
@@ -158,7 +158,8 @@ class RedeliverRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    ids: list[str] | None = Field(None, description="webhook-ids to send again (default: every settled one)")
+    ids: list[Annotated[str, Field(pattern=WEBHOOK_ID_PATTERN)]] | None = Field(
+        None, description="webhook-ids to send again (default: every settled one)")
 
 
 # -- trace view --------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import dataclasses
 from collections.abc import Callable
 
 from twisted.application.internet import TimerService
-from twisted.internet.defer import CancelledError, Deferred, DeferredLock
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.python import log
 from twisted.python.failure import Failure
@@ -18,7 +18,8 @@ from twisted.python.failure import Failure
 from omnirt.contract import GenerateRequest, JobRecord, JobState
 from omnirt.jobs.transitions import JobTransitions
 from omnirt.store.artifacts import ArtifactStore, RedisArtifactStore
-from omnirt.store.base import JobStore, StoreUnavailable
+from omnirt.store.base import JobStore, NewEvent, StoreUnavailable
+from omnirt.store.ordered import OrderedWrites, WriteMetrics
 from omnirt.store.outcomes import store_outputs
 from omnirt.store.previews import store_preview
 from omnirt.tasks import Tasks
@@ -68,37 +69,38 @@ class RunningJob:
 
 
 class EventWriter:
-    """Appends a job's worker events to the store strictly in arrival order."""
+    """Appends a job's worker events to the store strictly in arrival order; while the store
+    cannot be reached they wait (bounded, ``omnirt.store.ordered``) and are retried with a
+    backoff, so none is skipped and no later one overtakes it."""
 
     def __init__(self, transitions: JobTransitions, job_id: str, attempt: int,
-                 on_event: Callable[[WorkerUpdate], None], tasks: Tasks,
+                 on_event: Callable[[WorkerUpdate], None], writes: OrderedWrites,
                  artifacts: ArtifactStore | RedisArtifactStore | None = None):
         self._transitions = transitions
-        self._tasks = tasks
         #: where a step preview's bytes are stored before its event is (None: previews are kept inline)
         self._artifacts = artifacts
         self._job_id = job_id
         self._attempt = attempt
         self._index = 0
-        self._lock = DeferredLock()
+        self._lane = writes.lane(job_id, self._append)
         self._on_event = on_event
 
     def push(self, update: WorkerUpdate) -> None:
         self._on_event(update)
         self._index += 1
-        index = self._index
-        d = self._lock.run(lambda: Deferred.fromCoroutine(self._append(index, update)))
-        self._tasks.track(d, f"could not record event {update.event} of job {self._job_id}")
+        self._lane.event(self._index, NewEvent(update.event, update.stage, update.data))
 
-    async def _append(self, index: int, update: WorkerUpdate) -> None:
-        if self._artifacts is not None and "preview_b64" in update.data:
+    async def _append(self, index: int, event: NewEvent) -> None:
+        data = event.data
+        if self._artifacts is not None and "preview_b64" in data:
             # the preview's bytes become an artifact; the event stores its url and sha256
-            update = dataclasses.replace(update, data=await store_preview(self._artifacts, update.data))
-        await self._transitions.progress(self._job_id, self._attempt, index, update)
+            data = await store_preview(self._artifacts, data)
+        await self._transitions.progress(self._job_id, self._attempt, index,
+                                         WorkerUpdate(event.event, event.stage, data))
 
     def drain(self) -> Deferred:
-        """Fires once every pushed event is stored."""
-        return self._lock.run(lambda: None)
+        """Fires once every pushed event is stored (or given up at shutdown)."""
+        return self._lane.drained()
 
 
 class Dispatcher:
@@ -123,6 +125,9 @@ class Dispatcher:
         self.tracing = self.transitions.tracing
         #: fire-and-forget work (dispatches, event writes) that shutdown waits for
         self.tasks = tasks if tasks is not None else Tasks()  # an empty Tasks is falsy
+        #: the worker events on their way to the store, in order per job, retried while it is away
+        self.writes = OrderedWrites(clock, label="the gateway's worker-event writes",
+                                    metrics=WriteMetrics(metrics.registry, "omnirt_gateway_store", "the gateway"))
         self.store = store
         self.pool = pool
         self.artifacts = artifacts
@@ -240,7 +245,7 @@ class Dispatcher:
             observe(update)
             running.started = running.started or observe.started()
 
-        writer = EventWriter(self.transitions, q.job_id, attempt, on_event, self.tasks, self.artifacts)
+        writer = EventWriter(self.transitions, q.job_id, attempt, on_event, self.writes, self.artifacts)
         job = WorkerJob(
             job_id=q.job_id,
             request=record.request,

@@ -54,7 +54,7 @@ class JobService:
         allowed_tiers: tuple[str, ...] = DEFAULT_ALLOWED_TIERS,
         max_queue: int = 1000,
         default_backend: str = "auto",
-        retention_sweep_s: float = 60.0,
+        retention_sweep_s: float | None = None,
         max_jobs_per_principal: int | None = None,
         adapter_check: AdapterDirs | None = None,
     ):
@@ -73,7 +73,10 @@ class JobService:
         #: omnirt.engine.adapters.AdapterDirs of the in-process engine when it is the only worker
         #: (adapters then get their 400 here); None when workers check their own folders
         self.adapter_check = adapter_check
-        #: the retention sweep (periodic; a child of the gateway's service tree)
+        #: the retention sweep (periodic; a child of the gateway's service tree), at the store's
+        #: own rate when it derives one from its retention (the memory store: retention/10)
+        if retention_sweep_s is None:
+            retention_sweep_s = getattr(store, "sweep_interval_s", 60.0)
         self.sweep = TimerService(retention_sweep_s, lambda: Deferred.fromCoroutine(self.expire()))
         self.sweep.clock = clock
 

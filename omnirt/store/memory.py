@@ -1,14 +1,31 @@
-"""In-process JobStore: the default for one gateway. Bounded: terminal jobs expire after the
-retention, and at most ``max_terminal_jobs`` finished jobs are kept (oldest dropped first).
-With an artifact store, the files a job names (its outputs and its step previews) go when the last
-job naming them is dropped."""
+"""In-process JobStore: the default for one gateway.
+
+Bounded three ways: terminal jobs expire after the retention (swept every ``sweep_interval_s``,
+a tenth of the retention, at most a minute), at most ``max_terminal_jobs`` finished jobs are
+kept, and their packed size stays under ``max_bytes`` (oldest finished jobs are evicted first;
+``evictions`` counts them by reason). With an artifact store, the files a job names (its outputs
+and its step previews) go when the last job naming them is dropped.
+
+Compaction: once a job is terminal its record and events are kept as ONE packed ``bytes`` (the
+record's JSON and the events' JSON, each zlib-compressed) instead of pydantic objects: about a
+twentieth of the memory, and a few large allocations the allocator can hand back to the system
+when they go (the store calls ``malloc_trim`` after dropping many). The packing is lossless:
+``get`` (with or without events), ``list``, ``events`` and ``subscribe`` answer exactly what they
+answered before the job finished; a rare write to a finished job unpacks it, applies, repacks.
+``compact=False`` keeps the objects (the representation before, for benchmarks)."""
 
 from __future__ import annotations
 
-from collections import OrderedDict
+import ctypes
+import ctypes.util
+import struct
+import sys
+import zlib
+from collections import Counter, OrderedDict
 from collections.abc import Collection
 from typing import Any
 
+from pydantic import TypeAdapter
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.interfaces import IReactorTime
 from twisted.python import log
@@ -18,14 +35,113 @@ from omnirt.store.base import EventCallback, JobNotFound, JobStore, NewEvent, Su
 from omnirt.store.memory_outbox import MemoryOutbox
 from omnirt.webhooks.model import OutboxEntry
 
+_EVENTS = TypeAdapter(list[JobEvent])
+_LEN = struct.Struct("<I")
+#: what a retained finished job costs besides its packed bytes (dict slots, the _Job, its id and
+#: header strings), counted towards ``max_bytes``
+JOB_OVERHEAD_BYTES = 400
+#: freed packed bytes after which the store asks the allocator to return memory to the system
+TRIM_AFTER_BYTES = 8 << 20
+#: the orphan-artifact sweep (a directory walk) runs at most this often, whatever the retention
+ARTIFACT_SWEEP_S = 60.0
+
+
+def _libc_trim():
+    """glibc's ``malloc_trim`` (returns free heap pages to the system), or None elsewhere."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):
+        return None
+    trim.argtypes = [ctypes.c_size_t]
+    trim.restype = ctypes.c_int
+    return trim
+
+
+_MALLOC_TRIM = _libc_trim()
+
+
+def sweep_interval_for(retention_s: float) -> float:
+    """How often retention should be swept: a job goes at most ~10% after its retention ends
+    (retention 5 s -> every 0.5 s), never more often than 4 times a second, at least once a minute."""
+    return min(60.0, max(0.25, retention_s / 10.0))
+
+
+def pack(record: JobRecord, events: list[JobEvent]) -> bytes:
+    head = zlib.compress(record.model_dump_json(exclude={"events"}).encode(), 1)
+    tail = zlib.compress(_EVENTS.dump_json(events), 1)
+    return _LEN.pack(len(head)) + head + tail
+
+
+def unpack_record(blob: bytes) -> JobRecord:
+    (n,) = _LEN.unpack_from(blob)
+    return JobRecord.model_validate_json(zlib.decompress(blob[4:4 + n]))
+
+
+def unpack_events(blob: bytes) -> list[JobEvent]:
+    (n,) = _LEN.unpack_from(blob)
+    return _EVENTS.validate_json(zlib.decompress(blob[4 + n:]))
+
 
 class _Job:
-    __slots__ = ("record", "events", "listeners")
+    """One job: live (``record`` + ``events`` objects) or, once finished, ``packed`` bytes; the
+    header (state, model) answers ``list`` filters without unpacking."""
+
+    __slots__ = ("_record", "_events", "packed", "listeners", "state", "model", "idempotency_key", "marks",
+                 "outputs")
 
     def __init__(self, record: JobRecord):
-        self.record = record
-        self.events: list[JobEvent] = []
+        self._record: JobRecord | None = record
+        self._events: list[JobEvent] | None = []
+        self.packed: bytes | None = None
         self.listeners: list[_MemorySubscription] = []
+        self.state = record.state
+        self.model = sys.intern(record.request.model)  # one string per model, not per job
+        self.idempotency_key = record.idempotency_key
+        #: attempt -> the highest worker event index stored (append_worker_event)
+        self.marks: dict[int, int] | None = None
+        #: sha256 of the artifacts this job references in the artifact store (its outputs and the
+        #: step previews its events announce): kept beside the packed bytes, so dropping a job
+        #: releases them without unpacking it
+        self.outputs: tuple[str, ...] = ()
+
+    @property
+    def record(self) -> JobRecord:
+        if self._record is not None:
+            return self._record
+        assert self.packed is not None
+        return unpack_record(self.packed)
+
+    @record.setter
+    def record(self, record: JobRecord) -> None:
+        self.thaw()
+        self._record = record
+        self.state = record.state
+
+    @property
+    def events(self) -> list[JobEvent]:
+        """The events (a fresh list when packed: read it, do not append to it)."""
+        if self._events is not None:
+            return self._events
+        assert self.packed is not None
+        return unpack_events(self.packed)
+
+    def thaw(self) -> None:
+        """Back to objects (before a write)."""
+        if self.packed is not None:
+            self._record = unpack_record(self.packed)
+            self._events = unpack_events(self.packed)
+            self.packed = None
+
+    def freeze(self) -> int:
+        """To packed bytes; returns their size."""
+        if self.packed is None:
+            assert self._record is not None and self._events is not None
+            self.packed = pack(self._record, self._events)
+            self._record = None
+            self._events = None
+            self.marks = None  # a finished job takes no more worker events
+        return len(self.packed)
 
 
 class _MemorySubscription(Subscription):
@@ -50,8 +166,21 @@ class MemoryJobStore(JobStore):
     idem_pending_grace_s = 30.0
 
     def __init__(self, clock: IReactorTime, *, retention_s: float = 86400.0, max_terminal_jobs: int = 100_000,
-                 artifacts=None):
+                 artifacts=None, max_bytes: int | None = None, compact: bool = True, registry=None):
         self._clock = clock
+        #: keep finished jobs packed (see the module docstring); False: as objects, no byte bound
+        self.compact = compact
+        #: bound on the finished jobs' packed bytes (+ JOB_OVERHEAD_BYTES each); None = no bound
+        self.max_bytes = max_bytes
+        #: bytes the retained finished jobs take (packed + overhead); 0 when not compact
+        self.terminal_bytes = 0
+        #: finished jobs dropped, by reason: retention | count | bytes
+        self.evictions: Counter[str] = Counter()
+        #: finished job id -> the bytes it counts for
+        self._sizes: dict[str, int] = {}
+        self._freed_since_trim = 0
+        self.trims = 0
+        self._artifact_swept_at: float | None = None
         #: omnirt.store.artifacts.ArtifactStore whose files expire with the jobs, or None
         self.artifacts = artifacts
         #: sha256 -> {job id: the artifact store's reference token}
@@ -69,6 +198,13 @@ class MemoryJobStore(JobStore):
         #: by ``expire`` after ``idem_pending_grace_s``
         self._pending_claims: OrderedDict[str, tuple[str, float]] = OrderedDict()
         self._outbox = MemoryOutbox(clock)
+        if registry is not None:
+            registry.register(_StoreCollector(self))
+
+    @property
+    def sweep_interval_s(self) -> float:
+        """How often the owner should call ``expire`` (derived from the retention)."""
+        return sweep_interval_for(self.retention_s)
 
     def _now_ms(self) -> int:
         return int(self._clock.seconds() * 1000)
@@ -80,25 +216,36 @@ class MemoryJobStore(JobStore):
         return job
 
     def _append(self, job: _Job, event: NewEvent) -> JobEvent:
+        job.thaw()
+        assert job._events is not None
         stored = JobEvent(
-            seq=len(job.events) + 1,
+            seq=len(job._events) + 1,
             event=event.event,
             stage=event.stage,
             timestamp_ms=self._now_ms(),
             data=dict(event.data),
         )
-        job.events.append(stored)
-        self._outbox.on_event(job.record.id, stored)  # same step as the append: no event without its webhooks
+        job._events.append(stored)
+        job_id = job.record.id
+        self._outbox.on_event(job_id, stored)  # same step as the append: no event without its webhooks
         preview = stored.data.get("preview_sha256")
         if isinstance(preview, str) and preview:
-            self._reference(preview, job.record.id)
+            self._reference(job, job_id, preview)
         for sub in list(job.listeners):
             if not sub.closed:
                 try:
                     sub.on_event(stored)
                 except Exception:
-                    log.err(None, f"event subscriber of job {job.record.id} failed")
+                    log.err(None, f"event subscriber of job {job_id} failed")
         return stored
+
+    def _settle(self, job_id: str, job: _Job) -> None:
+        """After a write: a finished job goes (back) to packed bytes and counts towards the bound."""
+        if not (self.compact and job.state.terminal and job_id in self._jobs):
+            return
+        size = job.freeze() + JOB_OVERHEAD_BYTES
+        self.terminal_bytes += size - self._sizes.get(job_id, 0)
+        self._sizes[job_id] = size
 
     async def create(self, record: JobRecord, event: NewEvent) -> JobRecord:
         if record.id in self._jobs:
@@ -107,6 +254,10 @@ class MemoryJobStore(JobStore):
         self._jobs[record.id] = job
         self._outbox.created(record, self.webhook_progress_interval_ms)
         self._append(job, event)
+        if record.state.terminal:
+            self._finished(record.id)
+        self._settle(record.id, job)
+        self._enforce_bound()
         return job.record
 
     async def get(self, job_id: str, *, with_events: bool = False) -> JobRecord | None:
@@ -120,12 +271,11 @@ class MemoryJobStore(JobStore):
     async def list(self, *, state: JobState | None = None, model: str | None = None, limit: int = 50) -> list[JobRecord]:
         out: list[JobRecord] = []
         for job in reversed(self._jobs.values()):  # dicts keep insertion order: newest last
-            rec = job.record
-            if state is not None and rec.state != state:
+            if state is not None and job.state != state:
                 continue
-            if model is not None and rec.request.model != model:
+            if model is not None and job.model != model:
                 continue
-            out.append(rec)
+            out.append(job.record)
             if len(out) >= limit:
                 break
         return out
@@ -139,7 +289,7 @@ class MemoryJobStore(JobStore):
         fields: dict[str, Any] | None = None,
     ) -> JobRecord | None:
         job = self._job(job_id)
-        current = job.record.state
+        current = job.state
         if current not in expected:
             return None
         check_transition(current, target)
@@ -147,13 +297,15 @@ class MemoryJobStore(JobStore):
         update["state"] = target
         job.record = job.record.model_copy(update=update)
         if "result" in update:
-            self._reference_outputs(job.record)
-        if target.terminal:
-            self._terminal[job_id] = self._clock.seconds()
-            self._enforce_bound()
+            self._reference_outputs(job, job.record)
         if event is not None:
             self._append(job, event)
-        return job.record
+        record = job.record
+        if target.terminal:
+            self._finished(job_id)
+        self._settle(job_id, job)
+        self._enforce_bound()
+        return record
 
     async def update(self, job_id: str, fields: dict[str, Any], event: NewEvent | None = None) -> JobRecord | None:
         job = self._jobs.get(job_id)
@@ -163,13 +315,31 @@ class MemoryJobStore(JobStore):
             raise ValueError("state changes go through transition()")
         job.record = job.record.model_copy(update=fields)
         if "result" in fields:
-            self._reference_outputs(job.record)
+            self._reference_outputs(job, job.record)
         if event is not None:
             self._append(job, event)
-        return job.record
+        record = job.record
+        self._settle(job_id, job)
+        self._enforce_bound()
+        return record
 
     async def append_event(self, job_id: str, event: NewEvent) -> JobEvent:
-        return self._append(self._job(job_id), event)
+        job = self._job(job_id)
+        stored = self._append(job, event)
+        self._settle(job_id, job)
+        self._enforce_bound()
+        return stored
+
+    async def append_worker_event(self, job_id: str, attempt: int, index: int, event: NewEvent) -> JobEvent | None:
+        job = self._job(job_id)
+        if job.state.terminal:
+            return None  # the terminal event stays the last one
+        marks = job.marks if job.marks is not None else {}
+        if index <= marks.get(attempt, 0):
+            return None  # the other writer (gateway or worker) stored it already
+        marks[attempt] = index
+        job.marks = marks
+        return await self.append_event(job_id, event)
 
     async def events(self, job_id: str, after_seq: int = 0) -> list[JobEvent]:
         return list(self._job(job_id).events[max(after_seq, 0):])
@@ -212,42 +382,36 @@ class MemoryJobStore(JobStore):
 
     # -- artifacts that expire with their jobs -------------------------------------------------
 
-    def _reference(self, sha256: str, job_id: str) -> None:
-        if self.artifacts is not None:
-            self._artifact_refs.setdefault(sha256, {})[job_id] = self.artifacts.reference(sha256)
+    def _reference(self, job: _Job, job_id: str, sha256: str) -> None:
+        if self.artifacts is None:
+            return
+        self._artifact_refs.setdefault(sha256, {})[job_id] = self.artifacts.reference(sha256)
+        if sha256 not in job.outputs:
+            job.outputs += (sha256,)
 
-    def _reference_outputs(self, record: JobRecord) -> None:
+    def _reference_outputs(self, job: _Job, record: JobRecord) -> None:
         if record.result is None:
             return
         for artifact in record.result.outputs:
             if artifact.sha256:
-                self._reference(artifact.sha256, record.id)
+                self._reference(job, record.id, artifact.sha256)
 
-    @staticmethod
-    def _artifact_hashes(job: _Job) -> list[str]:
-        """Every artifact a job names: its outputs, and the step previews its events announce
-        (``preview_sha256``)."""
-        hashes = [a.sha256 for a in job.record.result.outputs if a.sha256] if job.record.result else []
-        hashes += [e.data["preview_sha256"] for e in job.events if isinstance(e.data.get("preview_sha256"), str)]
-        return list(dict.fromkeys(hashes))
-
-    def _release_artifacts(self, job: _Job) -> None:
+    def _release_artifacts(self, job_id: str, job: _Job) -> None:
         if self.artifacts is None:
             return
-        record = job.record
         unreferenced = []
-        for sha in self._artifact_hashes(job):
-            refs = self._artifact_refs.get(sha)
-            if refs is None or record.id not in refs:
+        for sha256 in job.outputs:
+            refs = self._artifact_refs.get(sha256)
+            if refs is None or job_id not in refs:
                 continue
-            token = refs.pop(record.id)
+            token = refs.pop(job_id)
             if not refs:
-                del self._artifact_refs[sha]
-                unreferenced.append((sha, token))
+                del self._artifact_refs[sha256]
+                unreferenced.append((sha256, token))
         if unreferenced:
             d = self.artifacts.discard(unreferenced)
             self._discarding.add(d)
-            d.addErrback(log.err, f"deleting the artifacts of job {record.id} failed")
+            d.addErrback(log.err, f"deleting the artifacts of job {job_id} failed")
             d.addBoth(lambda _: self._discarding.discard(d))
 
     async def close(self) -> None:
@@ -278,38 +442,93 @@ class MemoryJobStore(JobStore):
     async def webhook_outbox_depth(self) -> int:
         return self._outbox.depth()
 
-    def _drop(self, job_id: str) -> None:
+    # -- bounds ----------------------------------------------------------------------------------
+
+    def _finished(self, job_id: str) -> None:
+        self._terminal[job_id] = self._clock.seconds()
+
+    def _drop(self, job_id: str, reason: str) -> None:
         job = self._jobs.pop(job_id, None)
         self._terminal.pop(job_id, None)
+        size = self._sizes.pop(job_id, 0)
+        self.terminal_bytes -= size
+        self._freed_since_trim += size
         if job is None:
             return
+        self.evictions[reason] += 1
         self._outbox.dropped(job_id)
-        self._release_artifacts(job)
+        self._release_artifacts(job_id, job)
         for sub in list(job.listeners):
             sub.close()
-        key = job.record.idempotency_key
+        key = job.idempotency_key
         if key is not None and self._idempotency.get(key, ("",))[0] == job_id:
             del self._idempotency[key]
             self._pending_claims.pop(key, None)
 
     def _enforce_bound(self) -> None:
         while len(self._terminal) > self.max_terminal_jobs:
-            oldest = next(iter(self._terminal))
-            self._drop(oldest)
+            self._drop(next(iter(self._terminal)), "count")
+        if self.max_bytes is not None:
+            while self._terminal and self.terminal_bytes > self.max_bytes:
+                self._drop(next(iter(self._terminal)), "bytes")
+        self._maybe_trim()
+
+    def _maybe_trim(self) -> None:
+        """After many finished jobs went, hand the freed heap back to the system (glibc)."""
+        if self._freed_since_trim < TRIM_AFTER_BYTES:
+            return
+        self._freed_since_trim = 0
+        if _MALLOC_TRIM is not None:
+            _MALLOC_TRIM(0)
+            self.trims += 1
 
     async def expire(self) -> int:
         self._expire_pending_claims()
-        cutoff = self._clock.seconds() - self.retention_s
+        now = self._clock.seconds()
+        cutoff = now - self.retention_s
         dropped = 0
         while self._terminal:
             job_id, finished = next(iter(self._terminal.items()))
             if finished > cutoff:
                 break
-            self._drop(job_id)
+            self._drop(job_id, "retention")
             dropped += 1
-        if self.artifacts is not None:  # files no retained job names (an earlier run's, or orphans)
+        if not self.compact and dropped:
+            self._freed_since_trim += TRIM_AFTER_BYTES  # no sizes without packing: trim per sweep
+        self._maybe_trim()
+        if self.artifacts is not None and (
+                self._artifact_swept_at is None or now - self._artifact_swept_at >= ARTIFACT_SWEEP_S):
+            # files no retained job names (an earlier run's, or orphans): a directory walk, so
+            # not at every sweep of a short retention
+            self._artifact_swept_at = now
             await self.artifacts.sweep(set(self._artifact_refs), self.retention_s)
         return dropped
 
     def __len__(self) -> int:
         return len(self._jobs)
+
+
+class _StoreCollector:
+    """``omnirt_job_store_*`` series of a memory store, read at scrape time."""
+
+    def __init__(self, store: MemoryJobStore):
+        self._store = store
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        store = self._store
+        evicted = CounterMetricFamily("omnirt_job_store_evictions", "Finished jobs dropped from the memory store",
+                                      labels=["reason"])
+        for reason in ("retention", "count", "bytes"):
+            evicted.add_metric([reason], store.evictions[reason])
+        yield evicted
+        yield GaugeMetricFamily("omnirt_job_store_jobs", "Jobs held by the memory store", value=len(store))
+        yield GaugeMetricFamily("omnirt_job_store_finished_bytes",
+                                "Bytes the memory store's finished jobs take (packed, with overhead)",
+                                value=store.terminal_bytes)
+        yield GaugeMetricFamily("omnirt_job_store_max_bytes", "The memory store's byte bound (0: none)",
+                                value=store.max_bytes or 0)

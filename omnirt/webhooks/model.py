@@ -65,6 +65,10 @@ def hook_spec(record: JobRecord, progress_interval_ms: int) -> HookSpec | None:
                     progress_ms=max(0, int(progress_interval_ms)))
 
 
+#: what ``entry_id`` makes (the redelivery route refuses anything else)
+WEBHOOK_ID_PATTERN = r"^msg_[A-Za-z0-9-]+_\d+_(start|progress|output|completed)$"
+
+
 def entry_id(job_id: str, seq: int, kind: str) -> str:
     """The ``webhook-id`` of the delivery a job event makes: stable across retries and redeliveries."""
     return f"msg_{job_id}_{seq}_{kind}"

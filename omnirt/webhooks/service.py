@@ -7,11 +7,11 @@ from collections.abc import Sequence
 
 from omnirt.contract import Problem, RequestInvalid
 from omnirt.jobs.errors import JobConflict, JobNotFoundError
-from omnirt.webhooks.model import DeliveryView
+from omnirt.webhooks.model import WEBHOOK_ID_PATTERN, DeliveryView
 
 __all__ = ["WebhookService"]
 
-_ID = re.compile(r"^msg_[A-Za-z0-9-]+_\d+_(start|progress|output|completed)$")
+_ID = re.compile(WEBHOOK_ID_PATTERN)
 
 
 class WebhookService:

@@ -15,6 +15,14 @@ class WebhookURLRefused(ValueError):
     """The URL points at an address the operator has not allowed (loopback, private, link-local)."""
 
 
+#: the webhook URLs the schema documents: http(s), a host name or IPv4 literal (no credentials),
+#: an optional port 1..65535, no #fragment; loopback/private hosts are refused on top of this
+#: unless the server runs with --webhook-allow-private (``refuse_private_target``)
+WEBHOOK_URL_PATTERN = (r"^https?://[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)*"
+                       r"(:([1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5]))?"
+                       r"([/?][^#\s]*)?$")
+
+
 def check_url_syntax(url: str) -> str:
     """Return ``url`` when it is an absolute http(s) URL with a host; raise ValueError saying why not."""
     if len(url) > 2048:

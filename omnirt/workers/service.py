@@ -109,7 +109,8 @@ class StoreStep(Step):
         if problem is not None:
             await store.close()
             raise StartupError(problem)
-        self.recorder = StoreRecorder(store, self.config.worker_id, self.reactor)
+        self.recorder = StoreRecorder(store, self.config.worker_id, self.reactor,
+                                      registry=self.core.metrics.registry)
         self.core.recorder = self.recorder
         self.lease = self.recorder.lease_service()
         self.lease.startService()

@@ -216,8 +216,9 @@ class SchemaAgreementTests(EdgeTestCase):
 
     @inlineCallbacks
     def test_openai_numbers_are_numbers(self):
-        """guidance_scale: true (and n: true, seed: "1") is refused as the schema's types say."""
-        for field, value in (("guidance_scale", True), ("n", True), ("seed", "1"), ("num_inference_steps", 2.0)):
+        """guidance_scale: true (and n: true, seed: "1", steps 2.5) is refused as the schema's types
+        say (2.0 IS a JSON Schema integer, so it is accepted as 2)."""
+        for field, value in (("guidance_scale", True), ("n", True), ("seed", "1"), ("num_inference_steps", 2.5)):
             code, body, _ = yield self.h.json("POST", "/v1/images/generations",
                                               {"prompt": "p", "size": "64x64", field: value})
             self.assertEqual(code, 400, (field, body))
