@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from twisted.internet.defer import Deferred, DeferredList, succeed
@@ -25,6 +26,7 @@ from twisted.internet.task import deferLater
 from twisted.python import log
 
 from omnirt.store.base import JobNotFound, NewEvent, StoreUnavailable
+from omnirt.tasks import fire_waiter
 
 __all__ = ["FOLDABLE_EVENTS", "GAP_EVENT", "MAX_BUFFERED_EVENTS", "Lane", "OrderedWrites", "WriteMetrics"]
 
@@ -103,7 +105,7 @@ class Lane:
         if not self._draining or self._drain is None:
             return succeed(None)
         waiter: Deferred = Deferred()
-        self._drain.addBoth(lambda r: (waiter.called or waiter.callback(None), r)[1])
+        self._drain.addBoth(fire_waiter, waiter)
         return waiter
 
     def _fold(self, index: int, event: NewEvent) -> None:
@@ -205,8 +207,8 @@ class OrderedWrites:
         if self._drains:
             timer = deferLater(self.clock, timeout_s, lambda: None)
             timer.addErrback(lambda _: None)
-            await DeferredList([DeferredList(list(self._drains), consumeErrors=True), timer],
-                               fireOnOneCallback=True, consumeErrors=True)
+            waits: list[Deferred[Any]] = [DeferredList(list(self._drains), consumeErrors=True), timer]
+            await DeferredList(waits, fireOnOneCallback=True, consumeErrors=True)
             if not timer.called:
                 timer.cancel()
         self.stopping = True
