@@ -126,7 +126,7 @@ def main() -> int:
         wait_listening(run.children, "ceiling", ceiling, port)
         say("ceiling: bare Klein JSON route")
         with run.phase("ceiling"):
-            results["ceiling"] = measure_ceiling(run, f"http://127.0.0.1:{port}")
+            results["ceiling"] = measure_ceiling(run, f"http://127.0.0.1:{port}", ceiling.pid)
         retries = 0 if opts.quick else 2  # topologies measured again when other processes took the cores
         for topo in TOPOLOGIES if "topologies" in only else ():
             if run.left() < 20:
