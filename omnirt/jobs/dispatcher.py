@@ -67,7 +67,12 @@ class RunningJob:
 
 
 class EventWriter:
-    """Appends a job's worker events to the store strictly in arrival order."""
+    """Appends a job's worker events to the store strictly in arrival order.
+
+    The events that arrive while a write is under way are coalesced: the next write stores all of
+    them in one store call (one Redis round trip per burst, not per event). The first event of a
+    burst is written at once, so coalescing delays nothing; ``drain`` (which the terminal
+    transition waits for) fires once every pushed event is stored."""
 
     def __init__(self, transitions: JobTransitions, job_id: str, attempt: int,
                  on_event: Callable[[WorkerUpdate], None], tasks: Tasks, artifacts: ArtifactStore | None = None):
@@ -80,19 +85,26 @@ class EventWriter:
         self._index = 0
         self._lock = DeferredLock()
         self._on_event = on_event
+        #: events pushed and not yet taken by a write, (index, update) in order
+        self._pending: list[tuple[int, WorkerUpdate]] = []
 
     def push(self, update: WorkerUpdate) -> None:
         self._on_event(update)
         self._index += 1
-        index = self._index
-        d = self._lock.run(lambda: Deferred.fromCoroutine(self._append(index, update)))
-        self._tasks.track(d, f"could not record event {update.event} of job {self._job_id}")
+        self._pending.append((self._index, update))
+        if len(self._pending) == 1:  # the first of a burst: a write takes it and whatever follows
+            d = self._lock.run(lambda: Deferred.fromCoroutine(self._write()))
+            self._tasks.track(d, f"could not record event {update.event} of job {self._job_id}")
 
-    async def _append(self, index: int, update: WorkerUpdate) -> None:
-        if self._artifacts is not None and "preview_b64" in update.data:
-            # the preview's bytes become an artifact; the event stores its url and sha256
-            update = dataclasses.replace(update, data=await store_preview(self._artifacts, update.data))
-        await self._transitions.progress(self._job_id, self._attempt, index, update)
+    async def _write(self) -> None:
+        batch, self._pending = self._pending, []
+        if self._artifacts is not None:
+            for i, (index, update) in enumerate(batch):
+                if "preview_b64" in update.data:
+                    # the preview's bytes become an artifact; the event stores its url and sha256
+                    batch[i] = (index, dataclasses.replace(update, data=await store_preview(self._artifacts,
+                                                                                            update.data)))
+        await self._transitions.progress_many(self._job_id, self._attempt, batch)
 
     def drain(self) -> Deferred:
         """Fires once every pushed event is stored."""

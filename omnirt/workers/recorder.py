@@ -35,6 +35,8 @@ class _JobLog:
         self.index = 0
         self.lock = DeferredLock()
         self.known = True  # False once the store says the job does not exist (not a gateway job)
+        #: events reported and not yet taken by a write, (index, event, stage, data) in order
+        self.pending: list[tuple[int, str, str, dict]] = []
 
 
 class StoreRecorder:
@@ -82,11 +84,16 @@ class StoreRecorder:
         if entry is None:
             return
         entry.index += 1
-        index = entry.index
+        entry.pending.append((entry.index, event, stage, data))
+        if len(entry.pending) != 1:
+            return  # a write is already queued: it takes this event with the rest of the burst
+
         async def write():
+            batch, entry.pending = entry.pending, []
             if entry.known:
-                stored = await store_preview(self.artifacts, data)
-                await self.store.append_worker_event(job_id, entry.attempt, index, NewEvent(event, stage, stored))
+                events = [(index, NewEvent(name, where, await store_preview(self.artifacts, body)))
+                          for index, name, where, body in batch]
+                await self.store.append_worker_events(job_id, entry.attempt, events)
 
         self._queue(entry, write())
 
