@@ -15,6 +15,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.python import log
 
 from omnirt.contract import JobRecord, JobState
+from omnirt.jobs.inputs import inline_inputs
 from omnirt.jobs.outcomes import store_outputs
 from omnirt.jobs.previews import store_preview
 from omnirt.jobs.tasks import Tasks
@@ -251,18 +252,19 @@ class Dispatcher:
             running.started = running.started or observe.started()
 
         writer = EventWriter(self.transitions, q.job_id, attempt, on_event, self.tasks, self.artifacts)
-        job = WorkerJob(
-            job_id=q.job_id,
-            request=record.request,
-            attempt=attempt,
-            trace_id=record.trace_id,
-            execution_mode=record.execution_mode,
-            enqueued_at_ms=record.enqueued_at_ms,
-            trace_context=trace_context,
-        )
         outcome: RunOutcome | None = None
         error: BaseException | None = None
         try:
+            job = WorkerJob(
+                job_id=q.job_id,
+                # the record holds its input images as artifact references: the worker gets the bytes
+                request=await inline_inputs(self.artifacts, record.request),
+                attempt=attempt,
+                trace_id=record.trace_id,
+                execution_mode=record.execution_mode,
+                enqueued_at_ms=record.enqueued_at_ms,
+                trace_context=trace_context,
+            )
             running.deferred = entry.conn.run(job, writer.push)
             if running.cancel_requested_at is not None:
                 self._send_cancel(running)
