@@ -273,6 +273,8 @@ class JobService:
     async def ended_before(self, job_id: str, after_seq: int) -> bool:
         """True when the job is terminal and its terminal event is at or before ``after_seq``
         (a subscriber resuming there will get nothing more)."""
+        if after_seq <= 0:
+            return False  # every job's stream starts with job_enqueued: a fresh subscriber gets it all
         record = await self.store.get(job_id)
         if record is None or not record.state.terminal:
             return False
