@@ -269,7 +269,13 @@ class JobEvent(BaseModel):
 
     def encoded(self, kind: str, encode) -> Any:
         """``encode(self)`` the first time a transport asks for ``kind``; the same object after."""
-        cache = self._encoded
+        # straight from the private-attribute dict: ``self._encoded`` goes through pydantic's
+        # __getattr__ (an AttributeError raised and caught inside it), which costs more than the
+        # encoding it saves when a job has one subscriber
+        private = self.__pydantic_private__
+        cache = private.get("_encoded") if private is not None else None
+        if cache is None:
+            cache = self._encoded
         if kind not in cache:
             cache[kind] = encode(self)
         return cache[kind]
