@@ -11,7 +11,15 @@ import hashlib
 import json
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from omnirt.webhooks.urls import WEBHOOK_URL_PATTERN, check_url_syntax
 
@@ -261,10 +269,30 @@ class JobEvent(BaseModel):
     stage: str = "job"
     timestamp_ms: int = 0
     data: dict[str, Any] = Field(default_factory=dict)
+    #: wire encodings of this event (kind -> encoded), made once and shared by every subscriber
+    _encoded: dict[str, Any] = PrivateAttr(default_factory=dict)
 
     @property
     def terminal(self) -> bool:
         return self.event in TERMINAL_EVENT_NAMES
+
+    def json_bytes(self) -> bytes:
+        """The event as compact JSON, encoded once however many subscribers it goes to (a stored
+        event is never changed after it is made)."""
+        return self.encoded("json", lambda e: json.dumps(e.model_dump(mode="json"), separators=(",", ":")).encode())
+
+    def encoded(self, kind: str, encode) -> Any:
+        """``encode(self)`` the first time a transport asks for ``kind``; the same object after."""
+        # straight from the private-attribute dict: ``self._encoded`` goes through pydantic's
+        # __getattr__ (an AttributeError raised and caught inside it), which costs more than the
+        # encoding it saves when a job has one subscriber
+        private = self.__pydantic_private__
+        cache = private.get("_encoded") if private is not None else None
+        if cache is None:
+            cache = self._encoded
+        if kind not in cache:
+            cache[kind] = encode(self)
+        return cache[kind]
 
 
 #: JobRecord fields kept for the server's own bookkeeping, never sent to clients

@@ -126,7 +126,7 @@ def main() -> int:
         wait_listening(run.children, "ceiling", ceiling, port)
         say("ceiling: bare Klein JSON route")
         with run.phase("ceiling"):
-            results["ceiling"] = measure_ceiling(run, f"http://127.0.0.1:{port}")
+            results["ceiling"] = measure_ceiling(run, f"http://127.0.0.1:{port}", ceiling.pid)
         retries = 0 if opts.quick else 2  # topologies measured again when other processes took the cores
         for topo in TOPOLOGIES if "topologies" in only else ():
             if run.left() < 20:
@@ -215,10 +215,7 @@ def report(results: dict, opts, run: Run | None) -> int:
     if why_not and f"chart skipped: {why_not}" not in results["notes"]:
         results["notes"].append(f"chart skipped: {why_not}")
     output = Path(opts.output)
-    kept = kept_sections(output)
-    write_markdown(results, output, None if why_not else chart, why_not or "")
-    if kept:  # sections other benchmarks wrote (below the marker) survive a new topology run
-        output.write_text(output.read_text().rstrip("\n") + "\n\n" + kept)
+    write_markdown(results, output, None if why_not else chart, why_not or "")  # keeps the part below KEPT_MARKER
     print_report(results)
     print(f"\nwrote {output}" + ("" if why_not else f" and {chart}"))
     if opts.json and run is not None:
@@ -229,20 +226,6 @@ def report(results: dict, opts, run: Run | None) -> int:
         else:
             print(f"logs kept in {run.tmp}")
     return 0
-
-
-#: sections below this line in BENCHMARKS.md are written by hand from other benchmarks (engine, GPU)
-KEPT_MARKER = "<!-- sections below: other benchmarks (scripts/bench-engine, scripts/bench-gpu); kept by bench-topologies -->"
-
-
-def kept_sections(output: Path) -> str:
-    """The part of an existing report from ``KEPT_MARKER`` on ("" when there is none)."""
-    try:
-        text = output.read_text()
-    except OSError:
-        return ""
-    at = text.find(KEPT_MARKER)
-    return text[at:] if at >= 0 else ""
 
 
 if __name__ == "__main__":

@@ -24,6 +24,9 @@ from benchmarks.topologies.tables import (
     topology_rows,
 )
 
+#: BENCHMARKS.md from this line on is kept as it is when the report is written again
+KEPT_MARKER = "<!-- kept: everything below is kept by scripts/bench-topologies when it rewrites this file -->"
+
 
 def write_markdown(r: dict, path: Path, chart: Path | None, chart_note: str) -> None:
     m = r["machine"]
@@ -167,7 +170,10 @@ def write_markdown(r: dict, path: Path, chart: Path | None, chart_note: str) -> 
         lines += ["## Notes from this run", ""]
         lines += [f"- {n}" for n in r["notes"]]
         lines.append("")
-    path.write_text("\n".join(lines))
+    # the hand-kept part (the control-plane table, measured by several scripts) survives a new run
+    previous = path.read_text() if path.exists() else ""
+    kept = previous[previous.index(KEPT_MARKER):] if KEPT_MARKER in previous else ""
+    path.write_text("\n".join(lines) + (f"\n\n{kept}" if kept else ""))
 
 
 def reading(r: dict) -> list[str]:

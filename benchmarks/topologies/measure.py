@@ -24,11 +24,16 @@ def keep(report: dict | None, *keys: str) -> dict | None:
     return out
 
 
-def measure_ceiling(run: Run, url: str) -> dict:
+def measure_ceiling(run: Run, url: str, pid: int | None = None) -> dict:
+    """The bare Klein route at c=32 and c=1; with ``pid`` also its CPU per request at c=32 (the
+    same-run baseline of the gateway's CPU per job)."""
     s = run.sizes
     body = build_bodies(backend="cpu-stub").encoded("quick", sync=True)
     wrk_post(url + "/", body, CONNECTIONS, s.wrk_warm_s, run.tmp)
+    before = proc_cpu_s(pid) if pid else 0.0
     c32 = wrk_post(url + "/", body, CONNECTIONS, s.wrk_s, run.tmp, run.tool_commands)
+    if pid and c32.get("requests"):
+        c32["cpu_ms_per_request"] = round((proc_cpu_s(pid) - before) * 1000 / c32["requests"], 3)
     c1 = wrk_post(url + "/", body, 1, s.ceiling_c1_s, run.tmp, run.tool_commands)
     return {"c32": c32, "c1": c1}
 
@@ -55,6 +60,11 @@ def measure_topology(run: Run, topo: Topology) -> dict:
             timeout=s.async_limit_s + 30, notes=run.notes, commands=run.tool_commands),
             "completion_ms", "queue_wait_ms", "submit_latency_ms", "jobs")
         out["cpu_async"] = cpu_since(run, started, mark)
+        if out["async"] is not None:
+            # every job of the run went through the gateway, the warm-up's included
+            jobs = out["async"]["operations"]["ok"] + CONNECTIONS
+            out["cpu_ms_per_async_job"] = {k: round(out["cpu_async"][f"{k}_s"] * 1000 / jobs, 3)
+                                           for k in ("gateway", "workers", "redis")}
         say(f"{topo.label}: async c=1 (dispatch overhead)")
         out["async1"] = keep(omnirt_bench(
             url, "--scenario", "async", "--concurrency", "1", "--total", str(s.async1_total), "--warmup", "0",
@@ -97,7 +107,9 @@ def cpu_since(run: Run, started: Started, mark: dict[str, float]) -> dict[str, f
     """Cores each part used since ``mark`` (gateway, workers, redis-server, load generator)."""
     now = cpu_mark(run, started)
     wall = max(1e-6, now["at"] - mark["at"])
-    return {k: round((now[k] - mark[k]) / wall, 2) for k in ("gateway", "workers", "redis", "load")}
+    parts = ("gateway", "workers", "redis", "load")
+    return {**{k: round((now[k] - mark[k]) / wall, 2) for k in parts},
+            **{f"{k}_s": round(now[k] - mark[k], 4) for k in parts}}
 
 
 def redis_per_job(run: Run, url: str) -> dict | None:

@@ -102,6 +102,15 @@ def extra_rows(r: dict) -> list[list[str]]:
             m, d = mem["async"]["value"], red["async"]["value"]
             rows.append([f"async jobs/s Redis vs memory, {mem['label']}", f"{num(d, 'jobs/s')} vs {num(m, 'jobs/s')}",
                          ratio(d, c32["rps"]), f"Redis/memory = {d / m:.2f}"])
+    base_cpu = c32.get("cpu_ms_per_request")
+    for t in r["topologies"]:
+        per = t.get("cpu_ms_per_async_job")
+        if per:
+            rows.append([f"gateway CPU per async job, {t['label']}", num(per["gateway"], "ms"),
+                         ratio(per["gateway"], base_cpu),
+                         f"gateway process CPU (/proc) over the c={CONNECTIONS} async run / its jobs; workers "
+                         f"{num(per['workers'], 'ms')}, redis-server {num(per['redis'], 'ms')} per job; ratio to the "
+                         f"ceiling's CPU per request ({num(base_cpu, 'ms')})"])
     for key in ("single-redis", "gw-1w-redis", "gw-2w-redis"):
         rc = by_key(r, key).get("redis_cmds")
         if rc:

@@ -3,8 +3,6 @@ closed after the terminal event."""
 
 from __future__ import annotations
 
-import json
-
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.task import LoopingCall
 
@@ -20,9 +18,13 @@ def resume_point(request) -> int:
     return parse_int_arg((request.args.get(b"after") or [None])[0], "after", minimum=0, default=0) or 0
 
 
+def _frame(event: JobEvent) -> bytes:
+    return b"id: %d\nevent: %s\ndata: %s\n\n" % (event.seq, event.event.encode(), event.json_bytes())
+
+
 def encode_event(event: JobEvent) -> bytes:
-    data = json.dumps(event.model_dump(mode="json"), separators=(",", ":"))
-    return f"id: {event.seq}\nevent: {event.event}\ndata: {data}\n\n".encode()
+    """The event's SSE frame, encoded once: every subscriber is written the same bytes."""
+    return event.encoded("sse", _frame)
 
 
 async def stream_events(service, reactor, request, job_id: str, after: int, keepalive_s: float) -> None:

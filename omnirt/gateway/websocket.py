@@ -93,7 +93,9 @@ class JobStreamProtocol(WebSocketServerProtocol):
         if event.terminal and self._cancels_pending:
             self._held_terminal = event  # control_ack goes first (as upstream); sent right after it
             return
-        self._send(event.model_dump(mode="json"))
+        if not self._closed and self.state == self.STATE_OPEN:
+            # framed once per event (autobahn's prepared message) and sent as is to every subscriber
+            self.sendPreparedMessage(event.encoded("ws", lambda e: self.factory.prepareMessage(e.json_bytes())))
         if event.terminal and not self._closed and self.state == self.STATE_OPEN:
             self.sendClose(CLOSE_NORMAL, "job finished")
 

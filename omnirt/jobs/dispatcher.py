@@ -16,6 +16,7 @@ from twisted.python import log
 from twisted.python.failure import Failure
 
 from omnirt.contract import GenerateRequest, JobRecord, JobState
+from omnirt.jobs.inputs import inline_inputs
 from omnirt.jobs.transitions import JobTransitions
 from omnirt.store.artifacts import ArtifactStore, RedisArtifactStore
 from omnirt.store.base import JobStore, NewEvent, StoreUnavailable
@@ -71,7 +72,8 @@ class RunningJob:
 class EventWriter:
     """Appends a job's worker events to the store strictly in arrival order; while the store
     cannot be reached they wait (bounded, ``omnirt.store.ordered``) and are retried with a
-    backoff, so none is skipped and no later one overtakes it."""
+    backoff, so none is skipped and no later one overtakes it. The events that arrive while a
+    write is under way go out together in the next write (one Redis round trip per burst)."""
 
     def __init__(self, transitions: JobTransitions, job_id: str, attempt: int,
                  on_event: Callable[[WorkerUpdate], None], writes: OrderedWrites,
@@ -82,7 +84,7 @@ class EventWriter:
         self._job_id = job_id
         self._attempt = attempt
         self._index = 0
-        self._lane = writes.lane(job_id, self._append)
+        self._lane = writes.lane(job_id, self._append, self._append_many)
         self._on_event = on_event
 
     def push(self, update: WorkerUpdate) -> None:
@@ -97,6 +99,15 @@ class EventWriter:
             data = await store_preview(self._artifacts, data)
         await self._transitions.progress(self._job_id, self._attempt, index,
                                          WorkerUpdate(event.event, event.stage, data))
+
+    async def _append_many(self, events: list[tuple[int, NewEvent]]) -> None:
+        updates = []
+        for index, event in events:
+            data = event.data
+            if self._artifacts is not None and "preview_b64" in data:
+                data = await store_preview(self._artifacts, data)
+            updates.append((index, WorkerUpdate(event.event, event.stage, data)))
+        await self._transitions.progress_many(self._job_id, self._attempt, updates)
 
     def drain(self) -> Deferred:
         """Fires once every pushed event is stored (or given up at shutdown)."""
@@ -246,18 +257,19 @@ class Dispatcher:
             running.started = running.started or observe.started()
 
         writer = EventWriter(self.transitions, q.job_id, attempt, on_event, self.writes, self.artifacts)
-        job = WorkerJob(
-            job_id=q.job_id,
-            request=record.request,
-            attempt=attempt,
-            trace_id=record.trace_id,
-            execution_mode=record.execution_mode,
-            enqueued_at_ms=record.enqueued_at_ms,
-            trace_context=trace_context,
-        )
         outcome: RunOutcome | None = None
         error: BaseException | None = None
         try:
+            job = WorkerJob(
+                job_id=q.job_id,
+                # the record holds its input images as artifact references: the worker gets the bytes
+                request=await inline_inputs(self.artifacts, record.request),
+                attempt=attempt,
+                trace_id=record.trace_id,
+                execution_mode=record.execution_mode,
+                enqueued_at_ms=record.enqueued_at_ms,
+                trace_context=trace_context,
+            )
             running.deferred = entry.conn.run(job, writer.push)
             if running.cancel_requested_at is not None:
                 self._send_cancel(running)

@@ -31,6 +31,7 @@ from omnirt.contract import (
 from omnirt.engine.images import inpaint_problem
 from omnirt.jobs.dispatcher import Dispatcher, QueuedJob, job_adapters
 from omnirt.jobs.errors import JobConflict, JobNotFoundError, NoWorkerForModel, QueueFull, ServiceUnavailable
+from omnirt.jobs.inputs import to_references
 from omnirt.jobs.limits import TooManyJobs
 from omnirt.registry import DEFAULT_ALLOWED_TIERS, resolve_request
 from omnirt.store.base import JobStore, StoreUnavailable, Subscription
@@ -133,7 +134,7 @@ class JobService:
 
         job_id = uuid.uuid4().hex
         if idempotency_key is not None:
-            fingerprint = request_fingerprint(request)
+            fingerprint = request_fingerprint(await to_references(self.dispatcher.artifacts, request, store=False))
             held = await self.store.claim_idempotency(idempotency_key, fingerprint, job_id)
             if held is not None:
                 held_id, held_fingerprint = held
@@ -149,7 +150,7 @@ class JobService:
             retry = self.retry_after_s()
             raise QueueFull(f"queue is full ({self.dispatcher.depth()} jobs waiting); retry in {retry}s", retry)
 
-        resolved = await self._resolve_artifact_refs(resolved)
+        resolved = await self._by_reference(await self._resolve_artifact_refs(resolved))
         trace = self.dispatcher.tracing.start_job(job_id, model=resolved.model, task=resolved.task,
                                                   backend=resolved.backend, parent=trace_context)
         record = JobRecord(
@@ -196,6 +197,11 @@ class JobService:
             retry = max(1, math.ceil(self.dispatcher.mean_service_s or 1.0))
             raise TooManyJobs(f"this client already has {len(held)} unfinished jobs "
                               f"(limit {self.max_jobs_per_principal}); retry in {retry}s", retry)
+
+    async def _by_reference(self, request: GenerateRequest) -> GenerateRequest:
+        """The request as the record keeps it: large inline input images moved to the artifact
+        store, ``artifact:<sha256>`` in their place (the dispatcher inlines them for the worker)."""
+        return await to_references(self.dispatcher.artifacts, request)
 
     async def _resolve_artifact_refs(self, request: GenerateRequest) -> GenerateRequest:
         """Replace an ``artifact:<sha256>`` / ``{"artifact": sha}`` input image with its bytes
@@ -278,6 +284,8 @@ class JobService:
     async def ended_before(self, job_id: str, after_seq: int) -> bool:
         """True when the job is terminal and its terminal event is at or before ``after_seq``
         (a subscriber resuming there will get nothing more)."""
+        if after_seq <= 0:
+            return False  # every job's stream starts with job_enqueued: a fresh subscriber gets it all
         record = await self.store.get(job_id)
         if record is None or not record.state.terminal:
             return False

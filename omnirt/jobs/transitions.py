@@ -112,6 +112,12 @@ class JobTransitions:
         """A worker event of attempt ``attempt`` (``job_started``, ``stage_*``), stored at most once."""
         await self.store.append_worker_event(job_id, attempt, index, NewEvent(update.event, update.stage, update.data))
 
+    async def progress_many(self, job_id: str, attempt: int, updates: list[tuple[int, WorkerUpdate]]) -> None:
+        """A burst of attempt ``attempt``'s worker events, ``(index, update)`` in order, stored in
+        one store call (one Redis round trip), each at most once."""
+        await self.store.append_worker_events(
+            job_id, attempt, [(index, NewEvent(u.event, u.stage, u.data)) for index, u in updates])
+
     #: ``job_started`` is the first worker event of an attempt: the same write as progress
     start = progress
 

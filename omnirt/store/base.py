@@ -93,6 +93,12 @@ class JobStore(abc.ABC):
         record the same events, and each lands once, in order. None when it was already there."""
         return await self.append_event(job_id, event)
 
+    async def append_worker_events(self, job_id: str, attempt: int,
+                                   events: list[tuple[int, NewEvent]]) -> list[JobEvent | None]:
+        """``append_worker_event`` for a burst of one attempt's events, ``(index, event)`` in
+        index order; a store may write them in one round trip. One result per event."""
+        return [await self.append_worker_event(job_id, attempt, index, event) for index, event in events]
+
     @abc.abstractmethod
     async def events(self, job_id: str, after_seq: int = 0) -> builtins.list[JobEvent]:
         """Events with ``seq > after_seq`` in order."""

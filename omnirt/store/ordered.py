@@ -40,6 +40,10 @@ FOLDABLE_EVENTS = frozenset({"stage_progress"})
 _NOT_IN_GAP = frozenset({"preview_b64", "preview_mime"})
 
 AppendEvent = Callable[[int, NewEvent], Awaitable]
+#: stores several consecutive events of a lane, ``(index, event)`` in order, in one store call
+AppendEvents = Callable[[list[tuple[int, NewEvent]]], Awaitable]
+#: most events one coalesced write takes
+MAX_BURST = 64
 
 
 class WriteMetrics:
@@ -76,12 +80,17 @@ class _Write:
 
 
 class Lane:
-    """One job's writes, in order. ``append(index, event)`` stores one event of the lane."""
+    """One job's writes, in order. ``append(index, event)`` stores one event of the lane;
+    ``append_many`` (optional) stores the events queued behind a write under way in one call, so
+    a burst costs one store round trip, not one per event (the first event is written at once:
+    coalescing delays nothing)."""
 
-    def __init__(self, owner: OrderedWrites, name: str, append: AppendEvent):
+    def __init__(self, owner: OrderedWrites, name: str, append: AppendEvent,
+                 append_many: AppendEvents | None = None):
         self._owner = owner
         self.name = name
         self._append = append
+        self._append_many = append_many
         #: False once the store said the job does not exist: later writes are skipped
         self.known = True
         self.pending: collections.deque[_Write] = collections.deque()
@@ -138,16 +147,30 @@ class Lane:
         if write.kind != "call":
             self._owner._count(-1)
 
+    def _burst(self) -> list[_Write]:
+        """The writes the next store call takes: the head, and with ``append_many`` every event
+        write right behind it (up to MAX_BURST)."""
+        head = self.pending[0]
+        if head.kind == "call" or self._append_many is None:
+            return [head]
+        burst = []
+        for write in self.pending:
+            if write.kind == "call" or len(burst) == MAX_BURST:
+                break
+            burst.append(write)
+        return burst
+
     async def _run(self) -> None:
         owner = self._owner
         delay = RETRY_MIN_S
         try:
             while self.pending and not owner.stopping:
-                write = self.pending[0]
-                write.started = True
+                burst = self._burst()
+                for write in burst:
+                    write.started = True
                 try:
                     if self.known:
-                        await self._perform(write)
+                        await self._perform(burst)
                 except StoreUnavailable as exc:
                     owner._unreachable(exc)
                     await deferLater(owner.clock, delay, lambda: None)
@@ -156,19 +179,27 @@ class Lane:
                 except JobNotFound:
                     self.known = False  # a job the store does not hold
                 except Exception:
-                    log.err(None, f"recording {write.kind} of job {self.name} in the store failed")
+                    log.err(None, f"recording {burst[0].kind} of job {self.name} in the store failed")
                 owner._answered()
                 delay = RETRY_MIN_S
-                self._done()
+                for _ in burst:
+                    self._done()
         finally:
             self._draining = False
 
-    async def _perform(self, write: _Write) -> None:
-        if write.run is not None:
-            await write.run()
+    async def _perform(self, burst: list[_Write]) -> None:
+        head = burst[0]
+        if head.run is not None:
+            await head.run()
+        elif len(burst) == 1 or self._append_many is None:
+            assert head.event is not None
+            await self._append(head.index, head.event)
         else:
-            assert write.event is not None
-            await self._append(write.index, write.event)
+            events = []
+            for write in burst:
+                assert write.event is not None
+                events.append((write.index, write.event))
+            await self._append_many(events)
 
 
 def _gap_event(count: int, folded: NewEvent) -> NewEvent:
@@ -194,8 +225,8 @@ class OrderedWrites:
         self._drains: set[Deferred] = set()
         self._outage_since: float | None = None
 
-    def lane(self, name: str, append: AppendEvent) -> Lane:
-        return Lane(self, name, append)
+    def lane(self, name: str, append: AppendEvent, append_many: AppendEvents | None = None) -> Lane:
+        return Lane(self, name, append, append_many)
 
     def idle(self) -> bool:
         """True when no write is waiting."""

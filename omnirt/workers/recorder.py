@@ -101,7 +101,12 @@ class StoreRecorder:
             data = await store_preview(self.artifacts, event.data)
             await self.store.append_worker_event(job_id, attempt, index, NewEvent(event.event, event.stage, data))
 
-        entry = self._jobs[job_id] = _JobLog(job_id, attempt, self.writes.lane(job_id, append))
+        async def append_many(events: list[tuple[int, NewEvent]]) -> None:
+            stored = [(index, NewEvent(e.event, e.stage, await store_preview(self.artifacts, e.data)))
+                      for index, e in events]
+            await self.store.append_worker_events(job_id, attempt, stored)
+
+        entry = self._jobs[job_id] = _JobLog(job_id, attempt, self.writes.lane(job_id, append, append_many))
         entry.lane.call(lambda: self._mark_runner(entry))
 
     def event(self, job_id: str, event: str, stage: str, data: dict) -> None:

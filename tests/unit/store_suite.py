@@ -62,6 +62,31 @@ class JobStoreSuite:
             self.assertEqual([e.seq for e in events], list(range(after + 1, 7)))
 
     @inlineCallbacks
+    def test_worker_event_burst_lands_once_in_order(self):
+        """A burst of an attempt's worker events lands in index order in one call; in a shared store
+        (where the worker and the gateway both record it) the same burst written again and an
+        overlapping one add only the events not stored yet; a missing job is JobNotFound."""
+        from omnirt.store.base import JobNotFound
+
+        yield self._create("j1")
+        burst = [(i, NewEvent("stage_progress", "denoise", {"step": i})) for i in (1, 2, 3)]
+        stored = yield d(self.store.append_worker_events("j1", 1, burst))
+        self.assertEqual([e.seq for e in stored], [2, 3, 4])
+        yield self.assertFailure(d(self.store.append_worker_events("nope", 1, burst[:1])), JobNotFound)
+        nothing = yield d(self.store.append_worker_events("j1", 1, []))
+        self.assertEqual(nothing, [])
+        if not self.store.shared:
+            return
+        again = yield d(self.store.append_worker_events("j1", 1, burst))
+        self.assertEqual(again, [None, None, None])
+        more = [(i, NewEvent("stage_progress", "denoise", {"step": i})) for i in (3, 4)]
+        overlap = yield d(self.store.append_worker_events("j1", 1, more))
+        self.assertIsNone(overlap[0])
+        self.assertEqual(overlap[1].seq, 5)
+        events = yield d(self.store.events("j1"))
+        self.assertEqual([(e.seq, e.data.get("step")) for e in events], [(1, None), (2, 1), (3, 2), (4, 3), (5, 4)])
+
+    @inlineCallbacks
     def test_transition_compare_and_set(self):
         """A transition applies only from an expected state; a lost CAS returns None and changes nothing."""
         yield self._create("j1")

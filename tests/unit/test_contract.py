@@ -182,3 +182,21 @@ class StateMachineTests(SynchronousTestCase):
         check_transition(JobState.running, JobState.cancelling)
         check_transition(JobState.cancelling, JobState.cancelled)
         self.assertRaises(IllegalTransition, check_transition, JobState.cancelling, JobState.running)
+
+
+class EventEncodedOnceTests(SynchronousTestCase):
+    def test_sse_frame_made_once_and_shared(self):
+        """An event's JSON and its SSE frame are encoded once: every subscriber is handed the very
+        same bytes object, and the frame is the wire format (id, event, compact JSON data)."""
+        from omnirt.contract import JobEvent
+        from omnirt.gateway.sse import encode_event
+
+        event = JobEvent(seq=7, event="stage_progress", stage="denoise", timestamp_ms=5, data={"step": 2, "total": 4})
+        first = encode_event(event)
+        self.assertIs(encode_event(event), first)
+        self.assertIs(event.json_bytes(), event.json_bytes())
+        body = json.dumps(event.model_dump(mode="json"), separators=(",", ":"))
+        self.assertEqual(first, f"id: 7\nevent: stage_progress\ndata: {body}\n\n".encode())
+        other = JobEvent(seq=8, event="job_finished", data={"job_id": "j"})
+        self.assertNotEqual(encode_event(other), first)
+        self.assertEqual(json.loads(other.json_bytes()), other.model_dump(mode="json"))

@@ -216,6 +216,38 @@ class AsyncJobTests(GatewayTestCase):
         self.assertEqual(code, 404)
 
     @inlineCallbacks
+    def test_large_input_image_kept_as_artifact_reference(self):
+        """An image2image job's large inline input image goes to the artifact store at submit: the
+        record (GET /v1/jobs/{id}) holds ``artifact:<sha256>``, that artifact serves the bytes,
+        the worker is handed the bytes, and resending the same body under the same
+        Idempotency-Key is the same job (the fingerprint is taken over the reference)."""
+        import base64
+        import hashlib
+
+        from omnirt.jobs.inputs import INLINE_MAX_CHARS
+
+        blob = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * (INLINE_MAX_CHARS // 128)
+        payload = base64.b64encode(blob).decode()
+        body = body_for(num_inference_steps=4)
+        body.update(task="image2image", inputs={"prompt": "p", "image": f"data:image/png;base64,{payload}"})
+        code, job, _ = yield self.h.json("POST", "/v1/jobs", body, headers={"Idempotency-Key": "big-1"})
+        self.assertEqual(code, 202, job)
+        sha = hashlib.sha256(blob).hexdigest()
+        code, rec, _ = yield self.h.json("GET", f"/v1/jobs/{job['id']}")
+        self.assertEqual(rec["request"]["inputs"]["image"], f"artifact:{sha}")
+        resp, content = yield self.h.request("GET", f"/v1/artifacts/{sha}")
+        self.assertEqual((resp.code, content), (200, blob))
+        call = self.h.worker().call_for(job["id"])
+        self.assertEqual(base64.b64decode(call.job.request.inputs["image"]), blob)
+        code, again, _ = yield self.h.json("POST", "/v1/jobs", body, headers={"Idempotency-Key": "big-1"})
+        self.assertEqual((code, again["id"]), (200, job["id"]))
+        small = body_for()
+        small.update(task="image2image", inputs={"prompt": "p", "image": base64.b64encode(b"tiny").decode()})
+        code, job2, _ = yield self.h.json("POST", "/v1/jobs", small)
+        code, rec2, _ = yield self.h.json("GET", f"/v1/jobs/{job2['id']}")
+        self.assertEqual(rec2["request"]["inputs"]["image"], small["inputs"]["image"])  # small: kept inline
+
+    @inlineCallbacks
     def test_queue_position_and_list(self):
         """Queued jobs report their queue position; GET /v1/jobs lists newest first with filters."""
         a = yield self.h.submit()

@@ -417,6 +417,21 @@ class RedisJobStore(RedisOutbox, JobStore):
             return None
         return JobEvent(seq=seq, event=event.event, stage=event.stage, timestamp_ms=now, data=dict(event.data))
 
+    async def append_worker_events(self, job_id: str, attempt: int,
+                                   events: list[tuple[int, NewEvent]]) -> list[JobEvent | None]:
+        """The whole burst in one script call (one round trip, one HGET/HSET of the attempt's mark)."""
+        if not events:
+            return []
+        now = self._now_ms()
+        args: list[Any] = [int(attempt)]
+        for index, event in events:
+            args += [int(index), encode_event(event, now)]
+        reply = await self._eval("append_worker_batch", self._job_keys(job_id), args)
+        if isinstance(reply, int):  # -1: no such job
+            raise JobNotFound(job_id)
+        return [JobEvent(seq=int(seq), event=e.event, stage=e.stage, timestamp_ms=now, data=dict(e.data))
+                if int(seq) > 0 else None for seq, (_, e) in zip(arr(unpack(reply)), events, strict=True)]
+
     async def events(self, job_id: str, after_seq: int = 0) -> list[JobEvent]:
         reply = unpack(await self._eval("events", self._job_keys(job_id), [f"{max(after_seq, 0) + 1}-0"]))
         if reply is None:
