@@ -9,6 +9,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import json
+from collections.abc import Callable
 from typing import Any, Literal
 
 from pydantic import (
@@ -281,7 +282,7 @@ class JobEvent(BaseModel):
         event is never changed after it is made)."""
         return self.encoded("json", lambda e: json.dumps(e.model_dump(mode="json"), separators=(",", ":")).encode())
 
-    def encoded(self, kind: str, encode) -> Any:
+    def encoded(self, kind: str, encode: Callable[[JobEvent], Any]) -> Any:
         """``encode(self)`` the first time a transport asks for ``kind``; the same object after."""
         # straight from the private-attribute dict: ``self._encoded`` goes through pydantic's
         # __getattr__ (an AttributeError raised and caught inside it), which costs more than the

@@ -15,6 +15,7 @@ import hashlib
 from typing import Any
 
 from omnirt.contract import GenerateRequest
+from omnirt.store.artifacts import ArtifactStore, RedisArtifactStore
 from omnirt.workers.base import JobFailed
 
 __all__ = ["IMAGE_FIELDS", "INLINE_MAX_CHARS", "artifact_ref", "inline_inputs", "to_references"]
@@ -49,7 +50,7 @@ def _decoded(value: str) -> tuple[bytes, str] | None:
         return None
 
 
-async def to_references(artifacts, request: GenerateRequest, *, store: bool = True) -> GenerateRequest:
+async def to_references(artifacts: ArtifactStore | RedisArtifactStore, request: GenerateRequest, *, store: bool = True) -> GenerateRequest:
     """The request with each large inline input image put in ``artifacts`` and replaced by its
     ``artifact:<sha256>`` reference (the same bytes give the same reference). ``store`` False:
     only the references (what an idempotency fingerprint is taken over), nothing written."""
@@ -67,7 +68,7 @@ async def to_references(artifacts, request: GenerateRequest, *, store: bool = Tr
     return request if inputs is None else request.model_copy(update={"inputs": inputs})
 
 
-async def inline_inputs(artifacts, request: GenerateRequest) -> GenerateRequest:
+async def inline_inputs(artifacts: ArtifactStore | RedisArtifactStore, request: GenerateRequest) -> GenerateRequest:
     """The request with each ``artifact:`` input replaced by its bytes (base64) for a worker;
     JobFailed when an artifact is gone."""
     inputs = None

@@ -94,7 +94,7 @@ class JobStore(abc.ABC):
         return await self.append_event(job_id, event)
 
     async def append_worker_events(self, job_id: str, attempt: int,
-                                   events: list[tuple[int, NewEvent]]) -> list[JobEvent | None]:
+                                   events: builtins.list[tuple[int, NewEvent]]) -> builtins.list[JobEvent | None]:
         """``append_worker_event`` for a burst of one attempt's events, ``(index, event)`` in
         index order; a store may write them in one round trip. One result per event."""
         return [await self.append_worker_event(job_id, attempt, index, event) for index, event in events]

@@ -153,7 +153,7 @@ class Lane:
         head = self.pending[0]
         if head.kind == "call" or self._append_many is None:
             return [head]
-        burst = []
+        burst: list[_Write] = []
         for write in self.pending:
             if write.kind == "call" or len(burst) == MAX_BURST:
                 break

@@ -429,8 +429,12 @@ class RedisJobStore(RedisOutbox, JobStore):
         reply = await self._eval("append_worker_batch", self._job_keys(job_id), args)
         if isinstance(reply, int):  # -1: no such job
             raise JobNotFound(job_id)
-        return [JobEvent(seq=int(seq), event=e.event, stage=e.stage, timestamp_ms=now, data=dict(e.data))
-                if int(seq) > 0 else None for seq, (_, e) in zip(arr(unpack(reply)), events, strict=True)]
+        out: list[JobEvent | None] = []
+        for seq, (_, event) in zip(arr(unpack(reply)), events, strict=True):
+            e: NewEvent = event
+            out.append(JobEvent(seq=int(seq), event=e.event, stage=e.stage, timestamp_ms=now, data=dict(e.data))
+                       if int(seq) > 0 else None)
+        return out
 
     async def events(self, job_id: str, after_seq: int = 0) -> list[JobEvent]:
         reply = unpack(await self._eval("events", self._job_keys(job_id), [f"{max(after_seq, 0) + 1}-0"]))
