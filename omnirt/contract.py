@@ -229,7 +229,7 @@ class JobEvent(BaseModel):
 
 
 #: JobRecord fields kept for the server's own bookkeeping, never sent to clients
-INTERNAL_RECORD_FIELDS = {"idempotency_key", "excluded_workers", "runner", "spans", "trace_context"}
+INTERNAL_RECORD_FIELDS = {"idempotency_key", "excluded_workers", "runner", "spans", "trace_context", "tenant"}
 
 
 class JobRecord(BaseModel):
@@ -252,6 +252,8 @@ class JobRecord(BaseModel):
     queue_position: int | None = None
     #: server-side bookkeeping (not secret, but not part of the public contract)
     idempotency_key: str | None = None
+    #: the name of the API key that created the job (None without auth); other keys get 404
+    tenant: str | None = None
     excluded_workers: list[str] = Field(default_factory=list)
     #: "worker:<id>" when a worker with its own store connection records this job itself
     runner: str | None = None

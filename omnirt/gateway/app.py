@@ -13,7 +13,7 @@ from twisted.web.resource import Resource
 
 from omnirt.contract import JobRecord, JobState, parse_generate_request
 from omnirt.gateway import console_routes, sse
-from omnirt.gateway.auth import ApiKeys
+from omnirt.gateway.auth import ApiKeys, owner_of, tenant_of
 from omnirt.gateway.edge import parse_idempotency_key, parse_int_arg, parse_json_body, scoped_idempotency_key
 from omnirt.gateway.errors import HTTPError, error_response
 from omnirt.gateway.trace_view import trace_view
@@ -180,10 +180,10 @@ class GatewayAPI:
         generate, key = self._parse_submit(request)
         if generate.async_run:
             record, created = await self.service.submit(generate, execution_mode="async", idempotency_key=key,
-                                                        principal=getattr(request, "omnirt_principal", None))
+                                                        **_who(request))
             return write_json(request, 202 if created else 200, job_body(record))
         record, _ = await self.service.submit(generate, execution_mode="sync", idempotency_key=key,
-                                             principal=getattr(request, "omnirt_principal", None))
+                                             **_who(request))
         final = await self._wait_or_cancel(record.id)
         return await self._sync_result(request, final)
 
@@ -216,7 +216,7 @@ class GatewayAPI:
     async def submit_job(self, request):
         generate, key = self._parse_submit(request)
         record, created = await self.service.submit(generate, execution_mode="async", idempotency_key=key,
-                                                        principal=getattr(request, "omnirt_principal", None))
+                                                        **_who(request))
         return write_json(request, 202 if created else 200, job_body(record))
 
     @app.route("/v1/jobs", methods=["GET"])
@@ -230,7 +230,8 @@ class GatewayAPI:
                 raise HTTPError(400, f"unknown state (one of: {', '.join(s.value for s in JobState)})") from None
         model = (request.args.get(b"model") or [None])[0]
         limit = parse_int_arg((request.args.get(b"limit") or [None])[0], "limit", minimum=1, maximum=1000, default=50)
-        records = await self.service.list(state=state, model=model.decode("utf-8", "replace") if model else None, limit=limit)
+        records = await self.service.list(state=state, model=model.decode("utf-8", "replace") if model else None,
+                                          limit=limit, owner=owner_of(request))
         body = JobList(data=[JobSummary.of(r) for r in records])
         return write_json(request, 200, body.model_dump(mode="json"))
 
@@ -239,23 +240,24 @@ class GatewayAPI:
         raw = (request.args.get(b"events") or [b"true"])[0].lower()
         if raw not in (b"true", b"false", b"1", b"0"):
             raise HTTPError(400, "events must be true or false")
-        record = await self.service.get(job_id)
+        record = await self.service.get(job_id, owner=owner_of(request))
         return write_json(request, 200, job_body(record, include_events=raw in (b"true", b"1")))
 
     @app.route("/v1/jobs/<job_id>", methods=["DELETE"])
     async def cancel_job(self, request, job_id):
-        record = await self.service.cancel(job_id)
+        record = await self.service.cancel(job_id, owner=owner_of(request))
         return write_json(request, 200, job_body(record, include_events=False))
 
     @app.route("/v1/jobs/<job_id>/events", methods=["GET"])
     async def job_events(self, request, job_id):
         after = sse.resume_point(request)
-        await sse.stream_events(self.service, self.reactor, request, job_id, after, self.keepalive_s)
+        await sse.stream_events(self.service, self.reactor, request, job_id, after, self.keepalive_s,
+                                owner=owner_of(request))
         return b""
 
     @app.route("/v1/jobs/<job_id>/trace", methods=["GET"])
     async def job_trace(self, request, job_id):
-        record = await self.service.get(job_id)
+        record = await self.service.get(job_id, owner=owner_of(request))
         view = TraceView.model_validate(trace_view(self.service.dispatcher.tracing, record))
         return write_json(request, 200, view.model_dump(mode="json"))
 
@@ -343,6 +345,7 @@ class GatewayResource(Resource):
                         "message": "missing or invalid API key", "type": "invalid_request_error",
                         "code": "invalid_api_key"}})
                 return write_json(request, 401, {"detail": "missing or invalid API key"})
+        request.omnirt_tenant = keys.identify(presented) if keys.enabled else None
         client = request.getClientAddress()
         request.omnirt_principal = principal_of(presented if keys.enabled else None, getattr(client, "host", None))
         limiter = self.api.rate_limiter
@@ -355,6 +358,11 @@ class GatewayResource(Resource):
                     body = {"error": {"message": exc.message, "type": "rate_limit_error", "code": "rate_limit_exceeded"}}
                 return write_json(request, status, body, headers)
         return self.inner.render(request)
+
+
+def _who(request) -> dict[str, str | None]:
+    """The submitter: its principal (limits, idempotency scope) and its tenant (job owner)."""
+    return {"principal": getattr(request, "omnirt_principal", None), "tenant": tenant_of(request)}
 
 
 def _failure_status(final: JobRecord) -> int:

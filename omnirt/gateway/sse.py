@@ -25,7 +25,8 @@ def encode_event(event: JobEvent) -> bytes:
     return f"id: {event.seq}\nevent: {event.event}\ndata: {data}\n\n".encode()
 
 
-async def stream_events(service, reactor, request, job_id: str, after: int, keepalive_s: float) -> None:
+async def stream_events(service, reactor, request, job_id: str, after: int, keepalive_s: float, *,
+                        owner: str | None = None) -> None:
     done: Deferred = Deferred()
     headers_sent = [False]
 
@@ -45,7 +46,7 @@ async def stream_events(service, reactor, request, job_id: str, after: int, keep
             done.callback(None)
 
     # subscribe raises JobNotFoundError (404) before anything is written
-    subscription = await service.subscribe(job_id, after, on_event)
+    subscription = await service.subscribe(job_id, after, on_event, owner=owner)
     send_headers()
     if not done.called and await service.ended_before(job_id, after):
         done.callback(None)  # resumed after the terminal event: nothing more will come

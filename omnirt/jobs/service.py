@@ -1,5 +1,10 @@
 """JobService: submit, get, list, cancel, observe. Knows no transport (no HTTP, no gRPC).
 
+Jobs belong to a tenant (the name of the API key that created them): every read, cancel and
+subscription takes an ``owner`` — a tenant's name, or None for one who sees every job (an admin
+key, or no auth) — and a job of another tenant is "unknown" (404), the same answer as a job that
+does not exist, so ids tell nothing about other tenants.
+
 Submit resolves the model and task in the registry, applies tier policy, presets and defaults,
 honours an idempotency key, admits into the bounded queue (429 with a computed Retry-After), and
 records the job (``job_enqueued``) before the dispatcher sees it.
@@ -94,6 +99,7 @@ class JobService:
         idempotency_key: str | None = None,
         trace_context: Mapping[str, str] | None = None,
         principal: str | None = None,
+        tenant: str | None = None,
     ) -> tuple[JobRecord, bool]:
         """Accept a job; return (record, created). ``created`` is False for an idempotent replay.
 
@@ -143,6 +149,7 @@ class JobService:
             enqueued_at_ms=self._now_ms(),
             execution_mode=execution_mode,
             idempotency_key=idempotency_key,
+            tenant=tenant,
         )
         position = self.dispatcher.depth() + 1
         # Once the create is sent the job must reach the dispatcher even if the client goes away
@@ -200,24 +207,27 @@ class JobService:
             return record.model_copy(update={"queue_position": self.dispatcher.queue_position(record.id)})
         return record
 
-    async def get(self, job_id: str, *, with_events: bool = True) -> JobRecord:
+    async def _owned(self, job_id: str, owner: str | None, *, with_events: bool = False) -> JobRecord:
+        """The job's record, or JobNotFoundError when it does not exist or is another tenant's."""
         record = await self.store.get(job_id, with_events=with_events)
-        if record is None:
+        if record is None or (owner is not None and record.tenant != owner):
             raise JobNotFoundError(f"unknown job {job_id!r}")
-        return self._decorate(record)
+        return record
 
-    async def list(self, *, state: JobState | None = None, model: str | None = None, limit: int = 50) -> list[JobRecord]:
-        records = await self.store.list(state=state, model=model, limit=limit)
+    async def get(self, job_id: str, *, with_events: bool = True, owner: str | None = None) -> JobRecord:
+        return self._decorate(await self._owned(job_id, owner, with_events=with_events))
+
+    async def list(self, *, state: JobState | None = None, model: str | None = None, limit: int = 50,
+                   owner: str | None = None) -> list[JobRecord]:
+        records = await self.store.list(state=state, model=model, limit=limit, tenant=owner)
         return [self._decorate(r) for r in records]
 
     # -- cancel ------------------------------------------------------------------------------
 
-    async def cancel(self, job_id: str) -> JobRecord:
+    async def cancel(self, job_id: str, *, owner: str | None = None) -> JobRecord:
         """queued -> cancelled at once; running -> cancelling, the worker is told; 409 if terminal."""
         for _ in range(5):  # a lost compare-and-set means the state moved: look again
-            record = await self.store.get(job_id)
-            if record is None:
-                raise JobNotFoundError(f"unknown job {job_id!r}")
+            record = await self._owned(job_id, owner)
             if record.state.terminal:
                 raise JobConflict(f"job {job_id} is already {record.state.value}")
             if record.state == JobState.cancelling:
@@ -238,11 +248,10 @@ class JobService:
 
     # -- events ------------------------------------------------------------------------------
 
-    async def subscribe(self, job_id: str, after_seq: int, on_event: Callable[[JobEvent], None]) -> Subscription:
+    async def subscribe(self, job_id: str, after_seq: int, on_event: Callable[[JobEvent], None], *,
+                        owner: str | None = None) -> Subscription:
         """Replay then live events of a job; raises JobNotFoundError."""
-        record = await self.store.get(job_id)
-        if record is None:
-            raise JobNotFoundError(f"unknown job {job_id!r}")
+        await self._owned(job_id, owner)
         metrics = self.dispatcher.metrics
         metrics.event_subscribers.inc()
         sub = self.store.subscribe(job_id, after_seq, on_event)

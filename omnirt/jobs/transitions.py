@@ -195,7 +195,9 @@ class JobTransitions:
         HTTP status when the failure is the client's (a worker rejected the input)."""
         done = await self._terminal(record, JobState.failed, error=error, from_states=from_states, status=status)
         if done is not None:
-            log.msg(f"job {record.id} failed: {error}", job_id=record.id, trace_id=record.trace_id)
+            tenant = f" (tenant {record.tenant})" if record.tenant else ""
+            log.msg(f"job {record.id}{tenant} failed: {error}", job_id=record.id, trace_id=record.trace_id,
+                    tenant=record.tenant)
         return done
 
     async def _terminal(self, record: JobRecord, state: JobState, *, error: str | None = None,
@@ -241,6 +243,8 @@ class JobTransitions:
         self.metrics.jobs_total.labels(
             task=req.task, model=req.model, execution_mode=record.execution_mode, state=record.state.value
         ).inc()
+        if record.tenant:
+            self.metrics.tenant_jobs.labels(tenant=record.tenant, state=record.state.value).inc()
         duration = max(0.0, (now_ms - record.enqueued_at_ms) / 1000)
         self.metrics.job_duration.labels(model=req.model, state=record.state.value).observe(duration)
         if record.state == JobState.succeeded and record.started_at_ms is not None:

@@ -55,7 +55,8 @@ class JobStore(abc.ABC):
         """The job, or None; ``events`` filled when ``with_events``."""
 
     @abc.abstractmethod
-    async def list(self, *, state: JobState | None = None, model: str | None = None, limit: int = 50) -> list[JobRecord]:
+    async def list(self, *, state: JobState | None = None, model: str | None = None, limit: int = 50,
+                   tenant: str | None = None) -> list[JobRecord]:
         """Jobs newest first (without events)."""
 
     @abc.abstractmethod

@@ -233,11 +233,13 @@ class RedisJobStore(JobStore):
             record = record.model_copy(update={"events": [decode_entry(e) for e in arr(reply[1])]})
         return record
 
-    async def list(self, *, state: JobState | None = None, model: str | None = None, limit: int = 50) -> list[JobRecord]:
+    async def list(self, *, state: JobState | None = None, model: str | None = None, limit: int = 50,
+                   tenant: str | None = None) -> list[JobRecord]:
         if limit <= 0:
             return []
         reply = await self._eval("list", [], [
             self._prefix, state.value if state is not None else "", model or "", int(limit),
+            json.dumps(tenant) if tenant is not None else "",
         ])
         return [decode_record(flat) for flat in arr(unpack(reply))]
 
