@@ -149,6 +149,7 @@ class GatewayService(OrderedService):
         if self.store.shared:
             self.lease = GatewayLease(clock=clock, store=self.store, dispatcher=self.dispatcher,
                                       gateway_id=self.gateway_id, ttl_s=config.lease_ttl_s)
+            self.lease.on_store_lost = self.service.store_lost
         self.api = GatewayAPI(service=self.service, metrics=self.metrics, reactor=clock,
                               api_keys=config.api_keys, keepalive_s=config.keepalive_s,
                               public_url=config.public_url,

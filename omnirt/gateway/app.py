@@ -119,6 +119,7 @@ class GatewayAPI:
             "queue_depth": self.service.dispatcher.depth(),
             "backend": self.service.default_backend,
             "accepting": self.service.accepting,
+            "job_store_lost": self.service.store_lost_info,
         }
         problems = []
         try:

@@ -124,6 +124,8 @@ class Readiness(BaseModel):
     backend: str
     accepting: bool
     job_store_error: str | None = None
+    job_store_lost: dict[str, Any] | None = Field(
+        None, description="when the job store was found to have lost its data (came back empty): at_ms, detail")
     fleet: dict[str, Any] | None = Field(None, description="the --fleet supervisord and its workers")
     reason: str | None = Field(None, description="why not ready (503 only)")
 

@@ -369,7 +369,9 @@ class Dispatcher:
 
     def remote_cancel_watch(self, interval_s: float = 0.5) -> TimerService:
         """With a shared store a cancel may arrive at another gateway, which only moves the job
-        to ``cancelling``: look at the state of the jobs this gateway runs and pass such cancels on."""
+        to ``cancelling``: look at the state of the jobs this gateway runs and pass such cancels on.
+        A running job the store no longer has (it lost its data) is stopped on its worker too:
+        nobody can read its outcome."""
 
         async def look() -> None:
             ids = [job_id for job_id, r in self.running.items() if r.cancel_requested_at is None]
@@ -379,8 +381,11 @@ class Dispatcher:
                 states = await self.store.states(ids)
             except StoreUnavailable:
                 return
-            for job_id, state in states.items():
-                if state == JobState.cancelling:
+            for job_id in ids:
+                state = states.get(job_id)
+                if state is None and job_id in self.running:
+                    log.msg(f"job {job_id} is gone from the store: stopping it on its worker")
+                if state in (None, JobState.cancelling):
                     self.request_cancel(job_id)
 
         timer = TimerService(interval_s, lambda: Deferred.fromCoroutine(look()))

@@ -67,6 +67,10 @@ class JobService:
         #: at most this many unfinished jobs per client (API key or address); None = no cap
         self.max_jobs_per_principal = max_jobs_per_principal
         self._principal_jobs: dict[str, set[str]] = {}
+        #: open subscriptions (streams, sync waits), so a store that lost its data can end them
+        self._open: set[_CountedSubscription] = set()
+        #: {"at_ms", "detail"} once the store was found to have lost its data (shown by /readyz)
+        self.store_lost_info: dict | None = None
         #: the retention sweep (periodic; a child of the gateway's service tree)
         self.sweep = TimerService(retention_sweep_s, lambda: Deferred.fromCoroutine(self.expire()))
         self.sweep.clock = clock
@@ -252,10 +256,24 @@ class JobService:
                         owner: str | None = None) -> Subscription:
         """Replay then live events of a job; raises JobNotFoundError."""
         await self._owned(job_id, owner)
+        return self._track(job_id, after_seq, on_event)
+
+    def _track(self, job_id: str, after_seq: int, on_event: Callable[[JobEvent], None]) -> Subscription:
         metrics = self.dispatcher.metrics
         metrics.event_subscribers.inc()
-        sub = self.store.subscribe(job_id, after_seq, on_event)
-        return _CountedSubscription(sub, metrics)
+        tracked = _CountedSubscription(job_id, after_seq, on_event, metrics, self._open.discard)
+        self._open.add(tracked)  # before the replay, which may already end it
+        tracked.attach(self.store.subscribe(job_id, after_seq, tracked.deliver))
+        return tracked
+
+    def store_lost(self, detail: str) -> None:
+        """The store came back without its data: every open stream gets a terminal ``job_failed``
+        (reason ``store_lost``, seq after the last it saw; not stored: the job is gone) and ends."""
+        self.store_lost_info = {"at_ms": self._now_ms(), "detail": detail}
+        for tracked in list(self._open):
+            tracked.end(JobEvent(seq=tracked.last_seq + 1, event="job_failed", stage="job",
+                                 timestamp_ms=self._now_ms(),
+                                 data={"job_id": tracked.job_id, "reason": "store_lost", "error": detail}))
 
     async def ended_before(self, job_id: str, after_seq: int) -> bool:
         """True when the job is terminal and its terminal event is at or before ``after_seq``
@@ -273,12 +291,15 @@ class JobService:
             if event.terminal and not done.called:
                 done.callback(None)
 
-        sub = self.store.subscribe(job_id, 0, on_event)
+        sub = self._track(job_id, 0, on_event)
         try:
             await done
         finally:
             sub.close()
-        return await self.get(job_id)
+        try:
+            return await self.get(job_id)
+        except JobNotFoundError:
+            raise ServiceUnavailable(f"job {job_id} was lost with the job store's data; submit it again") from None
 
     # -- shutdown ----------------------------------------------------------------------------
 
@@ -328,13 +349,41 @@ def shielded(d: Deferred) -> Deferred:
 
 
 class _CountedSubscription(Subscription):
-    def __init__(self, inner: Subscription, metrics):
-        self._inner = inner
+    """A store subscription counted in ``event_subscribers``, remembering the last seq it
+    delivered (so ``end`` can close it with one more, terminal, event)."""
+
+    def __init__(self, job_id: str, after_seq: int, on_event: Callable[[JobEvent], None], metrics,
+                 on_close: Callable[[_CountedSubscription], None]):
+        self.job_id = job_id
+        self.last_seq = after_seq
+        self._on_event = on_event
         self._metrics = metrics
+        self._on_close = on_close
+        self._inner: Subscription | None = None
         self._closed = False
+
+    def attach(self, inner: Subscription) -> None:
+        self._inner = inner
+        if self._closed:
+            inner.close()
+
+    def deliver(self, event: JobEvent) -> None:
+        if self._closed:
+            return
+        self.last_seq = max(self.last_seq, event.seq)
+        self._on_event(event)
+
+    def end(self, event: JobEvent) -> None:
+        """Deliver ``event`` (a terminal one) and stop listening to the store."""
+        if self._closed:
+            return
+        self._on_event(event)
+        self.close()
 
     def close(self) -> None:
         if not self._closed:
             self._closed = True
             self._metrics.event_subscribers.dec()
-            self._inner.close()
+            self._on_close(self)
+            if self._inner is not None:
+                self._inner.close()

@@ -21,7 +21,7 @@ from twisted.python import log
 
 from omnirt.contract import JobRecord, JobState
 from omnirt.jobs.outcomes import RUNNING_STATES, record_terminal
-from omnirt.store.base import JobStore, NewEvent, StoreUnavailable
+from omnirt.store.base import JobNotFound, JobStore, NewEvent, StoreUnavailable
 from omnirt.telemetry.metrics import GatewayMetrics
 from omnirt.telemetry.tracing import SERVICE_GATEWAY, JobTrace, Tracing, merge_spans
 from omnirt.workers.base import WorkerUpdate
@@ -129,7 +129,11 @@ class JobTransitions:
 
     async def progress(self, job_id: str, attempt: int, index: int, update: WorkerUpdate) -> None:
         """A worker event of attempt ``attempt`` (``job_started``, ``stage_*``), stored at most once."""
-        await self.store.append_worker_event(job_id, attempt, index, NewEvent(update.event, update.stage, update.data))
+        try:
+            await self.store.append_worker_event(job_id, attempt, index,
+                                                 NewEvent(update.event, update.stage, update.data))
+        except JobNotFound:
+            pass  # the store lost the job (came back empty): the run is being stopped, its end logs it
 
     #: ``job_started`` is the first worker event of an attempt: the same write as progress
     start = progress
@@ -214,6 +218,10 @@ class JobTransitions:
                 done = await record_terminal(self.store, record.id, state, now_ms=now, error=error, fields=fields,
                                              from_states=from_states, status=status)
                 break
+            except JobNotFound:
+                log.msg(f"job {record.id} is gone from the store (it lost its data): its {state.value} "
+                        "outcome is not recorded")
+                return None
             except StoreUnavailable as exc:
                 if not patient:
                     raise

@@ -119,8 +119,16 @@ class JobStore(abc.ABC):
                 out[job_id] = record.state
         return out
 
-    async def refresh_lease(self, gateway_id: str, ttl_s: float) -> None:
-        """Say this gateway is alive for the next ``ttl_s`` seconds."""
+    async def refresh_lease(self, gateway_id: str, ttl_s: float) -> bool:
+        """Say this gateway is alive for the next ``ttl_s`` seconds. True when the store found no
+        renewal by any gateway for longer than a TTL (it was away) and pushed every lease out by
+        ``ttl_s`` instead of letting them count as dead."""
+        return False
+
+    async def identity(self, candidate: str) -> str:
+        """The store's identity, set to ``candidate`` if it has none (new, or emptied): a change
+        between two calls means the store lost its data."""
+        return "local"
 
     async def live_gateways(self) -> set[str]:
         """Gateways whose lease has not run out."""

@@ -349,6 +349,32 @@ class RedisStoreTests(_RedisStores, unittest.TestCase):
         self.assertEqual(self.redis.command("ZCARD", "omnirt:terminal"), 0)
 
     @inlineCallbacks
+    def test_leases_that_ran_out_while_the_store_was_away_are_extended(self):
+        """When no gateway renewed a lease for longer than a TTL (by Redis' own clock) the next
+        renewal pushes every lease out by a TTL and says so; a normal renewal does not."""
+        store = yield self.open_store()
+        self.assertFalse((yield d(store.refresh_lease("gw-a", 5.0))))
+        self.assertFalse((yield d(store.refresh_lease("gw-b", 5.0))))
+        now_ms = int(self.redis.command("TIME")[0]) * 1000
+        # as after a 15 s pause: A's lease ran out, nobody renewed since
+        self.redis.command("ZADD", "omnirt:gateways", now_ms - 10_000, "gw-a")
+        self.redis.command("SET", "omnirt:lease_clock", now_ms - 15_000)
+        self.assertNotIn("gw-a", (yield d(store.live_gateways())))
+        self.assertTrue((yield d(store.refresh_lease("gw-b", 5.0))))
+        self.assertEqual((yield d(store.live_gateways())), {"gw-a", "gw-b"})
+        self.assertFalse((yield d(store.refresh_lease("gw-b", 5.0))))
+
+    @inlineCallbacks
+    def test_identity_changes_when_the_store_comes_back_empty(self):
+        """identity() keeps the first candidate while the data lasts and takes a new one once the
+        database was emptied (a restart without persistence, FLUSHDB)."""
+        store = yield self.open_store()
+        self.assertEqual((yield d(store.identity("first"))), "first")
+        self.assertEqual((yield d(store.identity("second"))), "first")
+        self.redis.command("FLUSHDB")
+        self.assertEqual((yield d(store.identity("third"))), "third")
+
+    @inlineCallbacks
     def test_record_fields_round_trip(self):
         """Every JobRecord field survives the hash encoding (result, errors, lists, None), and
         unknown fields are refused before anything is written."""

@@ -17,6 +17,9 @@ Data model (``P`` = ``{namespace}:``; all values are strings)::
     P idem:{key}        string JSON [job_id, fingerprint, claimed_at_ms]
     P order             string the creation counter
     P wake:{uuid}       stream one per store: XADDed to wake the blocking reader (MAXLEN 1, TTL)
+    P gateways          zset   gateway leases, score = deadline (ms, Redis TIME)
+    P lease_clock       string Redis TIME (ms) of the last lease renewal by any gateway (outage fence)
+    P store_id          string the store's identity (missing: new or emptied Redis)
 
 Every write is ONE Lua script (``lua/``, loaded at startup) (EVALSHA, EVAL on NOSCRIPT) so state and events never disagree;
 entering a terminal state PEXPIREs the hash, the stream and the idempotency key together

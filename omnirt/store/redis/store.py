@@ -373,8 +373,12 @@ class RedisJobStore(JobStore):
         reply = arr(unpack(await self._eval("states", [], [self._prefix, *ids])))
         return {job_id: JobState(state) for job_id, state in zip(ids, reply, strict=False) if state}
 
-    async def refresh_lease(self, gateway_id: str, ttl_s: float) -> None:
-        await self._eval("lease", [], [self._prefix, gateway_id, max(1, int(ttl_s * 1000))])
+    async def refresh_lease(self, gateway_id: str, ttl_s: float) -> bool:
+        reply = await self._eval("lease", [], [self._prefix, gateway_id, max(1, int(ttl_s * 1000))])
+        return bool(int(reply[1])) if isinstance(reply, list) and len(reply) > 1 else False
+
+    async def identity(self, candidate: str) -> str:
+        return str(await self._eval("identity", [], [self._prefix, candidate]))
 
     async def live_gateways(self) -> set[str]:
         return set(arr(unpack(await self._eval("live", [], [self._prefix]))))
