@@ -1,0 +1,50 @@
+"""A job store that lost its data ends every open stream with a terminal ``job_failed``
+(``store_lost``) and says so in /readyz — through the real gateway factory in memory."""
+
+from __future__ import annotations
+
+import json
+
+from twisted.internet.defer import inlineCallbacks
+from twisted.trial import unittest
+
+from tests.unit.gateway_harness import Harness, turn
+
+
+def frames(content: bytes) -> list[dict]:
+    return [json.loads(f.split("data: ", 1)[1]) for f in content.decode().split("\n\n") if "data: " in f]
+
+
+class StoreLostTests(unittest.TestCase):
+    @inlineCallbacks
+    def setUp(self):
+        self.h = Harness(self)
+        yield self.h.start()
+
+    @inlineCallbacks
+    def test_open_streams_end_with_store_lost(self):
+        """An SSE subscriber of a running job gets job_failed (reason store_lost, seq after the last
+        it saw) and its stream closes; subscribers are released; /readyz reports the loss."""
+        job = yield self.h.submit()
+        call = self.h.worker().call_for(job["id"])
+        call.start()
+        d = self.h.request("GET", f"/v1/jobs/{job['id']}/events")
+        turn()
+        self.assertEqual(self.h.metrics.event_subscribers._value.get(), 1)
+        self.h.service.store_lost("the job store lost its data")
+        turn()
+        resp, content = yield d
+        events = frames(content)
+        self.assertEqual(events[-1]["event"], "job_failed")
+        self.assertEqual(events[-1]["data"]["reason"], "store_lost")
+        self.assertEqual([e["seq"] for e in events], list(range(1, len(events) + 1)))
+        self.assertEqual(self.h.metrics.event_subscribers._value.get(), 0)
+        code, ready, _ = yield self.h.json("GET", "/readyz")
+        self.assertEqual(ready["job_store_lost"]["detail"], "the job store lost its data")
+
+    @inlineCallbacks
+    def test_without_a_loss_readyz_has_no_such_field(self):
+        """/readyz says nothing about a lost store while none was lost."""
+        code, ready, _ = yield self.h.json("GET", "/readyz")
+        self.assertEqual(code, 200)
+        self.assertNotIn("job_store_lost", ready)
