@@ -258,10 +258,14 @@ class JobService:
         await self._owned(job_id, owner)
         return self._track(job_id, after_seq, on_event)
 
-    def _track(self, job_id: str, after_seq: int, on_event: Callable[[JobEvent], None]) -> Subscription:
-        metrics = self.dispatcher.metrics
-        metrics.event_subscribers.inc()
-        tracked = _CountedSubscription(job_id, after_seq, on_event, metrics, self._open.discard)
+    def _track(self, job_id: str, after_seq: int, on_event: Callable[[JobEvent], None], *,
+               counted: bool = True) -> Subscription:
+        """Subscribe through the store, kept in ``_open``; ``counted``: a client's stream (the
+        ``event_subscribers`` gauge), not a sync request's wait."""
+        gauge = self.dispatcher.metrics.event_subscribers if counted else None
+        if gauge is not None:
+            gauge.inc()
+        tracked = _CountedSubscription(job_id, after_seq, on_event, gauge, self._open.discard)
         self._open.add(tracked)  # before the replay, which may already end it
         tracked.attach(self.store.subscribe(job_id, after_seq, tracked.deliver))
         return tracked
@@ -291,7 +295,7 @@ class JobService:
             if event.terminal and not done.called:
                 done.callback(None)
 
-        sub = self._track(job_id, 0, on_event)
+        sub = self._track(job_id, 0, on_event, counted=False)
         try:
             await done
         finally:
@@ -349,15 +353,15 @@ def shielded(d: Deferred) -> Deferred:
 
 
 class _CountedSubscription(Subscription):
-    """A store subscription counted in ``event_subscribers``, remembering the last seq it
+    """A store subscription counted in a gauge (None: not counted), remembering the last seq it
     delivered (so ``end`` can close it with one more, terminal, event)."""
 
-    def __init__(self, job_id: str, after_seq: int, on_event: Callable[[JobEvent], None], metrics,
+    def __init__(self, job_id: str, after_seq: int, on_event: Callable[[JobEvent], None], gauge,
                  on_close: Callable[[_CountedSubscription], None]):
         self.job_id = job_id
         self.last_seq = after_seq
         self._on_event = on_event
-        self._metrics = metrics
+        self._gauge = gauge
         self._on_close = on_close
         self._inner: Subscription | None = None
         self._closed = False
@@ -383,7 +387,8 @@ class _CountedSubscription(Subscription):
     def close(self) -> None:
         if not self._closed:
             self._closed = True
-            self._metrics.event_subscribers.dec()
+            if self._gauge is not None:
+                self._gauge.dec()
             self._on_close(self)
             if self._inner is not None:
                 self._inner.close()

@@ -13,8 +13,8 @@ Scenarios: no fault; a SIGSTOPped worker; Redis down longer than the lease TTL; 
 restarted EMPTY (the jobs are gone: detected, reported in /readyz, streams end with a terminal
 ``job_failed`` ``store_lost``, and nothing is stuck or run twice). Each prints its row of the
 table scenario -> accepted / succeeded / stuck / ran twice / events lost / streams without
-terminal ("events lost": denoise steps missing from succeeded jobs' final attempt; reported,
-asserted only without a store fault).
+terminal / gone with the store ("events lost": denoise steps missing from succeeded jobs' final
+attempt; reported, asserted only without a store fault; "gone": 404 after Redis came back empty).
 """
 
 from __future__ import annotations
@@ -37,7 +37,8 @@ TERMINAL_EVENTS = ("job_finished", "job_failed", "job_cancelled")
 OUTAGE_S = 15.0
 #: every row printed so far (the closing note's table)
 TABLE: list[tuple] = []
-COLUMNS = ("scenario", "accepted", "succeeded", "stuck", "ran twice", "events lost", "streams without terminal")
+COLUMNS = ("scenario", "accepted", "succeeded", "stuck", "ran twice", "events lost", "streams without terminal",
+           "gone with the store (404)")
 
 
 def print_table() -> None:
@@ -240,7 +241,7 @@ class ChaosTests(RedisTopology):
             if rec is not None and ended and seqs != [e["seq"] for e in rec["events"]]:
                 missed.append(job_id)
         succeeded = sum(1 for r in records.values() if r["state"] == "succeeded")
-        TABLE.append((scenario, len(ids), succeeded, len(stuck), len(twice), lost, unterminated))
+        TABLE.append((scenario, len(ids), succeeded, len(stuck), len(twice), lost, unterminated, len(gone)))
         print_table()
         self.assertEqual(sorted(stuck), [], "jobs not terminal in time")
         if store_kept:

@@ -8,7 +8,10 @@ import json
 from twisted.internet.defer import inlineCallbacks
 from twisted.trial import unittest
 
+from omnirt.contract import JobState
+from omnirt.store.base import StoreUnavailable
 from tests.unit.gateway_harness import Harness, turn
+from tests.unit.test_gateway import wait_for
 
 
 def frames(content: bytes) -> list[dict]:
@@ -48,3 +51,25 @@ class StoreLostTests(unittest.TestCase):
         code, ready, _ = yield self.h.json("GET", "/readyz")
         self.assertEqual(code, 200)
         self.assertNotIn("job_store_lost", ready)
+
+    @inlineCallbacks
+    def test_stream_survives_the_store_going_away_after_its_replay(self):
+        """A store error right after an SSE stream's replay (Redis restarting) does not leave the
+        stream open and silent: it keeps streaming and ends with the terminal event."""
+        job = yield self.h.submit()
+        call = self.h.worker().call_for(job["id"])
+        call.start()
+
+        async def unreachable(job_id, after_seq):
+            raise StoreUnavailable("redis at 127.0.0.1:1: connection lost")
+
+        self.patch(self.h.service, "ended_before", unreachable)
+        d = self.h.request("GET", f"/v1/jobs/{job['id']}/events")
+        turn()
+        call.progress(1, 1)
+        call.succeed()
+        yield wait_for(lambda: self.h.record(job["id"]).addCallback(lambda r: r.state == JobState.succeeded))
+        turn()
+        resp, content = yield d
+        self.assertEqual([e["event"] for e in frames(content)][-1], "job_finished")
+        self.assertEqual(self.h.metrics.event_subscribers._value.get(), 0)
