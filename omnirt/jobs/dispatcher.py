@@ -12,12 +12,13 @@ from collections.abc import Callable
 from twisted.application.internet import TimerService
 from twisted.internet.defer import CancelledError, Deferred, DeferredLock
 from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import deferLater
 from twisted.python import log
 
 from omnirt.contract import JobRecord, JobState
 from omnirt.jobs.outcomes import store_outputs
 from omnirt.jobs.tasks import Tasks
-from omnirt.jobs.transitions import JobTransitions
+from omnirt.jobs.transitions import STORE_RETRIES, JobTransitions, store_backoff
 from omnirt.store.artifacts import ArtifactStore
 from omnirt.store.base import JobStore, StoreUnavailable
 from omnirt.telemetry.metrics import GatewayMetrics
@@ -247,10 +248,26 @@ class Dispatcher:
         trace.end_dispatch(attempt, _attempt_outcome(running, outcome, error), error, _take_worker_spans(outcome, error))
         await writer.drain()
         try:
-            await self._finish(q, record, running, outcome, error)
+            await self._finish_patiently(q, record, running, outcome, error)
         finally:
             self._gauge()
             self.pump()
+
+    async def _finish_patiently(self, q: QueuedJob, record: JobRecord, running: RunningJob,
+                                outcome: RunOutcome | None, error: BaseException | None) -> None:
+        """``_finish`` again (bounded backoff) while the store is unreachable: a job that ended
+        during a store outage (its artifacts, its retry) is recorded once the store is back
+        instead of staying ``running`` with nobody running it. Each step is safe to repeat
+        (content-addressed artifacts, compare-and-set transitions)."""
+        for attempt in range(STORE_RETRIES):
+            try:
+                await self._finish(q, record, running, outcome, error)
+                return
+            except StoreUnavailable as exc:
+                delay = store_backoff(attempt)
+                log.msg(f"recording the end of job {q.job_id} failed ({exc}); retrying in {delay:g}s")
+                await deferLater(self._clock, delay)
+        log.msg(f"gave up recording the end of job {q.job_id}: store unreachable")
 
     async def _finish(
         self, q: QueuedJob, record: JobRecord, running: RunningJob, outcome: RunOutcome | None, error: BaseException | None

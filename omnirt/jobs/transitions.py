@@ -45,7 +45,7 @@ METHOD_OF: dict[tuple[JobState, JobState], str] = {
 
 #: attempts to record a job's outcome while the store is unreachable (backoff up to 5 s: ~10 min)
 STORE_RETRIES = 130
-_store_backoff = backoffPolicy(initialDelay=0.2, maxDelay=5.0, factor=2.0, jitter=lambda: 0.0)
+store_backoff = backoffPolicy(initialDelay=0.2, maxDelay=5.0, factor=2.0, jitter=lambda: 0.0)
 
 
 class JobTransitions:
@@ -225,7 +225,7 @@ class JobTransitions:
             except StoreUnavailable as exc:
                 if not patient:
                     raise
-                delay = _store_backoff(attempt)
+                delay = store_backoff(attempt)
                 log.msg(f"recording {state.value} for job {record.id} failed ({exc}); retrying in {delay:g}s")
                 await deferLater(self._clock, delay)
         else:

@@ -251,7 +251,13 @@ class ChaosTests(RedisTopology):
         succeeded = sum(1 for r in records.values() if r["state"] == "succeeded")
         TABLE.append((scenario, len(ids), succeeded, len(stuck), len(twice), lost, unterminated, len(gone)))
         print_table()
-        self.assertEqual(sorted(stuck), [], "jobs not terminal in time")
+        if stuck:
+            stuck_records = {}
+            for job_id in sorted(stuck):
+                _, stuck_records[job_id] = yield self.jcall(self.gateways[0][1], "GET", f"/v1/jobs/{job_id}")
+            self.fail(f"jobs not terminal in time: "
+                      f"{ {j: (r['state'], r.get('worker_id')) for j, r in stuck_records.items()} } "
+                      f"{self.stories(stuck_records, list(stuck_records))}")
         if store_kept:
             self.assertEqual(sorted(gone), [], "accepted jobs vanished")
         self.assertEqual(bad_terminal, [], "not exactly one terminal event, last")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from twisted.internet.defer import inlineCallbacks
+from twisted.internet.defer import fail, inlineCallbacks
 from twisted.trial import unittest
 
 from omnirt.contract import JobState
@@ -73,3 +73,32 @@ class StoreLostTests(unittest.TestCase):
         resp, content = yield d
         self.assertEqual([e["event"] for e in frames(content)][-1], "job_finished")
         self.assertEqual(self.h.metrics.event_subscribers._value.get(), 0)
+
+
+class StoreOutageAtTheEndTests(unittest.TestCase):
+    @inlineCallbacks
+    def test_job_ending_while_the_store_is_away_is_recorded_once_it_is_back(self):
+        """A job whose result arrives while the shared store cannot take its artifacts is
+        recorded (succeeded) once the store answers again, instead of staying running."""
+        h = Harness(self)
+        yield h.start()
+        real_put = h.dispatcher.artifacts.put
+        failures = []
+
+        def put(blob, mime="image/png"):
+            if len(failures) < 2:
+                failures.append(1)
+                return fail(StoreUnavailable("redis at 127.0.0.1:1: connection refused"))
+            return real_put(blob, mime)
+
+        self.patch(h.dispatcher.artifacts, "put", put)
+        job = yield h.submit()
+        call = h.worker().call_for(job["id"])
+        call.start()
+        call.succeed()
+        turn()
+        self.assertEqual((yield h.record(job["id"])).state, JobState.running)
+        for _ in range(10):
+            h.clock.advance(1.0)
+            turn()
+        self.assertEqual(((yield h.record(job["id"])).state, len(failures)), (JobState.succeeded, 2))
