@@ -117,13 +117,16 @@ class MemoryJobStore(JobStore):
             return job.record.model_copy(update={"events": list(job.events)})
         return job.record
 
-    async def list(self, *, state: JobState | None = None, model: str | None = None, limit: int = 50) -> list[JobRecord]:
+    async def list(self, *, state: JobState | None = None, model: str | None = None, limit: int = 50,
+                   tenant: str | None = None) -> list[JobRecord]:
         out: list[JobRecord] = []
         for job in reversed(self._jobs.values()):  # dicts keep insertion order: newest last
             rec = job.record
             if state is not None and rec.state != state:
                 continue
             if model is not None and rec.request.model != model:
+                continue
+            if tenant is not None and rec.tenant != tenant:
                 continue
             out.append(rec)
             if len(out) >= limit:
