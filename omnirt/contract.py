@@ -317,6 +317,8 @@ class JobRecord(BaseModel):
     queue_position: int | None = None
     #: server-side bookkeeping (not secret, but not part of the public contract)
     idempotency_key: str | None = None
+    #: the name of the API key that created the job (None without auth); other keys get 404
+    tenant: str | None = None
     excluded_workers: list[str] = Field(default_factory=list)
     #: "worker:<id>" when a worker with its own store connection records this job itself
     runner: str | None = None
@@ -341,6 +343,7 @@ class JobView(JobRecord):
     runner: str | None = Field(None, exclude=True)
     trace_context: dict[str, str] = Field(default_factory=dict, exclude=True)
     spans: list[dict[str, Any]] = Field(default_factory=list, exclude=True)
+    tenant: str | None = Field(None, exclude=True)
 
     @classmethod
     def of(cls, record: JobRecord) -> JobView:

@@ -158,6 +158,7 @@ class GatewayService(OrderedService):
         if self.store.shared:
             self.lease = GatewayLease(clock=clock, store=self.store, dispatcher=self.dispatcher,
                                       gateway_id=self.gateway_id, ttl_s=config.lease_ttl_s)
+            self.lease.on_store_lost = self.service.store_lost
         #: drains the store's webhook outbox (claims under a lease, so gateways sharing a store
         #: never send one entry twice at once)
         self.webhooks = WebhookDeliverer(reactor=clock, store=self.store, settings=config.webhooks,

@@ -35,7 +35,11 @@ def add_arguments(p) -> None:
     add_engine_arguments(p)  # the in-process engine's batching and accelerator options
     p.add_argument("--model-tier", action="append", choices=TIERS, default=None,
                    help=f"allowed model tier (repeatable; default: {', '.join(DEFAULT_ALLOWED_TIERS)})")
-    p.add_argument("--api-key-file", default=None, help="file with one API key per line (# comments)")
+    p.add_argument("--api-key-file", default=None,
+                   help="file with one API key per line, 'name:key' or 'key' (# comments); each key is a "
+                        "tenant that sees only its own jobs")
+    p.add_argument("--admin-key-file", default=None,
+                   help="file of admin keys (same form): they see and cancel every tenant's jobs")
     p.add_argument("--redis-url", default=None,
                    help="shared, durable job store: redis://[:password@]host:port/db or rediss://")
     p.add_argument("--redis-namespace", default="omnirt", help="prefix of every Redis key")
@@ -203,7 +207,7 @@ class GatewayConfig:
             host=args.host, port=args.port, backend=args.backend, max_concurrency=args.max_concurrency,
             pipeline_cache_size=args.pipeline_cache_size,
             allowed_tiers=tuple(args.model_tier or DEFAULT_ALLOWED_TIERS),
-            api_keys=_api_keys(args.api_key_file), remote_specs=tuple(remote_specs),
+            api_keys=_api_keys(args.api_key_file, args.admin_key_file), remote_specs=tuple(remote_specs),
             local_worker=args.local_worker or not (remote_specs or fleet), max_queue=args.max_queue,
             artifact_dir=args.artifact_dir or default_artifact_dir(), model_paths=parse_model_paths(args.model_path),
             adapter_dirs=_adapter_dirs(args.adapter_dir),
@@ -296,13 +300,13 @@ def _adapter_dir_warnings(args, *, local_worker: bool) -> list[str]:
             "remote workers resolve adapters in their own --adapter-dir"]
 
 
-def _api_keys(path: str | None):
+def _api_keys(path: str | None, admin_path: str | None = None):
     from omnirt.gateway.auth import ApiKeys, AuthConfigError, load_api_keys
 
-    if not path:
-        return ApiKeys()
     try:
-        return ApiKeys(load_api_keys(path))
+        keys = load_api_keys(path) if path else ()
+        admin = load_api_keys(admin_path, "--admin-key-file") if admin_path else ()
+        return ApiKeys(keys, admin)
     except AuthConfigError as exc:
         raise ConfigError(str(exc)) from None
 

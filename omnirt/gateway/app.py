@@ -21,7 +21,7 @@ from omnirt.contract import (
     problems_from_pydantic,
 )
 from omnirt.gateway import compat, console_routes, sse
-from omnirt.gateway.auth import ApiKeys
+from omnirt.gateway.auth import ApiKeys, owner_of, tenant_of
 from omnirt.gateway.edge import parse_idempotency_key, parse_int_arg, parse_json_body, scoped_idempotency_key
 from omnirt.gateway.errors import HTTPError, error_response
 from omnirt.gateway.trace_view import trace_view
@@ -147,7 +147,9 @@ class GatewayAPI:
             "accepting": self.service.accepting,
         }
         problems = []
-        body["job_store"] = store.status()
+        body["job_store"] = dict(store.status())
+        if self.service.store_lost_info is not None:
+            body["job_store"]["lost"] = self.service.store_lost_info
         if body["job_store"].get("state") == "degraded":
             problems.append(f"job store degraded: {body['job_store'].get('reason') or 'switching master'}")
         try:
@@ -215,10 +217,10 @@ class GatewayAPI:
         generate, key = self._parse_submit(request)
         if generate.async_run:
             record, _ = await self.service.submit(generate, execution_mode="async", idempotency_key=key,
-                                                        principal=getattr(request, "omnirt_principal", None))
+                                                        **_who(request))
             return write_json(request, 200, compat.with_warnings(job_body(record), request))  # 200 as upstream
         record, _ = await self.service.submit(generate, execution_mode="sync", idempotency_key=key,
-                                             principal=getattr(request, "omnirt_principal", None))
+                                             **_who(request))
         final = await self._wait_or_cancel(record.id)
         return await self._sync_result(request, final)
 
@@ -251,7 +253,7 @@ class GatewayAPI:
     async def submit_job(self, request):
         generate, key = self._parse_submit(request)
         record, created = await self.service.submit(generate, execution_mode="async", idempotency_key=key,
-                                                        principal=getattr(request, "omnirt_principal", None))
+                                                        **_who(request))
         return write_json(request, 202 if created else 200, compat.with_warnings(job_body(record), request))
 
     @app.route("/v1/jobs", methods=["GET"])
@@ -265,7 +267,8 @@ class GatewayAPI:
                 raise HTTPError(400, f"unknown state (one of: {', '.join(s.value for s in JobState)})") from None
         model = (request.args.get(b"model") or [None])[0]
         limit = parse_int_arg((request.args.get(b"limit") or [None])[0], "limit", minimum=1, maximum=1000, default=50)
-        records = await self.service.list(state=state, model=model.decode("utf-8", "replace") if model else None, limit=limit)
+        records = await self.service.list(state=state, model=model.decode("utf-8", "replace") if model else None,
+                                          limit=limit, owner=owner_of(request))
         body = JobList(data=[JobSummary.of(r) for r in records])
         return write_json(request, 200, body.model_dump(mode="json"))
 
@@ -274,29 +277,30 @@ class GatewayAPI:
         raw = (request.args.get(b"events") or [b"true"])[0].lower()
         if raw not in (b"true", b"false", b"1", b"0"):
             raise HTTPError(400, "events must be true or false")
-        record = await self.service.get(job_id)
+        record = await self.service.get(job_id, owner=owner_of(request))
         return write_json(request, 200, job_body(record, include_events=raw in (b"true", b"1")))
 
     @app.route("/v1/jobs/<job_id>", methods=["DELETE"])
     async def cancel_job(self, request, job_id):
-        record = await self.service.cancel(job_id)
+        record = await self.service.cancel(job_id, owner=owner_of(request))
         return write_json(request, 200, job_body(record, include_events=False))
 
     @app.route("/v1/jobs/<job_id>/events", methods=["GET"])
     async def job_events(self, request, job_id):
         after = sse.resume_point(request)
-        await sse.stream_events(self.service, self.reactor, request, job_id, after, self.keepalive_s)
+        await sse.stream_events(self.service, self.reactor, request, job_id, after, self.keepalive_s,
+                                owner=owner_of(request))
         return b""
 
     @app.route("/v1/jobs/<job_id>/trace", methods=["GET"])
     async def job_trace(self, request, job_id):
-        record = await self.service.get(job_id)
+        record = await self.service.get(job_id, owner=owner_of(request))
         view = TraceView.model_validate(trace_view(self.service.dispatcher.tracing, record))
         return write_json(request, 200, view.model_dump(mode="json"))
 
     @app.route("/v1/jobs/<job_id>/webhooks", methods=["GET"])
     async def job_webhooks(self, request, job_id):
-        views = await self._webhook_service().deliveries(job_id)
+        views = await self._webhook_service().deliveries(job_id, owner=owner_of(request))
         return write_json(request, 200, DeliveryList(data=views).model_dump(mode="json"))
 
     @app.route("/v1/jobs/<job_id>/webhooks/redeliver", methods=["POST"])
@@ -309,7 +313,7 @@ class GatewayAPI:
                 ids = RedeliverRequest.model_validate(payload).ids
             except ValidationError as exc:
                 raise RequestInvalid(problems_from_pydantic(exc)) from None
-        views = await self._webhook_service().redeliver(job_id, ids)
+        views = await self._webhook_service().redeliver(job_id, ids, owner=owner_of(request))
         return write_json(request, 202, DeliveryList(data=views).model_dump(mode="json"))
 
     def _webhook_service(self):
@@ -401,6 +405,7 @@ class GatewayResource(Resource):
                         "message": "missing or invalid API key", "type": "invalid_request_error",
                         "code": "invalid_api_key"}})
                 return write_json(request, 401, {"detail": "missing or invalid API key"})
+        request.omnirt_tenant = keys.identify(presented) if keys.enabled else None
         client = request.getClientAddress()
         request.omnirt_principal = principal_of(presented if keys.enabled else None, getattr(client, "host", None))
         limiter = self.api.rate_limiter
@@ -413,6 +418,11 @@ class GatewayResource(Resource):
                     body = {"error": {"message": exc.message, "type": "rate_limit_error", "code": "rate_limit_exceeded"}}
                 return write_json(request, status, body, headers)
         return self.inner.render(request)
+
+
+def _who(request) -> dict[str, str | None]:
+    """The submitter: its principal (limits, idempotency scope) and its tenant (job owner)."""
+    return {"principal": getattr(request, "omnirt_principal", None), "tenant": tenant_of(request)}
 
 
 def _failure_status(final: JobRecord) -> int:

@@ -9,6 +9,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from omnirt.contract import ContractError, GenerateRequest, JobState, RequestInvalid, problems_from_pydantic
+from omnirt.gateway.auth import tenant_of
 from omnirt.gateway.edge import listening_url, parse_json_body
 from omnirt.gateway.errors import HTTPError, error_response
 from omnirt.gateway.views import OpenAIImage, OpenAIImagesResponse
@@ -102,7 +103,8 @@ async def images_generations(api, request):
             raise HTTPError(400, message) from None
         generate = to_generate_request(body)
         record, _ = await api.service.submit(generate, execution_mode="sync",
-                                             principal=getattr(request, "omnirt_principal", None))
+                                             principal=getattr(request, "omnirt_principal", None),
+                                             tenant=tenant_of(request))
     except (HTTPError, ContractError, RequestInvalid) as exc:
         status, detail, headers = error_response(exc)
         message = detail["detail"]

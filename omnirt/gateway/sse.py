@@ -8,6 +8,7 @@ from twisted.internet.task import LoopingCall
 
 from omnirt.contract import JobEvent
 from omnirt.gateway.edge import parse_int_arg
+from omnirt.store.base import StoreUnavailable
 
 
 def resume_point(request) -> int:
@@ -27,7 +28,8 @@ def encode_event(event: JobEvent) -> bytes:
     return event.encoded("sse", _frame)
 
 
-async def stream_events(service, reactor, request, job_id: str, after: int, keepalive_s: float) -> None:
+async def stream_events(service, reactor, request, job_id: str, after: int, keepalive_s: float, *,
+                        owner: str | None = None) -> None:
     done: Deferred = Deferred()
     headers_sent = [False]
 
@@ -47,9 +49,16 @@ async def stream_events(service, reactor, request, job_id: str, after: int, keep
             done.callback(None)
 
     # subscribe raises JobNotFoundError (404) before anything is written
-    subscription = await service.subscribe(job_id, after, on_event)
+    subscription = await service.subscribe(job_id, after, on_event, owner=owner)
     send_headers()
-    if not done.called and await service.ended_before(job_id, after):
+    try:
+        ended = not done.called and await service.ended_before(job_id, after)
+    except StoreUnavailable:
+        ended = False  # the store went away after the replay: keep streaming, the events follow
+    except BaseException:
+        subscription.close()
+        raise
+    if ended:
         done.callback(None)  # resumed after the terminal event: nothing more will come
     keepalive = LoopingCall(lambda: request.write(b": keep-alive\n\n"))
     keepalive.clock = reactor

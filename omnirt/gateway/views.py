@@ -122,6 +122,34 @@ class WorkerView(BaseModel):
     last_error: str
 
 
+class StoreLoss(BaseModel):
+    at_ms: int = Field(description="when this gateway found the store emptied (its clock, ms)")
+    detail: str
+
+
+class JobStoreStatus(BaseModel):
+    """One field family for the store's health: reachability and failover (``state``,
+    ``master``, ``reason``, ``failovers``), acknowledged durability (``min_replicas``,
+    ``wait_timeouts``) and data loss (``resets``/``last_reset`` from the store's identity check
+    at every lease refresh; ``lost``: the consequences this gateway drew: open streams ended
+    with ``job_failed`` ``store_lost``, sync waits answered 503)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    state: str = Field(description="ok | degraded (switching master)")
+    master: str | None = None
+    master_name: str | None = None
+    sentinels: str | None = Field(None, description="the Sentinels asked, host:port,...")
+    failovers: int | None = None
+    degraded_for_s: float | None = None
+    reason: str | None = None
+    min_replicas: int | None = None
+    wait_timeouts: int | None = None
+    resets: int | None = Field(None, description="times the store came back without its data")
+    last_reset: str | None = None
+    lost: StoreLoss | None = Field(None, description="set once the store was found to have lost its data")
+
+
 class Readiness(BaseModel):
     ok: bool
     job_store_backend: str
@@ -132,7 +160,7 @@ class Readiness(BaseModel):
     backend: str
     accepting: bool
     job_store_error: str | None = None
-    job_store: dict[str, Any] | None = Field(None, description="store state: ok | degraded (switching master), master")
+    job_store: JobStoreStatus | None = Field(None, description="the job store's state, where its data is, and whether it lost it")
     fleet: dict[str, Any] | None = Field(None, description="the --fleet supervisord and its workers")
     reason: str | None = Field(None, description="why not ready (503 only)")
 

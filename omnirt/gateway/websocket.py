@@ -37,6 +37,7 @@ class JobStreamProtocol(WebSocketServerProtocol):
     #: cancels sent whose control_ack has not gone out yet; the terminal event waits for them
     _cancels_pending = 0
     _held_terminal = None
+    _owner = None
 
     def onConnect(self, request):
         headers = request.headers
@@ -54,10 +55,15 @@ class JobStreamProtocol(WebSocketServerProtocol):
         return None
 
     def onOpen(self):
-        if not self.api.api_keys.check(self._presented):
+        keys = self.api.api_keys
+        tenant = keys.identify(self._presented) if keys.enabled else None
+        if keys.enabled and tenant is None:
             self.sendClose(CLOSE_UNAUTHORIZED, "missing or invalid API key")
             return
-        d = Deferred.fromCoroutine(self.api.service.subscribe(self.job_id, self._after, self._on_event))
+        #: whose jobs this connection may see and cancel (None: every job)
+        self._owner = tenant.owner_filter if tenant is not None else None
+        d = Deferred.fromCoroutine(self.api.service.subscribe(self.job_id, self._after, self._on_event,
+                                                              owner=self._owner))
 
         def subscribed(sub):
             if self._closed:
@@ -125,7 +131,7 @@ class JobStreamProtocol(WebSocketServerProtocol):
             self._error(f"unknown action {action!r} (supported: cancel)")
             return
         self._cancels_pending += 1
-        d = Deferred.fromCoroutine(self.api.service.cancel(self.job_id))
+        d = Deferred.fromCoroutine(self.api.service.cancel(self.job_id, owner=self._owner))
 
         def acked(_record, cancelled=True, reason=None):
             data = {"job_id": self.job_id, "cancelled": cancelled}

@@ -12,12 +12,13 @@ from collections.abc import Callable
 from twisted.application.internet import TimerService
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import deferLater
 from twisted.python import log
 from twisted.python.failure import Failure
 
 from omnirt.contract import GenerateRequest, JobRecord, JobState
 from omnirt.jobs.inputs import inline_inputs
-from omnirt.jobs.transitions import JobTransitions
+from omnirt.jobs.transitions import STORE_RETRIES, JobTransitions, store_backoff
 from omnirt.store.artifacts import ArtifactStore, RedisArtifactStore
 from omnirt.store.base import JobStore, NewEvent, StoreUnavailable
 from omnirt.store.ordered import OrderedWrites, WriteMetrics
@@ -282,10 +283,26 @@ class Dispatcher:
         trace.end_dispatch(attempt, _attempt_outcome(running, outcome, error), error, _take_worker_spans(outcome, error))
         await writer.drain()
         try:
-            await self._finish(q, record, running, outcome, error)
+            await self._finish_patiently(q, record, running, outcome, error)
         finally:
             self._gauge()
             self.pump()
+
+    async def _finish_patiently(self, q: QueuedJob, record: JobRecord, running: RunningJob,
+                                outcome: RunOutcome | None, error: BaseException | None) -> None:
+        """``_finish`` again (bounded backoff) while the store is unreachable: a job that ended
+        during a store outage (its artifacts, its retry) is recorded once the store is back
+        instead of staying ``running`` with nobody running it. Each step is safe to repeat
+        (content-addressed artifacts, compare-and-set transitions)."""
+        for attempt in range(STORE_RETRIES):
+            try:
+                await self._finish(q, record, running, outcome, error)
+                return
+            except StoreUnavailable as exc:
+                delay = store_backoff(attempt)
+                log.msg(f"recording the end of job {q.job_id} failed ({exc}); retrying in {delay:g}s")
+                await deferLater(self._clock, delay)
+        log.msg(f"gave up recording the end of job {q.job_id}: store unreachable")
 
     async def _finish(
         self, q: QueuedJob, record: JobRecord, running: RunningJob, outcome: RunOutcome | None, error: BaseException | None
@@ -405,7 +422,9 @@ class Dispatcher:
 
     def remote_cancel_watch(self, interval_s: float = 0.5) -> TimerService:
         """With a shared store a cancel may arrive at another gateway, which only moves the job
-        to ``cancelling``: look at the state of the jobs this gateway runs and pass such cancels on."""
+        to ``cancelling``: look at the state of the jobs this gateway runs and pass such cancels on.
+        A running job the store no longer has (it lost its data) is stopped on its worker too:
+        nobody can read its outcome."""
 
         async def look() -> None:
             ids = [job_id for job_id, r in self.running.items() if r.cancel_requested_at is None]
@@ -415,8 +434,11 @@ class Dispatcher:
                 states = await self.store.states(ids)
             except StoreUnavailable:
                 return
-            for job_id, state in states.items():
-                if state == JobState.cancelling:
+            for job_id in ids:
+                state = states.get(job_id)
+                if state is None and job_id in self.running:
+                    log.msg(f"job {job_id} is gone from the store: stopping it on its worker")
+                if state in (None, JobState.cancelling):
                     self.request_cancel(job_id)
 
         timer = TimerService(interval_s, lambda: Deferred.fromCoroutine(look()))

@@ -11,9 +11,25 @@ two survivors never both take a job):
 - other running jobs -> ``job_retried`` (reason ``gateway_lost``) and queued again, within the
   attempts limit (a worker without a store cancels a job whose gateway stream broke);
 - cancelling -> cancelled.
+
+A store outage is not a peer's death. Leases that ran out while the store was away (paused,
+restarted from disk, a Sentinel failover) say nothing about their holders, so adoption is fenced
+twice: by the store's own clock (``lease.lua``/``live.lua``: when no holder could refresh for
+more than half the shortest TTL, every lease alive before the gap counts as live for one more
+TTL; ``refresh_lease`` returns True when it set that fence), and here: a gateway whose lease tick
+failed, or that was told of the store fence, adopts nothing for a full TTL (every live peer has
+refreshed by then).
+
+A store that comes back EMPTY (restarted without persistence, flushed, a replica that lost its
+data) is detected by the store itself at every ``refresh_lease`` (its identity key, counted in
+``JobStore.resets``): the gateway then reports it in /readyz (``job_store.lost``) and calls
+``on_store_lost``, so open event streams end with a clear terminal error instead of waiting for
+events that will never come.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 from twisted.application.internet import TimerService
 from twisted.internet.defer import Deferred
@@ -40,6 +56,12 @@ class GatewayLease:
         self.adopted = 0
         #: running jobs left to the worker recording them: job id -> "worker:<id>"
         self.watching: dict[str, str] = {}
+        #: no adoption before this clock time (set after a tick that could not reach the store)
+        self.fenced_until = 0.0
+        #: {"at_ms", "detail"} once the store was found to have lost its data (for /readyz)
+        self.store_lost: dict | None = None
+        #: called with a reason when the store lost its data (the job service ends open streams)
+        self.on_store_lost: Callable[[str], None] | None = None
 
     def start(self) -> None:
         if not self.timer.running:
@@ -54,17 +76,40 @@ class GatewayLease:
         except StoreUnavailable:
             pass
 
+    def _fence(self) -> None:
+        self.fenced_until = self._clock.seconds() + self.ttl_s
+
+    def _check_resets(self, before: int) -> None:
+        if self.store.resets <= before:
+            return
+        detail = ("the job store lost its data (it came back empty: restarted without persistence "
+                  "or flushed); jobs accepted before are gone")
+        self.store_lost = {"at_ms": int(self._clock.seconds() * 1000), "detail": detail}
+        log.msg(f"gateway {self.gateway_id}: {detail}")
+        self._fence()
+        if self.on_store_lost is not None:
+            self.on_store_lost(detail)
+
     async def tick(self) -> None:
         try:
-            await self.store.refresh_lease(self.gateway_id, self.ttl_s)
+            resets = self.store.resets
+            store_fenced = await self.store.refresh_lease(self.gateway_id, self.ttl_s)
+            self._check_resets(resets)
+            if store_fenced:
+                log.msg("no lease holder could refresh for a while (the store was away): leases fenced")
+                self._fence()
             live = await self.store.live_gateways()
             if self._first:
                 # a restart with the same --gateway-id: the jobs it owned died with the old process
                 live.discard(self.gateway_id)
-            orphans = await self.store.orphans(live)
-            self._first = False
+            fenced = self._clock.seconds() < self.fenced_until
+            # after an outage every live peer renews within a TTL before anyone is adopted
+            orphans = [] if fenced else await self.store.orphans(live)
+            if not fenced:
+                self._first = False
         except StoreUnavailable as exc:
             log.msg(f"lease refresh skipped: {exc}")
+            self._fence()
             return
         for job_id, owner, _state in orphans:
             if job_id in self.dispatcher.running or self.dispatcher.queue_position(job_id) is not None:
@@ -79,6 +124,8 @@ class GatewayLease:
         # every tick also wakes the dispatcher: a slot freed on a worker shared with other gateways
         # is seen by a probe, but a job must never wait for an event that may not come
         self.dispatcher.pump()
+        if fenced:
+            return
         for job_id, runner in list(self.watching.items()):
             if runner in live:
                 continue

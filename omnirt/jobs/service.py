@@ -1,5 +1,10 @@
 """JobService: submit, get, list, cancel, observe. Knows no transport (no HTTP, no gRPC).
 
+Jobs belong to a tenant (the name of the API key that created them): every read, cancel and
+subscription takes an ``owner`` — a tenant's name, or None for one who sees every job (an admin
+key, or no auth) — and a job of another tenant is "unknown" (404), the same answer as a job that
+does not exist, so ids tell nothing about other tenants.
+
 Submit resolves the model and task in the registry, applies tier policy, presets and defaults,
 honours an idempotency key, admits into the bounded queue (429 with a computed Retry-After), and
 records the job (``job_enqueued``) before the dispatcher sees it.
@@ -13,6 +18,7 @@ import uuid
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
+from prometheus_client import Gauge
 from twisted.application.internet import TimerService
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
@@ -35,7 +41,6 @@ from omnirt.jobs.inputs import to_references
 from omnirt.jobs.limits import TooManyJobs
 from omnirt.registry import DEFAULT_ALLOWED_TIERS, resolve_request
 from omnirt.store.base import JobStore, StoreUnavailable, Subscription
-from omnirt.telemetry.metrics import GatewayMetrics
 from omnirt.telemetry.tracing import JobTrace
 
 if TYPE_CHECKING:
@@ -74,6 +79,10 @@ class JobService:
         #: omnirt.engine.adapters.AdapterDirs of the in-process engine when it is the only worker
         #: (adapters then get their 400 here); None when workers check their own folders
         self.adapter_check = adapter_check
+        #: open subscriptions (streams, sync waits), so a store that lost its data can end them
+        self._open: set[_CountedSubscription] = set()
+        #: {"at_ms", "detail"} once the store was found to have lost its data (shown by /readyz)
+        self.store_lost_info: dict | None = None
         #: the retention sweep (periodic; a child of the gateway's service tree), at the store's
         #: own rate when it derives one from its retention (the memory store: retention/10)
         if retention_sweep_s is None:
@@ -109,6 +118,7 @@ class JobService:
         idempotency_key: str | None = None,
         trace_context: Mapping[str, str] | None = None,
         principal: str | None = None,
+        tenant: str | None = None,
     ) -> tuple[JobRecord, bool]:
         """Accept a job; return (record, created). ``created`` is False for an idempotent replay.
 
@@ -163,6 +173,7 @@ class JobService:
             enqueued_at_ms=self._now_ms(),
             execution_mode=execution_mode,
             idempotency_key=idempotency_key,
+            tenant=tenant,
         )
         position = self.dispatcher.depth() + 1
         # Once the create is sent the job must reach the dispatcher even if the client goes away
@@ -233,24 +244,27 @@ class JobService:
             return record.model_copy(update={"queue_position": self.dispatcher.queue_position(record.id)})
         return record
 
-    async def get(self, job_id: str, *, with_events: bool = True) -> JobRecord:
+    async def _owned(self, job_id: str, owner: str | None, *, with_events: bool = False) -> JobRecord:
+        """The job's record, or JobNotFoundError when it does not exist or is another tenant's."""
         record = await self.store.get(job_id, with_events=with_events)
-        if record is None:
+        if record is None or (owner is not None and record.tenant != owner):
             raise JobNotFoundError(f"unknown job {job_id!r}")
-        return self._decorate(record)
+        return record
 
-    async def list(self, *, state: JobState | None = None, model: str | None = None, limit: int = 50) -> list[JobRecord]:
-        records = await self.store.list(state=state, model=model, limit=limit)
+    async def get(self, job_id: str, *, with_events: bool = True, owner: str | None = None) -> JobRecord:
+        return self._decorate(await self._owned(job_id, owner, with_events=with_events))
+
+    async def list(self, *, state: JobState | None = None, model: str | None = None, limit: int = 50,
+                   owner: str | None = None) -> list[JobRecord]:
+        records = await self.store.list(state=state, model=model, limit=limit, tenant=owner)
         return [self._decorate(r) for r in records]
 
     # -- cancel ------------------------------------------------------------------------------
 
-    async def cancel(self, job_id: str) -> JobRecord:
+    async def cancel(self, job_id: str, *, owner: str | None = None) -> JobRecord:
         """queued -> cancelled at once; running -> cancelling, the worker is told; 409 if terminal."""
         for _ in range(5):  # a lost compare-and-set means the state moved: look again
-            record = await self.store.get(job_id)
-            if record is None:
-                raise JobNotFoundError(f"unknown job {job_id!r}")
+            record = await self._owned(job_id, owner)
             if record.state.terminal:
                 raise JobConflict(f"job {job_id} is already {record.state.value}")
             if record.state == JobState.cancelling:
@@ -271,15 +285,32 @@ class JobService:
 
     # -- events ------------------------------------------------------------------------------
 
-    async def subscribe(self, job_id: str, after_seq: int, on_event: Callable[[JobEvent], None]) -> Subscription:
+    async def subscribe(self, job_id: str, after_seq: int, on_event: Callable[[JobEvent], None], *,
+                        owner: str | None = None) -> Subscription:
         """Replay then live events of a job; raises JobNotFoundError."""
-        record = await self.store.get(job_id)
-        if record is None:
-            raise JobNotFoundError(f"unknown job {job_id!r}")
-        metrics = self.dispatcher.metrics
-        metrics.event_subscribers.inc()
-        sub = self.store.subscribe(job_id, after_seq, on_event)
-        return _CountedSubscription(sub, metrics)
+        await self._owned(job_id, owner)
+        return self._track(job_id, after_seq, on_event)
+
+    def _track(self, job_id: str, after_seq: int, on_event: Callable[[JobEvent], None], *,
+               counted: bool = True) -> Subscription:
+        """Subscribe through the store, kept in ``_open``; ``counted``: a client's stream (the
+        ``event_subscribers`` gauge), not a sync request's wait."""
+        gauge = self.dispatcher.metrics.event_subscribers if counted else None
+        if gauge is not None:
+            gauge.inc()
+        tracked = _CountedSubscription(job_id, after_seq, on_event, gauge, self._open.discard)
+        self._open.add(tracked)  # before the replay, which may already end it
+        tracked.attach(self.store.subscribe(job_id, after_seq, tracked.deliver))
+        return tracked
+
+    def store_lost(self, detail: str) -> None:
+        """The store came back without its data: every open stream gets a terminal ``job_failed``
+        (reason ``store_lost``, seq after the last it saw; not stored: the job is gone) and ends."""
+        self.store_lost_info = {"at_ms": self._now_ms(), "detail": detail}
+        for tracked in list(self._open):
+            tracked.end(JobEvent(seq=tracked.last_seq + 1, event="job_failed", stage="job",
+                                 timestamp_ms=self._now_ms(),
+                                 data={"job_id": tracked.job_id, "reason": "store_lost", "error": detail}))
 
     async def ended_before(self, job_id: str, after_seq: int) -> bool:
         """True when the job is terminal and its terminal event is at or before ``after_seq``
@@ -299,12 +330,15 @@ class JobService:
             if event.terminal and not done.called:
                 done.callback(None)
 
-        sub = self.store.subscribe(job_id, 0, on_event)
+        sub = self._track(job_id, 0, on_event, counted=False)
         try:
             await done
         finally:
             sub.close()
-        return await self.get(job_id)
+        try:
+            return await self.get(job_id)
+        except JobNotFoundError:
+            raise ServiceUnavailable(f"job {job_id} was lost with the job store's data; submit it again") from None
 
     # -- shutdown ----------------------------------------------------------------------------
 
@@ -354,13 +388,42 @@ def shielded(d: Deferred) -> Deferred:
 
 
 class _CountedSubscription(Subscription):
-    def __init__(self, inner: Subscription, metrics: GatewayMetrics):
-        self._inner = inner
-        self._metrics = metrics
+    """A store subscription counted in a gauge (None: not counted), remembering the last seq it
+    delivered (so ``end`` can close it with one more, terminal, event)."""
+
+    def __init__(self, job_id: str, after_seq: int, on_event: Callable[[JobEvent], None], gauge: Gauge | None,
+                 on_close: Callable[[_CountedSubscription], None]) -> None:
+        self.job_id = job_id
+        self.last_seq = after_seq
+        self._on_event = on_event
+        self._gauge = gauge
+        self._on_close = on_close
+        self._inner: Subscription | None = None
         self._closed = False
+
+    def attach(self, inner: Subscription) -> None:
+        self._inner = inner
+        if self._closed:
+            inner.close()
+
+    def deliver(self, event: JobEvent) -> None:
+        if self._closed:
+            return
+        self.last_seq = max(self.last_seq, event.seq)
+        self._on_event(event)
+
+    def end(self, event: JobEvent) -> None:
+        """Deliver ``event`` (a terminal one) and stop listening to the store."""
+        if self._closed:
+            return
+        self._on_event(event)
+        self.close()
 
     def close(self) -> None:
         if not self._closed:
             self._closed = True
-            self._metrics.event_subscribers.dec()
-            self._inner.close()
+            if self._gauge is not None:
+                self._gauge.dec()
+            self._on_close(self)
+            if self._inner is not None:
+                self._inner.close()

@@ -20,7 +20,7 @@ from twisted.internet.task import deferLater
 from twisted.python import log
 
 from omnirt.contract import JobRecord, JobState
-from omnirt.store.base import JobStore, NewEvent, StoreUnavailable
+from omnirt.store.base import JobNotFound, JobStore, NewEvent, StoreUnavailable
 from omnirt.store.outcomes import RUNNING_STATES, record_terminal
 from omnirt.telemetry.metrics import GatewayMetrics
 from omnirt.telemetry.tracing import SERVICE_GATEWAY, JobTrace, Tracing, merge_spans
@@ -45,7 +45,7 @@ METHOD_OF: dict[tuple[JobState, JobState], str] = {
 
 #: attempts to record a job's outcome while the store is unreachable (backoff up to 5 s: ~10 min)
 STORE_RETRIES = 130
-_store_backoff = backoffPolicy(initialDelay=0.2, maxDelay=5.0, factor=2.0, jitter=lambda: 0.0)
+store_backoff = backoffPolicy(initialDelay=0.2, maxDelay=5.0, factor=2.0, jitter=lambda: 0.0)
 
 
 class JobTransitions:
@@ -110,13 +110,20 @@ class JobTransitions:
 
     async def progress(self, job_id: str, attempt: int, index: int, update: WorkerUpdate) -> None:
         """A worker event of attempt ``attempt`` (``job_started``, ``stage_*``), stored at most once."""
-        await self.store.append_worker_event(job_id, attempt, index, NewEvent(update.event, update.stage, update.data))
+        try:
+            await self.store.append_worker_event(job_id, attempt, index,
+                                                 NewEvent(update.event, update.stage, update.data))
+        except JobNotFound:
+            pass  # the store lost the job (came back empty): the run is being stopped, its end logs it
 
     async def progress_many(self, job_id: str, attempt: int, updates: list[tuple[int, WorkerUpdate]]) -> None:
         """A burst of attempt ``attempt``'s worker events, ``(index, update)`` in order, stored in
         one store call (one Redis round trip), each at most once."""
-        await self.store.append_worker_events(
-            job_id, attempt, [(index, NewEvent(u.event, u.stage, u.data)) for index, u in updates])
+        try:
+            await self.store.append_worker_events(
+                job_id, attempt, [(index, NewEvent(u.event, u.stage, u.data)) for index, u in updates])
+        except JobNotFound:
+            pass  # the store lost the job (came back empty): the run is being stopped, its end logs it
 
     #: ``job_started`` is the first worker event of an attempt: the same write as progress
     start = progress
@@ -182,7 +189,9 @@ class JobTransitions:
         HTTP status when the failure is the client's (a worker rejected the input)."""
         done = await self._terminal(record, JobState.failed, error=error, from_states=from_states, status=status)
         if done is not None:
-            log.msg(f"job {record.id} failed: {error}", job_id=record.id, trace_id=record.trace_id)
+            tenant = f" (tenant {record.tenant})" if record.tenant else ""
+            log.msg(f"job {record.id}{tenant} failed: {error}", job_id=record.id, trace_id=record.trace_id,
+                    tenant=record.tenant)
         return done
 
     async def _terminal(self, record: JobRecord, state: JobState, *, error: str | None = None,
@@ -199,10 +208,14 @@ class JobTransitions:
                 done = await record_terminal(self.store, record.id, state, now_ms=now, error=error, fields=fields,
                                              from_states=from_states, status=status)
                 break
+            except JobNotFound:
+                log.msg(f"job {record.id} is gone from the store (it lost its data): its {state.value} "
+                        "outcome is not recorded")
+                return None
             except StoreUnavailable as exc:
                 if not patient:
                     raise
-                delay = _store_backoff(attempt)
+                delay = store_backoff(attempt)
                 log.msg(f"recording {state.value} for job {record.id} failed ({exc}); retrying in {delay:g}s")
                 await deferLater(self._clock, delay)
         else:
@@ -228,6 +241,8 @@ class JobTransitions:
         self.metrics.jobs_total.labels(
             task=req.task, model=req.model, execution_mode=record.execution_mode, state=record.state.value
         ).inc()
+        if record.tenant:
+            self.metrics.tenant_jobs.labels(tenant=record.tenant, state=record.state.value).inc()
         duration = max(0.0, (now_ms - record.enqueued_at_ms) / 1000)
         self.metrics.job_duration.labels(model=req.model, state=record.state.value).observe(duration)
         if record.state == JobState.succeeded and record.started_at_ms is not None:

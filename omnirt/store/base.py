@@ -62,7 +62,8 @@ class JobStore(abc.ABC):
         """The job, or None; ``events`` filled when ``with_events``."""
 
     @abc.abstractmethod
-    async def list(self, *, state: JobState | None = None, model: str | None = None, limit: int = 50) -> list[JobRecord]:
+    async def list(self, *, state: JobState | None = None, model: str | None = None, limit: int = 50,
+                   tenant: str | None = None) -> list[JobRecord]:
         """Jobs newest first (without events)."""
 
     @abc.abstractmethod
@@ -131,8 +132,17 @@ class JobStore(abc.ABC):
                 out[job_id] = record.state
         return out
 
-    async def refresh_lease(self, gateway_id: str, ttl_s: float) -> None:
-        """Say this gateway is alive for the next ``ttl_s`` seconds."""
+    #: times the store was found to have come back without its data (checked at every
+    #: ``refresh_lease``), and what was found the last time (None: never)
+    resets = 0
+    last_reset: str | None = None
+
+    async def refresh_lease(self, gateway_id: str, ttl_s: float) -> bool:
+        """Say this gateway is alive for the next ``ttl_s`` seconds. Also checks that the store
+        still holds its data (else ``resets`` grows and ``last_reset`` says so). True when the
+        store found that no lease holder could refresh for a while (the store was away) and
+        fenced: every lease alive before the gap counts as live for one more TTL."""
+        return False
 
     async def live_gateways(self) -> set[str]:
         """Gateways whose lease has not run out."""

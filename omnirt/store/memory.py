@@ -85,9 +85,9 @@ def unpack_events(blob: bytes) -> list[JobEvent]:
 
 class _Job:
     """One job: live (``record`` + ``events`` objects) or, once finished, ``packed`` bytes; the
-    header (state, model) answers ``list`` filters without unpacking."""
+    header (state, model, tenant) answers ``list`` filters without unpacking."""
 
-    __slots__ = ("_record", "_events", "packed", "listeners", "state", "model", "idempotency_key", "marks",
+    __slots__ = ("_record", "_events", "packed", "listeners", "state", "model", "tenant", "idempotency_key", "marks",
                  "outputs")
 
     def __init__(self, record: JobRecord):
@@ -97,6 +97,7 @@ class _Job:
         self.listeners: list[_MemorySubscription] = []
         self.state = record.state
         self.model = sys.intern(record.request.model)  # one string per model, not per job
+        self.tenant = sys.intern(record.tenant) if record.tenant else None
         self.idempotency_key = record.idempotency_key
         #: attempt -> the highest worker event index stored (append_worker_event)
         self.marks: dict[int, int] | None = None
@@ -268,12 +269,15 @@ class MemoryJobStore(JobStore):
             return job.record.model_copy(update={"events": list(job.events)})
         return job.record
 
-    async def list(self, *, state: JobState | None = None, model: str | None = None, limit: int = 50) -> list[JobRecord]:
+    async def list(self, *, state: JobState | None = None, model: str | None = None, limit: int = 50,
+                   tenant: str | None = None) -> list[JobRecord]:
         out: list[JobRecord] = []
         for job in reversed(self._jobs.values()):  # dicts keep insertion order: newest last
             if state is not None and job.state != state:
                 continue
             if model is not None and job.model != model:
+                continue
+            if tenant is not None and job.tenant != tenant:
                 continue
             out.append(job.record)
             if len(out) >= limit:

@@ -17,6 +17,10 @@ class GatewayMetrics:
         self.jobs_total = Counter(
             "omnirt_jobs", "Jobs that reached a terminal state", ["task", "model", "execution_mode", "state"], registry=r
         )
+        self.tenant_jobs = Counter(
+            "omnirt_tenant_jobs", "Jobs that reached a terminal state, by tenant (API key name)", ["tenant", "state"],
+            registry=r,
+        )
         self.stage_duration = Histogram(
             "omnirt_stage_duration_seconds", "Duration of pipeline stages", ["stage", "model"],
             buckets=_LATENCY_BUCKETS, registry=r,

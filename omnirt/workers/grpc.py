@@ -116,7 +116,9 @@ class GrpcWorkerConnection:
 
     ``idle_timeout_s``: a running job's stream must bring an update (event or heartbeat; workers
     send a heartbeat after 1 s of silence) at least this often, else ``WorkerLost``.
-    ``connect_timeout_s``: the first update of a job (connecting included) must come this soon.
+    ``connect_timeout_s``: the first update of a job (connecting included) must come this soon;
+    by default ``idle_timeout_s`` (the worker heartbeats from the moment it takes the call, so a
+    stopped worker is given up on as soon as a silent running job would be).
     ``health_timeout_s`` / ``cancel_timeout_s``: deadlines of the unary calls.
     ``sync_timeout_s``: deadline of a whole ``RunSync`` job on an old worker (None = none).
     """
@@ -130,7 +132,7 @@ class GrpcWorkerConnection:
         capacity: int = 1,
         *,
         idle_timeout_s: float = 10.0,
-        connect_timeout_s: float = 10.0,
+        connect_timeout_s: float | None = None,
         health_timeout_s: float = 2.0,
         cancel_timeout_s: float = 5.0,
         sync_timeout_s: float | None = None,
@@ -147,7 +149,7 @@ class GrpcWorkerConnection:
         self.tags = tuple(tags)
         self.capacity = capacity
         self.idle_timeout_s = idle_timeout_s
-        self.connect_timeout_s = connect_timeout_s
+        self.connect_timeout_s = idle_timeout_s if connect_timeout_s is None else connect_timeout_s
         self.health_timeout_s = health_timeout_s
         self.cancel_timeout_s = cancel_timeout_s
         self.sync_timeout_s = sync_timeout_s

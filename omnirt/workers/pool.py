@@ -8,6 +8,11 @@ Worker lifecycle (one table, checked in ``_set_state``)::
     draining -> down                        (probes keep failing)
     suspect|down|draining -> healthy        (a probe succeeded and the worker is not draining)
 
+A healthy worker is *picked* for a job only while it answers: not when its last probe failed
+(one lost probe keeps it ``healthy`` for readiness, but no job goes to it) nor while a probe has
+been in flight longer than ``probe_overdue_s`` (a stopped process accepts the TCP connection and
+never answers). A probe that answers again wakes the dispatcher.
+
 A worker's *instance* is what its Health says (``instance_id``, new each time the process
 starts); a worker that does not say is a new instance each time it comes back from ``down``.
 """
@@ -55,6 +60,8 @@ class WorkerEntry:
     #: the worker's instance: its Health ``instance_id``, else a count of its returns from ``down``
     instance: str = ""
     _returns: int = 0
+    #: clock time the probe in flight was sent (None: no probe in flight)
+    probe_sent_at: float | None = None
 
     @property
     def worker_id(self) -> str:
@@ -103,9 +110,12 @@ class WorkerPool:
         health_interval_s: float = 2.0,
         failure_threshold: int = 2,
         on_change: Callable[[], None] | None = None,
+        probe_overdue_s: float | None = None,
     ):
         self._clock = clock
         self.health_interval_s = health_interval_s
+        #: a probe unanswered this long makes its worker unpickable (default: one health interval)
+        self.probe_overdue_s = health_interval_s if probe_overdue_s is None else probe_overdue_s
         self.failure_threshold = failure_threshold
         self.on_change = on_change
         self.entries: dict[str, WorkerEntry] = {}
@@ -167,20 +177,20 @@ class WorkerPool:
             entry.consecutive_failures += 1
             entry.last_error = error or (health.last_error if health else "") or "health probe failed"
             if entry.state == HEALTHY and entry.consecutive_failures < self.failure_threshold:
-                return  # one lost probe is tolerated; a failed dispatch is not (mark_failed)
+                return  # one lost probe keeps it healthy (not picked meanwhile); a failed dispatch does not
             self._set_state(entry, DOWN)
             return
         if entry.state in (UNKNOWN, DOWN):
             entry._returns += 1
         entry.instance = health.instance_id or f"return-{entry._returns}"
         entry.health = health
-        entry.consecutive_failures = 0
+        was_failing, entry.consecutive_failures = entry.consecutive_failures > 0, 0
         was_busy, entry.busy = entry.busy, False
         entry.last_error = health.last_error
         before = entry.state
         self._set_state(entry, DRAINING if draining else HEALTHY)
-        if was_busy and before == entry.state and self.on_change is not None:
-            self.on_change()  # room again on a worker that refused: queued jobs may go now
+        if (was_busy or was_failing) and before == entry.state and self.on_change is not None:
+            self.on_change()  # room again / answering again: queued jobs may go now
 
     # -- routing ----------------------------------------------------------------------------
 
@@ -192,6 +202,13 @@ class WorkerPool:
         tags = tuple(tags)
         return any(e.serves(model) and e.has_tags(tags) for e in self.entries.values())
 
+    def answering(self, entry: WorkerEntry) -> bool:
+        """Its last probe succeeded and no probe has been waiting longer than ``probe_overdue_s``."""
+        if entry.consecutive_failures > 0:
+            return False
+        sent = entry.probe_sent_at
+        return sent is None or self._clock.seconds() - sent <= self.probe_overdue_s
+
     def eligible(self, model: str, tags: Iterable[str] = (), exclude: Iterable[str] = ()) -> list[WorkerEntry]:
         tags = tuple(tags)
         excluded = set(exclude)
@@ -199,6 +216,7 @@ class WorkerPool:
             e
             for e in self.entries.values()
             if e.state == HEALTHY
+            and self.answering(e)
             and e.worker_id not in excluded
             and e.serves(model)
             and e.has_tags(tags)
@@ -294,14 +312,17 @@ class WorkerPool:
             self._record_probe(entry, d)
             return d
         self._probing[entry.worker_id] = d
+        entry.probe_sent_at = self._clock.seconds()
         self._record_probe(entry, d)
         return d
 
     def _record_probe(self, entry: WorkerEntry, d: Deferred) -> None:
         def ok(health: WorkerHealth):
+            entry.probe_sent_at = None
             self.record_health(entry.worker_id, health)
 
         def failed(f):
+            entry.probe_sent_at = None
             self.record_health(entry.worker_id, None, error=str(f.value) or f.type.__name__)
 
         def done(_):

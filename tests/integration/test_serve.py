@@ -200,8 +200,10 @@ class StubServerTests(ServerTestCase):
 class AuthServerTests(ServerTestCase):
     def extra_args(self):
         key_file = Path(self.mktemp()).resolve()
-        key_file.write_text("# keys\nk-one\n\nk-two  # second\n")
-        return ["--backend", "cpu-stub", "--api-key-file", str(key_file)]
+        key_file.write_text("# keys\nk-one\n\nbob:k-two  # second, named\n")
+        admin_file = Path(self.mktemp()).resolve()
+        admin_file.write_text("ops:k-root\n")
+        return ["--backend", "cpu-stub", "--api-key-file", str(key_file), "--admin-key-file", str(admin_file)]
 
     @inlineCallbacks
     def test_auth_everywhere_but_health(self):
@@ -217,9 +219,31 @@ class AuthServerTests(ServerTestCase):
         messages, closed = yield ws_session(self.port, f"/v1/jobs/{job['id']}/stream")
         self.assertEqual(closed[0], 4401)
         messages, closed = yield ws_session(self.port, f"/v1/jobs/{job['id']}/stream",
-                                            headers={"Authorization": "Bearer k-one"})
+                                            headers={"Authorization": "Bearer k-two"})
         self.assertEqual(closed[0], 1000)
         self.assertEqual(messages[-1]["event"], "job_finished")
+
+    @inlineCallbacks
+    def test_keys_are_tenants(self):
+        """A job belongs to the key that created it: another key gets 404 (HTTP) and 4404 (WebSocket)
+        and an empty list; the admin key of --admin-key-file sees it; /metrics counts it under the
+        key's name, never its secret."""
+        code, job = yield self.jcall("POST", "/v1/jobs", stub_body(steps=2), headers={"x-api-key": "k-two"})
+        self.assertEqual(code, 202)
+        jid = job["id"]
+        yield self.wait_event(jid, "job_finished", headers={"x-api-key": "k-two"})
+        one = {"Authorization": "Bearer k-one"}
+        for path in (f"/v1/jobs/{jid}", f"/v1/jobs/{jid}/events", f"/v1/jobs/{jid}/trace"):
+            self.assertEqual((yield self.jcall("GET", path, headers=one))[0], 404, path)
+        self.assertEqual((yield self.jcall("DELETE", f"/v1/jobs/{jid}", headers=one))[0], 404)
+        self.assertEqual((yield self.jcall("GET", "/v1/jobs", headers=one)), (200, {"data": []}))
+        _, closed = yield ws_session(self.port, f"/v1/jobs/{jid}/stream", headers=one)
+        self.assertEqual(closed[0], 4404)
+        code, listed = yield self.jcall("GET", "/v1/jobs", headers={"x-api-key": "k-root"})
+        self.assertEqual([j["id"] for j in listed["data"]], [jid])
+        resp, text = yield self.call("GET", "/metrics", headers={"x-api-key": "k-root"})
+        self.assertIn(b'omnirt_tenant_jobs_total{state="succeeded",tenant="bob"} 1.0', text)
+        self.assertNotIn(b"k-two", text)
 
 class StartupErrorTests(unittest.TestCase):
     def test_empty_key_file_refuses_to_start(self):

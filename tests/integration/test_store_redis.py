@@ -350,6 +350,39 @@ class RedisStoreTests(_RedisStores, unittest.TestCase):
         self.assertEqual(self.redis.command("ZCARD", "omnirt:terminal"), 0)
 
     @inlineCallbacks
+    def test_leases_that_ran_out_while_the_store_was_away_are_extended(self):
+        """When no holder refreshed a lease for longer than half the shortest TTL (by Redis' own
+        clock) the next refresh fences and says so: a lease that ran out during the gap counts
+        as live again; a normal refresh does not fence."""
+        store = yield self.open_store()
+        self.assertFalse((yield d(store.refresh_lease("gw-a", 5.0))))
+        self.assertFalse((yield d(store.refresh_lease("gw-b", 5.0))))
+        now_ms = int(self.redis.command("TIME")[0]) * 1000
+        # as after a 15 s pause: A's lease ran out, nobody refreshed since
+        self.redis.command("ZADD", "omnirt:gateways", now_ms - 10_000, "gw-a")
+        self.redis.command("SET", "omnirt:lease:beat", now_ms - 15_000)
+        self.assertNotIn("gw-a", (yield d(store.live_gateways())))
+        self.assertTrue((yield d(store.refresh_lease("gw-b", 5.0))))
+        self.assertEqual((yield d(store.live_gateways())), {"gw-a", "gw-b"})
+        self.assertFalse((yield d(store.refresh_lease("gw-b", 5.0))))
+
+    @inlineCallbacks
+    def test_identity_changes_when_the_store_comes_back_empty(self):
+        """The store's identity (one key, P store:id, taken at connect) stays while the data
+        lasts and is replaced, once, by the refresh that finds the database emptied."""
+        store = yield self.open_store()
+        first = store.identity
+        self.assertEqual(self.redis.command("GET", "omnirt:store:id"), first)
+        yield d(store.refresh_lease("gw-a", 5.0))
+        self.assertEqual((store.identity, store.resets), (first, 0))
+        self.redis.command("FLUSHDB")
+        yield d(store.refresh_lease("gw-a", 5.0))
+        self.assertNotEqual(store.identity, first)
+        self.assertEqual(self.redis.command("GET", "omnirt:store:id"), store.identity)
+        yield d(store.refresh_lease("gw-a", 5.0))
+        self.assertEqual(store.resets, 1)
+
+    @inlineCallbacks
     def test_record_fields_round_trip(self):
         """Every JobRecord field survives the hash encoding (result, errors, lists, None), and
         unknown fields are refused before anything is written."""

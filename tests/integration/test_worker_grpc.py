@@ -367,6 +367,24 @@ class FaultTests(WorkerTestCase):
         self.assertIn("sent nothing", str(exc))
 
     @inlineCallbacks
+    def test_job_sent_to_a_stopped_worker_waits_the_idle_timeout_not_ten_seconds(self):
+        """A job handed to a worker that is already stopped (SIGSTOP: the kernel still accepts the
+        connection) fails WorkerLost after idle_timeout_s — the first-message deadline follows the
+        idle timeout instead of a fixed 10 s."""
+        proc, address = self.start_worker()
+        self.addCleanup(proc.signal, signal.SIGCONT)
+        conn = self.connect(address, idle_timeout_s=1.5)
+        self.assertEqual(conn.connect_timeout_s, 1.5)
+        yield conn.health()  # the channel is up before the worker stops
+        proc.signal(signal.SIGSTOP)
+        sent = time.monotonic()
+        exc = yield self.expect_failure(conn.run(job("j-stopped", request()), Recorder()), WorkerLost)
+        waited = time.monotonic() - sent
+        self.assertGreaterEqual(waited, 1.2)
+        self.assertLess(waited, 5.0)
+        self.assertIn("sent nothing for 1.5s", str(exc))
+
+    @inlineCallbacks
     def test_heartbeats_keep_a_slow_job_alive(self):
         """A job whose steps are slower than idle_timeout_s survives thanks to heartbeats."""
         _, address = self.start_worker("--heartbeat-s", "0.2")

@@ -71,13 +71,13 @@ def turn() -> None:
 
 
 class Harness:
-    def __init__(self, testcase, workers=None, *, keys=(), max_queue=1000, max_attempts=3,
+    def __init__(self, testcase, workers=None, *, keys=(), admin_keys=(), max_queue=1000, max_attempts=3,
                  allowed_tiers=("core", "adjacent"), rate_limit=None, max_jobs_per_key=None, webhook_http=None,
                  **config):
         self.reactor = self.clock = FakeReactor()
         self.workers = workers if workers is not None else [ControlledWorker("w1")]
         self.announced: list[str] = []
-        fields = dict(port=0, local_worker=False, api_keys=ApiKeys(tuple(keys)), max_queue=max_queue,
+        fields = dict(port=0, local_worker=False, api_keys=ApiKeys(tuple(keys), tuple(admin_keys)), max_queue=max_queue,
                       max_attempts=max_attempts, allowed_tiers=tuple(allowed_tiers), rate_limit=rate_limit,
                       max_jobs_per_key=max_jobs_per_key, artifact_dir=testcase.mktemp(), job_retention_s=3600,
                       health_interval_s=2.0, health_failure_threshold=2, shutdown_grace_s=1.0, gateway_id="gw-test")

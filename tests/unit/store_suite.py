@@ -12,9 +12,9 @@ from omnirt.contract import GenerateRequest, IllegalTransition, JobRecord, JobSt
 from omnirt.store.base import NewEvent
 
 
-def _record(job_id: str, model: str = "sdxl-base-1.0", key: str | None = None) -> JobRecord:
+def _record(job_id: str, model: str = "sdxl-base-1.0", key: str | None = None, tenant: str | None = None) -> JobRecord:
     request = GenerateRequest(task="text2image", model=model, inputs={"prompt": "p"})
-    return JobRecord(id=job_id, request=request, enqueued_at_ms=1, idempotency_key=key)
+    return JobRecord(id=job_id, request=request, enqueued_at_ms=1, idempotency_key=key, tenant=tenant)
 
 
 def d(coro) -> Deferred:
@@ -170,6 +170,22 @@ class JobStoreSuite:
         self.assertEqual([r.id for r in refiner], ["j2"])
         limited = yield d(self.store.list(limit=1))
         self.assertEqual([r.id for r in limited], ["j3"])
+
+    @inlineCallbacks
+    def test_list_by_tenant(self):
+        """list(tenant=) returns only that tenant's jobs, newest first, with the other filters and
+        the limit applied within them; the record keeps its tenant."""
+        for i, tenant in enumerate(["alice", "bob", None, "alice", "bob", "alice"]):
+            yield self._create(f"j{i}", tenant=tenant)
+        yield d(self.store.transition("j5", [JobState.queued], JobState.running, NewEvent("job_dispatched")))
+        alice = yield d(self.store.list(tenant="alice"))
+        self.assertEqual([r.id for r in alice], ["j5", "j3", "j0"])
+        self.assertEqual({r.tenant for r in alice}, {"alice"})
+        self.assertEqual([r.id for r in (yield d(self.store.list(tenant="alice", state=JobState.queued)))],
+                         ["j3", "j0"])
+        self.assertEqual([r.id for r in (yield d(self.store.list(tenant="bob", limit=1)))], ["j4"])
+        self.assertEqual((yield d(self.store.list(tenant="carol"))), [])
+        self.assertEqual(len((yield d(self.store.list()))), 6)
 
     @inlineCallbacks
     def test_idempotency_claim(self):

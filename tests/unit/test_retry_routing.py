@@ -206,6 +206,49 @@ class WorkerTableTests(unittest.TestCase):
         self.assertEqual(woken, [1])
 
 
+class UnansweringWorkerTests(unittest.TestCase):
+    def pool_of(self, *workers, **kw):
+        clock = Clock()
+        woken: list[int] = []
+        pool = WorkerPool(clock, workers, health_interval_s=2.0, on_change=lambda: woken.append(1), **kw)
+        for w in workers:
+            pool.record_health(w.worker_id, succeed_health(w.worker_id))
+        return clock, pool, woken
+
+    def test_worker_whose_last_probe_failed_is_not_picked(self):
+        """One failed probe keeps a worker healthy (readiness) but no job goes to it; the probe that
+        answers again makes it pickable and wakes the dispatcher."""
+        clock, pool, woken = self.pool_of(ControlledWorker("a"), ControlledWorker("b"))
+        pool.record_health("a", None, "deadline exceeded")
+        self.assertEqual(pool.get("a").state, HEALTHY)
+        self.assertEqual({pool.pick("sdxl-base-1.0").worker_id for _ in range(4)}, {"b"})
+        pool.get("b").busy = True
+        self.assertIsNone(pool.pick("sdxl-base-1.0"))
+        woken.clear()
+        pool.record_health("a", succeed_health("a"))
+        self.assertEqual(woken, [1])
+        self.assertEqual(pool.pick("sdxl-base-1.0").worker_id, "a")
+
+    def test_worker_with_an_overdue_probe_is_not_picked(self):
+        """A probe unanswered for longer than probe_overdue_s (a stopped process) takes the worker
+        out of picking before the probe times out; its answer puts it back."""
+        a, b = HeldHealthWorker("a"), ControlledWorker("b")
+        clock, pool, _ = self.pool_of(a, b, probe_overdue_s=1.0)
+        pool.get("b").busy = True
+        pool.probe(pool.get("a"))
+        clock.advance(0.9)
+        self.assertEqual(pool.pick("sdxl-base-1.0").worker_id, "a")
+        clock.advance(0.2)
+        self.assertIsNone(pool.pick("sdxl-base-1.0"))
+        a.answer()
+        self.assertEqual(pool.pick("sdxl-base-1.0").worker_id, "a")
+
+    def test_overdue_defaults_to_one_health_interval(self):
+        """Without probe_overdue_s a probe is overdue after one health interval."""
+        pool = WorkerPool(Clock(), [], health_interval_s=3.5)
+        self.assertEqual(pool.probe_overdue_s, 3.5)
+
+
 def succeed_health(worker_id):
     return WorkerHealth(ok=True, worker_id=worker_id, state="ready", capacity=1)
 

@@ -19,6 +19,11 @@ Data model (``P`` = ``{namespace}:``; all values are strings)::
     P wake:{uuid}       stream one per store: XADDed to wake the blocking reader (MAXLEN 1, TTL)
     P job:{id}:hooks    hash   the job's webhook outbox entries (see ``outbox``), expire with the job
     P hooks:due         zset   outbox entries due (or leased) by time: ``{job}/{entry id}``
+    P gateways          zset   leases (gateways, recording workers), score = deadline (ms, Redis TIME)
+    P lease:ttl         hash   each lease holder's TTL (ms)
+    P lease:beat        string Redis TIME (ms) of the last lease refresh by anyone (outage fence)
+    P lease:fence       string JSON [last beat before a gap, until]: leases alive then count as live
+    P store:id          string the store's identity (missing: new or emptied Redis)
 
 Every write is ONE Lua script (``lua/``, loaded at startup) (EVALSHA, EVAL on NOSCRIPT) so state and events never disagree;
 entering a terminal state PEXPIREs the hash, the stream and the idempotency key together

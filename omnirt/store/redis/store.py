@@ -352,11 +352,13 @@ class RedisJobStore(RedisOutbox, JobStore):
             record = record.model_copy(update={"events": [decode_entry(e) for e in arr(reply[1])]})
         return record
 
-    async def list(self, *, state: JobState | None = None, model: str | None = None, limit: int = 50) -> list[JobRecord]:
+    async def list(self, *, state: JobState | None = None, model: str | None = None, limit: int = 50,
+                   tenant: str | None = None) -> list[JobRecord]:
         if limit <= 0:
             return []
         reply = await self._eval("list", [], [
             self._prefix, state.value if state is not None else "", model or "", int(limit),
+            json.dumps(tenant) if tenant is not None else "",
         ])
         return [decode_record(flat) for flat in arr(unpack(reply))]
 
@@ -514,13 +516,15 @@ class RedisJobStore(RedisOutbox, JobStore):
         reply = arr(unpack(await self._eval("states", [], [self._prefix, *ids])))
         return {job_id: JobState(state) for job_id, state in zip(ids, reply, strict=False) if state}
 
-    async def refresh_lease(self, gateway_id: str, ttl_s: float) -> None:
+    async def refresh_lease(self, gateway_id: str, ttl_s: float) -> bool:
         """Also checks the store's identity: a Redis that came back empty (restarted without
         persistence, a replica that lost its data) is detected, logged, counted
-        (``store_resets``) and reported by ``status()``."""
-        now = await self._eval("lease", [], [self._prefix, gateway_id, max(1, int(ttl_s * 1000)), self.identity or ""])
-        if int(now) == 0 and self.identity:
+        (``store_resets``) and reported by ``status()``. True when this refresh found that no
+        lease holder could refresh for a while (the store was away) and set the fence."""
+        reply = await self._eval("lease", [], [self._prefix, gateway_id, max(1, int(ttl_s * 1000)), self.identity or ""])
+        if int(reply[0]) == 0 and self.identity:
             await self._store_reset()
+        return bool(int(reply[1]))
 
     async def _store_reset(self) -> None:
         old = self.identity

@@ -1,5 +1,6 @@
--- ARGV: P, gateway_id, ttl_ms[, identity]. Returns the store time, or 0 when the store identity
--- P store:id is not the caller's (missing or new): the store came back empty. A lease is a
+-- ARGV: P, gateway_id, ttl_ms[, identity]. Returns {the store time, or 0 when the store identity
+-- P store:id is not the caller's (missing or new): the store came back empty; 1 when this refresh
+-- set the fence below (nobody could refresh for a while: the store was away), else 0}. A lease is a
 -- member of the P gateways zset scored by its deadline (workers that record jobs hold one too); P lease:ttl remembers each holder's TTL.
 -- Fence against store pauses (an outage, a Sentinel failover): P lease:beat is the store time of
 -- the last refresh by anyone. When a refresh finds a gap of more than half the shortest TTL
@@ -30,7 +31,9 @@ end
 shortest = shortest or ttl
 if longest < ttl then longest = ttl end
 local beat = tonumber(redis.call('GET', P .. 'lease:beat') or '0')
+local fenced = 0
 if beat > 0 and now - beat > shortest / 2 then
+  fenced = 1
   redis.call('SET', P .. 'lease:fence', cjson.encode({beat, now + longest}), 'PX', longest + 1000)
 end
 redis.call('SET', P .. 'lease:beat', now)
@@ -38,5 +41,5 @@ redis.call('ZADD', P .. 'gateways', now + ttl, id)
 local old = redis.call('ZRANGEBYSCORE', P .. 'gateways', '-inf', now - 86400000)
 for _, gone in ipairs(old) do redis.call('HDEL', ttls, gone) end
 redis.call('ZREMRANGEBYSCORE', P .. 'gateways', '-inf', now - 86400000)
-if reset then return 0 end
-return now
+if reset then return {0, fenced} end
+return {now, fenced}

@@ -1,5 +1,6 @@
--- ARGV: P, state ('' = any), model ('' = any), limit. Returns a list of hgetall, newest first.
-local P, state, model, limit = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
+-- ARGV: P, state ('' = any), model ('' = any), limit, tenant (its JSON form as stored; '' = any).
+-- Returns a list of hgetall, newest first.
+local P, state, model, limit, tenant = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]), ARGV[5] or ''
 local idx, check_state, check_model = P .. 'jobs', false, false
 if state ~= '' and model ~= '' then
   local a, b = P .. 'state:' .. state, P .. 'model:' .. model
@@ -15,9 +16,10 @@ while #out < limit do
   for _, id in ipairs(ids) do
     local key = P .. 'job:' .. id
     local ok = true
-    if check_state or check_model then
-      local v = redis.call('HMGET', key, 'state', '_model')
+    if check_state or check_model or tenant ~= '' then
+      local v = redis.call('HMGET', key, 'state', '_model', 'tenant')
       ok = v[1] and (not check_state or v[1] == state) and (not check_model or v[2] == model)
+        and (tenant == '' or v[3] == tenant)
     end
     if ok then
       local h = redis.call('HGETALL', key)

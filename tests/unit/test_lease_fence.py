@@ -1,0 +1,123 @@
+"""Gateway leases under store trouble, on a fake clock: a gateway adopts nothing for a TTL after
+it could not reach the store or the store says it fenced leases (an outage is not a peer's
+death), and a store found empty at a lease refresh (its identity key gone) is reported once."""
+
+from __future__ import annotations
+
+from twisted.internet.defer import ensureDeferred
+from twisted.internet.task import Clock
+from twisted.trial import unittest
+
+from omnirt.contract import JobState
+from omnirt.jobs.leases import GatewayLease
+from omnirt.store.base import StoreUnavailable
+
+
+class LeaseTable:
+    """The lease side of a shared store, recorded: which calls a tick makes, and their answers."""
+
+    def __init__(self):
+        self.away = False
+        self.fenced_reply = False
+        self.emptied = False
+        self.resets = 0
+
+    def _check(self):
+        if self.away:
+            raise StoreUnavailable("redis at 127.0.0.1:1: connection refused")
+
+    async def refresh_lease(self, gateway_id, ttl_s):
+        self._check()
+        if self.emptied:  # as the Redis store: its identity key was gone at this refresh
+            self.emptied = False
+            self.resets += 1
+        fenced, self.fenced_reply = self.fenced_reply, False
+        return fenced
+
+    async def live_gateways(self):
+        self._check()
+        return {"gw-a"}
+
+    async def orphans(self, live, limit=500):
+        self._check()
+        return [("j1", "gw-dead", JobState.running)]  # a dead peer's job, always on offer
+
+
+class Transitions:
+    def __init__(self):
+        self.adoptions = 0
+
+    async def adopt(self, job_id, owner, new_owner):
+        self.adoptions += 1
+        return False  # another gateway was first: nothing more to do here
+
+
+class Dispatcher:
+    """The dispatcher's side the lease touches: adoption attempts are recorded."""
+
+    running: dict = {}
+    pumps = 0
+
+    def __init__(self):
+        self.transitions = Transitions()
+
+    def queue_position(self, job_id):
+        return None
+
+    def pump(self):
+        self.pumps += 1
+
+
+class LeaseFenceTests(unittest.TestCase):
+    def setUp(self):
+        self.clock = Clock()
+        self.store = LeaseTable()
+        self.dispatcher = Dispatcher()
+        self.lease = GatewayLease(clock=self.clock, store=self.store, dispatcher=self.dispatcher,
+                                  gateway_id="gw-a", ttl_s=3.0)
+        self.lost: list[str] = []
+        self.lease.on_store_lost = self.lost.append
+
+    def adoptions(self):
+        return self.dispatcher.transitions.adoptions
+
+    def tick(self, after_s=1.0):
+        self.clock.advance(after_s)
+        return ensureDeferred(self.lease.tick())
+
+    def test_no_adoption_for_a_ttl_after_an_unreachable_store(self):
+        """After a tick that could not reach the store, a dead peer's job is not adopted until a
+        full TTL of reachable ticks has passed; then adoption resumes."""
+        self.tick()
+        self.assertEqual(self.adoptions(), 1)
+        self.store.away = True
+        self.tick()
+        self.store.away = False
+        self.tick()  # 1 s after the failure
+        self.tick()  # 2 s
+        self.assertEqual(self.adoptions(), 1)
+        self.tick(1.5)  # 3.5 s: past the TTL
+        self.assertEqual(self.adoptions(), 2)
+
+    def test_no_adoption_for_a_ttl_when_the_store_pushed_leases_out(self):
+        """When the store says nobody renewed for longer than a TTL (it was away), this gateway
+        adopts nothing for a TTL either."""
+        self.store.fenced_reply = True
+        self.tick()
+        self.tick(2.0)
+        self.assertEqual(self.adoptions(), 0)
+        self.tick(1.5)
+        self.assertEqual(self.adoptions(), 1)
+
+    def test_a_store_found_empty_is_reported_once_and_fences(self):
+        """A lease refresh that finds the store emptied (its reset count grows) calls on_store_lost
+        once, is kept for /readyz, and fences adoption; later refreshes report nothing."""
+        self.tick()
+        self.assertEqual(self.lost, [])
+        self.store.emptied = True
+        self.tick()
+        self.tick()
+        self.assertEqual(len(self.lost), 1)
+        self.assertIn("lost its data", self.lost[0])
+        self.assertIn("lost its data", self.lease.store_lost["detail"])
+        self.assertEqual(self.adoptions(), 1)
