@@ -212,9 +212,9 @@ def _engine_request(device: str, size: int, steps: int, seed: int):
 
 def bench_engine(folder: Path, device: str, size: int, steps: int, batches: list[int], *,
                  compile: bool = False) -> dict:
-    from omnirt.config.engine import EngineOptions
     from omnirt.engine.base import CancelToken, EngineJob
     from omnirt.engine.engine import Engine
+    from omnirt.engine.options import EngineOptions
 
     engine = Engine(backend=device, model_paths={MODEL: str(folder)}, max_concurrency=1,
                     options=EngineOptions(batch_window_ms=WINDOW_MS, max_batch_size=MAX_BATCH, compile=compile))

@@ -14,7 +14,7 @@ import threading
 import time
 from typing import Any
 
-from omnirt.config.engine import EngineOptions
+from omnirt.engine.options import EngineOptions
 
 __all__ = ["ACCELERATORS", "apply", "report"]
 

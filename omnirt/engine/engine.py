@@ -33,7 +33,6 @@ import uuid
 from concurrent.futures import CancelledError, Future, InvalidStateError, ThreadPoolExecutor
 
 from omnirt.backends import BackendUnavailable, default_dtype, resolve_backend
-from omnirt.config.engine import EngineOptions
 from omnirt.contract import Artifact, GenerateResult, RunReport
 from omnirt.engine.adapters import AdapterDirs, AdapterRejected
 from omnirt.engine.base import (
@@ -49,6 +48,7 @@ from omnirt.engine.batching import AllCancelled, Batcher, Group, Member, batch_k
 from omnirt.engine.cache import PipelineCache
 from omnirt.engine.efficiency import report as efficiency_report
 from omnirt.engine.images import decode_input_image, inpaint_problem, png_bytes
+from omnirt.engine.options import EngineOptions
 from omnirt.engine.render import RenderJob, StageTracker, describe_error
 from omnirt.registry import get_model
 

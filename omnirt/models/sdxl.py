@@ -147,8 +147,8 @@ def load(model_id: str, *, source: str, local: bool, backend: str, dtype: str, t
         ) from exc
     device = torch_device(backend)
     techniques = apply_memory_mode(pipe, memory_mode, backend, device)
-    from omnirt.config.engine import EngineOptions
     from omnirt.engine import efficiency
+    from omnirt.engine.options import EngineOptions
 
     options = options or EngineOptions()
     if torch_dtype == torch.float16 and getattr(pipe.vae.config, "force_upcast", False) and not techniques:

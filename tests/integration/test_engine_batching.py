@@ -7,9 +7,9 @@ import threading
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from omnirt.config.engine import EngineOptions
 from omnirt.engine.base import CancelToken, JobCancelled
 from omnirt.engine.engine import Engine
+from omnirt.engine.options import EngineOptions
 from tests.integration.test_engine_sdxl import sdxl_job, tiny_paths
 
 #: a window no test may wait out: a job that did wait for it would time the test out

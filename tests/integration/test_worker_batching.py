@@ -81,8 +81,8 @@ class InProcessBatchingTests(TestCase):
     def test_in_process_engine_batches_through_the_core(self):
         """The in-process connection (omnirt serve's engine) admits max batch jobs and streams
         each its own job_started with the shared batch_group_id."""
-        from omnirt.config.engine import EngineOptions
         from omnirt.engine.engine import Engine
+        from omnirt.engine.options import EngineOptions
         from omnirt.workers.local import LocalWorkerConnection
 
         options = EngineOptions(batch_window_ms=600000.0, max_batch_size=2)

@@ -5,12 +5,12 @@ from __future__ import annotations
 from twisted.trial import unittest
 
 from omnirt.cli import build_parser
-from omnirt.config.engine import EngineOptions
 from omnirt.config.serve import ConfigError as ServeConfigError
 from omnirt.config.serve import GatewayConfig
 from omnirt.config.worker import ConfigError as WorkerConfigError
 from omnirt.config.worker import WorkerConfig
 from omnirt.engine.efficiency import report
+from omnirt.engine.options import EngineOptions
 
 
 def worker(*argv: str) -> WorkerConfig:
