@@ -120,6 +120,14 @@ class GenerateRequest(_Strict):
     def _webhook_url(cls, value: str | None) -> str | None:
         return None if value is None else check_url_syntax(value)
 
+    @field_validator("inputs", "config")
+    @classmethod
+    def _valid_unicode(cls, value: dict[str, Any]) -> dict[str, Any]:
+        where = _not_utf8(value)
+        if where is not None:  # a JSON "\ud800" escape: it can be neither stored nor sent on
+            raise ValueError(f"{where}: text must be valid Unicode (a lone surrogate is not)")
+        return value
+
     @model_validator(mode="after")
     def _filter_needs_webhook(self) -> GenerateRequest:
         if self.webhook_events_filter is not None and self.webhook is None:
@@ -127,6 +135,31 @@ class GenerateRequest(_Strict):
         if self.webhook_events_filter is not None and not self.webhook_events_filter:
             raise ValueError("webhook_events_filter must name at least one of start, progress, output, completed")
         return self
+
+
+def _not_utf8(value: Any, path: str = "") -> str | None:
+    """The path of the first string in ``value`` that UTF-8 cannot encode (lone surrogates), or None."""
+    if isinstance(value, str):
+        if value.isascii():
+            return None
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path or "value"
+        return None
+    if isinstance(value, dict):
+        items: Any = value.items()
+    elif isinstance(value, (list, tuple)):
+        items = enumerate(value)
+    else:
+        return None
+    for key, item in items:
+        found = _not_utf8(item, f"{path}.{key}" if path else str(key))
+        if found is not None:
+            return found
+        if isinstance(key, str) and _not_utf8(key) is not None:
+            return f"{path}.{key!r}" if path else repr(key)
+    return None
 
 
 def parse_generate_request(payload: Any) -> GenerateRequest:

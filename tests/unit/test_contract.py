@@ -200,3 +200,20 @@ class EventEncodedOnceTests(SynchronousTestCase):
         other = JobEvent(seq=8, event="job_finished", data={"job_id": "j"})
         self.assertNotEqual(encode_event(other), first)
         self.assertEqual(json.loads(other.json_bytes()), other.model_dump(mode="json"))
+
+
+class UnicodeTests(SynchronousTestCase):
+    def test_lone_surrogate_in_inputs_or_config_is_a_problem_naming_the_field(self):
+        """A JSON "\\ud800" escape decodes to a string UTF-8 cannot encode: it is refused at parse
+        time (naming the field) instead of being accepted and then failing to be stored."""
+        from omnirt.contract import RequestInvalid, parse_generate_request
+
+        body = {"task": "text2image", "model": "sdxl-base-1.0", "inputs": {"prompt": "a \ud800 fox"}}
+        with self.assertRaises(RequestInvalid) as caught:
+            parse_generate_request(body)
+        self.assertIn("inputs", str(caught.exception.problems[0].loc))
+        self.assertIn("prompt", caught.exception.problems[0].msg)
+        with self.assertRaises(RequestInvalid):
+            parse_generate_request({**body, "inputs": {"prompt": "ok"}, "config": {"scheduler": ["\udfff"]}})
+        ok = parse_generate_request({**body, "inputs": {"prompt": "un renard \u00e9 \U0001f98a"}})
+        self.assertEqual(ok.inputs["prompt"], "un renard \u00e9 \U0001f98a")
