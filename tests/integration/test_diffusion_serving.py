@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import json
 import time
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from twisted.web.client import HTTPConnectionPool
 
 from omnirt.backends import probe
 from omnirt.models.tiny import ADAPTER_DIR, tiny_adapter_name
+from tests.support.http import json_call
 from tests.support.procs import free_port, start_omnirt
 from tests.support.tiny import model_path_args, tiny_model_paths
 
@@ -58,13 +58,8 @@ class Served(unittest.TestCase):
         proc.wait_until(lambda: "listening on" in proc.log(), timeout=60, what="listening line")
         return port
 
-    @inlineCallbacks
     def jcall(self, method, path, payload=None):
-        data = json.dumps(payload).encode() if payload is not None else None
-        resp = yield treq.request(method, self.base + path, data=data,
-                                  headers={"Content-Type": ["application/json"]}, pool=self.pool)
-        content = yield treq.content(resp)
-        return resp.code, (json.loads(content) if content else None)
+        return json_call(self.pool, self.base, method, path, payload)
 
     @inlineCallbacks
     def image(self, body):

@@ -24,6 +24,7 @@ from omnirt.registry import CONFIG_KEYS
 from omnirt.workers.base import WorkerJob
 from omnirt.workers.local import LocalWorkerConnection
 from tests.support.fakes import tiny_png
+from tests.support.http import json_call
 from tests.support.procs import Proc, free_port, omnirt_argv, start_omnirt
 from tests.support.tiny import model_path_args, tiny_model_paths
 
@@ -64,13 +65,8 @@ class Topology(unittest.TestCase):
         self.addCleanup(self.pool.closeCachedConnections)
         return proc
 
-    @inlineCallbacks
     def jcall(self, method, path, payload=None):
-        data = json.dumps(payload).encode() if payload is not None else None
-        resp = yield treq.request(method, self.base + path, data=data,
-                                  headers={"Content-Type": ["application/json"]}, pool=self.pool)
-        content = yield treq.content(resp)
-        return resp.code, (json.loads(content) if content else None)
+        return json_call(self.pool, self.base, method, path, payload)
 
     @inlineCallbacks
     def wait_terminal(self, job_ids, timeout=120.0):

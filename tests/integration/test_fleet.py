@@ -15,7 +15,6 @@ import time
 import xmlrpc.client
 from pathlib import Path
 
-import treq
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.task import deferLater
@@ -24,6 +23,7 @@ from twisted.trial import unittest
 from twisted.web.client import HTTPConnectionPool
 
 from omnirt.fleet import AsyncSupervisorClient, SupervisorControl, load_fleet, pid_alive, read_pidfile
+from tests.support.http import json_call
 from tests.support.procs import REPO_ROOT, free_port, omnirt_argv, start_omnirt
 
 TERMINAL = ("succeeded", "failed", "cancelled")
@@ -129,13 +129,8 @@ class FleetCase(unittest.TestCase):
         self.base = f"http://127.0.0.1:{port}"
         return proc
 
-    @inlineCallbacks
     def jcall(self, method, path, payload=None):
-        data = json.dumps(payload).encode() if payload is not None else None
-        resp = yield treq.request(method, self.base + path, data=data,
-                                  headers={"Content-Type": ["application/json"]}, pool=self.pool)
-        content = yield treq.content(resp)
-        return resp.code, (json.loads(content) if content else None)
+        return json_call(self.pool, self.base, method, path, payload)
 
     @inlineCallbacks
     def wait_ready(self, timeout=30.0):
