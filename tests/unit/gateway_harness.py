@@ -62,6 +62,17 @@ class FakeReactor(MemoryReactorClock):
         return self._threadpool
 
 
+@inlineCallbacks
+def wait_for(predicate, turns=TURNS):
+    """Check predicate() after each in-memory turn of every live harness (bounded; no wall clock)."""
+    for _ in range(turns):
+        value = yield predicate()
+        if value:
+            return value
+        turn()
+    raise AssertionError("condition not reached within the harness's turns")
+
+
 def turn() -> None:
     """One in-memory turn of every live harness: deliver HTTP bytes, run what is due now."""
     for h in list(_LIVE):

@@ -7,18 +7,7 @@ from twisted.internet.defer import ensureDeferred, inlineCallbacks
 from twisted.trial import unittest
 
 from omnirt.contract import JobState
-from tests.unit.gateway_harness import TURNS, Harness, body_for, turn
-
-
-@inlineCallbacks
-def wait_for(predicate, turns=TURNS):
-    """Make in-memory turns of the harness (bounded) until predicate() is true."""
-    for _ in range(turns):
-        value = yield predicate()
-        if value:
-            return value
-        turn()
-    raise AssertionError("condition not reached within the harness's turns")
+from tests.unit.gateway_harness import Harness, body_for, wait_for
 
 
 class EdgeTestCase(unittest.TestCase):

@@ -12,18 +12,7 @@ from twisted.trial import unittest
 from omnirt.contract import JobState
 from omnirt.workers.base import JobFailed, WorkerBusy, WorkerLost
 from tests.support.fakes import ControlledWorker
-from tests.unit.gateway_harness import TURNS, Harness, RestartableWorker, body_for, turn
-
-
-@inlineCallbacks
-def wait_for(predicate, turns=TURNS):
-    """Check predicate() after each in-memory turn of the gateway (bounded; no wall clock)."""
-    for _ in range(turns):
-        value = yield predicate()
-        if value:
-            return value
-        turn()
-    raise AssertionError("condition not reached")
+from tests.unit.gateway_harness import Harness, RestartableWorker, body_for, turn, wait_for
 
 
 class GatewayTestCase(unittest.TestCase):
