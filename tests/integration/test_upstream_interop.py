@@ -8,17 +8,41 @@ Skipped, saying why, when the package registry cannot be reached to build the up
 from __future__ import annotations
 
 import base64
+import io
+import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import grpc
+from PIL import Image
 from twisted.trial.unittest import TestCase
 
+from omnirt.workers.proto.omnirt.worker.v1 import worker_pb2 as pb
+from omnirt.workers.proto.omnirt.worker.v1 import worker_pb2_grpc as pb_grpc
 from tests.support import upstream as up
 from tests.support.procs import free_port, start_omnirt
 from tests.support.tiny import model_path_args, tiny_model_paths
 
 TINY = {"width": 64, "height": 64, "num_inference_steps": 2, "seed": 5}
 PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _warm(address: str, task: str, model: str) -> int:
+    """One 4-step job straight to our worker (our own RunSync stub, no deadline): its pipeline is
+    loaded afterwards. Returns the number of images."""
+    channel = grpc.insecure_channel(address)
+    try:
+        inputs: dict = {"prompt": "warm up"}
+        if task == "image2image":
+            image = io.BytesIO()
+            Image.new("RGB", (64, 64), (90, 120, 200)).save(image, format="PNG")
+            inputs["image"] = base64.b64encode(image.getvalue()).decode()
+        request = pb.GenerateRequest(task=task, model=model, backend="cpu", inputs=pb.JsonMap(json=json.dumps(inputs)),
+                                     config=pb.JsonMap(json=json.dumps(dict(TINY, num_inference_steps=4))))
+        return len(pb_grpc.WorkerStub(channel).RunSync(request, timeout=300).outputs)
+    finally:
+        channel.close()
 
 
 def _poll_job(base: str, job_id: str, timeout: float = 120.0) -> dict:
@@ -52,15 +76,33 @@ class UpstreamGatewayToOurWorker(_Base):
         start_omnirt(self, ["worker", "--port", str(port), "--worker-id", "ours", *model_path_args(),
                             "--allow-path", str(self.files), "--output-dir", str(self.files / "out"),
                             "--max-queue", "8"], port, name="our-worker")
+        # upstream's gateway gives a RunSync 30 s, which a cold load of the tiny pipelines on a busy
+        # 2-core machine can take by itself: load both first, while upstream's gateway starts
+        warm = ThreadPoolExecutor(1)
+        self.addCleanup(warm.shutdown)
+        warmed = [warm.submit(_warm, f"127.0.0.1:{port}", task, model)
+                  for task, model in (("text2image", "sdxl-base-1.0"), ("image2image", "sdxl-refiner-1.0"))]
         # upstream's own grammar example: worker_id=host:port@model1,model2#tag1,tag2
         spec = f"ours=127.0.0.1:{port}@sdxl-base-1.0,sdxl-refiner-1.0#cpu,tiny"
         _, gw = up.start_upstream_gateway(self, self.hf_home, [spec], extra=["--device-map", "balanced"])
+        for done in warmed:
+            self.assertEqual(done.result(timeout=300), 1)
         self.base = f"http://127.0.0.1:{gw}"
 
     def generate(self, body: dict) -> tuple[int, dict]:
         return up.http_json("POST", f"{self.base}/v1/generate", body)
 
-    def test_sync_text2image_with_upstream_defaults(self):
+    def test_upstream_gateway_drives_our_worker(self):
+        """One upstream gateway and one worker of ours for every check below (each starts two
+        processes and loads the tiny pipeline: once is enough). The first check is a 2-step job,
+        so the pipeline is loaded before the checks that run upstream's default step count
+        (upstream's gateway gives a RunSync 30 s)."""
+        for check in (self._sync_text2image_with_upstream_defaults, self._openai_route_has_a_url,
+                      self._async_job, self._image2image_and_refiner_from_a_path,
+                      self._path_outside_allowed_folders_refused):
+            check()  # a failure's traceback names the check
+
+    def _sync_text2image_with_upstream_defaults(self):
         """Sync text2image works although the upstream gateway adds device_map to every request; the
         artifact comes with inline bytes and a file under --output-dir; device_map is reported as ignored."""
         status, body = self.generate({"task": "text2image", "model": "sdxl-base-1.0",
@@ -76,7 +118,7 @@ class UpstreamGatewayToOurWorker(_Base):
         stages = {(e["event"], e["stage"]) for e in body["metadata"]["stream_events"]}
         self.assertIn(("stage_end", "denoise"), stages)
 
-    def test_image2image_and_refiner_from_a_path(self):
+    def _image2image_and_refiner_from_a_path(self):
         """inputs.image as a file path under --allow-path drives image2image on the base and the refiner."""
         status, body = self.generate({"task": "text2image", "model": "sdxl-base-1.0",
                                       "inputs": {"prompt": "a fox"}, "config": TINY})
@@ -91,7 +133,7 @@ class UpstreamGatewayToOurWorker(_Base):
             self.assertEqual(body["metadata"]["model"], model)
             self.assertEqual(body["metadata"]["config_resolved"]["image_path"], str(source))
 
-    def test_path_outside_allowed_folders_refused(self):
+    def _path_outside_allowed_folders_refused(self):
         """A path outside --allow-path never reaches the engine: the job fails (our worker answers
         INVALID_ARGUMENT naming the flag; upstream's gateway reports any worker error as a 500)."""
         outside = Path(self.mktemp()).resolve()
@@ -102,7 +144,7 @@ class UpstreamGatewayToOurWorker(_Base):
                                    "config": dict(TINY, num_inference_steps=4)})
         self.assertGreaterEqual(status, 400)
 
-    def test_async_job(self):
+    def _async_job(self):
         """An async job on the upstream gateway (200 + queued record, upstream's status) succeeds on our worker."""
         status, body = self.generate({"task": "text2image", "model": "sdxl-base-1.0", "async_run": True,
                                       "inputs": {"prompt": "a fox"}, "config": TINY})
@@ -110,7 +152,7 @@ class UpstreamGatewayToOurWorker(_Base):
         record = _poll_job(self.base, body["id"])
         self.assertEqual(record["state"], "succeeded", record)
 
-    def test_openai_route_has_a_url(self):
+    def _openai_route_has_a_url(self):
         """Upstream's /v1/images/generations answers a non-empty url: the file our worker wrote."""
         status, body = up.http_json("POST", f"{self.base}/v1/images/generations",
                                     {"model": "sdxl-base-1.0", "prompt": "a fox", "size": "64x64"})
