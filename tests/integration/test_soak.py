@@ -1,4 +1,4 @@
-"""``scripts/soak`` end to end (2 minutes, Redis, a worker restarted every 40 s: no job lost) and
+"""``scripts/soak`` end to end (1 minute, Redis, a worker restarted every 25 s: no job lost) and
 the arithmetic of its verdict (least-squares slope after warm-up, "clearly positive", and what
 fails a soak)."""
 
@@ -161,8 +161,8 @@ class VerdictTests(unittest.TestCase):
 
 
 class SoakScriptTests(unittest.TestCase):
-    def test_two_minute_soak_with_redis_and_worker_restarts(self):
-        """``scripts/soak --minutes 2 --redis --restart-every-s 40``: gateway + 2 cpu-stub workers
+    def test_one_minute_soak_with_redis_and_worker_restarts(self):
+        """``scripts/soak --minutes 1 --redis --restart-every-s 25``: gateway + 2 cpu-stub workers
         on a private Redis, one worker restarted every 40 s; it exits 0, every accepted job (all
         four kinds) reached exactly one terminal state, none lost, the fd slope is not rising,
         and every child is gone afterwards."""
@@ -172,7 +172,7 @@ class SoakScriptTests(unittest.TestCase):
         workdir.mkdir(parents=True)
         summary = workdir / "soak.json"
         output = workdir / "soak.out"
-        argv = [sys.executable, str(SOAK), "--minutes", "2", "--redis", "--restart-every-s", "40",
+        argv = [sys.executable, str(SOAK), "--minutes", "1", "--redis", "--restart-every-s", "25",
                 "--log-dir", str(workdir / "logs"), "--json", str(summary)]
         with open(output, "wb") as out:
             proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=str(REPO_ROOT),
