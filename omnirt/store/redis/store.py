@@ -349,7 +349,7 @@ class RedisJobStore(RedisOutbox, JobStore):
             return None
         record = decode_record(reply[0])
         if with_events:
-            record = record.model_copy(update={"events": [decode_entry(e) for e in arr(reply[1])]})
+            record = record.model_copy(update={"events": [ev for e in arr(reply[1]) for ev in decode_entry(e)]})
         return record
 
     async def list(self, *, state: JobState | None = None, model: str | None = None, limit: int = 50,
@@ -463,7 +463,7 @@ class RedisJobStore(RedisOutbox, JobStore):
         reply = unpack(await self._eval("events", self._job_keys(job_id), [f"{max(after_seq, 0) + 1}-0"]))
         if reply is None:
             raise JobNotFound(job_id)
-        return [decode_entry(e) for e in arr(reply[0])]
+        return [ev for e in arr(reply[0]) for ev in decode_entry(e) if ev.seq > after_seq]
 
     def subscribe(self, job_id: str, after_seq: int, on_event: EventCallback) -> Subscription:
         """Replay (XRANGE) from ``after_seq``, then join the shared reader; delivery is
@@ -500,7 +500,8 @@ class RedisJobStore(RedisOutbox, JobStore):
                 failures += 1
                 continue
             for entry in arr(entries):
-                sub.deliver(decode_entry(entry))
+                for event in decode_entry(entry):
+                    sub.deliver(event)  # one already seen (seq <= last) is skipped
             stream_last = int(str(last_id).split("-", 1)[0]) if last_id else 0
             if sub.closed or self._reader.attach(sub, stream_last):
                 return
