@@ -21,7 +21,7 @@ from omnirt.jobs.inputs import inline_inputs
 from omnirt.jobs.transitions import STORE_RETRIES, JobTransitions, store_backoff
 from omnirt.store.artifacts import ArtifactStore, RedisArtifactStore
 from omnirt.store.base import JobStore, NewEvent, StoreUnavailable
-from omnirt.store.ordered import OrderedWrites, WriteMetrics
+from omnirt.store.ordered import COALESCE_S, OrderedWrites, WriteMetrics
 from omnirt.store.previews import store_preview
 from omnirt.tasks import Tasks
 from omnirt.telemetry.metrics import GatewayMetrics
@@ -166,7 +166,7 @@ class Dispatcher:
         #: fire-and-forget work (dispatches, event writes) that shutdown waits for
         self.tasks = tasks if tasks is not None else Tasks()  # an empty Tasks is falsy
         #: the worker events on their way to the store, in order per job, retried while it is away
-        self.writes = OrderedWrites(clock, label="the gateway's worker-event writes",
+        self.writes = OrderedWrites(clock, label="the gateway's worker-event writes", window_s=COALESCE_S,
                                     metrics=WriteMetrics(metrics.registry, "omnirt_gateway_store", "the gateway"))
         self.store = store
         self.pool = pool

@@ -27,7 +27,7 @@ from omnirt.contract import JobState
 from omnirt.engine.base import JobRejected, RunOutcome
 from omnirt.store.artifacts import RedisArtifactStore
 from omnirt.store.base import NewEvent, StoreUnavailable
-from omnirt.store.ordered import GAP_EVENT, MAX_BUFFERED_EVENTS, Lane, OrderedWrites, WriteMetrics
+from omnirt.store.ordered import COALESCE_S, GAP_EVENT, MAX_BUFFERED_EVENTS, Lane, OrderedWrites, WriteMetrics
 from omnirt.store.outcomes import JobFacts, record_success, record_terminal
 from omnirt.store.previews import store_preview
 from omnirt.workers.base import WorkerJob
@@ -67,7 +67,8 @@ class StoreRecorder:
         self._clock = clock
         self.artifacts = RedisArtifactStore(store)
         self.writes = OrderedWrites(clock, max_buffered=max_buffered, label="the worker's store writes",
-                                    metrics=WriteMetrics(registry, "omnirt_worker_store", "the worker"))
+                                    metrics=WriteMetrics(registry, "omnirt_worker_store", "the worker"),
+                                    window_s=COALESCE_S)
         self._jobs: dict[str, _JobLog] = {}
 
     @property
