@@ -51,6 +51,8 @@ class RunOutcome:
 
     result: GenerateResult
     blobs: list[bytes]
+    #: the identity of the job store a worker already recorded this outcome in ("" = none)
+    recorded_in: str = ""
 
 
 class Cancellation(Protocol):

@@ -7,7 +7,7 @@ dispatch, the worker's events in order, the terminal outcome, retries after a lo
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from twisted.application.internet import TimerService
 from twisted.internet.defer import CancelledError, Deferred
@@ -21,8 +21,7 @@ from omnirt.jobs.inputs import inline_inputs
 from omnirt.jobs.transitions import STORE_RETRIES, JobTransitions, store_backoff
 from omnirt.store.artifacts import ArtifactStore, RedisArtifactStore
 from omnirt.store.base import JobStore, NewEvent, StoreUnavailable
-from omnirt.store.ordered import OrderedWrites, WriteMetrics
-from omnirt.store.outcomes import store_outputs
+from omnirt.store.ordered import COALESCE_S, OrderedWrites, WriteMetrics
 from omnirt.store.previews import store_preview
 from omnirt.tasks import Tasks
 from omnirt.telemetry.metrics import GatewayMetrics
@@ -74,11 +73,16 @@ class EventWriter:
     """Appends a job's worker events to the store strictly in arrival order; while the store
     cannot be reached they wait (bounded, ``omnirt.store.ordered``) and are retried with a
     backoff, so none is skipped and no later one overtakes it. The events that arrive while a
-    write is under way go out together in the next write (one Redis round trip per burst)."""
+    write is under way go out together in the next write (one Redis round trip per burst).
+
+    ``held``: the worker records the job's events in this store itself (one writer per event):
+    the events are only kept here until the run ends; ``release`` stores them after all (the
+    worker's end did not say it recorded them: each still lands once, by its index) and
+    ``forget`` drops them (it did)."""
 
     def __init__(self, transitions: JobTransitions, job_id: str, attempt: int,
                  on_event: Callable[[WorkerUpdate], None], writes: OrderedWrites,
-                 artifacts: ArtifactStore | RedisArtifactStore | None = None):
+                 artifacts: ArtifactStore | RedisArtifactStore | None = None, *, held: bool = False):
         self._transitions = transitions
         #: where a step preview's bytes are stored before its event is (None: previews are kept inline)
         self._artifacts = artifacts
@@ -87,11 +91,35 @@ class EventWriter:
         self._index = 0
         self._lane = writes.lane(job_id, self._append, self._append_many)
         self._on_event = on_event
+        #: the events kept while the worker writes them (None: this writer stores them as they come)
+        self._held: list[tuple[int, NewEvent]] | None = [] if held else None
+
+    @property
+    def holding(self) -> bool:
+        return self._held is not None
 
     def push(self, update: WorkerUpdate) -> None:
         self._on_event(update)
         self._index += 1
-        self._lane.event(self._index, NewEvent(update.event, update.stage, update.data))
+        event = NewEvent(update.event, update.stage, update.data)
+        if self._held is not None:
+            self._held.append((self._index, event))
+        else:
+            self._lane.event(self._index, event)
+
+    def release(self) -> None:
+        """Store the held events after all (in order, behind nothing: one burst)."""
+        held, self._held = self._held or [], None
+        for index, event in held:
+            self._lane.event(index, event)
+
+    def forget(self) -> None:
+        """The worker recorded the held events: drop them."""
+        self._held = None
+
+    def call(self, run: Callable[[], Awaitable]) -> None:
+        """Another write of this job, after its events, retried like them while the store is away."""
+        self._lane.call(run)
 
     async def _append(self, index: int, event: NewEvent) -> None:
         data = event.data
@@ -138,7 +166,7 @@ class Dispatcher:
         #: fire-and-forget work (dispatches, event writes) that shutdown waits for
         self.tasks = tasks if tasks is not None else Tasks()  # an empty Tasks is falsy
         #: the worker events on their way to the store, in order per job, retried while it is away
-        self.writes = OrderedWrites(clock, label="the gateway's worker-event writes",
+        self.writes = OrderedWrites(clock, label="the gateway's worker-event writes", window_s=COALESCE_S,
                                     metrics=WriteMetrics(metrics.registry, "omnirt_gateway_store", "the gateway"))
         self.store = store
         self.pool = pool
@@ -257,7 +285,9 @@ class Dispatcher:
             observe(update)
             running.started = running.started or observe.started()
 
-        writer = EventWriter(self.transitions, q.job_id, attempt, on_event, self.writes, self.artifacts)
+        # a worker that records to this very store writes the job's events and outcome itself
+        held = bool(self._store_id) and entry.health is not None and entry.health.store_id == self._store_id
+        writer = EventWriter(self.transitions, q.job_id, attempt, on_event, self.writes, self.artifacts, held=held)
         outcome: RunOutcome | None = None
         error: BaseException | None = None
         try:
@@ -269,6 +299,7 @@ class Dispatcher:
                 trace_id=record.trace_id,
                 execution_mode=record.execution_mode,
                 enqueued_at_ms=record.enqueued_at_ms,
+                started_at_ms=record.started_at_ms,
                 trace_context=trace_context,
             )
             running.deferred = entry.conn.run(job, writer.push)
@@ -281,12 +312,38 @@ class Dispatcher:
             self.running.pop(q.job_id, None)
             self.pool.release(entry)
         trace.end_dispatch(attempt, _attempt_outcome(running, outcome, error), error, _take_worker_spans(outcome, error))
-        await writer.drain()
+        recorded = self._recorded_by_worker(running, outcome, error)
         try:
+            if recorded is not None:
+                writer.forget()
+                self.transitions.recorded_elsewhere(record, *recorded, write=writer.call)
+                await writer.drain()
+                return
+            writer.release()
+            await writer.drain()
             await self._finish_patiently(q, record, running, outcome, error)
         finally:
             self._gauge()
             self.pump()
+
+    @property
+    def _store_id(self) -> str:
+        """This gateway's store identity ("" for a store without one: the memory store)."""
+        return str(getattr(self.store, "identity", None) or "")
+
+    def _recorded_by_worker(self, running: RunningJob, outcome: RunOutcome | None,
+                            error: BaseException | None) -> tuple[JobState, str | None] | None:
+        """(state, error) of an end the worker recorded in this store itself, else None."""
+        recorded_in = outcome.recorded_in if outcome is not None else getattr(error, "recorded_in", "")
+        if not recorded_in or recorded_in != self._store_id or running.handed_back:
+            return None
+        if outcome is not None:
+            return JobState.succeeded, None
+        if isinstance(error, JobCancelled):
+            return JobState.cancelled, None
+        if isinstance(error, JobFailed):
+            return JobState.failed, str(error) or "job failed"
+        return None
 
     async def _finish_patiently(self, q: QueuedJob, record: JobRecord, running: RunningJob,
                                 outcome: RunOutcome | None, error: BaseException | None) -> None:
@@ -310,8 +367,7 @@ class Dispatcher:
         job_id = q.job_id
         t = self.transitions
         if outcome is not None:
-            result = await store_outputs(self.artifacts, record, running.entry.worker_id, outcome)
-            await t.finish(record, result)
+            await t.succeed(record, self.artifacts, running.entry.worker_id, outcome)
             return
         if isinstance(error, JobFailed):
             await t.fail(record, str(error) or "job failed", status=getattr(error, "status", None))

@@ -11,7 +11,7 @@ that makes it.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 from twisted.application.internet import backoffPolicy
@@ -20,8 +20,9 @@ from twisted.internet.task import deferLater
 from twisted.python import log
 
 from omnirt.contract import JobRecord, JobState
+from omnirt.engine.base import RunOutcome
 from omnirt.store.base import JobNotFound, JobStore, NewEvent, StoreUnavailable
-from omnirt.store.outcomes import RUNNING_STATES, record_terminal
+from omnirt.store.outcomes import RUNNING_STATES, record_success, record_terminal
 from omnirt.telemetry.metrics import GatewayMetrics
 from omnirt.telemetry.tracing import SERVICE_GATEWAY, JobTrace, Tracing, merge_spans
 from omnirt.workers.base import WorkerUpdate
@@ -83,20 +84,22 @@ class JobTransitions:
         """queued -> running on ``worker_id`` (``job_dispatched``, with the routing ``reason`` when
         given: warm adapter, warm model, least loaded); returns the record and the W3C context of
         the attempt's dispatch span, or None when the job is no longer queued."""
-        current = await self.store.get(job_id)
-        if current is None or current.state != Q:
-            live = self.tracing.live(job_id)
-            if current is not None and current.state.terminal and live is not None:
-                live.finish(current.state.value, current.error)  # ended elsewhere (another gateway's cancel)
-            return None
         fields: dict[str, Any] = {"worker_id": worker_id, "attempts": attempt, "queue_position": None}
-        if current.started_at_ms is None:
-            fields["started_at_ms"] = self.now_ms()
         data: dict[str, Any] = {"job_id": job_id, "worker_id": worker_id, "attempt": attempt}
         if reason is not None:
             data["reason"] = reason
-        record = await self.store.transition(job_id, (Q,), R, NewEvent("job_dispatched", "job", data), fields)
-        if record is None:  # cancelled meanwhile
+        # one call: the store checks the state (compare-and-set) and keeps a started_at_ms it has
+        try:
+            record = await self.store.transition(job_id, (Q,), R, NewEvent("job_dispatched", "job", data), fields,
+                                                 defaults={"started_at_ms": self.now_ms()})
+        except JobNotFound:
+            return None
+        if record is None:  # no longer queued: cancelled meanwhile, or ended elsewhere
+            live = self.tracing.live(job_id)
+            if live is not None:
+                current = await self.store.get(job_id)
+                if current is not None and current.state.terminal:
+                    live.finish(current.state.value, current.error)  # another gateway's cancel
             return None
         if attempt == 1:
             self.metrics.queue_wait.observe(max(0.0, (self.now_ms() - record.enqueued_at_ms) / 1000))
@@ -183,6 +186,33 @@ class JobTransitions:
         """running | cancelling -> succeeded (``job_finished``) with the result."""
         return await self._terminal(record, JobState.succeeded, fields={"result": result})
 
+    async def succeed(self, record: JobRecord, artifacts: Any, worker_id: str, outcome: RunOutcome) -> JobRecord | None:
+        """running | cancelling -> succeeded (``job_finished``): the outputs stored and the result
+        recorded, in one store call where the store can (Redis keeps both)."""
+
+        async def write(now: int, fields: dict[str, Any]) -> JobRecord | None:
+            return await record_success(self.store, artifacts, record, worker_id, outcome, now_ms=now, fields=fields)
+
+        return await self._terminal(record, JobState.succeeded, write=write)
+
+    def recorded_elsewhere(self, record: JobRecord, state: JobState, error: str | None, *,
+                           write: Callable[[Callable[[], Awaitable]], None]) -> None:
+        """The worker recorded the job's outcome (``state``) in this store itself: end the
+        trace, count the metrics, and have ``write`` (the job's ordered writes) store the span
+        summaries next to it, nothing read first."""
+        now = self.now_ms()
+        spans = self.tracing.job(record.id, record).finish(state.value, error)
+
+        async def store_spans() -> None:
+            await self.store.set_fields(record.id, {"spans": spans})
+
+        write(store_spans)
+        if state == JobState.failed:
+            tenant = f" (tenant {record.tenant})" if record.tenant else ""
+            log.msg(f"job {record.id}{tenant} failed: {error}", job_id=record.id, trace_id=record.trace_id,
+                    tenant=record.tenant)
+        self.observe_terminal(record.model_copy(update={"state": state, "error": error, "finished_at_ms": now}), now)
+
     async def fail(self, record: JobRecord, error: str,
                    from_states: Iterable[JobState] = RUNNING_STATES, *, status: int | None = None) -> JobRecord | None:
         """queued | running | cancelling -> failed (``job_failed``) with the error; ``status``: the
@@ -196,7 +226,9 @@ class JobTransitions:
 
     async def _terminal(self, record: JobRecord, state: JobState, *, error: str | None = None,
                         fields: dict[str, Any] | None = None, from_states: Iterable[JobState] = RUNNING_STATES,
-                        patient: bool = True, status: int | None = None) -> JobRecord | None:
+                        patient: bool = True, status: int | None = None,
+                        write: Callable[[int, dict[str, Any]], Awaitable[JobRecord | None]] | None = None,
+                        ) -> JobRecord | None:
         """Record the outcome; while the store is unreachable keep trying (bounded backoff), so an
         accepted job still reaches its terminal state once the store is back. ``patient`` False
         (a client waits for the answer): one try, StoreUnavailable raised."""
@@ -205,8 +237,11 @@ class JobTransitions:
         fields = {**(fields or {}), "spans": spans}
         for attempt in range(STORE_RETRIES if patient else 1):
             try:
-                done = await record_terminal(self.store, record.id, state, now_ms=now, error=error, fields=fields,
-                                             from_states=from_states, status=status)
+                if write is not None:
+                    done = await write(now, fields)
+                else:
+                    done = await record_terminal(self.store, record.id, state, now_ms=now, error=error, fields=fields,
+                                                 from_states=from_states, status=status)
                 break
             except JobNotFound:
                 log.msg(f"job {record.id} is gone from the store (it lost its data): its {state.value} "

@@ -149,6 +149,11 @@ class RedisArtifactStore:
     def __init__(self, store):
         self._store = store
 
+    @property
+    def job_store(self):
+        """The job store holding the bytes (its ``transition`` may put outputs with an outcome)."""
+        return self._store
+
     def put(self, blob: bytes, mime: str = "image/png"):
         sha = hashlib.sha256(blob).hexdigest()
 

@@ -74,9 +74,12 @@ class JobStore(abc.ABC):
         target: JobState,
         event: NewEvent | None = None,
         fields: dict[str, Any] | None = None,
+        *,
+        defaults: dict[str, Any] | None = None,
     ) -> JobRecord | None:
         """Atomically: if the job's state is in ``expected``, move it to ``target`` (a transition
-        the state machine allows), set ``fields``, append ``event``; return the new record.
+        the state machine allows), set ``fields``, and ``defaults`` where the job has no value
+        (None) yet, append ``event``; return the new record.
         Return None when the compare-and-set lost (state not in ``expected``). Entering a
         terminal state starts the job's retention clock."""
 
@@ -94,11 +97,18 @@ class JobStore(abc.ABC):
         record the same events, and each lands once, in order. None when it was already there."""
         return await self.append_event(job_id, event)
 
-    async def append_worker_events(self, job_id: str, attempt: int,
-                                   events: builtins.list[tuple[int, NewEvent]]) -> builtins.list[JobEvent | None]:
+    async def append_worker_events(self, job_id: str, attempt: int, events: builtins.list[tuple[int, NewEvent]], *,
+                                   fields: dict[str, Any] | None = None) -> builtins.list[JobEvent | None]:
         """``append_worker_event`` for a burst of one attempt's events, ``(index, event)`` in
-        index order; a store may write them in one round trip. One result per event."""
+        index order, and ``fields`` set with them (the worker's runner mark); a store may write
+        them in one round trip. One result per event."""
+        if fields and events:
+            await self.update(job_id, fields)
         return [await self.append_worker_event(job_id, attempt, index, event) for index, event in events]
+
+    async def set_fields(self, job_id: str, fields: dict[str, Any]) -> bool:
+        """Set non-state fields, nothing read back; False when the job does not exist."""
+        return await self.update(job_id, fields) is not None
 
     @abc.abstractmethod
     async def events(self, job_id: str, after_seq: int = 0) -> builtins.list[JobEvent]:

@@ -291,13 +291,16 @@ class MemoryJobStore(JobStore):
         target: JobState,
         event: NewEvent | None = None,
         fields: dict[str, Any] | None = None,
+        *,
+        defaults: dict[str, Any] | None = None,
     ) -> JobRecord | None:
         job = self._job(job_id)
         current = job.state
         if current not in expected:
             return None
         check_transition(current, target)
-        update = dict(fields or {})
+        update = {k: v for k, v in (defaults or {}).items() if getattr(job.record, k) is None}
+        update.update(fields or {})
         update["state"] = target
         job.record = job.record.model_copy(update=update)
         if "result" in update:

@@ -28,7 +28,7 @@ from twisted.python import log
 from omnirt.store.base import JobNotFound, NewEvent, StoreUnavailable
 from omnirt.tasks import fire_waiter
 
-__all__ = ["FOLDABLE_EVENTS", "GAP_EVENT", "MAX_BUFFERED_EVENTS", "Lane", "OrderedWrites", "WriteMetrics"]
+__all__ = ["COALESCE_S", "FOLDABLE_EVENTS", "GAP_EVENT", "MAX_BUFFERED_EVENTS", "Lane", "OrderedWrites", "WriteMetrics"]
 
 #: waiting event writes (all lanes) past which progress events are folded into a gap marker
 MAX_BUFFERED_EVENTS = 10_000
@@ -44,6 +44,12 @@ AppendEvent = Callable[[int, NewEvent], Awaitable]
 AppendEvents = Callable[[list[tuple[int, NewEvent]]], Awaitable]
 #: most events one coalesced write takes
 MAX_BURST = 64
+#: events an idle lane may hold back for its coalescing window (the rest, job and terminal
+#: events among them, go at once and take the held ones with them)
+#: the window the worker's recorder and the gateway's event writer use: a job's stage events wait
+#: this long for the ones right behind them (one store call for the burst)
+COALESCE_S = 0.005
+COALESCED_EVENTS = frozenset({"job_started", "stage_start", "stage_progress", "stage_end"})
 
 
 class WriteMetrics:
@@ -96,6 +102,8 @@ class Lane:
         self.pending: collections.deque[_Write] = collections.deque()
         self._draining = False
         self._drain: Deferred | None = None
+        #: the coalescing window's timer while an idle lane waits for more events
+        self._window: Any = None
 
     def event(self, index: int, event: NewEvent) -> None:
         """Store ``event`` at ``index`` after everything queued before it (folded when full)."""
@@ -106,11 +114,14 @@ class Lane:
         self._queue(_Write("event", index=index, event=event))
 
     def call(self, run: Callable[[], Awaitable]) -> None:
-        """Run ``run()`` (a store write) after everything queued before it; retried like events."""
+        """Run ``run()`` (a store write) after everything queued before it; retried like events.
+        It ends a coalescing window at once (an outcome is never delayed)."""
         self._queue(_Write("call", run))
 
     def drained(self) -> Deferred:
         """Fires once everything queued so far reached the store (or was given up)."""
+        if self._window is not None:
+            self._start()  # someone waits for these writes: the window ends now
         if not self._draining or self._drain is None:
             return succeed(None)
         waiter: Deferred = Deferred()
@@ -134,6 +145,23 @@ class Lane:
         self.pending.append(write)
         if write.kind != "call":
             self._owner._count(+1)
+        if self._draining:
+            return
+        window = self._owner.window_s
+        if write.kind == "call" or window <= 0 or self._append_many is None or write.event is None \
+                or (write.kind == "event" and write.event.event not in COALESCED_EVENTS):
+            self._start()
+        elif self._window is None:
+            # an idle lane waits this long for the events that usually follow (one store call for all)
+            self._window = self._owner.clock.callLater(window, self._start)
+            self._owner._windowed.add(self)
+
+    def _start(self) -> None:
+        if self._window is not None:
+            if self._window.active():
+                self._window.cancel()
+            self._window = None
+            self._owner._windowed.discard(self)
         if not self._draining:
             self._draining = True  # before the run starts: a store that answers at once ends it at once
             d = self._drain = Deferred.fromCoroutine(self._run())
@@ -214,8 +242,10 @@ class OrderedWrites:
     """The lanes of one process (worker recorder or gateway dispatcher) and their shared bound."""
 
     def __init__(self, clock: IReactorTime, *, metrics: WriteMetrics | None = None,
-                 max_buffered: int = MAX_BUFFERED_EVENTS, label: str = "store writes"):
+                 max_buffered: int = MAX_BUFFERED_EVENTS, label: str = "store writes", window_s: float = 0.0):
         self.clock = clock
+        #: coalescing window (s): an idle lane holds a stage event this long for the ones behind it
+        self.window_s = window_s
         self.metrics = metrics or WriteMetrics()
         self.max_buffered = max_buffered
         self.label = label
@@ -223,6 +253,8 @@ class OrderedWrites:
         self.buffered = 0
         self.stopping = False
         self._drains: set[Deferred] = set()
+        #: lanes holding events for their coalescing window
+        self._windowed: set[Lane] = set()
         self._outage_since: float | None = None
 
     def lane(self, name: str, append: AppendEvent, append_many: AppendEvents | None = None) -> Lane:
@@ -230,11 +262,13 @@ class OrderedWrites:
 
     def idle(self) -> bool:
         """True when no write is waiting."""
-        return not self._drains
+        return not self._drains and not self._windowed
 
     async def flush(self, timeout_s: float) -> int:
         """Give waiting writes up to ``timeout_s`` to reach the store, then stop retrying;
         returns (and counts as lost) the event writes given up."""
+        for lane in list(self._windowed):
+            lane._start()
         if self._drains:
             timer = deferLater(self.clock, timeout_s, lambda: None)
             timer.addErrback(lambda _: None)

@@ -3,6 +3,8 @@ worker that writes to the shared store itself (``omnirt worker --redis-url``).""
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 from collections.abc import Iterable
 from typing import Any
 
@@ -13,24 +15,76 @@ from omnirt.store.base import JobStore, NewEvent
 RUNNING_STATES = (JobState.running, JobState.cancelling)
 
 
-async def store_outputs(artifacts, record: JobRecord, worker_id: str, outcome: RunOutcome) -> GenerateResult:
-    """Put the artifact bytes in the artifact store; the result names them by URL."""
+@dataclasses.dataclass(frozen=True)
+class JobFacts:
+    """What a result's metadata says about its job (a ``JobRecord`` has them all; a worker knows
+    them from its ``RunRequest`` without reading the record)."""
+
+    id: str
+    trace_id: str | None
+    execution_mode: str
+    enqueued_at_ms: int
+    started_at_ms: int | None
+
+    @classmethod
+    def of(cls, record: JobRecord) -> JobFacts:
+        return cls(record.id, record.trace_id, record.execution_mode, record.enqueued_at_ms, record.started_at_ms)
+
+
+def _result(facts: JobFacts, worker_id: str, outcome: RunOutcome, stored: list[tuple[str, str]]) -> GenerateResult:
     outputs = []
-    for artifact, blob in zip(outcome.result.outputs, outcome.blobs, strict=False):
-        sha, path = await artifacts.put(blob, artifact.mime)
+    for artifact, blob, (sha, path) in zip(outcome.result.outputs, outcome.blobs, stored, strict=False):
         outputs.append(artifact.model_copy(update={
             "sha256": sha, "bytes": len(blob), "path": path, "transport": "path", "data_b64": None,
             "url": f"/v1/artifacts/{sha}",
         }))
     meta = outcome.result.metadata.model_copy(update={
-        "job_id": record.id,
-        "trace_id": record.trace_id or outcome.result.metadata.trace_id,
+        "job_id": facts.id,
+        "trace_id": facts.trace_id or outcome.result.metadata.trace_id,
         "worker_id": worker_id,
-        "execution_mode": record.execution_mode,
-        "enqueued_at_ms": record.enqueued_at_ms,
-        "queue_wait_ms": float(max(0, (record.started_at_ms or record.enqueued_at_ms) - record.enqueued_at_ms)),
+        "execution_mode": facts.execution_mode,
+        "enqueued_at_ms": facts.enqueued_at_ms,
+        "queue_wait_ms": float(max(0, (facts.started_at_ms or facts.enqueued_at_ms) - facts.enqueued_at_ms)),
     })
     return GenerateResult(outputs=outputs, metadata=meta)
+
+
+async def store_outputs(artifacts, record: JobRecord | JobFacts, worker_id: str, outcome: RunOutcome) -> GenerateResult:
+    """Put the artifact bytes in the artifact store; the result names them by URL."""
+    stored = []
+    for artifact, blob in zip(outcome.result.outputs, outcome.blobs, strict=False):
+        stored.append(await artifacts.put(blob, artifact.mime))
+    facts = record if isinstance(record, JobFacts) else JobFacts.of(record)
+    return _result(facts, worker_id, outcome, stored)
+
+
+def _inline(store: JobStore, artifacts) -> bool:
+    """True when ``artifacts`` keeps its bytes in ``store`` itself and ``store.transition`` can
+    put them with the outcome (Redis: one script)."""
+    inner = getattr(artifacts, "job_store", None)
+    if inner is None or not getattr(store, "inline_artifacts", False):
+        return False
+    identity = getattr(store, "identity", None)
+    return identity is not None and identity == getattr(inner, "identity", None)
+
+
+async def record_success(store: JobStore, artifacts, record: JobRecord | JobFacts, worker_id: str,
+                         outcome: RunOutcome, *, now_ms: int, fields: dict[str, Any] | None = None,
+                         from_states: Iterable[JobState] = RUNNING_STATES) -> JobRecord | None:
+    """``succeeded`` with the result, the outputs stored first; where the store can, outputs and
+    outcome go in ONE call (put only when the outcome applies). None when another writer was first."""
+    facts = record if isinstance(record, JobFacts) else JobFacts.of(record)
+    if not _inline(store, artifacts):
+        result = await store_outputs(artifacts, facts, worker_id, outcome)
+        return await record_terminal(store, facts.id, JobState.succeeded, now_ms=now_ms,
+                                     fields={**(fields or {}), "result": result}, from_states=from_states)
+    blobs = []
+    for artifact, blob in zip(outcome.result.outputs, outcome.blobs, strict=False):
+        blobs.append((hashlib.sha256(blob).hexdigest(), artifact.mime, blob))
+    result = _result(facts, worker_id, outcome, [(sha, "") for sha, _, _ in blobs])
+    update = {"finished_at_ms": now_ms, "error": None, **(fields or {}), "result": result}
+    return await store.transition(facts.id, tuple(from_states), JobState.succeeded,  # type: ignore[call-arg]
+                                  terminal_event(facts.id, JobState.succeeded), update, artifacts=blobs)
 
 
 def terminal_event(job_id: str, state: JobState, error: str | None = None, status: int | None = None) -> NewEvent:

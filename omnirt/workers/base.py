@@ -46,6 +46,8 @@ class WorkerJob:
     trace_id: str | None = None
     execution_mode: str = "async"
     enqueued_at_ms: int | None = None
+    #: when the job first started running (the gateway's dispatch), for the result's queue wait
+    started_at_ms: int | None = None
     #: W3C trace context (traceparent/tracestate) to carry to the worker
     trace_context: dict[str, str] = dataclasses.field(default_factory=dict)
     #: weights folder for this job (upstream's config.model_path, checked by omnirt.workers.compat)
@@ -84,6 +86,8 @@ class WorkerHealth:
     gpu_mem_used_gb: float = 0.0
     #: the engine's batching and accelerator options on this backend (``omnirt.engine.efficiency.report``)
     engine: Any = dataclasses.field(default_factory=dict)
+    #: the identity of the job store the worker records its jobs in ("" = it records none)
+    store_id: str = ""
 
 
 class WorkerConnection(Protocol):

@@ -85,6 +85,10 @@ class Refused(Exception):
         self.reason = reason
 
 
+#: how long a run's end waits for the worker's own store write of its outcome (then the gateway records it)
+RECORD_WAIT_S = 2.0
+
+
 @dataclasses.dataclass
 class RunEnd:
     """How a run ended. ``state``: succeeded | failed | rejected | cancelled | aborted.
@@ -100,6 +104,8 @@ class RunEnd:
     spans: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     #: the run's events in order (upstream reports them with the result: RunReport.stream_events)
     events: list[WorkerUpdate] = dataclasses.field(default_factory=list)
+    #: the identity of the store this worker recorded the outcome in (``--redis-url``), "" = none
+    recorded_in: str = ""
 
     @property
     def metric_state(self) -> str:
@@ -302,6 +308,7 @@ class WorkerCore:
             queue_depth=self.sync_queue.waiting,
             gpu_mem_used_gb=self._gpu_mem_used_gb(),
             engine=self._engine_facts(),
+            store_id=self.recorder.store_id if self.recorder is not None else "",
         )
 
     def _engine_facts(self) -> dict[str, Any]:
@@ -384,7 +391,7 @@ class WorkerCore:
         """
         running = self.admit(job.job_id, job.request.model)
         if self.recorder is not None:
-            self.recorder.begin(job.job_id, job.attempt)
+            self.recorder.begin(job.job_id, job.attempt, job)
         d = deferToThreadPool(self.reactor, self._threads, self._work, running, job, on_update)
         d.addBoth(self._finished, running)
         return running
@@ -406,9 +413,19 @@ class WorkerCore:
             end.spans = running.spans.finish(end.metric_state, end.message or None)
         end.events = running.events
         self.metrics.jobs_total.labels(model=running.model, state=end.metric_state).inc()
-        if self.recorder is not None:
-            self.recorder.finish(running.job_id, end.metric_state, end.outcome, end.message)
-        running.done.callback(end)
+        if self.recorder is None:
+            running.done.callback(end)
+            return
+        # the run ends once its outcome is in the store (bounded): the gateway of that store then
+        # writes neither its events nor its outcome again
+        landed = self.recorder.finish(running.job_id, end.state, end.outcome, end.message)
+        landed.addTimeout(RECORD_WAIT_S, self.reactor)
+
+        def recorded(store_id: object) -> None:
+            end.recorded_in = store_id if isinstance(store_id, str) else ""
+            running.done.callback(end)
+
+        landed.addBoth(recorded)
 
     def _work(self, running: JobRun, job: WorkerJob, on_update: Callable[[WorkerUpdate], None]) -> RunEnd:
         """The job thread: resolve the backend, say job_started, run the engine, say how it ended."""

@@ -244,7 +244,7 @@ class GrpcWorkerConnection:
                     return self._outcome(message.result)
                 elif kind == "end":
                     finished = True
-                    raise _with_spans(self._end_error(message.end), message.end.trace.json)
+                    raise _with_spans(self._end_error(message.end), message.end.trace.json, message.end.recorded_in)
                 # heartbeat, or an update kind from a newer worker: the stream is alive
         except asyncio.CancelledError:
             if _cancelled_from_outside():
@@ -359,10 +359,12 @@ class GrpcWorkerConnection:
         return health
 
 
-def _with_spans(exc: Exception, trace_json: str) -> Exception:
-    """A run that ended without a result still brings its span summaries (RunEnd.trace): they
-    ride on the exception (``trace_spans``) to the dispatcher."""
+def _with_spans(exc: Exception, trace_json: str, recorded_in: str = "") -> Exception:
+    """A run that ended without a result still brings its span summaries (RunEnd.trace) and the
+    store the worker recorded that end in (RunEnd.recorded_in): they ride on the exception
+    (``trace_spans``, ``recorded_in``) to the dispatcher."""
     exc.trace_spans = spans_from_json(trace_json)  # type: ignore[attr-defined]
+    exc.recorded_in = recorded_in  # type: ignore[attr-defined]
     return exc
 
 

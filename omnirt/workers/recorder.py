@@ -20,16 +20,17 @@ import time
 
 from prometheus_client import CollectorRegistry
 from twisted.application.internet import TimerService
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.python import log
 
 from omnirt.contract import JobState
-from omnirt.engine.base import RunOutcome
+from omnirt.engine.base import JobRejected, RunOutcome
 from omnirt.store.artifacts import RedisArtifactStore
 from omnirt.store.base import NewEvent, StoreUnavailable
-from omnirt.store.ordered import GAP_EVENT, MAX_BUFFERED_EVENTS, Lane, OrderedWrites, WriteMetrics
-from omnirt.store.outcomes import record_terminal, store_outputs
+from omnirt.store.ordered import COALESCE_S, GAP_EVENT, MAX_BUFFERED_EVENTS, Lane, OrderedWrites, WriteMetrics
+from omnirt.store.outcomes import JobFacts, record_success, record_terminal
 from omnirt.store.previews import store_preview
+from omnirt.workers.base import WorkerJob
 
 __all__ = ["GAP_EVENT", "LEASE_TTL_S", "STOP_FLUSH_S", "StoreRecorder"]
 
@@ -39,17 +40,24 @@ STOP_FLUSH_S = 5.0
 
 
 class _JobLog:
-    def __init__(self, job_id: str, attempt: int, lane: Lane):
+    def __init__(self, job_id: str, attempt: int, facts: JobFacts | None):
         self.job_id = job_id
         self.attempt = attempt
+        self.facts = facts
         self.index = 0
-        self.lane = lane
+        #: the runner mark went with an earlier write (it rides on the first event burst)
+        self.marked = False
+        self.lane: Lane
 
 
 class StoreRecorder:
     """Records jobs' events and outcomes; ``lease_service`` keeps the worker's lease alive;
     ``close`` gives the waiting writes up to ``STOP_FLUSH_S`` to land, releases the lease and
-    closes the store."""
+    closes the store.
+
+    Per job the store sees one call per event burst (the first also marks the job's runner) and
+    one for the outcome with its outputs; ``finish`` says when (and in which store) the outcome
+    landed, so the gateway of that store writes neither the events nor the outcome again."""
 
     def __init__(self, store, worker_id: str, clock, *, registry: CollectorRegistry | None = None,
                  max_buffered: int = MAX_BUFFERED_EVENTS):
@@ -59,8 +67,14 @@ class StoreRecorder:
         self._clock = clock
         self.artifacts = RedisArtifactStore(store)
         self.writes = OrderedWrites(clock, max_buffered=max_buffered, label="the worker's store writes",
-                                    metrics=WriteMetrics(registry, "omnirt_worker_store", "the worker"))
+                                    metrics=WriteMetrics(registry, "omnirt_worker_store", "the worker"),
+                                    window_s=COALESCE_S)
         self._jobs: dict[str, _JobLog] = {}
+
+    @property
+    def store_id(self) -> str:
+        """The identity of the store this worker records to (``HealthResponse.store_id``)."""
+        return str(getattr(self.store, "identity", None) or "")
 
     @property
     def metrics(self) -> WriteMetrics:
@@ -96,18 +110,25 @@ class StoreRecorder:
 
     # -- per job (called on the loop) --------------------------------------------------------
 
-    def begin(self, job_id: str, attempt: int) -> None:
-        async def append(index: int, event: NewEvent) -> None:
-            data = await store_preview(self.artifacts, event.data)
-            await self.store.append_worker_event(job_id, attempt, index, NewEvent(event.event, event.stage, data))
+    def begin(self, job_id: str, attempt: int, job: WorkerJob | None = None) -> None:
+        """``job``: the job as its RunRequest describes it (with its enqueue time the outcome is
+        recorded without reading the record first)."""
+        facts = None
+        if job is not None and job.enqueued_at_ms is not None:
+            facts = JobFacts(job_id, job.trace_id, job.execution_mode, job.enqueued_at_ms, job.started_at_ms)
+        entry = self._jobs[job_id] = _JobLog(job_id, attempt, facts)
 
         async def append_many(events: list[tuple[int, NewEvent]]) -> None:
             stored = [(index, NewEvent(e.event, e.stage, await store_preview(self.artifacts, e.data)))
                       for index, e in events]
-            await self.store.append_worker_events(job_id, attempt, stored)
+            fields = None if entry.marked else {"runner": self.runner}
+            await self.store.append_worker_events(job_id, attempt, stored, fields=fields)
+            entry.marked = True
 
-        entry = self._jobs[job_id] = _JobLog(job_id, attempt, self.writes.lane(job_id, append, append_many))
-        entry.lane.call(lambda: self._mark_runner(entry))
+        async def append(index: int, event: NewEvent) -> None:
+            await append_many([(index, event)])
+
+        entry.lane = self.writes.lane(job_id, append, append_many)
 
     def event(self, job_id: str, event: str, stage: str, data: dict) -> None:
         entry = self._jobs.get(job_id)
@@ -116,27 +137,48 @@ class StoreRecorder:
         entry.index += 1
         entry.lane.event(entry.index, NewEvent(event, stage, data))
 
-    def finish(self, job_id: str, state: str, outcome: RunOutcome | None, message: str) -> None:
-        """``state``: succeeded | failed | cancelled | aborted (aborted is left to the gateway)."""
+    def finish(self, job_id: str, state: str, outcome: RunOutcome | None, message: str) -> Deferred[str]:
+        """``state``: succeeded | failed | rejected | cancelled | aborted (aborted is left to the
+        gateway). Fires with the store's identity once the outcome is recorded there (every event
+        of the job before it), or with "" when this worker did not record it (aborted, the job was
+        no longer running, the store does not hold it); it keeps waiting while the store is away."""
         entry = self._jobs.pop(job_id, None)
         if entry is None or state == "aborted":
-            return
+            return succeed("")
         finished_ms = int(time.time() * 1000)  # when it ended, not when a replay records it
-        entry.lane.call(lambda: self._record(entry, state, outcome, message, finished_ms))
+        landed: Deferred[str] = Deferred()
 
-    async def _mark_runner(self, entry: _JobLog) -> None:
-        updated = await self.store.update(entry.job_id, {"runner": self.runner})
-        entry.lane.known = updated is not None
+        async def record() -> None:
+            applied = await self._record(entry, state, outcome, message, finished_ms)
+            if not landed.called:
+                landed.callback(self.store_id if applied else "")
+
+        def skipped(result: object) -> object:
+            if not landed.called:  # the lane gave the write up (unknown job, shutdown)
+                landed.callback("")
+            return result
+
+        entry.lane.call(record)
+        entry.lane.drained().addBoth(skipped)
+        return landed
 
     async def _record(self, entry: _JobLog, state: str, outcome: RunOutcome | None, message: str,
-                      now: int) -> None:
-        record = await self.store.get(entry.job_id)
-        if record is None or record.state.terminal:
-            return
+                      now: int) -> bool:
+        """The outcome (with its outputs) in one store call; True when this call recorded it."""
+        facts = entry.facts
         if state == "succeeded" and outcome is not None:
-            result = await store_outputs(self.artifacts, record, self.worker_id, outcome)
-            await record_terminal(self.store, entry.job_id, JobState.succeeded, now_ms=now, fields={"result": result})
-        elif state == "failed":
-            await record_terminal(self.store, entry.job_id, JobState.failed, now_ms=now, error=message or "job failed")
+            if facts is None:  # a gateway that did not say when the job was enqueued: ask the record
+                record = await self.store.get(entry.job_id)
+                if record is None or record.state.terminal:
+                    return False
+                facts = JobFacts.of(record)
+            done = await record_success(self.store, self.artifacts, facts, self.worker_id, outcome, now_ms=now)
+        elif state in ("failed", "rejected"):
+            done = await record_terminal(self.store, entry.job_id, JobState.failed, now_ms=now,
+                                         error=message or "job failed",
+                                         status=JobRejected.status if state == "rejected" else None)
         elif state == "cancelled":
-            await record_terminal(self.store, entry.job_id, JobState.cancelled, now_ms=now)
+            done = await record_terminal(self.store, entry.job_id, JobState.cancelled, now_ms=now)
+        else:
+            return False
+        return done is not None

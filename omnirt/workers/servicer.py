@@ -74,10 +74,12 @@ def final_update(end: RunEnd) -> pb.RunUpdate:
         final = pb.RunUpdate(result=wire.outcome_to_pb(end.outcome, _event_dicts(end.events)))
         if end.spans:
             final.result.metadata.trace.json = spans_json(end.spans)
+        final.result.metadata.recorded_in = end.recorded_in
         return final
     final = wire.end_update(_END_STATUS.get(end.state, pb.RUN_END_STATUS_FAILED), end.message)
     if end.spans:
         final.end.trace.json = spans_json(end.spans)
+    final.end.recorded_in = end.recorded_in
     return final
 
 

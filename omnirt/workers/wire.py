@@ -130,6 +130,8 @@ def job_to_pb(job: WorkerJob) -> pb.RunRequest:
     )
     if job.enqueued_at_ms is not None:
         message.enqueued_at_ms = job.enqueued_at_ms
+    if job.started_at_ms is not None:
+        message.started_at_ms = job.started_at_ms
     return message
 
 
@@ -143,6 +145,7 @@ def job_from_pb(message: pb.RunRequest) -> WorkerJob:
         trace_id=message.trace_id or None,
         execution_mode=message.execution_mode or "async",
         enqueued_at_ms=message.enqueued_at_ms if message.HasField("enqueued_at_ms") else None,
+        started_at_ms=message.started_at_ms if message.HasField("started_at_ms") else None,
     )
 
 
@@ -294,7 +297,7 @@ def outcome_from_pb(message: pb.GenerateResult) -> RunOutcome:
         )
         blobs.append(data)
     result = GenerateResult(outputs=artifacts, metadata=report_from_pb(message.metadata))
-    return RunOutcome(result=result, blobs=blobs)
+    return RunOutcome(result=result, blobs=blobs, recorded_in=message.metadata.recorded_in)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -353,6 +356,7 @@ def health_to_pb(health: WorkerHealth) -> pb.HealthResponse:
         version=health.version,
         instance_id=health.instance_id,
         engine=json_map(dict(health.engine)),
+        store_id=health.store_id,
     )
 
 
@@ -377,6 +381,7 @@ def health_from_pb(message: pb.HealthResponse) -> WorkerHealth:
         queue_depth=message.queue_depth,
         gpu_mem_used_gb=message.gpu_mem_used_gb,
         engine=_engine_map(message),
+        store_id=message.store_id,
     )
 
 

@@ -133,3 +133,28 @@ class RecorderOutageTests(unittest.TestCase):
             self.clock.advance(1)
         self.assertTrue(stopping.called)
         self.assertEqual(self.metric("omnirt_worker_store_writes_lost_total"), 1)
+
+    @inlineCallbacks
+    def test_finish_says_which_store_holds_the_outcome(self):
+        """``finish`` fires with the store's identity once the outcome (after every event, the
+        runner mark with the first burst) is stored; while the store is away it keeps waiting;
+        an aborted run is left to the gateway ("")."""
+        self.memory.identity = "store-1"
+        yield self.running_job()
+        rec = self.recorder()
+        rec.begin("j1", 1)
+        self.store.down = True
+        rec.event("j1", "job_started", "job", {"job_id": "j1"})
+        rec.event("j1", "stage_start", "denoise", {})
+        landed = rec.finish("j1", "cancelled", None, "")
+        self.clock.advance(5)
+        self.assertFalse(landed.called)
+        self.store.down = False
+        self.advance_until_idle(rec)
+        self.assertEqual(self.successResultOf(landed), "store-1")
+        record = yield ensureDeferred(self.memory.get("j1", with_events=True))
+        self.assertEqual(record.state, JobState.cancelled)
+        self.assertEqual(record.runner, "worker:w1")
+        self.assertEqual([e.event for e in record.events][-3:], ["job_started", "stage_start", "job_cancelled"])
+        rec.begin("j2", 1)
+        self.assertEqual(self.successResultOf(rec.finish("j2", "aborted", None, "")), "")

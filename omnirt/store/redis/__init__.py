@@ -7,9 +7,10 @@ Data model (``P`` = ``{namespace}:``; all values are strings)::
                                _expires_at_ms (once terminal), and every other JobRecord field
                                (request, result, error, worker_id, timestamps, attempts, ...)
                                JSON-encoded under its own name
-    P job:{id}:events   stream one entry per event, entry id ``{seq}-0``, field ``e`` = JSON of
-                               {event, stage, timestamp_ms, data}; replay from seq n is
-                               ``XRANGE key {n+1}-0 +``
+    P job:{id}:events   stream one entry per write: its events in order, an ``e`` field each =
+                               JSON of {event, stage, timestamp_ms, data}, entry id ``{seq}-0``
+                               = the seq of its last event (a burst of k events holds seq-k+1..seq);
+                               replay from seq n is ``XRANGE key {n+1}-0 +`` (skipping seq <= n)
     P jobs              zset   every job, score = creation counter (newest = highest)
     P state:{state}     zset   jobs per state (moved atomically by transitions), same score
     P model:{model}     zset   jobs per model, same score

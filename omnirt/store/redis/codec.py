@@ -59,10 +59,14 @@ def encode_event(event: NewEvent, timestamp_ms: int) -> str:
     )
 
 
-def decode_entry(entry: list) -> JobEvent:
+def decode_entry(entry: list) -> list[JobEvent]:
+    """The events of one stream entry, in order: an ``e`` field per event, the entry's id the
+    seq of the last one (a burst of a job's events is one entry)."""
     entry_id, fields = entry[0], arr(entry[1])
-    body = json.loads(_pairs(fields)["e"])
-    return JobEvent(seq=int(str(entry_id).split("-", 1)[0]), **body)
+    bodies = [json.loads(value) for name, value in zip(fields[::2], fields[1::2], strict=True) if name == "e"]
+    last = int(str(entry_id).split("-", 1)[0])
+    first = last - len(bodies) + 1
+    return [JobEvent(seq=first + i, **body) for i, body in enumerate(bodies)]
 
 
 def csv(values) -> str:

@@ -192,12 +192,13 @@ class StreamReader:
                     continue
                 for entry in entries:
                     try:
-                        event = decode_entry(entry)
+                        events = decode_entry(entry)
                     except Exception:
                         log.err(None, f"unreadable event entry {entry[0]!r} in {key}; skipped")
                         continue
-                    if event.seq <= stream.cursor:
-                        continue
-                    stream.cursor = event.seq
-                    for sub in list(stream.subs):
-                        sub.deliver(event)
+                    for event in events:
+                        if event.seq <= stream.cursor:
+                            continue
+                        stream.cursor = event.seq
+                        for sub in list(stream.subs):
+                            sub.deliver(event)

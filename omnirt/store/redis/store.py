@@ -349,7 +349,7 @@ class RedisJobStore(RedisOutbox, JobStore):
             return None
         record = decode_record(reply[0])
         if with_events:
-            record = record.model_copy(update={"events": [decode_entry(e) for e in arr(reply[1])]})
+            record = record.model_copy(update={"events": [ev for e in arr(reply[1]) for ev in decode_entry(e)]})
         return record
 
     async def list(self, *, state: JobState | None = None, model: str | None = None, limit: int = 50,
@@ -369,16 +369,27 @@ class RedisJobStore(RedisOutbox, JobStore):
         target: JobState,
         event: NewEvent | None = None,
         fields: dict[str, Any] | None = None,
+        *,
+        defaults: dict[str, Any] | None = None,
+        artifacts: Collection[tuple[str, str, bytes]] = (),
     ) -> JobRecord | None:
+        """``defaults``: fields set only where the job has none yet (one call, no read first);
+        ``artifacts``: ``(sha256, mime, bytes)`` put in the same script when the move applies
+        (an outcome and its outputs in one round trip)."""
         target = JobState(target)
         fv = encode_fields({k: v for k, v in (fields or {}).items() if k != "state"})
+        dv = encode_fields(defaults or {})
+        av: list[Any] = []
+        for sha, mime, blob in artifacts:
+            av += [self._artifact_key(sha), _artifact_payload(mime, blob)]
         sources = [s.value for s, targets in ALLOWED_TRANSITIONS.items() if target in targets]
         owner = (self.gateway_id or "") if target == JobState.running else ""
         durable = self.min_replicas > 0 and target.terminal
         reply = unpack(await self._eval("transition", self._job_keys(job_id), [
             self._prefix, job_id, csv(JobState(s).value for s in expected), target.value, csv(sources),
             "1" if target.terminal else "0", self._retention_ms,
-            encode_event(event, self._now_ms()) if event is not None else "", owner, *fv,
+            encode_event(event, self._now_ms()) if event is not None else "", owner,
+            len(dv) // 2, *dv, len(av) // 2, *av, *fv,
         ], conn=self._dur if durable else None))
         code = int(reply[0])
         if code == 1:
@@ -419,13 +430,15 @@ class RedisJobStore(RedisOutbox, JobStore):
             return None
         return JobEvent(seq=seq, event=event.event, stage=event.stage, timestamp_ms=now, data=dict(event.data))
 
-    async def append_worker_events(self, job_id: str, attempt: int,
-                                   events: list[tuple[int, NewEvent]]) -> list[JobEvent | None]:
-        """The whole burst in one script call (one round trip, one HGET/HSET of the attempt's mark)."""
+    async def append_worker_events(self, job_id: str, attempt: int, events: list[tuple[int, NewEvent]], *,
+                                   fields: dict[str, Any] | None = None) -> list[JobEvent | None]:
+        """The whole burst in one script call (one round trip, one HMGET/HSET of the attempt's
+        mark), ``fields`` set in the same call."""
         if not events:
             return []
         now = self._now_ms()
-        args: list[Any] = [int(attempt)]
+        fv = encode_fields(fields or {})
+        args: list[Any] = [int(attempt), len(fv) // 2, *fv]
         for index, event in events:
             args += [int(index), encode_event(event, now)]
         reply = await self._eval("append_worker_batch", self._job_keys(job_id), args)
@@ -438,11 +451,19 @@ class RedisJobStore(RedisOutbox, JobStore):
                        if int(seq) > 0 else None)
         return out
 
+    async def set_fields(self, job_id: str, fields: dict[str, Any]) -> bool:
+        """Set non-state fields of an existing job, nothing read back; False when there is no such job."""
+        if "state" in fields:
+            raise ValueError("state changes go through transition()")
+        if not fields:
+            return True
+        return int(await self._eval("set_fields", [self._job_key(job_id)], encode_fields(fields))) == 1
+
     async def events(self, job_id: str, after_seq: int = 0) -> list[JobEvent]:
         reply = unpack(await self._eval("events", self._job_keys(job_id), [f"{max(after_seq, 0) + 1}-0"]))
         if reply is None:
             raise JobNotFound(job_id)
-        return [decode_entry(e) for e in arr(reply[0])]
+        return [ev for e in arr(reply[0]) for ev in decode_entry(e) if ev.seq > after_seq]
 
     def subscribe(self, job_id: str, after_seq: int, on_event: EventCallback) -> Subscription:
         """Replay (XRANGE) from ``after_seq``, then join the shared reader; delivery is
@@ -479,7 +500,8 @@ class RedisJobStore(RedisOutbox, JobStore):
                 failures += 1
                 continue
             for entry in arr(entries):
-                sub.deliver(decode_entry(entry))
+                for event in decode_entry(entry):
+                    sub.deliver(event)  # one already seen (seq <= last) is skipped
             stream_last = int(str(last_id).split("-", 1)[0]) if last_id else 0
             if sub.closed or self._reader.attach(sub, stream_last):
                 return
@@ -550,9 +572,11 @@ class RedisJobStore(RedisOutbox, JobStore):
     def _artifact_key(self, sha256: str) -> str:
         return f"{self._prefix}artifact:{sha256}"
 
+    #: ``transition`` takes ``artifacts``: outputs stored in the same round trip as the outcome
+    inline_artifacts = True
+
     async def put_artifact(self, sha256: str, mime: str, blob: bytes) -> None:
-        payload = mime + "\n" + base64.b64encode(blob).decode()
-        await self._call("SET", self._artifact_key(sha256), payload, "PX", self._retention_ms)
+        await self._call("SET", self._artifact_key(sha256), _artifact_payload(mime, blob), "PX", self._retention_ms)
 
     async def get_artifact(self, sha256: str) -> tuple[bytes, str] | None:
         payload = await self._call("GET", self._artifact_key(sha256))
@@ -578,6 +602,10 @@ class RedisJobStore(RedisOutbox, JobStore):
 
     def subscriber_count(self) -> int:
         return 0 if self._reader is None else self._reader.subscriber_count()
+
+
+def _artifact_payload(mime: str, blob: bytes) -> str:
+    return mime + "\n" + base64.b64encode(blob).decode()
 
 
 def _key_of(args: tuple[Any, ...]) -> str:

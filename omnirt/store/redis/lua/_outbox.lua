@@ -2,12 +2,12 @@
 -- omnirt/store/memory_outbox.py). The job hash's _hook field is the JSON HookSpec (+ due: the
 -- due zset's key), written at create; entries live in hash .. ':hooks' (field = entry id, value
 -- = entry JSON), due ones in the zset (member 'job/entry', score = due or lease-expiry ms).
+-- ``raw``: the job's _hook field as the caller read it (nil or '' = no hook: nothing to do).
 local function now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
-local function outbox(hash, seq, ev)
-  local raw = redis.call('HGET', hash, '_hook')
+local function outbox(hash, raw, seq, ev)
   if not raw or raw == '' then return end
   local spec = cjson.decode(raw)
   local e = cjson.decode(ev)

@@ -1,22 +1,44 @@
 --! include _retain.lua
 --! include _append.lua
 -- KEYS: hash, stream. ARGV: P, id, ",expected,", target, ",allowed sources,", terminal,
--- retention_ms, event ('' = none), owner ('' = keep), f1, v1, ...
--- Returns {1, hgetall} applied | {0, state} CAS lost | {-1, state} illegal | {-2} no such job.
+-- retention_ms, event ('' = none), owner ('' = keep), n, d1, dv1 ... (n pairs: fields set only
+-- where the job has none yet, e.g. started_at_ms), m, k1, a1 ... (m artifacts: key, payload, set
+-- for retention_ms when the move applies: a terminal outcome and its outputs in one call), f1, v1, ...
+-- One read of the hash, one write. Returns {1, hgetall} applied | {0, state} CAS lost |
+-- {-1, state} illegal | {-2} no such job.
 local P, id, target = ARGV[1], ARGV[2], ARGV[4]
-local cur = redis.call('HGET', KEYS[1], 'state')
+local n = tonumber(ARGV[10])
+local names = {'state', '_seq', '_hook', '_order', '_idem', '_model'}
+for j = 11, 10 + 2 * n, 2 do names[#names + 1] = ARGV[j] end
+local v = redis.call('HMGET', KEYS[1], unpack(names))
+local cur = v[1]
 if not cur then return cjson.encode({-2}) end
 if not string.find(ARGV[3], ',' .. cur .. ',', 1, true) then return cjson.encode({0, cur}) end
 if not string.find(ARGV[5], ',' .. cur .. ',', 1, true) then return cjson.encode({-1, cur}) end
 local fv = {'state', target}
-for i = 10, #ARGV do fv[#fv + 1] = ARGV[i] end
+for k = 1, n do
+  local have = v[6 + k]
+  if not have or have == 'null' then
+    fv[#fv + 1] = ARGV[9 + 2 * k]
+    fv[#fv + 1] = ARGV[10 + 2 * k]
+  end
+end
+local i = 11 + 2 * n
+local m = tonumber(ARGV[i])
+for j = i + 1, i + 2 * m, 2 do redis.call('SET', ARGV[j], ARGV[j + 1], 'PX', ARGV[7]) end
+for j = i + 2 * m + 1, #ARGV do fv[#fv + 1] = ARGV[j] end
 if ARGV[9] ~= '' then fv[#fv + 1] = '_owner'; fv[#fv + 1] = ARGV[9] end
+if ARGV[8] ~= '' then
+  fv[#fv + 1] = '_seq'
+  fv[#fv + 1] = add_events(KEYS[1], KEYS[2], tonumber(v[2] or '0'), v[3], {ARGV[8]})
+end
+if ARGV[6] == '1' then
+  fv[#fv + 1] = '_expires_at_ms'
+  fv[#fv + 1] = retain(P, id, KEYS[1], KEYS[2], tonumber(ARGV[7]), v[5], v[6], v[3])
+end
 redis.call('HSET', KEYS[1], unpack(fv))
 if cur ~= target then
-  local order = redis.call('HGET', KEYS[1], '_order')
   redis.call('ZREM', P .. 'state:' .. cur, id)
-  redis.call('ZADD', P .. 'state:' .. target, order, id)
+  redis.call('ZADD', P .. 'state:' .. target, v[4], id)
 end
-if ARGV[8] ~= '' then append(KEYS[1], KEYS[2], ARGV[8]) end
-if ARGV[6] == '1' then retain(P, id, KEYS[1], KEYS[2], tonumber(ARGV[7])) end
 return cjson.encode({1, redis.call('HGETALL', KEYS[1])})

@@ -24,17 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1domnirt/worker/v1/worker.proto\x12\romnirt.worker\"\x17\n\x07JsonMap\x12\x0c\n\x04json\x18\x01 \x01(\t\"E\n\nAdapterRef\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\r\n\x05scale\x18\x03 \x01(\x01\x12\x0c\n\x04name\x18\x04 \x01(\t\"\xbc\x01\n\x0fGenerateRequest\x12\x0c\n\x04task\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x03 \x01(\t\x12&\n\x06inputs\x18\x04 \x01(\x0b\x32\x16.omnirt.worker.JsonMap\x12&\n\x06\x63onfig\x18\x05 \x01(\x0b\x32\x16.omnirt.worker.JsonMap\x12+\n\x08\x61\x64\x61pters\x18\x06 \x03(\x0b\x32\x19.omnirt.worker.AdapterRef\"\xba\x01\n\x08\x41rtifact\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x0c\n\x04mime\x18\x03 \x01(\t\x12\r\n\x05width\x18\x04 \x01(\x05\x12\x0e\n\x06height\x18\x05 \x01(\x05\x12\x12\n\nnum_frames\x18\x06 \x01(\x05\x12\x33\n\ttransport\x18\x07 \x01(\x0e\x32 .omnirt.worker.ArtifactTransport\x12\x0c\n\x04\x64\x61ta\x18\x08 \x01(\x0c\x12\x0e\n\x06sha256\x18\t \x01(\t\"\x92\x05\n\tRunReport\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0c\n\x04task\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x04 \x01(\t\x12\x16\n\x0e\x65xecution_mode\x18\x05 \x01(\t\x12\x16\n\x0eschema_version\x18\x06 \x01(\t\x12\x0e\n\x06job_id\x18\x07 \x01(\t\x12\x16\n\x0e\x62\x61tch_group_id\x18\x08 \x01(\t\x12\x12\n\nbatch_size\x18\t \x01(\x05\x12\'\n\x07timings\x18\n \x01(\x0b\x32\x16.omnirt.worker.JsonMap\x12&\n\x06memory\x18\x0b \x01(\x0b\x32\x16.omnirt.worker.JsonMap\x12\x30\n\x10\x62\x61\x63kend_timeline\x18\x0c \x01(\x0b\x32\x16.omnirt.worker.JsonMap\x12/\n\x0f\x63onfig_resolved\x18\r \x01(\x0b\x32\x16.omnirt.worker.JsonMap\x12-\n\rstream_events\x18\x0e \x01(\x0b\x32\x16.omnirt.worker.JsonMap\x12\r\n\x05\x65rror\x18\x0f \x01(\t\x12\x10\n\x08trace_id\x18\x10 \x01(\t\x12\x11\n\tworker_id\x18\x11 \x01(\t\x12\x1b\n\x0e\x65nqueued_at_ms\x18\x12 \x01(\x03H\x00\x88\x01\x01\x12\x1a\n\rqueue_wait_ms\x18\x13 \x01(\x01H\x01\x88\x01\x01\x12%\n\x05trace\x18\x14 \x01(\x0b\x32\x16.omnirt.worker.JsonMap\x12\x17\n\x0f\x65vents_streamed\x18\x15 \x01(\x08\x12&\n\x06\x65ngine\x18\x1e \x01(\x0b\x32\x16.omnirt.worker.JsonMapB\x11\n\x0f_enqueued_at_msB\x10\n\x0e_queue_wait_ms\"f\n\x0eGenerateResult\x12(\n\x07outputs\x18\x01 \x03(\x0b\x32\x17.omnirt.worker.Artifact\x12*\n\x08metadata\x18\x02 \x01(\x0b\x32\x18.omnirt.worker.RunReport\"\x0f\n\rHealthRequest\"\xf9\x02\n\x0eHealthResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x14\n\x0cmodel_loaded\x18\x04 \x01(\x08\x12\x13\n\x0bqueue_depth\x18\x05 \x01(\x05\x12\x10\n\x08inflight\x18\x06 \x01(\x05\x12\x12\n\nlast_error\x18\x07 \x01(\t\x12\x17\n\x0fgpu_mem_used_gb\x18\x08 \x01(\x01\x12\x10\n\x08\x63\x61pacity\x18\t \x01(\x05\x12\x0e\n\x06models\x18\n \x03(\t\x12\x15\n\rloaded_models\x18\x0b \x03(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x0c \x01(\t\x12\x0c\n\x04tags\x18\r \x03(\t\x12\x10\n\x08\x64raining\x18\x0e \x01(\x08\x12\x0f\n\x07version\x18\x0f \x01(\t\x12\x13\n\x0binstance_id\x18\x10 \x01(\t\x12\x17\n\x0floaded_adapters\x18\x11 \x03(\t\x12&\n\x06\x65ngine\x18\x1e \x01(\x0b\x32\x16.omnirt.worker.JsonMap\"\xb8\x01\n\nRunRequest\x12/\n\x07request\x18\x01 \x01(\x0b\x32\x1e.omnirt.worker.GenerateRequest\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\x05\x12\x10\n\x08trace_id\x18\x04 \x01(\t\x12\x16\n\x0e\x65xecution_mode\x18\x05 \x01(\t\x12\x1b\n\x0e\x65nqueued_at_ms\x18\x06 \x01(\x03H\x00\x88\x01\x01\x42\x11\n\x0f_enqueued_at_ms\"d\n\x08RunEvent\x12\r\n\x05\x65vent\x18\x01 \x01(\t\x12\r\n\x05stage\x18\x02 \x01(\t\x12$\n\x04\x64\x61ta\x18\x03 \x01(\x0b\x32\x16.omnirt.worker.JsonMap\x12\x14\n\x0ctimestamp_ms\x18\x04 \x01(\x03\"4\n\tRunEvents\x12\'\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x17.omnirt.worker.RunEvent\"!\n\tHeartbeat\x12\x14\n\x0ctimestamp_ms\x18\x01 \x01(\x03\"m\n\x06RunEnd\x12+\n\x06status\x18\x01 \x01(\x0e\x32\x1b.omnirt.worker.RunEndStatus\x12\x0f\n\x07message\x18\x02 \x01(\t\x12%\n\x05trace\x18\x03 \x01(\x0b\x32\x16.omnirt.worker.JsonMap\"\xf1\x01\n\tRunUpdate\x12(\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x17.omnirt.worker.RunEventH\x00\x12-\n\theartbeat\x18\x02 \x01(\x0b\x32\x18.omnirt.worker.HeartbeatH\x00\x12/\n\x06result\x18\x03 \x01(\x0b\x32\x1d.omnirt.worker.GenerateResultH\x00\x12$\n\x03\x65nd\x18\x04 \x01(\x0b\x32\x15.omnirt.worker.RunEndH\x00\x12*\n\x06\x65vents\x18\x05 \x01(\x0b\x32\x18.omnirt.worker.RunEventsH\x00\x42\x08\n\x06update\"\x1f\n\rCancelRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"2\n\x0e\x43\x61ncelResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x12\x11\n\tcancelled\x18\x02 \x01(\x08*U\n\x11\x41rtifactTransport\x12\x1b\n\x17\x41RTIFACT_TRANSPORT_PATH\x10\x00\x12#\n\x1f\x41RTIFACT_TRANSPORT_INLINE_BYTES\x10\x01*\xa0\x01\n\x0cRunEndStatus\x12\x1e\n\x1aRUN_END_STATUS_UNSPECIFIED\x10\x00\x12\x19\n\x15RUN_END_STATUS_FAILED\x10\x01\x12\x1c\n\x18RUN_END_STATUS_CANCELLED\x10\x02\x12\x1a\n\x16RUN_END_STATUS_ABORTED\x10\x03\x12\x1b\n\x17RUN_END_STATUS_REJECTED\x10\x04\x32\x9e\x02\n\x06Worker\x12H\n\x07RunSync\x12\x1e.omnirt.worker.GenerateRequest\x1a\x1d.omnirt.worker.GenerateResult\x12\x45\n\x06Health\x12\x1c.omnirt.worker.HealthRequest\x1a\x1d.omnirt.worker.HealthResponse\x12<\n\x03Run\x12\x19.omnirt.worker.RunRequest\x1a\x18.omnirt.worker.RunUpdate0\x01\x12\x45\n\x06\x43\x61ncel\x12\x1c.omnirt.worker.CancelRequest\x1a\x1d.omnirt.worker.CancelResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1domnirt/worker/v1/worker.proto\x12\romnirt.worker\"\x17\n\x07JsonMap\x12\x0c\n\x04json\x18\x01 \x01(\t\"E\n\nAdapterRef\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\r\n\x05scale\x18\x03 \x01(\x01\x12\x0c\n\x04name\x18\x04 \x01(\t\"\xbc\x01\n\x0fGenerateRequest\x12\x0c\n\x04task\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x03 \x01(\t\x12&\n\x06inputs\x18\x04 \x01(\x0b\x32\x16.omnirt.worker.JsonMap\x12&\n\x06\x63onfig\x18\x05 \x01(\x0b\x32\x16.omnirt.worker.JsonMap\x12+\n\x08\x61\x64\x61pters\x18\x06 \x03(\x0b\x32\x19.omnirt.worker.AdapterRef\"\xba\x01\n\x08\x41rtifact\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x0c\n\x04mime\x18\x03 \x01(\t\x12\r\n\x05width\x18\x04 \x01(\x05\x12\x0e\n\x06height\x18\x05 \x01(\x05\x12\x12\n\nnum_frames\x18\x06 \x01(\x05\x12\x33\n\ttransport\x18\x07 \x01(\x0e\x32 .omnirt.worker.ArtifactTransport\x12\x0c\n\x04\x64\x61ta\x18\x08 \x01(\x0c\x12\x0e\n\x06sha256\x18\t \x01(\t\"\xa7\x05\n\tRunReport\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0c\n\x04task\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x04 \x01(\t\x12\x16\n\x0e\x65xecution_mode\x18\x05 \x01(\t\x12\x16\n\x0eschema_version\x18\x06 \x01(\t\x12\x0e\n\x06job_id\x18\x07 \x01(\t\x12\x16\n\x0e\x62\x61tch_group_id\x18\x08 \x01(\t\x12\x12\n\nbatch_size\x18\t \x01(\x05\x12\'\n\x07timings\x18\n \x01(\x0b\x32\x16.omnirt.worker.JsonMap\x12&\n\x06memory\x18\x0b \x01(\x0b\x32\x16.omnirt.worker.JsonMap\x12\x30\n\x10\x62\x61\x63kend_timeline\x18\x0c \x01(\x0b\x32\x16.omnirt.worker.JsonMap\x12/\n\x0f\x63onfig_resolved\x18\r \x01(\x0b\x32\x16.omnirt.worker.JsonMap\x12-\n\rstream_events\x18\x0e \x01(\x0b\x32\x16.omnirt.worker.JsonMap\x12\r\n\x05\x65rror\x18\x0f \x01(\t\x12\x10\n\x08trace_id\x18\x10 \x01(\t\x12\x11\n\tworker_id\x18\x11 \x01(\t\x12\x1b\n\x0e\x65nqueued_at_ms\x18\x12 \x01(\x03H\x00\x88\x01\x01\x12\x1a\n\rqueue_wait_ms\x18\x13 \x01(\x01H\x01\x88\x01\x01\x12%\n\x05trace\x18\x14 \x01(\x0b\x32\x16.omnirt.worker.JsonMap\x12\x17\n\x0f\x65vents_streamed\x18\x15 \x01(\x08\x12&\n\x06\x65ngine\x18\x1e \x01(\x0b\x32\x16.omnirt.worker.JsonMap\x12\x13\n\x0brecorded_in\x18  \x01(\tB\x11\n\x0f_enqueued_at_msB\x10\n\x0e_queue_wait_ms\"f\n\x0eGenerateResult\x12(\n\x07outputs\x18\x01 \x03(\x0b\x32\x17.omnirt.worker.Artifact\x12*\n\x08metadata\x18\x02 \x01(\x0b\x32\x18.omnirt.worker.RunReport\"\x0f\n\rHealthRequest\"\x8b\x03\n\x0eHealthResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x14\n\x0cmodel_loaded\x18\x04 \x01(\x08\x12\x13\n\x0bqueue_depth\x18\x05 \x01(\x05\x12\x10\n\x08inflight\x18\x06 \x01(\x05\x12\x12\n\nlast_error\x18\x07 \x01(\t\x12\x17\n\x0fgpu_mem_used_gb\x18\x08 \x01(\x01\x12\x10\n\x08\x63\x61pacity\x18\t \x01(\x05\x12\x0e\n\x06models\x18\n \x03(\t\x12\x15\n\rloaded_models\x18\x0b \x03(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x0c \x01(\t\x12\x0c\n\x04tags\x18\r \x03(\t\x12\x10\n\x08\x64raining\x18\x0e \x01(\x08\x12\x0f\n\x07version\x18\x0f \x01(\t\x12\x13\n\x0binstance_id\x18\x10 \x01(\t\x12\x17\n\x0floaded_adapters\x18\x11 \x03(\t\x12&\n\x06\x65ngine\x18\x1e \x01(\x0b\x32\x16.omnirt.worker.JsonMap\x12\x10\n\x08store_id\x18  \x01(\t\"\xe6\x01\n\nRunRequest\x12/\n\x07request\x18\x01 \x01(\x0b\x32\x1e.omnirt.worker.GenerateRequest\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\x05\x12\x10\n\x08trace_id\x18\x04 \x01(\t\x12\x16\n\x0e\x65xecution_mode\x18\x05 \x01(\t\x12\x1b\n\x0e\x65nqueued_at_ms\x18\x06 \x01(\x03H\x00\x88\x01\x01\x12\x1a\n\rstarted_at_ms\x18  \x01(\x03H\x01\x88\x01\x01\x42\x11\n\x0f_enqueued_at_msB\x10\n\x0e_started_at_ms\"d\n\x08RunEvent\x12\r\n\x05\x65vent\x18\x01 \x01(\t\x12\r\n\x05stage\x18\x02 \x01(\t\x12$\n\x04\x64\x61ta\x18\x03 \x01(\x0b\x32\x16.omnirt.worker.JsonMap\x12\x14\n\x0ctimestamp_ms\x18\x04 \x01(\x03\"4\n\tRunEvents\x12\'\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x17.omnirt.worker.RunEvent\"!\n\tHeartbeat\x12\x14\n\x0ctimestamp_ms\x18\x01 \x01(\x03\"\x82\x01\n\x06RunEnd\x12+\n\x06status\x18\x01 \x01(\x0e\x32\x1b.omnirt.worker.RunEndStatus\x12\x0f\n\x07message\x18\x02 \x01(\t\x12%\n\x05trace\x18\x03 \x01(\x0b\x32\x16.omnirt.worker.JsonMap\x12\x13\n\x0brecorded_in\x18  \x01(\t\"\xf1\x01\n\tRunUpdate\x12(\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x17.omnirt.worker.RunEventH\x00\x12-\n\theartbeat\x18\x02 \x01(\x0b\x32\x18.omnirt.worker.HeartbeatH\x00\x12/\n\x06result\x18\x03 \x01(\x0b\x32\x1d.omnirt.worker.GenerateResultH\x00\x12$\n\x03\x65nd\x18\x04 \x01(\x0b\x32\x15.omnirt.worker.RunEndH\x00\x12*\n\x06\x65vents\x18\x05 \x01(\x0b\x32\x18.omnirt.worker.RunEventsH\x00\x42\x08\n\x06update\"\x1f\n\rCancelRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"2\n\x0e\x43\x61ncelResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x12\x11\n\tcancelled\x18\x02 \x01(\x08*U\n\x11\x41rtifactTransport\x12\x1b\n\x17\x41RTIFACT_TRANSPORT_PATH\x10\x00\x12#\n\x1f\x41RTIFACT_TRANSPORT_INLINE_BYTES\x10\x01*\xa0\x01\n\x0cRunEndStatus\x12\x1e\n\x1aRUN_END_STATUS_UNSPECIFIED\x10\x00\x12\x19\n\x15RUN_END_STATUS_FAILED\x10\x01\x12\x1c\n\x18RUN_END_STATUS_CANCELLED\x10\x02\x12\x1a\n\x16RUN_END_STATUS_ABORTED\x10\x03\x12\x1b\n\x17RUN_END_STATUS_REJECTED\x10\x04\x32\x9e\x02\n\x06Worker\x12H\n\x07RunSync\x12\x1e.omnirt.worker.GenerateRequest\x1a\x1d.omnirt.worker.GenerateResult\x12\x45\n\x06Health\x12\x1c.omnirt.worker.HealthRequest\x1a\x1d.omnirt.worker.HealthResponse\x12<\n\x03Run\x12\x19.omnirt.worker.RunRequest\x1a\x18.omnirt.worker.RunUpdate0\x01\x12\x45\n\x06\x43\x61ncel\x12\x1c.omnirt.worker.CancelRequest\x1a\x1d.omnirt.worker.CancelResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'omnirt.worker.v1.worker_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ARTIFACTTRANSPORT']._serialized_start=2504
-  _globals['_ARTIFACTTRANSPORT']._serialized_end=2589
-  _globals['_RUNENDSTATUS']._serialized_start=2592
-  _globals['_RUNENDSTATUS']._serialized_end=2752
+  _globals['_ARTIFACTTRANSPORT']._serialized_start=2611
+  _globals['_ARTIFACTTRANSPORT']._serialized_end=2696
+  _globals['_RUNENDSTATUS']._serialized_start=2699
+  _globals['_RUNENDSTATUS']._serialized_end=2859
   _globals['_JSONMAP']._serialized_start=48
   _globals['_JSONMAP']._serialized_end=71
   _globals['_ADAPTERREF']._serialized_start=73
@@ -44,29 +44,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ARTIFACT']._serialized_start=336
   _globals['_ARTIFACT']._serialized_end=522
   _globals['_RUNREPORT']._serialized_start=525
-  _globals['_RUNREPORT']._serialized_end=1183
-  _globals['_GENERATERESULT']._serialized_start=1185
-  _globals['_GENERATERESULT']._serialized_end=1287
-  _globals['_HEALTHREQUEST']._serialized_start=1289
-  _globals['_HEALTHREQUEST']._serialized_end=1304
-  _globals['_HEALTHRESPONSE']._serialized_start=1307
-  _globals['_HEALTHRESPONSE']._serialized_end=1684
-  _globals['_RUNREQUEST']._serialized_start=1687
-  _globals['_RUNREQUEST']._serialized_end=1871
-  _globals['_RUNEVENT']._serialized_start=1873
-  _globals['_RUNEVENT']._serialized_end=1973
-  _globals['_RUNEVENTS']._serialized_start=1975
-  _globals['_RUNEVENTS']._serialized_end=2027
-  _globals['_HEARTBEAT']._serialized_start=2029
-  _globals['_HEARTBEAT']._serialized_end=2062
-  _globals['_RUNEND']._serialized_start=2064
-  _globals['_RUNEND']._serialized_end=2173
-  _globals['_RUNUPDATE']._serialized_start=2176
-  _globals['_RUNUPDATE']._serialized_end=2417
-  _globals['_CANCELREQUEST']._serialized_start=2419
-  _globals['_CANCELREQUEST']._serialized_end=2450
-  _globals['_CANCELRESPONSE']._serialized_start=2452
-  _globals['_CANCELRESPONSE']._serialized_end=2502
-  _globals['_WORKER']._serialized_start=2755
-  _globals['_WORKER']._serialized_end=3041
+  _globals['_RUNREPORT']._serialized_end=1204
+  _globals['_GENERATERESULT']._serialized_start=1206
+  _globals['_GENERATERESULT']._serialized_end=1308
+  _globals['_HEALTHREQUEST']._serialized_start=1310
+  _globals['_HEALTHREQUEST']._serialized_end=1325
+  _globals['_HEALTHRESPONSE']._serialized_start=1328
+  _globals['_HEALTHRESPONSE']._serialized_end=1723
+  _globals['_RUNREQUEST']._serialized_start=1726
+  _globals['_RUNREQUEST']._serialized_end=1956
+  _globals['_RUNEVENT']._serialized_start=1958
+  _globals['_RUNEVENT']._serialized_end=2058
+  _globals['_RUNEVENTS']._serialized_start=2060
+  _globals['_RUNEVENTS']._serialized_end=2112
+  _globals['_HEARTBEAT']._serialized_start=2114
+  _globals['_HEARTBEAT']._serialized_end=2147
+  _globals['_RUNEND']._serialized_start=2150
+  _globals['_RUNEND']._serialized_end=2280
+  _globals['_RUNUPDATE']._serialized_start=2283
+  _globals['_RUNUPDATE']._serialized_end=2524
+  _globals['_CANCELREQUEST']._serialized_start=2526
+  _globals['_CANCELREQUEST']._serialized_end=2557
+  _globals['_CANCELRESPONSE']._serialized_start=2559
+  _globals['_CANCELRESPONSE']._serialized_end=2609
+  _globals['_WORKER']._serialized_start=2862
+  _globals['_WORKER']._serialized_end=3148
 # @@protoc_insertion_point(module_scope)

@@ -84,7 +84,7 @@ class Artifact(_message.Message):
     def __init__(self, kind: _Optional[str] = ..., path: _Optional[str] = ..., mime: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., num_frames: _Optional[int] = ..., transport: _Optional[_Union[ArtifactTransport, str]] = ..., data: _Optional[bytes] = ..., sha256: _Optional[str] = ...) -> None: ...
 
 class RunReport(_message.Message):
-    __slots__ = ("run_id", "task", "model", "backend", "execution_mode", "schema_version", "job_id", "batch_group_id", "batch_size", "timings", "memory", "backend_timeline", "config_resolved", "stream_events", "error", "trace_id", "worker_id", "enqueued_at_ms", "queue_wait_ms", "trace", "events_streamed", "engine")
+    __slots__ = ("run_id", "task", "model", "backend", "execution_mode", "schema_version", "job_id", "batch_group_id", "batch_size", "timings", "memory", "backend_timeline", "config_resolved", "stream_events", "error", "trace_id", "worker_id", "enqueued_at_ms", "queue_wait_ms", "trace", "events_streamed", "engine", "recorded_in")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     TASK_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -107,6 +107,7 @@ class RunReport(_message.Message):
     TRACE_FIELD_NUMBER: _ClassVar[int]
     EVENTS_STREAMED_FIELD_NUMBER: _ClassVar[int]
     ENGINE_FIELD_NUMBER: _ClassVar[int]
+    RECORDED_IN_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     task: str
     model: str
@@ -129,7 +130,8 @@ class RunReport(_message.Message):
     trace: JsonMap
     events_streamed: bool
     engine: JsonMap
-    def __init__(self, run_id: _Optional[str] = ..., task: _Optional[str] = ..., model: _Optional[str] = ..., backend: _Optional[str] = ..., execution_mode: _Optional[str] = ..., schema_version: _Optional[str] = ..., job_id: _Optional[str] = ..., batch_group_id: _Optional[str] = ..., batch_size: _Optional[int] = ..., timings: _Optional[_Union[JsonMap, _Mapping]] = ..., memory: _Optional[_Union[JsonMap, _Mapping]] = ..., backend_timeline: _Optional[_Union[JsonMap, _Mapping]] = ..., config_resolved: _Optional[_Union[JsonMap, _Mapping]] = ..., stream_events: _Optional[_Union[JsonMap, _Mapping]] = ..., error: _Optional[str] = ..., trace_id: _Optional[str] = ..., worker_id: _Optional[str] = ..., enqueued_at_ms: _Optional[int] = ..., queue_wait_ms: _Optional[float] = ..., trace: _Optional[_Union[JsonMap, _Mapping]] = ..., events_streamed: _Optional[bool] = ..., engine: _Optional[_Union[JsonMap, _Mapping]] = ...) -> None: ...
+    recorded_in: str
+    def __init__(self, run_id: _Optional[str] = ..., task: _Optional[str] = ..., model: _Optional[str] = ..., backend: _Optional[str] = ..., execution_mode: _Optional[str] = ..., schema_version: _Optional[str] = ..., job_id: _Optional[str] = ..., batch_group_id: _Optional[str] = ..., batch_size: _Optional[int] = ..., timings: _Optional[_Union[JsonMap, _Mapping]] = ..., memory: _Optional[_Union[JsonMap, _Mapping]] = ..., backend_timeline: _Optional[_Union[JsonMap, _Mapping]] = ..., config_resolved: _Optional[_Union[JsonMap, _Mapping]] = ..., stream_events: _Optional[_Union[JsonMap, _Mapping]] = ..., error: _Optional[str] = ..., trace_id: _Optional[str] = ..., worker_id: _Optional[str] = ..., enqueued_at_ms: _Optional[int] = ..., queue_wait_ms: _Optional[float] = ..., trace: _Optional[_Union[JsonMap, _Mapping]] = ..., events_streamed: _Optional[bool] = ..., engine: _Optional[_Union[JsonMap, _Mapping]] = ..., recorded_in: _Optional[str] = ...) -> None: ...
 
 class GenerateResult(_message.Message):
     __slots__ = ("outputs", "metadata")
@@ -144,7 +146,7 @@ class HealthRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class HealthResponse(_message.Message):
-    __slots__ = ("ok", "worker_id", "state", "model_loaded", "queue_depth", "inflight", "last_error", "gpu_mem_used_gb", "capacity", "models", "loaded_models", "backend", "tags", "draining", "version", "instance_id", "loaded_adapters", "engine")
+    __slots__ = ("ok", "worker_id", "state", "model_loaded", "queue_depth", "inflight", "last_error", "gpu_mem_used_gb", "capacity", "models", "loaded_models", "backend", "tags", "draining", "version", "instance_id", "loaded_adapters", "engine", "store_id")
     OK_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -163,6 +165,7 @@ class HealthResponse(_message.Message):
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     LOADED_ADAPTERS_FIELD_NUMBER: _ClassVar[int]
     ENGINE_FIELD_NUMBER: _ClassVar[int]
+    STORE_ID_FIELD_NUMBER: _ClassVar[int]
     ok: bool
     worker_id: str
     state: str
@@ -181,23 +184,26 @@ class HealthResponse(_message.Message):
     instance_id: str
     loaded_adapters: _containers.RepeatedScalarFieldContainer[str]
     engine: JsonMap
-    def __init__(self, ok: _Optional[bool] = ..., worker_id: _Optional[str] = ..., state: _Optional[str] = ..., model_loaded: _Optional[bool] = ..., queue_depth: _Optional[int] = ..., inflight: _Optional[int] = ..., last_error: _Optional[str] = ..., gpu_mem_used_gb: _Optional[float] = ..., capacity: _Optional[int] = ..., models: _Optional[_Iterable[str]] = ..., loaded_models: _Optional[_Iterable[str]] = ..., backend: _Optional[str] = ..., tags: _Optional[_Iterable[str]] = ..., draining: _Optional[bool] = ..., version: _Optional[str] = ..., instance_id: _Optional[str] = ..., loaded_adapters: _Optional[_Iterable[str]] = ..., engine: _Optional[_Union[JsonMap, _Mapping]] = ...) -> None: ...
+    store_id: str
+    def __init__(self, ok: _Optional[bool] = ..., worker_id: _Optional[str] = ..., state: _Optional[str] = ..., model_loaded: _Optional[bool] = ..., queue_depth: _Optional[int] = ..., inflight: _Optional[int] = ..., last_error: _Optional[str] = ..., gpu_mem_used_gb: _Optional[float] = ..., capacity: _Optional[int] = ..., models: _Optional[_Iterable[str]] = ..., loaded_models: _Optional[_Iterable[str]] = ..., backend: _Optional[str] = ..., tags: _Optional[_Iterable[str]] = ..., draining: _Optional[bool] = ..., version: _Optional[str] = ..., instance_id: _Optional[str] = ..., loaded_adapters: _Optional[_Iterable[str]] = ..., engine: _Optional[_Union[JsonMap, _Mapping]] = ..., store_id: _Optional[str] = ...) -> None: ...
 
 class RunRequest(_message.Message):
-    __slots__ = ("request", "job_id", "attempt", "trace_id", "execution_mode", "enqueued_at_ms")
+    __slots__ = ("request", "job_id", "attempt", "trace_id", "execution_mode", "enqueued_at_ms", "started_at_ms")
     REQUEST_FIELD_NUMBER: _ClassVar[int]
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     TRACE_ID_FIELD_NUMBER: _ClassVar[int]
     EXECUTION_MODE_FIELD_NUMBER: _ClassVar[int]
     ENQUEUED_AT_MS_FIELD_NUMBER: _ClassVar[int]
+    STARTED_AT_MS_FIELD_NUMBER: _ClassVar[int]
     request: GenerateRequest
     job_id: str
     attempt: int
     trace_id: str
     execution_mode: str
     enqueued_at_ms: int
-    def __init__(self, request: _Optional[_Union[GenerateRequest, _Mapping]] = ..., job_id: _Optional[str] = ..., attempt: _Optional[int] = ..., trace_id: _Optional[str] = ..., execution_mode: _Optional[str] = ..., enqueued_at_ms: _Optional[int] = ...) -> None: ...
+    started_at_ms: int
+    def __init__(self, request: _Optional[_Union[GenerateRequest, _Mapping]] = ..., job_id: _Optional[str] = ..., attempt: _Optional[int] = ..., trace_id: _Optional[str] = ..., execution_mode: _Optional[str] = ..., enqueued_at_ms: _Optional[int] = ..., started_at_ms: _Optional[int] = ...) -> None: ...
 
 class RunEvent(_message.Message):
     __slots__ = ("event", "stage", "data", "timestamp_ms")
@@ -224,14 +230,16 @@ class Heartbeat(_message.Message):
     def __init__(self, timestamp_ms: _Optional[int] = ...) -> None: ...
 
 class RunEnd(_message.Message):
-    __slots__ = ("status", "message", "trace")
+    __slots__ = ("status", "message", "trace", "recorded_in")
     STATUS_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     TRACE_FIELD_NUMBER: _ClassVar[int]
+    RECORDED_IN_FIELD_NUMBER: _ClassVar[int]
     status: RunEndStatus
     message: str
     trace: JsonMap
-    def __init__(self, status: _Optional[_Union[RunEndStatus, str]] = ..., message: _Optional[str] = ..., trace: _Optional[_Union[JsonMap, _Mapping]] = ...) -> None: ...
+    recorded_in: str
+    def __init__(self, status: _Optional[_Union[RunEndStatus, str]] = ..., message: _Optional[str] = ..., trace: _Optional[_Union[JsonMap, _Mapping]] = ..., recorded_in: _Optional[str] = ...) -> None: ...
 
 class RunUpdate(_message.Message):
     __slots__ = ("event", "heartbeat", "result", "end", "events")
