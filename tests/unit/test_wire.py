@@ -87,14 +87,15 @@ class FieldNumberTests(SynchronousTestCase):
         """The new streaming messages keep the numbers they were designed with."""
         self.assertEqual(
             self.fields(pb.RunRequest),
-            {"request": 1, "job_id": 2, "attempt": 3, "trace_id": 4, "execution_mode": 5, "enqueued_at_ms": 6},
+            {"request": 1, "job_id": 2, "attempt": 3, "trace_id": 4, "execution_mode": 5, "enqueued_at_ms": 6,
+             "started_at_ms": 32},
         )
         self.assertEqual(self.fields(pb.RunUpdate), {"event": 1, "heartbeat": 2, "result": 3, "end": 4, "events": 5})
         self.assertEqual([f.name for f in pb.RunUpdate.DESCRIPTOR.oneofs_by_name["update"].fields],
                          ["event", "heartbeat", "result", "end", "events"])
         self.assertEqual(self.fields(pb.RunEvent), {"event": 1, "stage": 2, "data": 3, "timestamp_ms": 4})
         self.assertEqual(self.fields(pb.RunEvents), {"events": 1})
-        self.assertEqual(self.fields(pb.RunEnd), {"status": 1, "message": 2, "trace": 3})
+        self.assertEqual(self.fields(pb.RunEnd), {"status": 1, "message": 2, "trace": 3, "recorded_in": 32})
         self.assertEqual((pb.RUN_END_STATUS_FAILED, pb.RUN_END_STATUS_CANCELLED, pb.RUN_END_STATUS_ABORTED), (1, 2, 3))
         self.assertEqual(self.fields(pb.CancelRequest), {"job_id": 1})
         self.assertEqual(self.fields(pb.CancelResponse), {"found": 1, "cancelled": 2})
@@ -102,6 +103,8 @@ class FieldNumberTests(SynchronousTestCase):
         report = self.fields(pb.RunReport)
         self.assertEqual([report[n] for n in ("trace_id", "worker_id", "enqueued_at_ms", "queue_wait_ms", "trace")],
                          [16, 17, 18, 19, 20])
+        # one writer per event: the store a worker records in, and where its outcome landed
+        self.assertEqual((report["recorded_in"], self.fields(pb.HealthResponse)["store_id"]), (32, 32))
 
     def test_types_of_frozen_fields(self):
         """Field types that old peers rely on: JsonMap maps, int32 sizes, bytes data, bool flags."""
