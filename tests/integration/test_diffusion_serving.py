@@ -20,6 +20,7 @@ from omnirt.models.tiny import ADAPTER_DIR, tiny_adapter_name
 from tests.support.http import json_call
 from tests.support.procs import free_port, start_omnirt
 from tests.support.tiny import model_path_args, tiny_model_paths
+from tests.support.upstream import hf_cache, offline_env
 
 BASE = "sdxl-base-1.0"
 
@@ -124,10 +125,17 @@ class InProcessTests(Served):
 
     @inlineCallbacks
     def test_live_previews(self):
-        """An async job with preview_every 2 announces a preview artifact at steps 2 and 4 (served, JPEG)."""
+        """An async job with preview_every 2 announces a preview artifact at steps 2 and 4 (served, JPEG);
+        /v1/models shows the in-process worker's weights folders, and the base loaded there after it."""
         record = yield self.finish(job_body(num_inference_steps=4, preview_every=2))
         self.assertEqual(record["state"], "succeeded", record["error"])
         yield self.check_previews(record, 2, 4)
+        code, models = yield self.jcall("GET", "/v1/models")
+        cards = {m["id"]: m for m in models["data"]}
+        (local,) = cards[BASE]["on_workers"]
+        self.assertEqual((local["weights"], local["source"], local["where"], local["loaded"]),
+                         ("found", "folder", str(Path(tiny_model_paths()[BASE]).resolve()), True))
+        self.assertEqual(cards["sdxl-refiner-1.0"]["weights_found_on"], [local["worker_id"]])
 
 
 class NoAdapterDirTests(Served):
@@ -176,11 +184,11 @@ REFINER = "sdxl-refiner-1.0"
 
 
 class RemoteModelStatusTests(Served):
-    def worker(self, worker_id: str, *args: str) -> int:
+    def worker(self, worker_id: str, *args: str, env: dict[str, str] | None = None) -> int:
         port = free_port()
-        hub = str(Path(self.mktemp()).resolve())  # an empty Hugging Face cache: only --model-path folders count
+        hub = str(Path(self.mktemp()).resolve())  # by default an empty Hugging Face cache
         proc = start_omnirt(self, ["worker", "--port", str(port), "--worker-id", worker_id, "--backend", "cpu", *args],
-                            port, name=worker_id, env={"HF_HUB_CACHE": hub, "HF_HOME": hub})
+                            port, name=worker_id, env=env or {"HF_HUB_CACHE": hub, "HF_HOME": hub})
         proc.wait_until(lambda: "listening on" in proc.log(), timeout=60, what="listening line")
         return port
 
@@ -194,7 +202,9 @@ class RemoteModelStatusTests(Served):
         empty = Path(self.mktemp()).resolve()
         empty.mkdir()
         both = self.worker("both", "--models", f"{BASE},{REFINER}", *model_path_args())
-        base_only = self.worker("base-only", "--models", BASE, "--model-path", f"{BASE}={paths[BASE]}")
+        # this one loads the base from an offline Hugging Face cache (no --model-path)
+        hf_home = hf_cache(paths, Path(self.mktemp()).resolve())
+        base_only = self.worker("base-only", "--models", BASE, env=offline_env(hf_home))
         no_refiner = self.worker("no-refiner", "--models", f"{BASE},{REFINER}", "--model-path", f"{BASE}={paths[BASE]}",
                                  "--model-path", f"{REFINER}={empty}")
         self.start_gateway("--remote-worker", f"both=127.0.0.1:{both}@{BASE},{REFINER}",
@@ -210,6 +220,10 @@ class RemoteModelStatusTests(Served):
         self.assertEqual((refiner_on["both"]["weights"], refiner_on["both"]["source"], refiner_on["both"]["where"]),
                          ("found", "folder", str(Path(paths[REFINER]).resolve())))
         self.assertEqual((refiner_on["no-refiner"]["weights"], refiner_on["no-refiner"]["where"]), ("missing", str(empty)))
+        cached = {w["worker_id"]: w for w in cards[BASE]["on_workers"]}["base-only"]
+        self.assertEqual((cached["weights"], cached["source"]), ("found", "hf-cache"))
+        self.assertTrue(cached["where"].startswith(
+            str(hf_home / "hub" / "models--stabilityai--stable-diffusion-xl-base-1.0" / "snapshots")), cached)
         self.assertEqual(cards[REFINER]["loaded_on"], [])
 
         for tag in ("a", "b"):  # the base warm on the two others: "warm model" alone would pick one of them
