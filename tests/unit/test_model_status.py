@@ -14,7 +14,7 @@ from omnirt.engine.base import CancelToken
 from omnirt.engine.engine import Engine
 from omnirt.engine.weights import WeightsStatus, locate
 from omnirt.registry import CONFIG_KEYS, resolve_request
-from omnirt.workers.base import JobFailed, WorkerHealth
+from omnirt.workers.base import JobCancelled, JobFailed, WorkerHealth
 from omnirt.workers.proto.omnirt.worker.v1 import worker_pb2 as pb
 from omnirt.workers.wire import health_from_pb, health_to_pb
 from tests.support.fakes import ControlledWorker
@@ -195,6 +195,14 @@ class OpenAIFailureTests(unittest.TestCase):
         self.assertEqual(code, 400, body)
         self.assertEqual((body["error"]["type"], body["error"]["code"]), ("invalid_request_error", "generation_rejected"))
         self.assertIn("inputs.image: cannot decode", body["error"]["message"])
+
+    @inlineCallbacks
+    def test_cancelled_job_is_409(self):
+        """A job cancelled meanwhile answers 409 (as /v1/generate), not 500."""
+        code, body = yield self.answer(lambda call: call.fail(JobCancelled("cancelled by an operator")))
+        self.assertEqual(code, 409, body)
+        self.assertEqual(body["error"]["code"], "generation_cancelled")
+        self.assertRegex(body["error"]["message"], r"^job [0-9a-f]+ was cancelled$")
 
     @inlineCallbacks
     def test_failed_job_is_500(self):
