@@ -50,7 +50,8 @@ from omnirt.engine.efficiency import report as efficiency_report
 from omnirt.engine.images import decode_input_image, inpaint_problem, png_bytes
 from omnirt.engine.options import EngineOptions
 from omnirt.engine.render import RenderJob, StageTracker, describe_error
-from omnirt.registry import get_model
+from omnirt.engine.weights import WeightsStatus, locate_all
+from omnirt.registry import CONFIG_KEYS, get_model
 
 log = logging.getLogger(__name__)
 
@@ -183,6 +184,11 @@ class Engine:
     def adapter_labels(self) -> tuple[str, ...]:
         """``loaded_adapters`` as health reports them: "<model>:<adapter name or path>"."""
         return tuple(f"{model}:{label}" for model, labels in self.loaded_adapters().items() for label in labels)
+
+    def weights(self, model_ids, backend: str) -> list[WeightsStatus]:
+        """Where this engine finds the weights of ``model_ids`` on ``backend`` (``omnirt.engine.weights``;
+        a few file stats, no torch: the first call imports huggingface_hub, so make it off the reactor)."""
+        return locate_all(model_ids, self.model_paths, backend)
 
     def close(self) -> None:
         """Refuse new jobs, drop queued ones, release cached pipelines (running jobs finish)."""
@@ -319,7 +325,7 @@ class Engine:
         outputs, blobs = self._export(images, tracker)
         timings = dict(tracker.timings)
         timings["total_ms"] = (time.perf_counter() - started) * 1000.0
-        report = self._report(job, backend, started_ms, timings, {**config, **tracker.facts}, loaded.memory(),
+        report = self._report(job, backend, started_ms, timings, config, tracker.facts, loaded.memory(),
                               batch_size=len(outputs), applied=getattr(loaded, "applied", None))
         return RunOutcome(result=GenerateResult(outputs=outputs, metadata=report), blobs=blobs)
 
@@ -342,9 +348,15 @@ class Engine:
         return efficiency_report(self.options, backend)
 
     def _report(self, job: EngineJob, backend: str, started_ms: int, timings: dict[str, float],
-                config_resolved: dict, memory: dict[str, float], *, batch_size: int,
+                config: dict, facts: dict, memory: dict[str, float], *, batch_size: int,
                 batch_group_id: str = "", applied: dict | None = None) -> RunReport:
+        """``config``: the job's config as run; only its request keys go to ``config_resolved`` (so
+        it can be sent again as a request's config); the rest (``dtype_requested``, the resolved
+        ``adapters``) and the renderer's ``facts`` (previews, adapter_switch, memory_techniques,
+        prompt_truncated...) go to ``engine`` with the engine's options."""
         request = job.request
+        config_resolved = {key: value for key, value in config.items() if key in CONFIG_KEYS}
+        run_facts = {key: value for key, value in {**config, **facts}.items() if key not in CONFIG_KEYS}
         return RunReport(
             run_id=uuid.uuid4().hex,
             task=request.task,
@@ -361,7 +373,7 @@ class Engine:
             config_resolved=config_resolved,
             batch_size=batch_size,
             batch_group_id=batch_group_id,
-            engine={**self.efficiency(backend), **(applied or {})},
+            engine={**self.efficiency(backend), **(applied or {}), **run_facts},
         )
 
     # -- batching ------------------------------------------------------------------------------
@@ -454,7 +466,7 @@ class Engine:
             timings["total_ms"] = (time.perf_counter() - started) * 1000.0
             facts = {**tracker.facts, **member_tracker.facts}
             report = self._report(member.job, member.backend, started_ms, timings,
-                                  {**member.render_job.config, **facts}, memory,
+                                  member.render_job.config, facts, memory,
                                   batch_size=size, batch_group_id=group.group_id,
                                   applied=getattr(loaded, "applied", None))
             results.append(RunOutcome(result=GenerateResult(outputs=outputs, metadata=report), blobs=blobs))

@@ -23,7 +23,7 @@ from omnirt.contract import (
 from omnirt.gateway import compat, console_routes, sse
 from omnirt.gateway.auth import ApiKeys, owner_of, tenant_of
 from omnirt.gateway.edge import parse_idempotency_key, parse_int_arg, parse_json_body, scoped_idempotency_key
-from omnirt.gateway.errors import HTTPError, error_response
+from omnirt.gateway.errors import HTTPError, error_response, job_outcome_error
 from omnirt.gateway.trace_view import trace_view
 from omnirt.gateway.views import (
     DeliveryList,
@@ -244,10 +244,8 @@ class GatewayAPI:
                 outputs.append(artifact.model_copy(update=inline))
             body = final.result.model_copy(update={"outputs": outputs}).model_dump(mode="json")
             return write_json(request, 200, compat.with_warnings(body, request))
-        if final.state == JobState.cancelled:
-            return write_json(request, 409, {"detail": f"job {final.id} was cancelled", "job_id": final.id})
-        return write_json(request, _failure_status(final), {"detail": f"job {final.id} failed: {final.error}",
-                                                            "job_id": final.id})
+        status, detail = job_outcome_error(final)
+        return write_json(request, status, {"detail": detail, "job_id": final.id})
 
     @app.route("/v1/jobs", methods=["POST"])
     async def submit_job(self, request):
@@ -425,11 +423,3 @@ def _who(request) -> dict[str, str | None]:
     return {"principal": getattr(request, "omnirt_principal", None), "tenant": tenant_of(request)}
 
 
-def _failure_status(final: JobRecord) -> int:
-    """A job whose input the worker rejected is the client's error (the 4xx its terminal event
-    names); any other failure is the server's (500)."""
-    for event in reversed(final.events):
-        if event.terminal:
-            status = event.data.get("status")
-            return status if isinstance(status, int) and 400 <= status < 500 else 500
-    return 500

@@ -9,7 +9,7 @@ from werkzeug.exceptions import HTTPException as RoutingException
 from werkzeug.exceptions import MethodNotAllowed
 from werkzeug.routing import RequestRedirect
 
-from omnirt.contract import ContractError, IllegalTransition, RequestInvalid
+from omnirt.contract import ContractError, IllegalTransition, JobRecord, JobState, RequestInvalid
 from omnirt.jobs.errors import QueueFull
 from omnirt.store.base import StoreUnavailable
 
@@ -50,3 +50,18 @@ def error_response(exc: BaseException) -> tuple[int, dict[str, Any], dict[str, s
         return exc.code, {"detail": exc.name.lower()}, headers
     log.err(exc, "unhandled error in request")
     return 500, {"detail": "internal error (logged on the server)"}, {}
+
+
+def job_outcome_error(final: JobRecord) -> tuple[int, str]:
+    """(status, message) of a sync job that did not succeed: 409 when cancelled; a job whose input
+    the worker rejected is the client's error (the 4xx its terminal event names); any other
+    failure is the server's (500). ``/v1/generate`` and ``/v1/images/generations`` answer it."""
+    if final.state == JobState.cancelled:
+        return 409, f"job {final.id} was cancelled"
+    status = 500
+    for event in reversed(final.events):
+        if event.terminal:
+            named = event.data.get("status")
+            status = named if isinstance(named, int) and 400 <= named < 500 else 500
+            break
+    return status, f"job {final.id} failed: {final.error}"

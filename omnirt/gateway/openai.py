@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from omnirt.contract import ContractError, GenerateRequest, JobState, RequestInvalid, problems_from_pydantic
 from omnirt.gateway.auth import tenant_of
 from omnirt.gateway.edge import listening_url, parse_json_body
-from omnirt.gateway.errors import HTTPError, error_response
+from omnirt.gateway.errors import HTTPError, error_response, job_outcome_error
 from omnirt.gateway.views import OpenAIImage, OpenAIImagesResponse
 from omnirt.registry import MAX_IMAGES, MAX_SIDE, MAX_STEPS, SIZE_MULTIPLE
 
@@ -113,7 +113,10 @@ async def images_generations(api, request):
         return _openai_error(request, status, str(message), {404: "model_not_found", 429: "rate_limit_exceeded"}.get(status, "invalid_request"), headers)
     final = await api._wait_or_cancel(record.id)
     if final.state != JobState.succeeded or final.result is None:
-        return _openai_error(request, 500, f"image generation {final.state.value}: {final.error or ''}".strip(), "generation_failed")
+        # the statuses of /v1/generate: 409 cancelled, the worker's 4xx for a rejected input, else 500
+        status, message = job_outcome_error(final)
+        code = "generation_cancelled" if status == 409 else "generation_rejected" if status < 500 else "generation_failed"
+        return _openai_error(request, status, message, code)
     data = []
     base = _base_url(api, request)
     for artifact in final.result.outputs:

@@ -163,7 +163,7 @@ def openapi_document() -> dict[str, Any]:
             "summary": "OpenAI Images API",
             "requestBody": {"required": True, "content": {"application/json": {"schema": _ref(OpenAIImagesRequest)}}},
             "responses": {"200": _json(OpenAIImagesResponse, "images"),
-                          **_errors(400, 401, 403, 404, 413, 415, 429, 503, openai=True),
+                          **_errors(400, 401, 403, 404, 409, 413, 415, 429, 503, openai=True),
                           "500": _json(OpenAIError, "generation failed")}}},
     }
     return {

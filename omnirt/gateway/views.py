@@ -16,7 +16,7 @@ from omnirt.webhooks.model import WEBHOOK_ID_PATTERN, DeliveryView
 from omnirt.workers.pool import HEALTHY
 
 __all__ = [
-    "DeliveryList", "ErrorBody", "Health", "JobList", "JobSummary", "JobView", "ModelList", "OpenAIError",
+    "DeliveryList", "ErrorBody", "Health", "JobList", "JobSummary", "JobView", "ModelList", "ModelOnWorker", "OpenAIError",
     "OpenAIImagesResponse", "Readiness", "RedeliverRequest", "TraceView", "job_body", "model_list",
 ]
 
@@ -62,6 +62,28 @@ MODEL_STATUS_TEXT = {
 }
 
 
+#: what a worker's Health says of a model's weights
+WeightsState = Literal["found", "missing", "not_needed", "unknown"]
+WEIGHTS_STATE_TEXT = {
+    "found": "the worker has them: its --model-path folder or the Hugging Face hub cache",
+    "missing": "the worker looked (where) and did not find them: its first job loads from the hub, or fails",
+    "not_needed": "the worker's backend renders without weights (cpu-stub)",
+    "unknown": "the worker does not say (an upstream OmniRT worker, or not probed yet)",
+}
+
+
+class ModelOnWorker(BaseModel):
+    """One configured worker that serves the model, as its last Health answer says."""
+
+    worker_id: str
+    state: str = Field(description="the worker's state in this gateway's pool (healthy, down, ...)")
+    weights: WeightsState = Field(description="; ".join(f"{k}: {v}" for k, v in WEIGHTS_STATE_TEXT.items()))
+    where: str | None = Field(None, description="the weights folder found, or the one looked at")
+    source: str | None = Field(None, description="folder (--model-path) or hf-cache (the Hugging Face hub cache)")
+    loaded: bool = Field(description="the model's pipeline is in the worker's memory")
+    adapters: list[str] = Field([], description="LoRA adapters of this model loaded on the worker (name or path)")
+
+
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"
@@ -72,6 +94,11 @@ class ModelCard(BaseModel):
     status: ModelStatus = Field(description="; ".join(f"{k}: {v}" for k, v in MODEL_STATUS_TEXT.items()))
     workers: list[str] = Field(description="healthy workers that serve the model")
     loaded_on: list[str] = Field(description="healthy workers that have it loaded")
+    weights_found_on: list[str] = Field([], description="workers whose Health says they have the model's weights")
+    adapters_loaded: dict[str, list[str]] = Field(
+        {}, description="worker id -> LoRA adapters of this model loaded there (name or path)")
+    on_workers: list[ModelOnWorker] = Field(
+        [], description="every configured worker that serves the model: weights, loaded, adapters")
     tier: str
     maturity: str
     default_backend: str
@@ -96,9 +123,31 @@ def model_card(spec: ModelSpec, pool) -> ModelCard:
         status = "unavailable"
     else:
         status = "no_worker"
+    on_workers = [_on_worker(e, spec.id) for e in serving]
     card = spec.to_openai()
-    card.update(status=status, workers=[e.worker_id for e in healthy], loaded_on=loaded)
+    card.update(status=status, workers=[e.worker_id for e in healthy], loaded_on=loaded,
+                weights_found_on=[w.worker_id for w in on_workers if w.weights == "found"],
+                adapters_loaded={w.worker_id: w.adapters for w in on_workers if w.adapters},
+                on_workers=on_workers)
     return ModelCard.model_validate(card)
+
+
+def _on_worker(entry, model: str) -> ModelOnWorker:
+    """``entry`` (a WorkerEntry serving ``model``) as ``/v1/models`` shows it."""
+    health = entry.health
+    status = entry.weights_of(model)
+    if status is None:
+        weights: WeightsState = "unknown"
+    elif not status.required:
+        weights = "not_needed"
+    else:
+        weights = "found" if status.found else "missing"
+    prefix = f"{model}:"
+    adapters = [label[len(prefix):] for label in (health.loaded_adapters if health else ()) if label.startswith(prefix)]
+    return ModelOnWorker(worker_id=entry.worker_id, state=entry.state, weights=weights,
+                         where=(status.where or None) if status else None,
+                         source=(status.source or None) if status else None,
+                         loaded=model in entry.loaded_models, adapters=adapters)
 
 
 def model_list(specs: Iterable[ModelSpec], pool) -> ModelList:

@@ -48,11 +48,20 @@ class QueuedJob:
     excluded: dict[str, str] = dataclasses.field(default_factory=dict)
     #: the job's LoRA adapters (name or path): routing prefers a worker that has them loaded
     adapters: tuple[str, ...] = ()
+    #: the job's other models (its ``config.refiner``): only a worker serving them too is picked
+    also: tuple[str, ...] = ()
 
 
 def job_adapters(request: GenerateRequest) -> tuple[str, ...]:
     """A request's LoRA adapters as routing knows them (name, else path), as health reports them."""
     return tuple(a.name or a.path or "" for a in request.adapters or ())
+
+
+def job_also(request: GenerateRequest) -> tuple[str, ...]:
+    """The models a request runs besides its own: the refiner of a base + refiner job."""
+    refiner = (request.config or {}).get("refiner")
+    model = refiner.get("model") if isinstance(refiner, dict) else None
+    return (model,) if isinstance(model, str) and model else ()
 
 
 @dataclasses.dataclass
@@ -243,13 +252,13 @@ class Dispatcher:
         while i < len(self.queue):
             q = self.queue[i]
             if q.excluded:
-                entry = self.pool.pick_retry(q.model, q.tags, q.excluded, adapters=q.adapters)
-                if entry is None and self.pool.only_lost_instances(q.model, q.tags, q.excluded):
+                entry = self.pool.pick_retry(q.model, q.tags, q.excluded, adapters=q.adapters, also=q.also)
+                if entry is None and self.pool.only_lost_instances(q.model, q.tags, q.excluded, also=q.also):
                     del self.queue[i]
                     self.tasks.track(Deferred.fromCoroutine(self._no_worker_left(q)), "giving up a job failed")
                     continue
             else:
-                entry = self.pool.pick(q.model, q.tags, adapters=q.adapters)
+                entry = self.pool.pick(q.model, q.tags, adapters=q.adapters, also=q.also)
             if entry is None:
                 i += 1
                 continue
@@ -267,7 +276,7 @@ class Dispatcher:
         instance = entry.instance
         try:
             dispatched = await self.transitions.dispatch(q.job_id, entry.worker_id, attempt, entry.conn.address,
-                                                         reason=self.pool.reason(entry, q.model, q.adapters))
+                                                         reason=self.pool.reason(entry, q.model, q.adapters, q.also))
         except BaseException:
             self.pool.release(entry)
             raise
@@ -412,7 +421,7 @@ class Dispatcher:
             error=error, attempts_used=attempts_used, excluded=excluded, requeue=enqueue)
         if retried is not None and enqueue:
             self.enqueue(QueuedJob(q.job_id, q.model, q.tags, attempts=attempts_used, excluded=excluded,
-                                   adapters=q.adapters), front=True)
+                                   adapters=q.adapters, also=q.also), front=True)
 
     async def _no_worker_left(self, q: QueuedJob) -> None:
         """queued -> failed: the job was lost on every worker that serves it, and each is back as
@@ -434,7 +443,7 @@ class Dispatcher:
         request = record.request
         excluded = {wid: self.pool.instance_of(wid) for wid in record.excluded_workers}
         return QueuedJob(record.id, request.model, tuple(request.routing_tags), attempts=record.attempts,
-                         excluded=excluded, adapters=job_adapters(request))
+                         excluded=excluded, adapters=job_adapters(request), also=job_also(request))
 
     # -- cancel ------------------------------------------------------------------------------
 

@@ -35,7 +35,7 @@ from omnirt.contract import (
     request_fingerprint,
 )
 from omnirt.engine.images import inpaint_problem
-from omnirt.jobs.dispatcher import Dispatcher, QueuedJob, job_adapters
+from omnirt.jobs.dispatcher import Dispatcher, QueuedJob, job_adapters, job_also
 from omnirt.jobs.errors import JobConflict, JobNotFoundError, NoWorkerForModel, QueueFull, ServiceUnavailable
 from omnirt.jobs.inputs import to_references
 from omnirt.jobs.limits import TooManyJobs
@@ -133,8 +133,9 @@ class JobService:
         if not pool.configured_for(resolved.model):
             raise NoWorkerForModel(f"no configured worker serves model {resolved.model!r}")
         refiner = (resolved.config.get("refiner") or {}).get("model")
-        if refiner and not pool.configured_for(refiner):
-            raise NoWorkerForModel(f"no configured worker serves the refiner {refiner!r} of config.refiner")
+        if refiner and not pool.configured_for(resolved.model, also=(refiner,)):
+            raise NoWorkerForModel(
+                f"no configured worker serves both model {resolved.model!r} and the refiner {refiner!r} of config.refiner")
         if resolved.routing_tags and not pool.configured_for_tags(resolved.model, resolved.routing_tags):
             raise NoWorkerForModel(
                 f"no configured worker serves model {resolved.model!r} with tags {', '.join(resolved.routing_tags)}"
@@ -189,7 +190,7 @@ class JobService:
             self._principal_jobs.setdefault(principal, set()).add(record.id)
         request = record.request
         self.dispatcher.enqueue(QueuedJob(record.id, request.model, tuple(request.routing_tags),
-                                          adapters=job_adapters(request)))
+                                          adapters=job_adapters(request), also=job_also(request)))
         return record
 
     async def _check_principal(self, principal: str) -> None:

@@ -11,6 +11,7 @@ from twisted.internet.defer import Deferred
 
 from omnirt.contract import GenerateRequest
 from omnirt.engine.base import JobCancelled, JobFailed, JobRejected, RunOutcome
+from omnirt.engine.weights import WeightsStatus
 
 __all__ = [
     "JobCancelled",
@@ -88,6 +89,16 @@ class WorkerHealth:
     engine: Any = dataclasses.field(default_factory=dict)
     #: the identity of the job store the worker records its jobs in ("" = it records none)
     store_id: str = ""
+    #: where the worker finds each served model's weights (``omnirt.engine.weights``); None: it
+    #: does not say (an upstream or older worker, or not started yet): "unknown", never "missing"
+    weights: tuple[WeightsStatus, ...] | None = None
+
+    def weights_of(self, model: str) -> WeightsStatus | None:
+        """This worker's weights of ``model``, None when it does not say."""
+        for status in self.weights or ():
+            if status.model == model:
+                return status
+        return None
 
 
 class WorkerConnection(Protocol):

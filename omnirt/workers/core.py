@@ -35,7 +35,7 @@ from omnirt import __version__
 from omnirt.backends import BackendUnavailable
 from omnirt.contract import ContractError
 from omnirt.engine.base import CancelToken, EngineJob, JobCancelled, JobFailed, JobRejected, RunOutcome
-from omnirt.registry import resolve_request
+from omnirt.registry import list_models, resolve_request
 from omnirt.telemetry.tracing import SERVICE_WORKER, RunSpans, Tracing
 from omnirt.workers import compat
 from omnirt.workers.base import INSTANCE_ID, WorkerHealth, WorkerJob, WorkerUpdate
@@ -204,10 +204,14 @@ class WorkerCore:
         Raises ``BackendUnavailable`` when an explicit backend cannot run here.
         """
         self.start()
-        self.backend = await deferToThreadPool(self.reactor, self._threads, self.engine.resolve_backend,
-                                               self.requested_backend)
+        self.backend = await deferToThreadPool(self.reactor, self._threads, self._resolve_backend)
         if self.state == "starting":
             self.state = "ready"
+
+    def _resolve_backend(self) -> str:
+        backend = self.engine.resolve_backend(self.requested_backend)
+        self._weights(backend)  # the first weights lookup imports huggingface_hub: here, not in health
+        return backend
 
     def stop_admitting(self) -> None:
         """Refuse new jobs from now on; running ones go on."""
@@ -309,7 +313,19 @@ class WorkerCore:
             gpu_mem_used_gb=self._gpu_mem_used_gb(),
             engine=self._engine_facts(),
             store_id=self.recorder.store_id if self.recorder is not None else "",
+            weights=self._weights(self.backend),
         )
+
+    def _weights(self, backend: str) -> tuple | None:
+        """Where the engine finds each served model's weights (every registry model when it serves
+        all); None before the backend is resolved or from an engine that cannot say."""
+        locate = getattr(self.engine, "weights", None)
+        if locate is None or not backend:
+            return None
+        try:
+            return tuple(locate(self.models or tuple(m.id for m in list_models()), backend))
+        except Exception:  # health must answer even if the engine is in trouble
+            return None
 
     def _engine_facts(self) -> dict[str, Any]:
         facts = getattr(self.engine, "efficiency", None)

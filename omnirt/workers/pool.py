@@ -27,6 +27,7 @@ from twisted.application.internet import TimerService
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.interfaces import IReactorTime
 
+from omnirt.engine.weights import WeightsStatus
 from omnirt.tasks import fire_waiter
 from omnirt.workers.base import WorkerConnection, WorkerHealth
 
@@ -80,6 +81,21 @@ class WorkerEntry:
     def serves(self, model: str) -> bool:
         models = self.conn.models or (self.health.models if self.health else ())
         return not models or model in models
+
+    def weights_of(self, model: str) -> WeightsStatus | None:
+        """What the worker's last Health says of ``model``'s weights (None: it does not say)."""
+        return self.health.weights_of(model) if self.health is not None else None
+
+    def weights_ok(self, model: str) -> bool:
+        """Not known to lack ``model``'s weights: found, not needed, or not reported."""
+        status = self.weights_of(model)
+        return status is None or status.found or not status.required
+
+    def serves_all(self, models: Iterable[str]) -> bool:
+        """Serves every one of ``models``; with more than one (a base + refiner job), also not
+        known to lack the weights of any."""
+        models = tuple(models)
+        return all(self.serves(m) for m in models) and (len(models) < 2 or all(self.weights_ok(m) for m in models))
 
     def has_tags(self, tags: Iterable[str]) -> bool:
         mine = set(self.conn.tags) | set(self.health.tags if self.health else ())
@@ -183,20 +199,22 @@ class WorkerPool:
         if entry.state in (UNKNOWN, DOWN):
             entry._returns += 1
         entry.instance = health.instance_id or f"return-{entry._returns}"
+        weights_changed = entry.health is not None and entry.health.weights != health.weights
         entry.health = health
         was_failing, entry.consecutive_failures = entry.consecutive_failures > 0, 0
         was_busy, entry.busy = entry.busy, False
         entry.last_error = health.last_error
         before = entry.state
         self._set_state(entry, DRAINING if draining else HEALTHY)
-        if (was_busy or was_failing) and before == entry.state and self.on_change is not None:
-            self.on_change()  # room again / answering again: queued jobs may go now
+        if (was_busy or was_failing or weights_changed) and before == entry.state and self.on_change is not None:
+            self.on_change()  # room again / answering again / weights found: queued jobs may go now
 
     # -- routing ----------------------------------------------------------------------------
 
-    def configured_for(self, model: str) -> bool:
-        """Does any configured worker serve ``model`` (whatever its health)?"""
-        return any(e.serves(model) for e in self.entries.values())
+    def configured_for(self, model: str, also: Iterable[str] = ()) -> bool:
+        """Does any configured worker serve ``model`` (and every model of ``also``), whatever its health?"""
+        models = (model, *also)
+        return any(all(e.serves(m) for m in models) for e in self.entries.values())
 
     def configured_for_tags(self, model: str, tags: Iterable[str]) -> bool:
         tags = tuple(tags)
@@ -209,26 +227,32 @@ class WorkerPool:
         sent = entry.probe_sent_at
         return sent is None or self._clock.seconds() - sent <= self.probe_overdue_s
 
-    def eligible(self, model: str, tags: Iterable[str] = (), exclude: Iterable[str] = ()) -> list[WorkerEntry]:
+    def eligible(self, model: str, tags: Iterable[str] = (), exclude: Iterable[str] = (),
+                 also: Iterable[str] = ()) -> list[WorkerEntry]:
+        """Free healthy answering workers for ``model``; ``also``: the job's other models (its
+        refiner), which the worker must serve too, with no model's weights known to be missing."""
         tags = tuple(tags)
         excluded = set(exclude)
+        models = (model, *also)
         return [
             e
             for e in self.entries.values()
             if e.state == HEALTHY
             and self.answering(e)
             and e.worker_id not in excluded
-            and e.serves(model)
+            and e.serves_all(models)
             and e.has_tags(tags)
             and e.inflight < e.capacity
             and not e.busy
         ]
 
-    def can_serve(self, model: str, tags: Iterable[str] = (), exclude: Iterable[str] = ()) -> bool:
-        """Is a healthy worker outside ``exclude`` able to run ``model`` (free or not)?"""
+    def can_serve(self, model: str, tags: Iterable[str] = (), exclude: Iterable[str] = (),
+                  also: Iterable[str] = ()) -> bool:
+        """Is a healthy worker outside ``exclude`` able to run ``model`` (and ``also``), free or not?"""
         tags = tuple(tags)
         excluded = set(exclude)
-        return any(e.state == HEALTHY and e.worker_id not in excluded and e.serves(model) and e.has_tags(tags)
+        models = (model, *also)
+        return any(e.state == HEALTHY and e.worker_id not in excluded and e.serves_all(models) and e.has_tags(tags)
                    for e in self.entries.values())
 
     def instance_of(self, worker_id: str) -> str:
@@ -236,32 +260,35 @@ class WorkerPool:
         return entry.instance if entry is not None else ""
 
     def pick_retry(self, model: str, tags: Iterable[str], excluded: dict[str, str],
-                   adapters: Iterable[str] = ()) -> WorkerEntry | None:
+                   adapters: Iterable[str] = (), also: Iterable[str] = ()) -> WorkerEntry | None:
         """The worker for a retried job that failed on the workers in ``excluded`` (id -> the
         instance it failed on): another healthy worker when one can serve it (the job waits for
         it if it is full); one of the excluded only when no other can and it came back as a new
-        instance. ``adapters`` rank as in ``pick``."""
-        adapters = tuple(adapters)
-        entry = self.pick(model, tags, exclude=excluded, adapters=adapters)
-        if entry is not None or self.can_serve(model, tags, exclude=excluded):
+        instance. ``adapters`` rank and ``also`` filters as in ``pick``."""
+        adapters, also = tuple(adapters), tuple(also)
+        entry = self.pick(model, tags, exclude=excluded, adapters=adapters, also=also)
+        if entry is not None or self.can_serve(model, tags, exclude=excluded, also=also):
             return entry
         same = [wid for wid, instance in excluded.items() if self.instance_of(wid) in ("", instance)]
-        return self.pick(model, tags, exclude=same, adapters=adapters)
+        return self.pick(model, tags, exclude=same, adapters=adapters, also=also)
 
-    def only_lost_instances(self, model: str, tags: Iterable[str], excluded: dict[str, str]) -> bool:
-        """True when every worker that serves ``model`` is one the job was lost on, back (healthy)
-        as the same instance: no worker will ever take the job."""
+    def only_lost_instances(self, model: str, tags: Iterable[str], excluded: dict[str, str],
+                            also: Iterable[str] = ()) -> bool:
+        """True when every worker that serves ``model`` (and ``also``) is one the job was lost on,
+        back (healthy) as the same instance: no worker will ever take the job."""
         tags = tuple(tags)
-        serving = [e for e in self.entries.values() if e.serves(model) and e.has_tags(tags)]
+        models = (model, *also)
+        serving = [e for e in self.entries.values() if all(e.serves(m) for m in models) and e.has_tags(tags)]
         return bool(serving) and all(
             e.worker_id in excluded and e.state == HEALTHY and e.instance in ("", excluded[e.worker_id])
             for e in serving)
 
     def pick(self, model: str, tags: Iterable[str] = (), exclude: Iterable[str] = (),
-             adapters: Iterable[str] = ()) -> WorkerEntry | None:
-        """Warm adapters first (those of the job), then warm model, then lowest inflight/capacity, then round-robin."""
+             adapters: Iterable[str] = (), also: Iterable[str] = ()) -> WorkerEntry | None:
+        """Warm adapters first (those of the job), then warm model, then lowest inflight/capacity, then
+        round-robin; ``also``: the job's other models (its refiner), served by the worker picked."""
         wanted = {f"{model}:{a}" for a in adapters}
-        candidates = self.eligible(model, tags, exclude)
+        candidates = self.eligible(model, tags, exclude, also)
         if not candidates:
             return None
         turn = next(self._rr)
@@ -274,15 +301,28 @@ class WorkerPool:
 
         return min(candidates, key=rank)
 
-    def reason(self, entry: WorkerEntry, model: str, adapters: Iterable[str] = ()) -> str:
+    def reason(self, entry: WorkerEntry, model: str, adapters: Iterable[str] = (), also: Iterable[str] = ()) -> str:
         """Why ``pick`` chose ``entry``, in words for ``job_dispatched.data.reason``."""
         wanted = {f"{model}:{a}" for a in adapters}
         loaded = set(entry.health.loaded_adapters if entry.health else ())
         if wanted and wanted <= loaded:
-            return "warm adapter"
-        if model in entry.loaded_models:
-            return "warm model"
-        return "least loaded"
+            why = "warm adapter"
+        elif model in entry.loaded_models:
+            why = "warm model"
+        else:
+            why = "least loaded"
+        also = tuple(also)
+        if not also:
+            return why
+        models = (model, *also)
+        statuses = [entry.weights_of(m) for m in models]
+        if any(s is None for s in statuses):
+            weights = "weights not reported"
+        elif all(s is not None and s.found for s in statuses):
+            weights = "weights found"
+        else:
+            weights = "no weights needed"
+        return f"{why}; serves {model} and the refiner {', '.join(also)} ({weights})"
 
     def acquire(self, entry: WorkerEntry) -> None:
         entry.inflight += 1

@@ -12,6 +12,7 @@ from pydantic import ValidationError
 
 from omnirt.contract import AdapterRef, Artifact, GenerateRequest, GenerateResult, RunReport
 from omnirt.engine.base import RunOutcome
+from omnirt.engine.weights import WeightsStatus
 from omnirt.workers.base import WorkerHealth, WorkerJob, WorkerUpdate
 from omnirt.workers.proto.omnirt.worker.v1 import worker_pb2 as pb
 
@@ -357,6 +358,9 @@ def health_to_pb(health: WorkerHealth) -> pb.HealthResponse:
         instance_id=health.instance_id,
         engine=json_map(dict(health.engine)),
         store_id=health.store_id,
+        weights=None if health.weights is None else pb.WeightsReport(models=[
+            pb.ModelWeights(model=w.model, found=w.found, where=w.where, source=w.source, required=w.required)
+            for w in health.weights]),
     )
 
 
@@ -382,7 +386,16 @@ def health_from_pb(message: pb.HealthResponse) -> WorkerHealth:
         gpu_mem_used_gb=message.gpu_mem_used_gb,
         engine=_engine_map(message),
         store_id=message.store_id,
+        weights=_weights(message),
     )
+
+
+def _weights(message: pb.HealthResponse) -> tuple[WeightsStatus, ...] | None:
+    """The worker's weights report; None when it sends none (upstream and older workers)."""
+    if not message.HasField("weights"):
+        return None
+    return tuple(WeightsStatus(model=w.model, found=w.found, where=w.where, source=w.source, required=w.required)
+                 for w in message.weights.models)
 
 
 def _engine_map(message) -> dict[str, Any]:

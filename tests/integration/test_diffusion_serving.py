@@ -20,6 +20,7 @@ from omnirt.models.tiny import ADAPTER_DIR, tiny_adapter_name
 from tests.support.http import json_call
 from tests.support.procs import free_port, start_omnirt
 from tests.support.tiny import model_path_args, tiny_model_paths
+from tests.support.upstream import hf_cache, offline_env
 
 BASE = "sdxl-base-1.0"
 
@@ -108,7 +109,7 @@ class InProcessTests(Served):
         base, _ = yield self.image(job_body())
         lora, result = yield self.image(job_body([{"kind": "lora", "name": tiny_adapter_name(BASE), "scale": 1.0}]))
         self.assertNotEqual(lora, base)
-        self.assertEqual(result["metadata"]["config_resolved"]["adapters"][0]["scale"], 1.0)
+        self.assertEqual(result["metadata"]["engine"]["adapters"][0]["scale"], 1.0)
         zero, _ = yield self.image(job_body([{"name": tiny_adapter_name(BASE), "scale": 0}]))
         self.assertEqual(zero, base)
         for adapters, loc, words in (
@@ -124,10 +125,17 @@ class InProcessTests(Served):
 
     @inlineCallbacks
     def test_live_previews(self):
-        """An async job with preview_every 2 announces a preview artifact at steps 2 and 4 (served, JPEG)."""
+        """An async job with preview_every 2 announces a preview artifact at steps 2 and 4 (served, JPEG);
+        /v1/models shows the in-process worker's weights folders, and the base loaded there after it."""
         record = yield self.finish(job_body(num_inference_steps=4, preview_every=2))
         self.assertEqual(record["state"], "succeeded", record["error"])
         yield self.check_previews(record, 2, 4)
+        code, models = yield self.jcall("GET", "/v1/models")
+        cards = {m["id"]: m for m in models["data"]}
+        (local,) = cards[BASE]["on_workers"]
+        self.assertEqual((local["weights"], local["source"], local["where"], local["loaded"]),
+                         ("found", "folder", str(Path(tiny_model_paths()[BASE]).resolve()), True))
+        self.assertEqual(cards["sdxl-refiner-1.0"]["weights_found_on"], [local["worker_id"]])
 
 
 class NoAdapterDirTests(Served):
@@ -151,7 +159,7 @@ class RemoteWorkerTests(Served):
         lora = yield self.finish(job_body([{"name": tiny_adapter_name(BASE), "scale": 0.8}]))
         self.assertEqual((base["state"], lora["state"]), ("succeeded", "succeeded"), (base["error"], lora["error"]))
         self.assertNotEqual(base["result"]["outputs"][0]["sha256"], lora["result"]["outputs"][0]["sha256"])
-        self.assertEqual(lora["result"]["metadata"]["config_resolved"]["adapters"][0]["scale"], 0.8)
+        self.assertEqual(lora["result"]["metadata"]["engine"]["adapters"][0]["scale"], 0.8)
         failed = yield self.finish(job_body([{"name": "missing"}]))
         self.assertEqual(failed["state"], "failed")
         self.assertIn("adapters.0.name: unknown adapter 'missing'", failed["error"])
@@ -170,3 +178,77 @@ class RemoteWorkerTests(Served):
         self.assertEqual(denoisers, [BASE, "sdxl-refiner-1.0"])
         steps = [e["data"]["step"] for e in ensemble["events"] if e["event"] == "stage_progress"]
         self.assertEqual(steps, [1, 2, 3, 4, 5])
+
+
+REFINER = "sdxl-refiner-1.0"
+
+
+class RemoteModelStatusTests(Served):
+    def worker(self, worker_id: str, *args: str, env: dict[str, str] | None = None) -> int:
+        port = free_port()
+        hub = str(Path(self.mktemp()).resolve())  # by default an empty Hugging Face cache
+        proc = start_omnirt(self, ["worker", "--port", str(port), "--worker-id", worker_id, "--backend", "cpu", *args],
+                            port, name=worker_id, env=env or {"HF_HUB_CACHE": hub, "HF_HOME": hub})
+        proc.wait_until(lambda: "listening on" in proc.log(), timeout=60, what="listening line")
+        return port
+
+    @inlineCallbacks
+    def test_weights_status_and_refiner_routing(self):
+        """/v1/models shows, from the gRPC workers' Health, which worker has which model's weights (and
+        where) and which has a model loaded; base + refiner jobs go only to the worker that serves both
+        with their weights, never to one serving the base alone or one lacking the refiner's weights;
+        the job_dispatched reason says so; the finished job's config_resolved is accepted as a config."""
+        paths = tiny_model_paths()
+        empty = Path(self.mktemp()).resolve()
+        empty.mkdir()
+        both = self.worker("both", "--models", f"{BASE},{REFINER}", *model_path_args())
+        # this one loads the base from an offline Hugging Face cache (no --model-path)
+        hf_home = hf_cache(paths, Path(self.mktemp()).resolve())
+        base_only = self.worker("base-only", "--models", BASE, env=offline_env(hf_home))
+        no_refiner = self.worker("no-refiner", "--models", f"{BASE},{REFINER}", "--model-path", f"{BASE}={paths[BASE]}",
+                                 "--model-path", f"{REFINER}={empty}")
+        self.start_gateway("--remote-worker", f"both=127.0.0.1:{both}@{BASE},{REFINER}",
+                           "--remote-worker", f"base-only=127.0.0.1:{base_only}@{BASE}#a",
+                           "--remote-worker", f"no-refiner=127.0.0.1:{no_refiner}@{BASE},{REFINER}#b")
+        code, models = yield self.jcall("GET", "/v1/models")
+        self.assertEqual(code, 200, models)
+        cards = {m["id"]: m for m in models["data"]}
+        self.assertEqual(sorted(cards[BASE]["weights_found_on"]), ["base-only", "both", "no-refiner"])
+        self.assertEqual(cards[REFINER]["weights_found_on"], ["both"])
+        refiner_on = {w["worker_id"]: w for w in cards[REFINER]["on_workers"]}
+        self.assertEqual(set(refiner_on), {"both", "no-refiner"})
+        self.assertEqual((refiner_on["both"]["weights"], refiner_on["both"]["source"], refiner_on["both"]["where"]),
+                         ("found", "folder", str(Path(paths[REFINER]).resolve())))
+        self.assertEqual((refiner_on["no-refiner"]["weights"], refiner_on["no-refiner"]["where"]), ("missing", str(empty)))
+        cached = {w["worker_id"]: w for w in cards[BASE]["on_workers"]}["base-only"]
+        self.assertEqual((cached["weights"], cached["source"]), ("found", "hf-cache"))
+        self.assertTrue(cached["where"].startswith(
+            str(hf_home / "hub" / "models--stabilityai--stable-diffusion-xl-base-1.0" / "snapshots")), cached)
+        self.assertEqual(cards[REFINER]["loaded_on"], [])
+
+        for tag in ("a", "b"):  # the base warm on the two others: "warm model" alone would pick one of them
+            warm = yield self.finish(dict(job_body(), routing_tags=[tag]))
+            self.assertEqual(warm["state"], "succeeded", warm["error"])
+        code, models = yield self.jcall("GET", "/v1/models")
+        self.assertEqual(sorted({m["id"]: m for m in models["data"]}[BASE]["loaded_on"]), ["base-only", "no-refiner"])
+
+        body = job_body(num_inference_steps=4, preview_every=2, refiner={"model": REFINER, "switch_at": 0.5})
+        record = yield self.finish(body)
+        self.assertEqual(record["state"], "succeeded", record["error"])
+        self.assertEqual(record["worker_id"], "both")
+        reasons = [e["data"]["reason"] for e in record["events"] if e["event"] == "job_dispatched"]
+        self.assertEqual(reasons, [f"least loaded; serves {BASE} and the refiner {REFINER} (weights found)"])
+
+        code, models = yield self.jcall("GET", "/v1/models")
+        cards = {m["id"]: m for m in models["data"]}
+        self.assertEqual(cards[REFINER]["loaded_on"], ["both"])
+        self.assertEqual(sorted(cards[BASE]["loaded_on"]), ["base-only", "both", "no-refiner"])
+        self.assertTrue({w["worker_id"]: w for w in cards[REFINER]["on_workers"]}["both"]["loaded"])
+
+        # the run facts are in metadata.engine; config_resolved is a request config, accepted as sent
+        metadata = record["result"]["metadata"]
+        self.assertEqual(metadata["engine"]["previews"], 2)
+        self.assertNotIn("previews", metadata["config_resolved"])
+        again = yield self.finish(dict(body, config=metadata["config_resolved"]))
+        self.assertEqual((again["state"], again["worker_id"]), ("succeeded", "both"), again["error"])
+        self.assertEqual(again["result"]["outputs"][0]["sha256"], record["result"]["outputs"][0]["sha256"])

@@ -113,7 +113,7 @@ class BatchingTests(SynchronousTestCase):
         self.assertEqual(previews, [2])  # only the member that asked for previews, at step 2
         self.assertFalse(any(k.startswith("preview") for m in members[1:] for e, _s, d in m.events
                              if e == "stage_progress" for k in d))
-        self.assertEqual(members[0].outcome.result.metadata.config_resolved.get("previews"), 1)
+        self.assertEqual(members[0].outcome.result.metadata.engine.get("previews"), 1)
         engine.close()
 
     def test_cancelling_one_member_leaves_the_others(self):

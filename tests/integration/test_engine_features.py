@@ -56,7 +56,7 @@ class PreviewTests(SynchronousTestCase):
         pictures = [Image.open(io.BytesIO(base64.b64decode(d["preview_b64"]))) for d in progress if "preview_b64" in d]
         self.assertEqual({(p.format, p.size) for p in pictures}, {("JPEG", (128, 64))})
         self.assertEqual(len({p.tobytes() for p in pictures}), 3)  # the picture changes as denoising goes on
-        self.assertEqual(outcome.result.metadata.config_resolved["previews"], 3)
+        self.assertEqual(outcome.result.metadata.engine["previews"], 3)
 
     def test_previews_do_not_change_the_image(self):
         """The same job with and without previews gives the same output bytes."""
@@ -159,9 +159,9 @@ class MemoryModeTests(SynchronousTestCase):
         report = low.result.metadata
         self.assertEqual(report.config_resolved["memory_mode"], "low-vram")
         self.assertEqual(report.config_resolved["num_inference_steps"], 4)
-        self.assertEqual(report.config_resolved["memory_techniques"], [])
-        self.assertIn("not applicable on cpu", report.config_resolved["memory_mode_note"])
-        self.assertNotIn("memory_mode_note", plain.result.metadata.config_resolved)
+        self.assertEqual(report.engine["memory_techniques"], [])
+        self.assertIn("not applicable on cpu", report.engine["memory_mode_note"])
+        self.assertNotIn("memory_mode_note", plain.result.metadata.engine)
         self.assertGreater(report.memory["peak_rss_mb"], 0)
         self.assertNotIn("peak_gpu_mb", report.memory)
 
@@ -179,9 +179,9 @@ class PromptTruncationTests(SynchronousTestCase):
         """A prompt over the text encoder's 77 tokens is reported as truncated (with its token count); a short one is not."""
         long_prompt = "a very long prompt " * 10
         outcome, _ = run(make_job(inputs={"prompt": long_prompt}))
-        facts = outcome.result.metadata.config_resolved
+        facts = outcome.result.metadata.engine
         self.assertTrue(facts["prompt_truncated"])
         self.assertGreater(facts["prompt_tokens"], 77)
         self.assertEqual(facts["prompt_token_limit"], 77)
         short, _ = run(make_job())
-        self.assertNotIn("prompt_truncated", short.result.metadata.config_resolved)
+        self.assertNotIn("prompt_truncated", short.result.metadata.engine)

@@ -101,15 +101,15 @@ class LoraTests(SynchronousTestCase):
         base = image(self.engine, lora_job(seed=11))
         outcome = self.engine.run(lora_job([tiny_lora(scale=0.0)], seed=11), Recorder(), CancelToken())
         self.assertEqual(outcome.blobs[0], base)
-        self.assertEqual(outcome.result.metadata.config_resolved["adapters"][0]["scale"], 0.0)
+        self.assertEqual(outcome.result.metadata.engine["adapters"][0]["scale"], 0.0)
 
     def test_run_report_and_loaded_adapters(self):
         """The report lists the applied adapter and whether the set was switched; the engine lists it as loaded."""
         self.engine.run(lora_job(), Recorder(), CancelToken())
         first = self.engine.run(lora_job([tiny_lora(scale=0.7)]), Recorder(), CancelToken()).result.metadata
         again = self.engine.run(lora_job([tiny_lora(scale=0.7)]), Recorder(), CancelToken()).result.metadata
-        self.assertTrue(first.config_resolved["adapter_switch"])
-        self.assertFalse(again.config_resolved["adapter_switch"])
+        self.assertTrue(first.engine["adapter_switch"])
+        self.assertFalse(again.engine["adapter_switch"])
         self.assertIn("adapters_ms", first.timings)
         self.assertIn(tiny_adapter_name(BASE), self.engine.loaded_adapters()[BASE])
 

@@ -90,9 +90,9 @@ class TextToImageTests(SynchronousTestCase):
         self.assertEqual(outcome.result.metadata.batch_size, 2)
 
     def test_fp16_on_cpu_runs_fp32(self):
-        """fp16 asked of the CPU backend runs in fp32 and says so in config_resolved."""
+        """fp16 asked of the CPU backend runs in fp32 (config_resolved) and says what was asked (engine facts)."""
         report = run(self.engine, sdxl_job(dtype="fp16")).result.metadata
-        self.assertEqual((report.config_resolved["dtype"], report.config_resolved["dtype_requested"]), ("fp32", "fp16"))
+        self.assertEqual((report.config_resolved["dtype"], report.engine["dtype_requested"]), ("fp32", "fp16"))
 
 
 class RefinerTests(SynchronousTestCase):

@@ -181,8 +181,14 @@ class OurGatewayToUpstreamWorker(_Base):
 
     def test_sync_from_hf_cache(self):
         """Sync text2image on an upstream worker that loads the tiny weights from the offline HF cache
-        under upstream's repo ids: a concrete dtype was sent, the path artifact was read here."""
+        under upstream's repo ids: a concrete dtype was sent, the path artifact was read here. The
+        upstream Health says nothing of weights: /v1/models reports them "unknown", not missing."""
         self.start(model_path=False)
+        status, models = up.http_json("GET", f"{self.base}/v1/models")
+        self.assertEqual(status, 200, models)
+        for card in models["data"]:
+            self.assertEqual([(w["worker_id"], w["weights"]) for w in card["on_workers"]], [("up", "unknown")])
+            self.assertEqual(card["weights_found_on"], [])
         status, body = self.generate({"task": "text2image", "model": "sdxl-base-1.0",
                                       "inputs": {"prompt": "a fox"}, "config": TINY})
         self.assertEqual(status, 200, body)

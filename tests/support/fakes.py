@@ -93,6 +93,8 @@ class ControlledWorker:
         self.refused_ids: list[str] = []
         #: LoRA adapters this fake reports loaded ("<model>:<name>")
         self.loaded_adapters: tuple[str, ...] = ()
+        #: the weights this fake's Health reports (None: it does not say, as an upstream worker)
+        self.weights: tuple | None = None
 
     def run(self, job, on_update) -> Deferred:
         if self.closed:
@@ -132,7 +134,7 @@ class ControlledWorker:
             return Deferred.fromCoroutine(_raise(ConnectionError("refused")))
         return succeed(WorkerHealth(ok=True, worker_id=self.worker_id, state="ready", inflight=len(self.calls),
                                     capacity=self.capacity, models=self.models, loaded_models=self.loaded,
-                                    loaded_adapters=self.loaded_adapters, tags=self.tags))
+                                    loaded_adapters=self.loaded_adapters, tags=self.tags, weights=self.weights))
 
     def close(self) -> Deferred:
         self.closed = True

@@ -105,7 +105,7 @@ class DeterminismTests(StubTestCase):
         self.assertGreaterEqual(report.timings["total_ms"], report.timings["decode_ms"])
         self.assertIn("peak_rss_mb", report.memory)
         self.assertEqual(report.config_resolved["dtype"], "fp32")
-        self.assertEqual(report.config_resolved["dtype_requested"], "fp16")
+        self.assertEqual(report.engine["dtype_requested"], "fp16")
         self.assertEqual(report.config_resolved["scheduler"], "euler-discrete")
         self.assertEqual(report.batch_size, 1)
         self.assertEqual(len(report.run_id), 32)

@@ -146,7 +146,7 @@ class HealthRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class HealthResponse(_message.Message):
-    __slots__ = ("ok", "worker_id", "state", "model_loaded", "queue_depth", "inflight", "last_error", "gpu_mem_used_gb", "capacity", "models", "loaded_models", "backend", "tags", "draining", "version", "instance_id", "loaded_adapters", "engine", "store_id")
+    __slots__ = ("ok", "worker_id", "state", "model_loaded", "queue_depth", "inflight", "last_error", "gpu_mem_used_gb", "capacity", "models", "loaded_models", "backend", "tags", "draining", "version", "instance_id", "loaded_adapters", "engine", "weights", "store_id")
     OK_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -165,6 +165,7 @@ class HealthResponse(_message.Message):
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     LOADED_ADAPTERS_FIELD_NUMBER: _ClassVar[int]
     ENGINE_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     STORE_ID_FIELD_NUMBER: _ClassVar[int]
     ok: bool
     worker_id: str
@@ -184,8 +185,29 @@ class HealthResponse(_message.Message):
     instance_id: str
     loaded_adapters: _containers.RepeatedScalarFieldContainer[str]
     engine: JsonMap
+    weights: WeightsReport
     store_id: str
-    def __init__(self, ok: _Optional[bool] = ..., worker_id: _Optional[str] = ..., state: _Optional[str] = ..., model_loaded: _Optional[bool] = ..., queue_depth: _Optional[int] = ..., inflight: _Optional[int] = ..., last_error: _Optional[str] = ..., gpu_mem_used_gb: _Optional[float] = ..., capacity: _Optional[int] = ..., models: _Optional[_Iterable[str]] = ..., loaded_models: _Optional[_Iterable[str]] = ..., backend: _Optional[str] = ..., tags: _Optional[_Iterable[str]] = ..., draining: _Optional[bool] = ..., version: _Optional[str] = ..., instance_id: _Optional[str] = ..., loaded_adapters: _Optional[_Iterable[str]] = ..., engine: _Optional[_Union[JsonMap, _Mapping]] = ..., store_id: _Optional[str] = ...) -> None: ...
+    def __init__(self, ok: _Optional[bool] = ..., worker_id: _Optional[str] = ..., state: _Optional[str] = ..., model_loaded: _Optional[bool] = ..., queue_depth: _Optional[int] = ..., inflight: _Optional[int] = ..., last_error: _Optional[str] = ..., gpu_mem_used_gb: _Optional[float] = ..., capacity: _Optional[int] = ..., models: _Optional[_Iterable[str]] = ..., loaded_models: _Optional[_Iterable[str]] = ..., backend: _Optional[str] = ..., tags: _Optional[_Iterable[str]] = ..., draining: _Optional[bool] = ..., version: _Optional[str] = ..., instance_id: _Optional[str] = ..., loaded_adapters: _Optional[_Iterable[str]] = ..., engine: _Optional[_Union[JsonMap, _Mapping]] = ..., weights: _Optional[_Union[WeightsReport, _Mapping]] = ..., store_id: _Optional[str] = ...) -> None: ...
+
+class ModelWeights(_message.Message):
+    __slots__ = ("model", "found", "where", "source", "required")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    FOUND_FIELD_NUMBER: _ClassVar[int]
+    WHERE_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    REQUIRED_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    found: bool
+    where: str
+    source: str
+    required: bool
+    def __init__(self, model: _Optional[str] = ..., found: _Optional[bool] = ..., where: _Optional[str] = ..., source: _Optional[str] = ..., required: _Optional[bool] = ...) -> None: ...
+
+class WeightsReport(_message.Message):
+    __slots__ = ("models",)
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    models: _containers.RepeatedCompositeFieldContainer[ModelWeights]
+    def __init__(self, models: _Optional[_Iterable[_Union[ModelWeights, _Mapping]]] = ...) -> None: ...
 
 class RunRequest(_message.Message):
     __slots__ = ("request", "job_id", "attempt", "trace_id", "execution_mode", "enqueued_at_ms", "started_at_ms")
