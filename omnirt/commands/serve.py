@@ -29,6 +29,24 @@ def run(args) -> int:
     return code
 
 
+#: the collector's first threshold while serving (CPython's default is 700): a job's objects mostly
+#: die by reference count before a collection looks at them, instead of being walked and promoted
+GC_THRESHOLD0 = 10_000
+
+
+def _tune_gc() -> None:
+    """Once started: move everything made while starting (modules, schemas, routes; ~90k objects
+    that live as long as the process) out of the collector's sight, so a full collection walks
+    only what serving made, and collect the young generation less often. Measured on the async
+    bench (gateway + 1 worker): GC time per run from ~0.6 s to ~0.15 s."""
+    import gc
+
+    gc.collect()
+    gc.freeze()
+    _, second, third = gc.get_threshold()
+    gc.set_threshold(GC_THRESHOLD0, second, third)
+
+
 def run_gateway(config: GatewayConfig) -> int:
     """Start the tree on the global reactor (the one place it is used), run until stopped."""
     from twisted.internet import reactor
@@ -55,6 +73,7 @@ def run_gateway(config: GatewayConfig) -> int:
 
     def begin() -> None:
         service.startService()
+        service.started.addCallback(lambda _: _tune_gc())
         service.started.addErrback(failed)
         reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
 

@@ -367,11 +367,14 @@ class GatewayResource(Resource):
         self.inner = api.app.resource()
         #: requests not yet answered (shutdown waits for them, bounded)
         self.inflight: set = set()
+        #: (route label, status code) -> the http_requests counter child
+        self._counted: dict[tuple[str, int], Any] = {}
 
     def render(self, request):
         path = request.path.decode("latin-1")
         label = route_label(path)
         counter = self.api.metrics.http_requests
+        children = self._counted
 
         trace = self.api.service.dispatcher.tracing.begin_request(
             request.method.decode("latin-1"), path, label,
@@ -380,7 +383,11 @@ class GatewayResource(Resource):
 
         def count(_=None):
             self.inflight.discard(request)
-            counter.labels(route=label, code=str(request.code)).inc()
+            key = (label, request.code)
+            child = children.get(key)
+            if child is None:  # labels() costs more than the increment: one child per route and code
+                child = children[key] = counter.labels(route=label, code=str(request.code))
+            child.inc()
             trace.end(request.code)
 
         self.inflight.add(request)

@@ -35,4 +35,5 @@ class InstrumentedStore:
             finally:
                 latency.observe(time.perf_counter() - started)
 
+        setattr(self, name, timed)  # made once per operation: later lookups find it without __getattr__
         return timed

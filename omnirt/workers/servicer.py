@@ -83,12 +83,19 @@ def final_update(end: RunEnd) -> pb.RunUpdate:
     return final
 
 
-class WorkerServicer(pb_grpc.WorkerServicer):
-    """The gRPC face of ``WorkerCore``. ``heartbeat_s``: a silent Run stream gets a heartbeat this often."""
+#: events this close together (seconds) travel as one message: one gRPC message per window instead
+#: of per event when a job is fast; a progress event waits at most this long, the final none
+COALESCE_S = 0.005
 
-    def __init__(self, core: WorkerCore, heartbeat_s: float = 1.0):
+
+class WorkerServicer(pb_grpc.WorkerServicer):
+    """The gRPC face of ``WorkerCore``. ``heartbeat_s``: a silent Run stream gets a heartbeat this
+    often. ``coalesce_s``: events within this long of the previous message share one message."""
+
+    def __init__(self, core: WorkerCore, heartbeat_s: float = 1.0, coalesce_s: float = COALESCE_S):
         self.core = core
         self.heartbeat_s = heartbeat_s
+        self.coalesce_s = coalesce_s
 
     async def _refuse(self, context: grpc.aio.ServicerContext, exc: Refused) -> None:
         await context.abort(refusal_code(exc), exc.message, trailing_metadata=((REFUSAL_KEY, exc.reason),))
@@ -186,42 +193,53 @@ class WorkerServicer(pb_grpc.WorkerServicer):
     async def updates(self, queue: asyncio.Queue) -> AsyncIterator[pb.RunUpdate]:
         """The job's updates in order, a heartbeat after each ``heartbeat_s`` of silence, then the final one.
 
-        Events that queued up while the previous message was being sent go out together as one
-        ``RunEvents`` message (fewer, larger writes when a job produces events faster than the
-        stream carries them; one event alone still goes as ``RunEvent``).
+        The first event goes out at once; events that come within ``coalesce_s`` of the previous
+        message go out together as one ``RunEvents`` message when that window ends (one event alone
+        still goes as ``RunEvent``): a job that produces events faster than that costs both sides
+        one message per window instead of one per event. The final update is never held back: it
+        flushes what is pending and follows at once.
         """
+        loop = asyncio.get_running_loop()
         getter: asyncio.Future | None = None
+        pending: list[pb.RunEvent] = []
+        sent_at = -float("inf")  # loop time of the last message
         try:
             while True:
-                if getter is None and not queue.empty():  # fast path: no task, no timer
-                    events: list[pb.RunEvent] = []
-                    end: RunEnd | None = None
+                end: RunEnd | None = None
+                if getter is None:  # fast path: no task, no timer (a getter in flight takes the next item)
                     while end is None and not queue.empty():
                         kind, item = queue.get_nowait()
                         if kind == _FINAL:
                             end = item
                         else:
-                            events.append(_event_pb(item))
-                    if len(events) == 1:
-                        yield pb.RunUpdate(event=events[0])
-                    elif events:
-                        yield pb.RunUpdate(events=pb.RunEvents(events=events))
-                    if end is not None:
-                        yield final_update(end)
-                        return
-                    continue
-                if getter is None:
-                    getter = asyncio.ensure_future(queue.get())
-                done, _ = await asyncio.wait((getter,), timeout=self.heartbeat_s)
-                if not done:
-                    yield wire.heartbeat_update()
-                    continue
-                kind, item = getter.result()
-                getter = None
-                if kind == _FINAL:
-                    yield final_update(item)
+                            pending.append(_event_pb(item))
+                if end is None:
+                    window_left = sent_at + self.coalesce_s - loop.time()
+                    if not pending or window_left > 0:
+                        if getter is None:
+                            getter = asyncio.ensure_future(queue.get())
+                        done, _ = await asyncio.wait((getter,), timeout=window_left if pending else self.heartbeat_s)
+                        if done:
+                            kind, item = getter.result()
+                            getter = None
+                            if kind != _FINAL:
+                                pending.append(_event_pb(item))
+                                continue  # more may come within the window
+                            end = item
+                        elif not pending:
+                            yield wire.heartbeat_update()
+                            sent_at = loop.time()
+                            continue
+                        # else the window is over: send what is pending (the getter waits for the next)
+                if len(pending) == 1:
+                    yield pb.RunUpdate(event=pending[0])
+                elif pending:
+                    yield pb.RunUpdate(events=pb.RunEvents(events=pending))
+                pending = []
+                sent_at = loop.time()
+                if end is not None:
+                    yield final_update(end)
                     return
-                yield pb.RunUpdate(event=_event_pb(item))
         finally:
             if getter is not None and not getter.done():
                 getter.cancel()
