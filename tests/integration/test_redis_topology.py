@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
 import time
 from collections import Counter
 from pathlib import Path
@@ -19,7 +20,7 @@ from twisted.web.client import HTTPConnectionPool
 from tests.integration.test_serve import sse_frames, ws_session
 from tests.support.http import json_call
 from tests.support.procs import Proc, free_port, omnirt_argv, start_omnirt
-from tests.support.redis import start_redis
+from tests.support.redis import REDIS_CLI, start_redis
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 
@@ -328,3 +329,38 @@ class ClientGoneTests(RedisTopology):
         self.assertEqual(errors, [])
         self.assertNotIn("Unhandled Error", proc.log())
         self.assertNotIn("Traceback", proc.log())
+
+
+class OneWriterTests(RedisTopology):
+    @inlineCallbacks
+    def test_each_event_is_written_once_by_the_recording_worker(self):
+        """A worker recording to the gateway's own Redis is the one writer of the job's events:
+        across every client of that Redis (watched with MONITOR), each denoise step's event is
+        sent in exactly one command, and the job still streams and ends once, every step in order."""
+        _, wport = self.start_worker("w1", "--redis-url", self.redis.url(db=0))
+        _, a = self.start_gateway([f"w1=127.0.0.1:{wport}"], name="a")
+        log = Path(self.mktemp())
+        with open(log, "wb") as out:
+            watch = subprocess.Popen([REDIS_CLI, "-h", "127.0.0.1", "-p", str(self.redis.port), "monitor"],
+                                     stdout=out, stderr=subprocess.STDOUT)
+            self.addCleanup(lambda: watch.poll() is None and watch.kill())
+            yield sleep(0.3)  # MONITOR is attached before the job exists
+            code, job = yield self.jcall(a, "POST", "/v1/jobs", body(steps=12))
+            self.assertEqual(code, 202, job)
+            records = yield self.wait_terminal(a, [job["id"]])
+            watch.terminate()
+            watch.wait(10)
+        rec = records[job["id"]]
+        self.assertEqual(rec["state"], "succeeded")
+        self.assert_exactly_one_terminal(records)
+        self.assertEqual([e["data"]["step"] for e in rec["events"] if e["event"] == "stage_progress"],
+                         list(range(1, 13)))
+        sent = Counter()
+        for line in log.read_text(errors="replace").splitlines():
+            # a client's command: "<time> [<db> <address>] ..." ("[<db> lua]": run inside a script)
+            if job["id"] not in line or " lua] " in line:
+                continue
+            for step in range(1, 13):  # the event's JSON is a quoted script argument: \"step\":N,
+                if f'\\"step\\":{step},' in line:
+                    sent[step] += 1
+        self.assertEqual(dict(sent), {step: 1 for step in range(1, 13)}, "each step's event in exactly one command")
