@@ -47,7 +47,7 @@ class StubPreviewTests(TestCase):
         self.assertEqual(with_preview, [3, 6, 9])
         picture = Image.open(io.BytesIO(base64.b64decode(progress[2]["preview_b64"])))
         self.assertEqual((picture.format, picture.size), ("JPEG", (256, 128)))
-        self.assertEqual(outcome.result.metadata.config_resolved["previews"], 3)
+        self.assertEqual(outcome.result.metadata.engine["previews"], 3)
         self.assertIn("preview_ms", outcome.result.metadata.timings)
         rec = Recorder()
         engine.run(stub_job(10, preview_every=0), rec, CancelToken())
