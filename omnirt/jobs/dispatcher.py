@@ -185,6 +185,8 @@ class Dispatcher:
         self.cancel_timeout_s = cancel_timeout_s
         self.queue: list[QueuedJob] = []
         self.running: dict[str, RunningJob] = {}
+        #: jobs taken from the queue whose dispatch transition is still on its way to the store
+        self.dispatching: set[str] = set()
         self._pumping = False
         self._pump_again = False
         pool.on_change = self.pump
@@ -221,6 +223,11 @@ class Dispatcher:
             if q.job_id == job_id:
                 return i + 1
         return None
+
+    def holds(self, job_id: str) -> bool:
+        """True while this dispatcher has the job in hand: queued, being dispatched, or running
+        (adoption must never take such a job from its own gateway)."""
+        return job_id in self.running or job_id in self.dispatching or self.queue_position(job_id) is not None
 
     def depth(self) -> int:
         return len(self.queue)
@@ -264,6 +271,7 @@ class Dispatcher:
                 continue
             del self.queue[i]
             self.pool.acquire(entry)
+            self.dispatching.add(q.job_id)
             self.tasks.track(Deferred.fromCoroutine(self._dispatch(q, entry)), "dispatch failed unexpectedly")
 
     # -- one dispatch ------------------------------------------------------------------------
@@ -278,14 +286,17 @@ class Dispatcher:
             dispatched = await self.transitions.dispatch(q.job_id, entry.worker_id, attempt, entry.conn.address,
                                                          reason=self.pool.reason(entry, q.model, q.adapters, q.also))
         except BaseException:
+            self.dispatching.discard(q.job_id)
             self.pool.release(entry)
             raise
         if dispatched is None:  # no longer queued (cancelled meanwhile, or another gateway's)
+            self.dispatching.discard(q.job_id)
             self.pool.release(entry)
             return
         record, trace_context = dispatched
         running = RunningJob(q.job_id, entry, attempt, instance=instance)
         self.running[q.job_id] = running
+        self.dispatching.discard(q.job_id)
         self._gauge()
         trace = self.tracing.job(q.job_id, record)
         observe = self.transitions.observer(record, entry.worker_id, attempt)

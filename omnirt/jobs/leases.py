@@ -112,7 +112,7 @@ class GatewayLease:
             self._fence()
             return
         for job_id, owner, _state in orphans:
-            if job_id in self.dispatcher.running or self.dispatcher.queue_position(job_id) is not None:
+            if self.dispatcher.holds(job_id):  # e.g. a job this process took while its first tick ran
                 continue
             try:
                 if await self.dispatcher.transitions.adopt(job_id, owner, self.gateway_id):
@@ -146,8 +146,7 @@ class GatewayLease:
             return
         now_ms = int(self._clock.seconds() * 1000)
         for job_id, owner, state in mine:
-            if owner != self.gateway_id or state != JobState.queued or job_id in self.dispatcher.running \
-                    or self.dispatcher.queue_position(job_id) is not None:
+            if owner != self.gateway_id or state != JobState.queued or self.dispatcher.holds(job_id):
                 continue
             try:
                 record = await self.store.get(job_id)

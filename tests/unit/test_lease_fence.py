@@ -38,9 +38,13 @@ class LeaseTable:
         self._check()
         return {"gw-a"}
 
+    #: extra orphans offered: (job id, owner, state)
+    also: list = []
+
     async def orphans(self, live, limit=500):
         self._check()
-        return [("j1", "gw-dead", JobState.running)]  # a dead peer's job, always on offer
+        # a dead peer's job, always on offer, and whatever else the owner is not live for
+        return [("j1", "gw-dead", JobState.running), *[o for o in self.also if o[1] not in live]]
 
 
 class Transitions:
@@ -55,17 +59,22 @@ class Transitions:
 class Dispatcher:
     """The dispatcher's side the lease touches: adoption attempts are recorded."""
 
-    running: dict = {}
     pumps = 0
 
     def __init__(self):
         self.transitions = Transitions()
+        #: the jobs this process has in hand (queued, being dispatched or running)
+        self.in_hand: set[str] = set()
 
-    def queue_position(self, job_id):
-        return None
+    def holds(self, job_id):
+        return job_id in self.in_hand
 
     def pump(self):
         self.pumps += 1
+
+
+async def _false():
+    return False
 
 
 class LeaseFenceTests(unittest.TestCase):
@@ -84,6 +93,17 @@ class LeaseFenceTests(unittest.TestCase):
     def tick(self, after_s=1.0):
         self.clock.advance(after_s)
         return ensureDeferred(self.lease.tick())
+
+    def test_first_tick_leaves_jobs_this_process_holds(self):
+        """The first tick treats jobs under this gateway's own id as a previous process's (a
+        restart with the same --gateway-id), except the ones this process already has in hand:
+        a job it took from its queue while that tick ran is never adopted from itself."""
+        self.store.also = [("mine-now", "gw-a", JobState.running), ("mine-before", "gw-a", JobState.running)]
+        self.dispatcher.in_hand.add("mine-now")
+        adopted = []
+        self.dispatcher.transitions.adopt = lambda job_id, owner, new_owner: adopted.append(job_id) or _false()
+        self.tick()
+        self.assertEqual(sorted(adopted), ["j1", "mine-before"])
 
     def test_no_adoption_for_a_ttl_after_an_unreachable_store(self):
         """After a tick that could not reach the store, a dead peer's job is not adopted until a
