@@ -6,7 +6,8 @@ the spread is measured by the lean raw-socket client (``omnirt.bench.rawsse``) i
 
 Write paths: ``request`` (``request.write(frame)`` per subscriber: Twisted frames the chunk and
 buffers it until the next reactor turn), ``chunk`` (the chunk framed once per event, the same
-bytes written to each transport), ``direct`` (the same bytes handed to the socket at once when
+bytes written to each transport), ``socket`` (a bare ``socket.send`` of those bytes per subscriber:
+the floor, not a write path to use), ``direct`` (the same bytes handed to the socket at once when
 nothing is buffered: ``omnirt.gateway.sse.SseWriter``). Prints, per path, the server's fan-out loop
 time per event (p50/p99) and the arrival spread across subscribers (p50/p99), with each path's
 ratio to ``request`` in the same run.
@@ -75,6 +76,10 @@ def server(mode: str, n: int, events: int, interval_s: float) -> dict:
             chunk = b"%x\r\n%s\r\n" % (len(frame), frame)
             for request, _ in held:
                 request.channel.transport.write(chunk)
+        elif mode == "socket":
+            chunk = SseWriter.frame(frame)
+            for request, _ in held:
+                request.channel.transport.socket.send(chunk)
         else:
             chunk = SseWriter.frame(frame)
             for _, writer in held:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.task import LoopingCall
+from twisted.internet.tcp import Connection
 
 from omnirt.contract import JobEvent
 from omnirt.gateway.edge import parse_int_arg
@@ -46,10 +47,13 @@ class SseWriter:
     non-TCP transport, bytes still buffered, a partial send) goes through Twisted's buffered
     write, in order. ``request.sentLength`` is kept as ``request.write`` keeps it."""
 
-    __slots__ = ("request",)
+    __slots__ = ("request", "_tcp", "_checked")
 
     def __init__(self, request):
         self.request = request
+        #: the connection's TCP transport when it is one (checked once), else None
+        self._tcp: Connection | None = None
+        self._checked = False
 
     @staticmethod
     def frame(payload: bytes) -> bytes:
@@ -69,17 +73,22 @@ class SseWriter:
 
     def write_chunk(self, chunk: bytes) -> None:
         """``chunk`` (already framed) to the connection, now if the socket takes it."""
-        transport = self.request.channel.transport
-        send = getattr(transport, "writeSomeData", None)
-        if (send is not None and getattr(transport, "connected", False) and not transport.disconnecting
-                and getattr(transport, "_tempDataLen", 1) == 0
-                and len(getattr(transport, "dataBuffer", b"x")) == getattr(transport, "offset", -1)):
-            sent = send(chunk)
+        if not self._checked:
+            transport = self.request.channel.transport
+            self._tcp = transport if isinstance(transport, Connection) else None
+            self._checked = True
+        tcp = self._tcp
+        if tcp is None:
+            self.request.channel.transport.write(chunk)
+            return
+        # nothing buffered (FileDescriptor's two buffers empty) and still open: send now
+        if not tcp._tempDataLen and tcp.offset == len(tcp.dataBuffer) and tcp.connected and not tcp.disconnecting:
+            sent = tcp.writeSomeData(chunk)
             if isinstance(sent, int) and sent > 0:
                 if sent == len(chunk):
                     return
                 chunk = chunk[sent:]
-        transport.write(chunk)
+        tcp.write(chunk)
 
 
 async def stream_events(service, reactor, request, job_id: str, after: int, keepalive_s: float, *,
