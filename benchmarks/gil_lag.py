@@ -71,6 +71,7 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=4.0)
     parser.add_argument("--switch-ms", default="5,1,0.5")
     parser.add_argument("--nice", type=int, default=10, help="the engine's nice value in the niced variants")
+    parser.add_argument("--threads-only", action="store_true", help="only the in-thread variants of --switch-ms")
     opts = parser.parse_args()
     from omnirt.bench.stats import summarize
 
@@ -85,7 +86,8 @@ def main() -> int:
               f"(load {os.getloadavg()[0]:.1f})", flush=True)
 
     variants = [("thread", float(ms), 0) for ms in opts.switch_ms.split(",")]
-    variants += [("thread", 5.0, opts.nice), ("process", 5.0, 0), ("process", 5.0, opts.nice)]
+    if not opts.threads_only:
+        variants += [("thread", 5.0, opts.nice), ("process", 5.0, 0), ("process", 5.0, opts.nice)]
     for where, switch_ms, nice in variants:
         sys.setswitchinterval(switch_ms / 1000.0)
         base = summarize(lags(opts.seconds / 2))
@@ -109,7 +111,7 @@ def main() -> int:
             jobs = -1
             stop.set()
             p.join(timeout=30)
-        label = f"engine in a {where}, switch interval {switch_ms:g} ms" + (f", nice {nice}" if nice else "")
+        label = f"{len(results) - 1}. engine in a {where}, switch interval {switch_ms:g} ms" + (f", nice {nice}" if nice else "")
         line(label, base, loaded, jobs)
     print(json.dumps(results))
     return 0

@@ -1,7 +1,8 @@
 """/healthz latency while tiny-SDXL jobs run: the reactor's responsiveness when the engine shares
-the gateway's process (single-process ``omnirt serve --backend cpu``, with the GIL switch interval
-it sets by default, 1 ms, and with Python's 5 ms as before) vs when it runs in a worker process
-(gateway + 1 ``omnirt worker``), each against its own idle /healthz in the same run.
+the gateway's process (single-process ``omnirt serve --backend cpu``) vs when it runs in a worker
+process (gateway + 1 ``omnirt worker``), and in a worker process at a lower CPU priority
+(``nice -n 10``, the lever a supervised local worker would use), each against its own idle
+/healthz in the same run.
 
     .venv/bin/python -m benchmarks.healthz [--seconds 8] [--interval-ms 10] [--jobs-concurrency 2]
                                            [--only LABEL,...]
@@ -29,11 +30,11 @@ from pathlib import Path
 from benchmarks.harness import ROOT, Children, free_port, http_json, wait_listening
 from benchmarks.topologies.tiny import TINY_ENV, tiny_body
 
-#: label -> extra ``omnirt serve`` flags
-TOPOLOGIES = {
-    "single process": [],
-    "single process, GIL switch 5 ms": ["--gil-switch-interval-ms", "5"],
+#: label -> the command prefix of its worker (None: the engine runs in the gateway)
+TOPOLOGIES: dict[str, list[str] | None] = {
+    "single process": None,
     "gateway + 1 worker": [],
+    "gateway + 1 worker at nice 10": ["nice", "-n", "10"],
 }
 
 
@@ -109,13 +110,14 @@ def main() -> int:
         for label in labels:
             port = free_port()
             argv = [*py, "serve", "--host", "127.0.0.1", "--port", str(port), "--backend", "cpu",
-                    "--artifact-dir", str(tmp / f"artifacts-{port}"), *TOPOLOGIES[label]]
+                    "--artifact-dir", str(tmp / f"artifacts-{port}")]
             started = []
-            if label.startswith("single process"):
+            prefix = TOPOLOGIES[label]
+            if prefix is None:
                 argv += ["--model-path", model]
             else:
                 wport = free_port()
-                worker = children.start(f"worker-{wport}", [*py, "worker", "--host", "127.0.0.1", "--port", str(wport),
+                worker = children.start(f"worker-{wport}", [*prefix, *py, "worker", "--host", "127.0.0.1", "--port", str(wport),
                                                             "--worker-id", "w1", "--backend", "cpu", "--model-path",
                                                             model], TINY_ENV)
                 wait_listening(children, f"worker-{wport}", worker, wport)

@@ -34,13 +34,8 @@ def run_gateway(config: GatewayConfig) -> int:
     from twisted.internet import reactor
     from twisted.python import log
 
-    from omnirt.config.serve import gil_switch_interval_s
     from omnirt.service import StartupError, make_gateway_service
     from omnirt.telemetry.logging import install_logging
-
-    interval = gil_switch_interval_s(config)
-    if interval is not None:
-        sys.setswitchinterval(interval)  # process-wide: set here, never by the service factory
 
     try:
         service = make_gateway_service(config, reactor)

@@ -29,10 +29,6 @@ def add_arguments(p) -> None:
     p.add_argument("--backend", default="auto", choices=["auto", "cuda", "ascend", "cpu", "cpu-stub"],
                    help="default backend for requests that say auto")
     p.add_argument("--max-concurrency", type=int, default=1, help="jobs the in-process engine runs at once")
-    p.add_argument("--gil-switch-interval-ms", type=float, default=None, metavar="MS",
-                   help="Python's GIL switch interval in this process (default: 1 when the in-process engine "
-                        "runs a torch backend, so its Python code between torch ops cannot hold the reactor "
-                        "off the GIL for Python's usual 5 ms; otherwise Python's own)")
     p.add_argument("--pipeline-cache-size", type=int, default=4)
     from omnirt.config.engine import add_engine_arguments
 
@@ -142,8 +138,6 @@ class GatewayConfig:
     health_interval_s: float = 2.0
     health_failure_threshold: int = 2
     keepalive_s: float = 15.0
-    #: --gil-switch-interval-ms (None: ``gil_switch_interval_s`` decides)
-    gil_switch_interval_ms: float | None = None
     worker_idle_timeout_s: float = 10.0
     #: redis://, rediss:// or redis+sentinel:// (``--redis-sentinel``/``--redis-master-name`` folded in)
     redis_url: str | None = None
@@ -222,7 +216,6 @@ class GatewayConfig:
             max_attempts=args.max_attempts,
             health_interval_s=args.health_interval_s, health_failure_threshold=args.health_failure_threshold,
             keepalive_s=args.keepalive_s, worker_idle_timeout_s=args.worker_idle_timeout_s,
-            gil_switch_interval_ms=args.gil_switch_interval_ms,
             redis_url=redis["url"], redis_namespace=args.redis_namespace,
             redis_min_replicas=redis["min_replicas"], redis_wait_timeout_s=redis["wait_timeout_s"],
             gateway_id=args.gateway_id or default_gateway_id(args.port), lease_ttl_s=args.lease_ttl_s,
@@ -243,8 +236,6 @@ def _check_numbers(args) -> None:
                  "health_failure_threshold"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
-    if args.gil_switch_interval_ms is not None and not 0 < args.gil_switch_interval_ms <= 1000:
-        raise ConfigError("--gil-switch-interval-ms must be within (0, 1000]")
     if args.rate_limit is not None and args.rate_limit <= 0:
         raise ConfigError("--rate-limit must be positive")
     if args.max_jobs_per_key is not None and args.max_jobs_per_key < 1:
@@ -254,21 +245,6 @@ def _check_numbers(args) -> None:
     if args.job_store_max_bytes is not None and (args.job_store_max_bytes < 0 or args.redis_url):
         raise ConfigError("--job-store-max-bytes must be >= 0 and bounds the memory store "
                           "(not --redis-url: Redis's maxmemory does)")
-
-
-#: the GIL switch interval of a gateway whose in-process engine runs torch (Python's default: 5 ms)
-ENGINE_GIL_SWITCH_INTERVAL_MS = 1.0
-
-
-def gil_switch_interval_s(config: GatewayConfig) -> float | None:
-    """The switch interval ``omnirt serve`` sets (seconds), or None to leave Python's. Measured by
-    ``benchmarks.gil_lag``: with the tiny SDXL running in a thread, the reactor thread's wake-up lag
-    p99 was 2.7x its no-engine value at 5 ms and 1.0x at 1 ms."""
-    if config.gil_switch_interval_ms is not None:
-        return config.gil_switch_interval_ms / 1000.0
-    if config.local_worker and config.backend != "cpu-stub":
-        return ENGINE_GIL_SWITCH_INTERVAL_MS / 1000.0
-    return None
 
 
 def _job_store_max_bytes(args) -> int | None:

@@ -43,22 +43,6 @@ class GatewayConfigTests(unittest.TestCase):
                 parse(*argv)
             self.assertIn(words, str(caught.exception))
 
-    def test_gil_switch_interval(self):
-        """An in-process torch engine gets a 1 ms GIL switch interval unless told otherwise; cpu-stub
-        or remote workers only leave Python's own; the flag wins; out of range is refused."""
-        from omnirt.config.serve import gil_switch_interval_s
-
-        self.assertEqual(gil_switch_interval_s(parse("--backend", "cpu")), 0.001)
-        self.assertEqual(gil_switch_interval_s(parse()), 0.001)  # auto may resolve to torch
-        self.assertIsNone(gil_switch_interval_s(parse("--backend", "cpu-stub")))
-        self.assertIsNone(gil_switch_interval_s(parse("--remote-worker", "w1=127.0.0.1:9")))
-        self.assertEqual(gil_switch_interval_s(parse("--backend", "cpu-stub", "--gil-switch-interval-ms", "2.5")),
-                         0.0025)
-        for bad in ("0", "-1", "5000"):
-            with self.assertRaises(ConfigError) as caught:
-                parse("--gil-switch-interval-ms", bad)
-            self.assertIn("--gil-switch-interval-ms must be within (0, 1000]", str(caught.exception))
-
     def test_webhook_flags_become_settings(self):
         """The --webhook-* flags land in ``config.webhooks``; a bad one is a ConfigError (one line)
         naming the flag."""
