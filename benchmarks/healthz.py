@@ -1,8 +1,11 @@
 """/healthz latency while tiny-SDXL jobs run: the reactor's responsiveness when the engine shares
 the gateway's process (single-process ``omnirt serve --backend cpu``) vs when it runs in a worker
-process (gateway + 1 ``omnirt worker``), each against its own idle /healthz in the same run.
+process (gateway + 1 ``omnirt worker``), and in a worker process at a lower CPU priority
+(``nice -n 10``, the lever a supervised local worker would use), each against its own idle
+/healthz in the same run.
 
     .venv/bin/python -m benchmarks.healthz [--seconds 8] [--interval-ms 10] [--jobs-concurrency 2]
+                                           [--only LABEL,...]
 
 Builds the tiny offline SDXL weights (``omnirt models make-tiny``, cached under .omnirt/), then
 per topology: /healthz every ``--interval-ms`` for ``--seconds`` with no job (the baseline), then
@@ -16,6 +19,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -25,6 +29,13 @@ from pathlib import Path
 
 from benchmarks.harness import ROOT, Children, free_port, http_json, wait_listening
 from benchmarks.topologies.tiny import TINY_ENV, tiny_body
+
+#: label -> the command prefix of its worker (None: the engine runs in the gateway)
+TOPOLOGIES: dict[str, list[str] | None] = {
+    "single process": None,
+    "gateway + 1 worker": [],
+    "gateway + 1 worker at nice 10": ["nice", "-n", "10"],
+}
 
 
 def healthz_for(port: int, seconds: float, interval_s: float) -> list[float]:
@@ -81,7 +92,12 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--interval-ms", type=float, default=10.0)
     parser.add_argument("--jobs-concurrency", type=int, default=2)
+    parser.add_argument("--only", default=None, help=f"comma list of topologies ({', '.join(TOPOLOGIES)})")
     opts = parser.parse_args()
+    labels = list(TOPOLOGIES) if not opts.only else [x.strip() for x in opts.only.split(",")]
+    unknown = [x for x in labels if x not in TOPOLOGIES]
+    if unknown:
+        parser.error(f"--only: unknown topology {', '.join(unknown)} (known: {', '.join(TOPOLOGIES)})")
     weights = ROOT / ".omnirt" / "bench-tiny"
     py = [sys.executable, "-m", "omnirt"]
     subprocess.run([*py, "models", "make-tiny", str(weights)], check=True, capture_output=True, cwd=str(ROOT),
@@ -91,16 +107,17 @@ def main() -> int:
     children = Children(tmp)
     results = {}
     try:
-        for label in ("single process", "gateway + 1 worker"):
+        for label in labels:
             port = free_port()
             argv = [*py, "serve", "--host", "127.0.0.1", "--port", str(port), "--backend", "cpu",
                     "--artifact-dir", str(tmp / f"artifacts-{port}")]
             started = []
-            if label == "single process":
+            prefix = TOPOLOGIES[label]
+            if prefix is None:
                 argv += ["--model-path", model]
             else:
                 wport = free_port()
-                worker = children.start(f"worker-{wport}", [*py, "worker", "--host", "127.0.0.1", "--port", str(wport),
+                worker = children.start(f"worker-{wport}", [*prefix, *py, "worker", "--host", "127.0.0.1", "--port", str(wport),
                                                             "--worker-id", "w1", "--backend", "cpu", "--model-path",
                                                             model], TINY_ENV)
                 wait_listening(children, f"worker-{wport}", worker, wport)
@@ -109,7 +126,7 @@ def main() -> int:
             gateway = children.start(f"gateway-{port}", argv, TINY_ENV)
             wait_listening(children, f"gateway-{port}", gateway, port)
             results[label] = r = measure(port, opts.seconds, opts.interval_ms / 1000, opts.jobs_concurrency)
-            print(f"{label}: /healthz idle p50 {r['idle']['p50_ms']} ms p99 {r['idle']['p99_ms']} ms; during "
+            print(f"{label} (load {os.getloadavg()[0]:.1f}): /healthz idle p50 {r['idle']['p50_ms']} ms p99 {r['idle']['p99_ms']} ms; during "
                   f"{r['jobs']} tiny-SDXL jobs (c={opts.jobs_concurrency}) p50 {r['loaded']['p50_ms']} ms p99 "
                   f"{r['loaded']['p99_ms']} ms max {r['loaded']['max_ms']} ms; loaded/idle p99 "
                   f"{r['loaded']['p99_ms'] / max(0.01, r['idle']['p99_ms']):.1f}x"

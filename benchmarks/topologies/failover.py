@@ -93,6 +93,11 @@ def measure_failover(run: Run) -> dict:
 
 
 def measure_fanout(run: Run) -> dict | None:
+    """Two gateways on one Redis; the figure comes from the lean raw-socket client
+    (``omnirt.bench.rawsse``: several processes, recv + a monotonic timestamp per readable
+    socket, parsing after the run), so it measures the servers' delivery, not the client. The same
+    gateways are then measured once more with the treq client (``treq_client``): the gap between
+    the two is what a one-reactor Python client adds by itself."""
     s = run.sizes
     assert run.redis is not None
     say(f"SSE fan-out: 2 gateways on one Redis, {2 * s.sse_subscribers} subscribers")
@@ -104,24 +109,39 @@ def measure_fanout(run: Run) -> dict | None:
                       "--redis-namespace", "bench-fanout", "--gateway-id", f"fanout-{name}")
         gw = Proc(f"fanout-{name}", port, argv, run.children.start(f"fanout-{name}", argv))
         gateways.append(gw)
+
+    def child(phase: str) -> dict | None:
+        argv = [sys.executable, str(SCRIPT), "--phase", phase, "--url-a", f"http://127.0.0.1:{gateways[0].port}",
+                "--url-b", f"http://127.0.0.1:{gateways[1].port}", "--subscribers", str(s.sse_subscribers),
+                "--rounds", str(s.sse_rounds)]
+        run.tool_commands.append(argv)
+        try:
+            out = subprocess.run(argv, capture_output=True, text=True, cwd=str(ROOT), timeout=40 + 30 * s.sse_rounds)
+        except subprocess.TimeoutExpired:
+            run.notes.append(f"SSE fan-out ({phase}): the measuring child did not finish in time")
+            return None
+        if out.returncode != 0 or not out.stdout.strip():
+            run.notes.append(f"SSE fan-out ({phase}) failed ({out.returncode}): {out.stderr.strip()[-1500:]}")
+            return None
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
     try:
         for gw in gateways:
             wait_listening(run.children, gw.name, gw.proc, gw.port)
             wait_ready(run, gw, 0)
-        argv = [sys.executable, str(SCRIPT), "--phase", "sse-fanout", "--url-a", f"http://127.0.0.1:{gateways[0].port}",
-                "--url-b", f"http://127.0.0.1:{gateways[1].port}", "--subscribers", str(s.sse_subscribers),
-                "--rounds", str(s.sse_rounds)]
-        run.tool_commands.append(argv)
-        out = subprocess.run(argv, capture_output=True, text=True, cwd=str(ROOT), timeout=40 + 30 * s.sse_rounds)
-        if out.returncode != 0 or not out.stdout.strip():
-            run.notes.append(f"SSE fan-out failed ({out.returncode}): {out.stderr.strip()[-1500:]}")
+        result = child("sse-fanout")
+        if result is None:
             return None
-        result = json.loads(out.stdout.strip().splitlines()[-1])
+        if run.left() > 40:
+            treq = child("sse-fanout-treq")
+            if treq is not None:
+                result["treq_client"] = {k: treq[k] for k in ("spread_ms", "spread_a_ms", "spread_b_ms",
+                                                             "client_busy_share", "events_measured")
+                                         if k in treq}
         result["commands"] = [g.argv for g in gateways]
+        say(f"SSE fan-out: spread {result['spread_ms']}; client busy {result.get('client_busy_share')}"
+            + (f"; treq client spread {result['treq_client']['spread_ms']}" if "treq_client" in result else ""))
         return result
-    except subprocess.TimeoutExpired:
-        run.notes.append("SSE fan-out: the measuring child did not finish in time")
-        return None
     finally:
         for gw in gateways:
             run.children.stop(gw.proc)
@@ -129,17 +149,193 @@ def measure_fanout(run: Run) -> dict | None:
             check_log(run, gw.name)
 
 
-def phase_sse_fanout(opts) -> dict:
-    """Child process: one reactor, ``subscribers`` SSE streams on each gateway for one job
-    submitted on A. A blocker job on A (max concurrency 1) holds the measured job in the queue
-    until every subscriber is attached, so all its events after job_enqueued are delivered live."""
+def _raise_nofile(subscribers: int) -> None:
     import resource
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    wanted = 4 * opts.subscribers + 256
+    wanted = 4 * subscribers + 256
     if soft != resource.RLIM_INFINITY and soft < wanted:
         resource.setrlimit(resource.RLIMIT_NOFILE, (min(wanted, hard) if hard != resource.RLIM_INFINITY else wanted,
                                                     hard))
+
+
+def _fanout_body(steps: int, delay: float) -> dict:
+    return json.loads(build_bodies(backend="cpu-stub", steps=steps, step_delay_ms=delay).encoded("quick"))
+
+
+def _round_figures(arrivals: list[dict[int, float]], names: dict[int, str], n: int, live_from: float) -> dict:
+    """Spreads of one round: ``arrivals[i][seq]`` per subscriber, the first ``n`` on gateway A."""
+    from omnirt.bench.stats import delivery_spread
+
+    spread_all = delivery_spread(dict(enumerate(arrivals)), live_from)
+    spread_a = delivery_spread(dict(enumerate(arrivals[:n])), live_from)
+    spread_b = delivery_spread(dict(enumerate(arrivals[n:])), live_from)
+    lag = []
+    progress_spreads = []
+    for seq in sorted(names):
+        a_times = [arr[seq] for arr in arrivals[:n] if seq in arr]
+        b_times = [arr[seq] for arr in arrivals[n:] if seq in arr]
+        if a_times and b_times and min(a_times + b_times) > live_from:
+            lag.append((statistics.median(b_times) - statistics.median(a_times)) * 1000.0)
+            if names[seq] == "stage_progress" and len(a_times) + len(b_times) == len(arrivals):
+                every = a_times + b_times
+                progress_spreads.append((max(every) - min(every)) * 1000.0)
+    return {
+        "progress_events": sum(1 for v in names.values() if v == "stage_progress"),
+        "spreads_ms": spread_all.spreads_ms, "replayed": spread_all.replayed, "missing": spread_all.missing,
+        "spreads_a_ms": spread_a.spreads_ms, "spreads_b_ms": spread_b.spreads_ms,
+        "progress_spreads_ms": progress_spreads, "b_minus_a_ms": lag,
+    }
+
+
+def _merge_rounds(rounds: list[dict], n: int) -> dict:
+    from omnirt.bench.stats import summarize
+
+    def merged(key: str) -> list[float]:
+        return [v for r in rounds for v in r[key]]
+
+    busy = [r["client_busy_share"] for r in rounds if "client_busy_share" in r]
+    return {
+        "subscribers": 2 * n, "per_gateway": n, "rounds": len(rounds),
+        "spread_ms": summarize(merged("spreads_ms")),
+        "spread_a_ms": summarize(merged("spreads_a_ms")),
+        "spread_b_ms": summarize(merged("spreads_b_ms")),
+        "progress_spread_ms": summarize(merged("progress_spreads_ms")),
+        "b_minus_a_ms": summarize(merged("b_minus_a_ms")),
+        "missing_terminal": sum(r["missing_terminal"] for r in rounds),
+        "missing_deliveries": sum(r["missing"] for r in rounds),
+        "replayed_events": sum(r["replayed"] for r in rounds),
+        "events_measured": len(merged("spreads_ms")),
+        "client_busy_share": round(max(busy), 3) if busy else None,
+        "details": [{k: v for k, v in r.items() if not k.endswith("_ms")} for r in rounds],
+    }
+
+
+def _follow(conn, targets: list[tuple[str, int]], path: str, attach_until: float) -> None:
+    """One measuring process: attach every stream, say so, read to the end, send the arrivals."""
+    from omnirt.bench.rawsse import Follower, arrivals
+
+    follower = Follower(targets, path)
+    try:
+        follower.connect()
+        follower.run(attach_until, stop_when=lambda: follower.attached() == len(targets))
+        conn.send(("attached", follower.attached(), time.monotonic()))
+        begun, busy0 = time.monotonic(), follower.busy_s
+        follower.run(time.monotonic() + 60)
+        elapsed = time.monotonic() - begun
+        out = []
+        for stream in follower.streams:
+            parsed = arrivals(stream.chunks)
+            out.append((parsed.status, parsed.at, parsed.names, parsed.terminal, stream.error))
+        conn.send(("done", out, (follower.busy_s - busy0) / max(elapsed, 1e-9)))
+    except Exception as exc:  # noqa: BLE001 - reported to the parent, which fails the phase
+        conn.send(("error", repr(exc), 0.0))
+    finally:
+        follower.close()
+        conn.close()
+
+
+def phase_sse_fanout(opts) -> dict:
+    """Child process: ``subscribers`` SSE streams on each gateway for one job submitted on A,
+    followed by the lean raw-socket client (``omnirt.bench.rawsse``) in ``FANOUT_PROCS`` processes,
+    each holding an equal share of A's and B's streams; arrival times are ``time.monotonic()``
+    (one clock for all processes on Linux) taken at ``recv`` and the frames are parsed after the
+    job ended, so the spread measures the gateways' delivery, not the client's parsing (each
+    process also reports ``client_busy_share``, its loop's time outside ``select``). A blocker job
+    on A (max concurrency 1) holds the measured job in the queue until every subscriber is
+    attached, so all its events after job_enqueued are delivered live."""
+    import multiprocessing
+    from urllib.parse import urlsplit
+
+    from benchmarks.harness import http_json
+
+    _raise_nofile(opts.subscribers)
+    n = opts.subscribers
+    a, b = urlsplit(opts.url_a), urlsplit(opts.url_b)
+    port_a, port_b = a.port or 80, b.port or 80
+    procs = max(1, min(FANOUT_PROCS, n))
+    ctx = multiprocessing.get_context("fork")
+
+    def submit(body: dict) -> str:
+        status, reply = http_json(port_a, "POST", "/v1/jobs", body, timeout=30)
+        if status != 202:
+            raise RuntimeError(f"submit answered {status}: {json.dumps(reply)[:300]}")
+        return reply["id"]
+
+    def one_round() -> dict:
+        blocker = submit(_fanout_body(200, 100))  # 20 s at most; cancelled once all are attached
+        job = submit(_fanout_body(20, 50))
+        targets = [("127.0.0.1", port_a)] * n + [("127.0.0.1", port_b)] * n
+        # subscriber i (0..2n-1) goes to process i % procs: each holds a share of A and of B
+        shares = [[i for i in range(2 * n) if i % procs == k] for k in range(procs)]
+        t0 = time.monotonic()
+        pipes, children = [], []
+        for share in shares:
+            parent_end, child_end = ctx.Pipe()
+            p = ctx.Process(target=_follow, args=(child_end, [targets[i] for i in share],
+                                                  f"/v1/jobs/{job}/events", t0 + 30), daemon=True)
+            p.start()
+            child_end.close()
+            pipes.append(parent_end)
+            children.append(p)
+        try:
+            attached = 0
+            for pipe in pipes:
+                if not pipe.poll(35):
+                    raise RuntimeError("a measuring process never reported its streams attached")
+                kind, count, _ = pipe.recv()
+                if kind == "error":
+                    raise RuntimeError(f"a measuring process failed: {count}")
+                attached += count
+            live_from = time.monotonic()
+            status, _ = http_json(port_a, "DELETE", f"/v1/jobs/{blocker}", timeout=30)
+            per_sub: list = [None] * (2 * n)
+            busy = []
+            for share, pipe in zip(shares, pipes, strict=True):
+                if not pipe.poll(70):
+                    raise RuntimeError("a measuring process never sent its arrivals")
+                kind, out, share_busy = pipe.recv()
+                if kind == "error":
+                    raise RuntimeError(f"a measuring process failed: {out}")
+                busy.append(share_busy)
+                for i, item in zip(share, out, strict=True):
+                    per_sub[i] = item
+        finally:
+            for p in children:
+                p.join(timeout=5)
+                if p.is_alive():
+                    p.kill()
+        arrivals = [item[1] for item in per_sub]
+        names: dict[int, str] = {}
+        for item in per_sub:
+            for seq, name in item[2].items():
+                names.setdefault(seq, name)
+        terminal = [item[3] for item in per_sub if item[3]]
+        figures = _round_figures(arrivals, names, n, live_from)
+        return {
+            "attached_all": attached == 2 * n, "attach_s": round(live_from - t0, 3),
+            "blocker_delete_status": status, "client_processes": procs,
+            "streams_ok": sum(1 for item in per_sub if item[0] == 200),
+            "streams_failed": sum(1 for item in per_sub if item[0] != 200),
+            "statuses": sorted({item[0] for item in per_sub}),
+            "stream_errors": sorted({item[4] for item in per_sub if item[4]}),
+            "missing_terminal": 2 * n - len(terminal), "terminal_events": sorted(set(terminal)),
+            "client_busy_share": max(busy), **figures,
+        }
+
+    rounds = [one_round() for _ in range(opts.rounds)]
+    return _merge_rounds(rounds, n)
+
+
+#: processes the lean fan-out client spreads its streams over
+FANOUT_PROCS = 2
+
+
+def phase_sse_fanout_treq(opts) -> dict:
+    """Child process: the same round with ``omnirt.bench.client.BenchClient`` (treq, one reactor
+    parsing every stream as it arrives), kept to show what such a client adds to the spread:
+    ``client_busy_share`` is the share of the live part spent in its ``dataReceived``."""
+    _raise_nofile(opts.subscribers)
     from twisted.internet import asyncioreactor
 
     asyncioreactor.install()
@@ -147,23 +343,19 @@ def phase_sse_fanout(opts) -> dict:
     from twisted.internet.defer import Deferred, DeferredList
 
     from omnirt.bench.client import BenchClient
-    from omnirt.bench.stats import delivery_spread, summarize
 
     n = opts.subscribers
     result: dict = {}
 
-    def body(steps: int, delay: float) -> bytes:
-        return build_bodies(backend="cpu-stub", steps=steps, step_delay_ms=delay).encoded("quick")
-
-    async def submit(client, data: bytes) -> str:
-        reply = await client.request("POST", "/v1/jobs", data, timeout=30)
+    async def submit(client, body: dict) -> str:
+        reply = await client.request("POST", "/v1/jobs", json.dumps(body).encode(), timeout=30)
         if reply.status != 202:
             raise RuntimeError(f"submit answered {reply.status}: {reply.body[:300]!r}")
         return json.loads(reply.body)["id"]
 
     async def one_round(a, b) -> dict:
-        blocker = await submit(a, body(200, 100))  # 20 s at most; cancelled once all are attached
-        job = await submit(a, body(20, 50))
+        blocker = await submit(a, _fanout_body(200, 100))
+        job = await submit(a, _fanout_body(20, 50))
         attached = {"n": 0}
         all_attached: Deferred = Deferred()
 
@@ -186,11 +378,13 @@ def phase_sse_fanout(opts) -> dict:
         if timer.active():
             timer.cancel()
         live_from = a.now()
+        busy0 = a.busy_s + b.busy_s
         reply = await a.request("DELETE", f"/v1/jobs/{blocker}", timeout=30)
         stop = reactor.callLater(60, lambda: [c.cancel() for c in calls])
         results = await DeferredList(calls, consumeErrors=True)
         if stop.active():
             stop.cancel()
+        live_s = a.now() - live_from
         streams = [value for ok, value in results if ok]
         failed = len(results) - len(streams)
         arrivals = [{m.message.seq: m.at for m in reversed(st.events) if m.message.seq is not None}
@@ -200,59 +394,28 @@ def phase_sse_fanout(opts) -> dict:
             for m in st.events:
                 if m.message.seq is not None:
                     names.setdefault(m.message.seq, m.message.event)
-        spread_all = delivery_spread(dict(enumerate(arrivals)), live_from)
-        spread_a = delivery_spread(dict(enumerate(arrivals[:n])), live_from)
-        spread_b = delivery_spread(dict(enumerate(arrivals[n:])), live_from)
-        lag = []
-        progress_spreads = []
-        for seq in sorted(names):
-            a_times = [arr[seq] for arr in arrivals[:n] if seq in arr]
-            b_times = [arr[seq] for arr in arrivals[n:] if seq in arr]
-            if a_times and b_times and min(a_times + b_times) > live_from:
-                lag.append((statistics.median(b_times) - statistics.median(a_times)) * 1000.0)
-                if names[seq] == "stage_progress" and len(a_times) + len(b_times) == len(arrivals):
-                    every = a_times + b_times
-                    progress_spreads.append((max(every) - min(every)) * 1000.0)
         terminal = [st.terminal.message.event for st in streams if st.terminal is not None]
         return {
             "attached_all": bool(complete), "attach_s": round(live_from - t0, 3),
             "blocker_delete_status": reply.status,
             "streams_ok": sum(1 for st in streams if st.status == 200), "streams_failed": failed,
+            "statuses": sorted({st.status for st in streams}),
             "stream_errors": sorted({st.error for st in streams if st.error}),
-            "missing_terminal": 2 * n - len(terminal),
-            "terminal_events": sorted(set(terminal)),
-            "progress_events": sum(1 for v in names.values() if v == "stage_progress"),
-            "spreads_ms": spread_all.spreads_ms, "replayed": spread_all.replayed, "missing": spread_all.missing,
-            "spreads_a_ms": spread_a.spreads_ms, "spreads_b_ms": spread_b.spreads_ms,
-            "progress_spreads_ms": progress_spreads, "b_minus_a_ms": lag,
+            "missing_terminal": 2 * n - len(terminal), "terminal_events": sorted(set(terminal)),
+            "client_busy_share": round((a.busy_s + b.busy_s - busy0) / max(live_s, 1e-9), 3),
+            **_round_figures(arrivals, names, n, live_from),
         }
 
     async def main() -> None:
-        a = BenchClient(reactor, opts.url_a, pool_size=n + 8)
-        b = BenchClient(reactor, opts.url_b, pool_size=n + 8)
+        a = BenchClient(reactor, opts.url_a, pool_size=n + 8, now=time.monotonic)
+        b = BenchClient(reactor, opts.url_b, pool_size=n + 8, now=time.monotonic)
         try:
             await DeferredList([Deferred.fromCoroutine(a.prime(n)), Deferred.fromCoroutine(b.prime(n))])
             rounds = [await one_round(a, b) for _ in range(opts.rounds)]
         finally:
             await a.close()
             await b.close()
-
-        def merged(key: str) -> list[float]:
-            return [v for r in rounds for v in r[key]]
-
-        result.update({
-            "subscribers": 2 * n, "per_gateway": n, "rounds": len(rounds),
-            "spread_ms": summarize(merged("spreads_ms")),
-            "spread_a_ms": summarize(merged("spreads_a_ms")),
-            "spread_b_ms": summarize(merged("spreads_b_ms")),
-            "progress_spread_ms": summarize(merged("progress_spreads_ms")),
-            "b_minus_a_ms": summarize(merged("b_minus_a_ms")),
-            "missing_terminal": sum(r["missing_terminal"] for r in rounds),
-            "missing_deliveries": sum(r["missing"] for r in rounds),
-            "replayed_events": sum(r["replayed"] for r in rounds),
-            "events_measured": len(merged("spreads_ms")),
-            "details": [{k: v for k, v in r.items() if not k.endswith("_ms")} for r in rounds],
-        })
+        result.update(_merge_rounds(rounds, n))
 
     def begin() -> None:
         d = Deferred.fromCoroutine(main())

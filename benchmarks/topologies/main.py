@@ -50,7 +50,12 @@ from benchmarks.harness import (
     wrk_post,
 )
 from benchmarks.topologies.config import CONNECTIONS, FULL, PARTS, QUICK, ROOT, TOPOLOGIES, Run, say
-from benchmarks.topologies.failover import measure_failover, measure_fanout, phase_sse_fanout
+from benchmarks.topologies.failover import (
+    measure_failover,
+    measure_fanout,
+    phase_sse_fanout,
+    phase_sse_fanout_treq,
+)
 from benchmarks.topologies.markdown import draw_chart, wait_quiet, write_markdown
 from benchmarks.topologies.measure import measure_ceiling, measure_topology
 from benchmarks.topologies.tables import print_report
@@ -83,6 +88,9 @@ def main() -> int:
     opts = parser.parse_args()
     if opts.phase == "sse-fanout":
         print(json.dumps(phase_sse_fanout(opts)))
+        return 0
+    if opts.phase == "sse-fanout-treq":
+        print(json.dumps(phase_sse_fanout_treq(opts)))
         return 0
     if opts.phase == "bare-tiny":
         print(json.dumps(phase_bare_tiny(opts)))

@@ -79,6 +79,8 @@ class BenchClient:
         self.base_url = base_url.rstrip("/")
         self.now = now
         self.terminal_grace_s = terminal_grace_s
+        #: seconds spent handling SSE chunks (parsing, callbacks): the client's own share of a run
+        self.busy_s = 0.0
         self.pool = web_client.HTTPConnectionPool(reactor, persistent=True)
         self.pool.maxPersistentPerHost = max(2, pool_size)
         self.pool.cachedConnectionTimeout = 600
@@ -146,6 +148,12 @@ class _StreamProtocol(Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         at = self.client.now()
+        try:
+            self._received(data, at)
+        finally:
+            self.client.busy_s += self.client.now() - at
+
+    def _received(self, data: bytes, at: float) -> None:
         for message in self.parser.feed(data):
             received = Received(message, at)
             self.result.events.append(received)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.task import LoopingCall
+from twisted.internet.tcp import Connection
 
 from omnirt.contract import JobEvent
 from omnirt.gateway.edge import parse_int_arg
@@ -28,6 +29,68 @@ def encode_event(event: JobEvent) -> bytes:
     return event.encoded("sse", _frame)
 
 
+def _chunk(event: JobEvent) -> bytes:
+    return SseWriter.frame(encode_event(event))
+
+
+def encode_chunk(event: JobEvent) -> bytes:
+    """The event's SSE frame inside its HTTP/1.1 chunk framing, encoded once per event."""
+    return event.encoded("sse-chunk", _chunk)
+
+
+class SseWriter:
+    """Writes one SSE response's frames, once its headers are out, straight to its connection:
+    the chunk is framed once per event (``frame``) and the same bytes go to every subscriber;
+    when nothing is waiting in the transport's buffer they are handed to the socket at once
+    (``writeSomeData``), so a fan-out to N streams costs N ``send`` calls and no reactor
+    write-registration per stream. Anything else (headers not sent yet, HTTP/1.0, a TLS or other
+    non-TCP transport, bytes still buffered, a partial send) goes through Twisted's buffered
+    write, in order. ``request.sentLength`` is kept as ``request.write`` keeps it."""
+
+    __slots__ = ("request", "_tcp", "_checked")
+
+    def __init__(self, request):
+        self.request = request
+        #: the connection's TCP transport when it is one (checked once), else None
+        self._tcp: Connection | None = None
+        self._checked = False
+
+    @staticmethod
+    def frame(payload: bytes) -> bytes:
+        return b"%x\r\n%s\r\n" % (len(payload), payload)
+
+    def write_event(self, event: JobEvent) -> None:
+        request = self.request
+        if not request.startedWriting or not request.chunked:
+            request.write(encode_event(event))
+            return
+        chunk = encode_chunk(event)
+        if request.finished or request._disconnected:
+            request.write(chunk)  # raises after finish, as request.write does; nothing when gone
+            return
+        request.sentLength += len(encode_event(event))
+        self.write_chunk(chunk)
+
+    def write_chunk(self, chunk: bytes) -> None:
+        """``chunk`` (already framed) to the connection, now if the socket takes it."""
+        if not self._checked:
+            transport = self.request.channel.transport
+            self._tcp = transport if isinstance(transport, Connection) else None
+            self._checked = True
+        tcp = self._tcp
+        if tcp is None:
+            self.request.channel.transport.write(chunk)
+            return
+        # nothing buffered (FileDescriptor's two buffers empty) and still open: send now
+        if not tcp._tempDataLen and tcp.offset == len(tcp.dataBuffer) and tcp.connected and not tcp.disconnecting:
+            sent = tcp.writeSomeData(chunk)
+            if isinstance(sent, int) and sent > 0:
+                if sent == len(chunk):
+                    return
+                chunk = chunk[sent:]
+        tcp.write(chunk)
+
+
 async def stream_events(service, reactor, request, job_id: str, after: int, keepalive_s: float, *,
                         owner: str | None = None) -> None:
     done: Deferred = Deferred()
@@ -40,11 +103,13 @@ async def stream_events(service, reactor, request, job_id: str, after: int, keep
             request.setHeader(b"Cache-Control", b"no-cache")
             request.setHeader(b"X-Accel-Buffering", b"no")
 
+    writer = SseWriter(request)
+
     def on_event(event: JobEvent) -> None:
         if done.called:
             return
         send_headers()
-        request.write(encode_event(event))
+        writer.write_event(event)
         if event.terminal:
             done.callback(None)
 
