@@ -54,7 +54,8 @@ from benchmarks.topologies.failover import measure_failover, measure_fanout, pha
 from benchmarks.topologies.markdown import draw_chart, wait_quiet, write_markdown
 from benchmarks.topologies.measure import measure_ceiling, measure_topology
 from benchmarks.topologies.tables import print_report
-from benchmarks.topologies.tiny import measure_tiny, phase_bare_tiny
+from benchmarks.topologies.tiny import build_tiny_weights, measure_tiny, phase_bare_tiny
+from benchmarks.topologies.upstream import measure_upstream
 from omnirt.bench.scenarios import build_bodies
 from omnirt.workers.spec import comma_list
 
@@ -176,6 +177,15 @@ def main() -> int:
                 results["tiny"] = measure_tiny(run)
         else:
             run.notes.append("tiny SDXL: skipped (time budget spent)")
+        if "upstream" not in only:
+            pass
+        elif run.left() > 60 or only <= {"upstream", "tiny"}:
+            weights = build_tiny_weights(run)
+            if weights is not None:
+                with run.phase("upstream 0.1.0 vs ours"):
+                    results["upstream"] = measure_upstream(run, weights)
+        else:
+            run.notes.append("upstream 0.1.0 vs ours: skipped (time budget spent)")
         if sizes.ceiling_again and run.left() > 15:
             say("ceiling again (drift check)")
             body = build_bodies(backend="cpu-stub").encoded("quick", sync=True)

@@ -23,6 +23,7 @@ from benchmarks.topologies.tables import (
     shown,
     topology_rows,
 )
+from benchmarks.topologies.upstream import UPSTREAM_HEAD, upstream_rows
 
 #: BENCHMARKS.md from this line on is kept as it is when the report is written again
 KEPT_MARKER = "<!-- kept: everything below is kept by scripts/bench-topologies when it rewrites this file -->"
@@ -99,6 +100,20 @@ def write_markdown(r: dict, path: Path, chart: Path | None, chart_note: str) -> 
         md_table(EXTRA_HEAD, extra_rows(r)),
         "",
     ]
+    u = r.get("upstream")
+    if u:
+        o, p = u["ours"], u["upstream"]
+        lines += ["## Upstream OmniRT 0.1.0, the same tiny-SDXL scenarios", "",
+                  f"One `omnirt serve` process each that runs the tiny SDXL base itself (ours `--backend cpu "
+                  f"--model-path`, upstream {u['upstream_version']} from the package registry in its own venv, "
+                  "`--backend cpu-stub` = its CPU runtime, the same weights from an offline Hugging Face cache), "
+                  "one after the other in this run, `OMP_NUM_THREADS=1` in both; the same body (64x64, 2 steps, "
+                  "no backend named). Sync: wrk, 1 thread, 3-4 s per concurrency after 3 warm-up calls. Async: "
+                  f"{u['async_jobs']} jobs submitted at once (ours POST /v1/jobs; upstream answers 501 there, so "
+                  "POST /v1/generate with async_run), one SSE stream per job; completion = first submit to the last "
+                  "job terminal in GET /v1/jobs/{id}. /healthz every 20 ms meanwhile. RSS from /proc (VmRSS). "
+                  f"Started in {o['start_s']} s (ours) and {p['start_s']} s (upstream).", "",
+                  md_table(UPSTREAM_HEAD, upstream_rows(u)), ""]
     fo = r.get("failover")
     if fo and fo.get("tries"):
         lines += ["Failover tries (gateway + 2 cpu-stub workers, a job of 40 steps x 50 ms, SIGKILL of its worker "

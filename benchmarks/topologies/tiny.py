@@ -46,16 +46,26 @@ def sequential_jobs(port: int, runs: int, warmup: int) -> dict:
             "runs": runs}
 
 
-def measure_tiny(run: Run) -> dict | None:
+def build_tiny_weights(run: Run) -> dict[str, str] | None:
+    """``omnirt models make-tiny`` (reused when built before): {model: folder}, None (and a note) on failure."""
     weights = ROOT / ".omnirt" / "bench-tiny"
     argv = run.py("models", "make-tiny", str(weights))
-    run.tool_commands.append(argv)
+    if argv not in run.tool_commands:
+        run.tool_commands.append(argv)
     built = subprocess.run(argv, capture_output=True, text=True, cwd=str(ROOT), timeout=240)
     if built.returncode != 0:
         reason = (built.stderr.strip().splitlines() or ["?"])[-1]
         run.notes.append(f"tiny SDXL: skipped (`omnirt models make-tiny` failed: {reason})")
         return None
-    paths = {"sdxl-base-1.0": str(weights / "sdxl-base-1.0")}
+    return {model: str(weights / model) for model in ("sdxl-base-1.0", "sdxl-refiner-1.0")}
+
+
+def measure_tiny(run: Run) -> dict | None:
+    built = build_tiny_weights(run)
+    if built is None:
+        return None
+    weights = ROOT / ".omnirt" / "bench-tiny"
+    paths = {"sdxl-base-1.0": built["sdxl-base-1.0"]}
     runs = run.sizes.tiny_runs
     out: dict = {"runs": runs, "weights": str(weights.relative_to(ROOT)), "env": TINY_ENV}
     argv = [sys.executable, str(SCRIPT), "--phase", "bare-tiny", "--weights", paths["sdxl-base-1.0"], "--runs", str(runs)]
