@@ -81,12 +81,15 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--weights", help=argparse.SUPPRESS)
     parser.add_argument("--runs", type=int, default=10, help=argparse.SUPPRESS)
+    parser.add_argument("--paired", action="store_true", help=argparse.SUPPRESS)
     opts = parser.parse_args()
     if opts.phase == "sse-fanout":
         print(json.dumps(phase_sse_fanout(opts)))
         return 0
     if opts.phase == "bare-tiny":
-        print(json.dumps(phase_bare_tiny(opts)))
+        info = phase_bare_tiny(opts)
+        if not opts.paired:
+            print(json.dumps(info))
         return 0
     if opts.phase:
         parser.error(f"unknown phase {opts.phase}")

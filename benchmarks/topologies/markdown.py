@@ -108,7 +108,7 @@ def write_markdown(r: dict, path: Path, chart: Path | None, chart_note: str) -> 
                   f"--model-path`, upstream {u['upstream_version']} from the package registry in its own venv, "
                   "`--backend cpu-stub` = its CPU runtime, the same weights from an offline Hugging Face cache), "
                   "one after the other in this run, `OMP_NUM_THREADS=1` in both; the same body (64x64, 2 steps, "
-                  "no backend named). Sync: wrk, 1 thread, 3-4 s per concurrency after 3 warm-up calls. Async: "
+                  "no backend named). Sync: wrk, 1 thread, 60 s request timeout, 3 / 4 / 8 s at c=1 / 4 / 16 after 3 warm-up calls. Async: "
                   f"{u['async_jobs']} jobs submitted at once (ours POST /v1/jobs; upstream answers 501 there, so "
                   "POST /v1/generate with async_run), one SSE stream per job; completion = first submit to the last "
                   "job terminal in GET /v1/jobs/{id}. /healthz every 20 ms meanwhile. RSS from /proc (VmRSS). "
@@ -313,9 +313,14 @@ def reading(r: dict) -> list[str]:
                    "table). The tiny SDXL figures of this run are not reliable; measure them on a quiet machine.")
     if tiny and tiny.get("bare") and tiny.get("tiny-single"):
         bare = tiny["bare"]["median_ms"]
-        parts = [f"+{tiny['tiny-single']['median_ms'] - bare:.0f} ms in one process"]
+
+        def over(t: dict) -> str:
+            floor = t.get("bare_median_ms", bare)
+            return f"+{t['median_ms'] - floor:.0f} ms ({t['median_ms'] / floor:.2f}x)"
+
+        parts = [f"{over(tiny['tiny-single'])} in one process"]
         if tiny.get("tiny-gw-1w"):
-            parts.append(f"+{tiny['tiny-gw-1w']['median_ms'] - bare:.0f} ms through gateway + worker")
+            parts.append(f"{over(tiny['tiny-gw-1w'])} through gateway + worker")
         out.append(f"On real (tiny) SDXL a served job costs {', '.join(parts)} over a bare diffusers call of "
                    f"{bare:.0f} ms: HTTP, validation, events, PNG encoding + base64 and (remote) the gRPC hop with "
                    "the image bytes. On a real GPU model the seconds of denoising dwarf this.")

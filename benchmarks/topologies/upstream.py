@@ -6,7 +6,7 @@ offline Hugging Face cache under its repo ids; tests/support/upstream.py), one a
 ``OMP_NUM_THREADS=1`` in both. The request body is the same for both and names no backend (each
 server's default applies). Per server:
 
-* sync POST /v1/generate at 1, 4 and 16 connections (wrk + Lua body): req/s and p99,
+* sync POST /v1/generate at 1, 4 and 16 connections (wrk + Lua body, 60 s request timeout): req/s, p99,
 * async: ``jobs`` submitted at once (ours POST /v1/jobs; upstream has no such route and answers
   501 there, so POST /v1/generate with ``async_run``), one SSE stream per job
   (GET /v1/jobs/{id}/events) opened right after its submit: completion jobs/s (first submit to
@@ -31,6 +31,8 @@ from benchmarks.topologies.config import ROOT, TERMINAL, Run, say
 from benchmarks.topologies.tiny import TINY_ENV, TINY_PROMPT, TINY_SEED
 
 CONCURRENCY = (1, 4, 16)
+#: wrk's duration per concurrency (at 16 a slow server answers each request after seconds)
+SYNC_SECONDS = {1: 3, 4: 4, 16: 8}
 
 
 def body(async_run: bool = False) -> dict:
@@ -186,8 +188,9 @@ def measure_side(run: Run, name: str, argv: list[str], env: dict, cwd: Path, our
         out["rss_loaded_mb"] = rss_mb(proc.pid)
         encoded = json.dumps(body(), separators=(",", ":")).encode()
         for c in CONCURRENCY:
-            seconds = 3 if c == 1 else 4
-            w = wrk_post(f"http://127.0.0.1:{port}/v1/generate", encoded, c, seconds, run.tmp, run.tool_commands)
+            seconds = SYNC_SECONDS[c]
+            w = wrk_post(f"http://127.0.0.1:{port}/v1/generate", encoded, c, seconds, run.tmp, run.tool_commands,
+                         timeout_s=60)
             out[f"sync_c{c}"] = {k: w.get(k) for k in ("rps", "p50", "p99", "requests", "non_2xx", "socket_errors")}
             say(f"upstream part: {name} sync c={c}: {w['rps']:.1f} req/s, p99 {w.get('p99')} ms")
         probe = HealthProbe(port)
@@ -253,8 +256,7 @@ def upstream_rows(u: dict) -> list[list[str]]:
         a, b = o[f"sync_c{c}"], p[f"sync_c{c}"]
         rows.append([f"sync POST /v1/generate c={c}, req/s", f"{a['rps']:.1f}", f"{b['rps']:.1f}",
                      ratio(a["rps"], b["rps"])])
-        rows.append([f"sync c={c} p99 (lower is better)", f"{a.get('p99') or 0:.0f} ms", f"{b.get('p99') or 0:.0f} ms",
-                     ratio(a.get("p99"), b.get("p99"))])
+        rows.append([f"sync c={c} p99 (lower is better)", p99(a), p99(b), ratio(a.get("p99"), b.get("p99"))])
     oa, pa = o["async"], p["async"]
     rows.append([f"async completion, {oa['jobs']} jobs at once, jobs/s", f"{oa['jobs_per_s']}", f"{pa['jobs_per_s']}",
                  ratio(oa["jobs_per_s"], pa["jobs_per_s"])])
@@ -276,6 +278,12 @@ def upstream_rows(u: dict) -> list[list[str]]:
                  ratio(o["rss_end_mb"], p["rss_end_mb"])])
     rows.append(["load average at the end of the side", f"{o['load_avg']}", f"{p['load_avg']}", "-"])
     return rows
+
+
+def p99(w: dict) -> str:
+    text = f"{w['p99']:.0f} ms" if w.get("p99") else "none answered"
+    errors = [f"{w[k]} {k.replace('_', ' ')}" for k in ("non_2xx", "socket_errors") if w.get(k)]
+    return text + (f" ({', '.join(errors)}; {w.get('requests')} answered)" if errors else "")
 
 
 UPSTREAM_HEAD = ["tiny SDXL, one serve process", "ours", "upstream 0.1.0", "ours / upstream"]
