@@ -348,7 +348,12 @@ def draw_chart(r: dict, path: Path) -> str | None:
     sync_p99 = [(t.get("sync") or {}).get("p99") or 0 for t in topos]
     async_p99 = [pct_of((t.get("async") or {}).get("completion_ms"), "p99") or 0 for t in topos]
     c32 = r["ceiling"]["c32"]
-    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(11, 8.5), constrained_layout=True)
+    u = r.get("upstream")
+    if u:
+        fig, (ax1, ax2, ax3) = plt.subplots(3, 1, figsize=(11, 12.5), constrained_layout=True)
+        draw_upstream(ax3, u)
+    else:
+        fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(11, 8.5), constrained_layout=True)
     xs = range(len(topos))
     w = 0.38
     b1 = ax1.bar([x - w / 2 for x in xs], sync, w, label=f"sync POST /v1/generate, req/s (wrk c={CONNECTIONS})",
@@ -392,6 +397,30 @@ def draw_chart(r: dict, path: Path) -> str | None:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return None
+
+
+def draw_upstream(ax, u: dict) -> None:
+    """Ours vs upstream 0.1.0 on tiny SDXL: sync req/s at c=1/4/16 and async jobs/s."""
+    from benchmarks.topologies.upstream import CONCURRENCY
+
+    names = [f"sync c={c}" for c in CONCURRENCY] + ["async jobs/s"]
+    ours = [u["ours"][f"sync_c{c}"]["rps"] for c in CONCURRENCY] + [u["ours"]["async"]["jobs_per_s"] or 0]
+    theirs = [u["upstream"][f"sync_c{c}"]["rps"] for c in CONCURRENCY] + [u["upstream"]["async"]["jobs_per_s"] or 0]
+    xs = range(len(names))
+    w = 0.38
+    for offset, values, label, color in ((-w / 2, ours, "ours", "#4C72B0"),
+                                         (w / 2, theirs, f"upstream {u['upstream_version']}", "#999999")):
+        bars = ax.bar([x + offset for x in xs], values, w, label=label, color=color)
+        for bar in bars:
+            ax.annotate(f"{bar.get_height():.1f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                        ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(list(xs), names, fontsize=9)
+    ax.set_ylabel("per second")
+    ax.set_ylim(0, max(ours + theirs + [1]) * 1.25)
+    ax.set_title("Tiny SDXL (64x64, 2 steps, cpu), one serve process: ours vs upstream OmniRT "
+                 f"{u['upstream_version']}, same run", fontsize=11)
+    ax.legend(loc="upper left", fontsize=9)
+    ax.grid(axis="y", alpha=0.3)
 
 
 def wait_quiet(run: Run, max_wait_s: float, window_s: float = 2.0, threshold: float = 0.25,
