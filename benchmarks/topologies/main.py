@@ -12,7 +12,12 @@ Starts, each in its own process on free loopback ports, one after another:
     worker, time until the job's job_started on the other one (3 times);
   * SSE fan-out: two gateways sharing one Redis, one job on A, subscribers split over A and B;
   * tiny SDXL (omnirt models make-tiny, backend cpu): sequential job latency through the single
-    process and through gateway + 1 worker vs a bare diffusers call in one process.
+    process and through gateway + 1 worker, each job paired with a bare diffusers call made beside
+    it in a warm child process (ratios to the goals of issue 19);
+  * upstream (benchmarks/topologies/upstream.py): the same tiny-SDXL scenarios against upstream
+    OmniRT 0.1.0 (its venv from `python -m tests.support.upstream`) and ours, one serve process
+    each: sync c=1/4/16 req/s and p99, async completion jobs/s, SSE terminal events delivered,
+    /healthz p99 during jobs, server RSS, with ratios ours / upstream.
 For each topology: sync POST /v1/generate at 32 connections (wrk + Lua body), async
 submit+complete jobs/s at 32 (omnirt bench --scenario async), the same at concurrency 1 for the
 dispatch overhead (job_enqueued -> job_started), cancel-to-stopped with a 100 ms step delay, and
