@@ -131,15 +131,17 @@ def parse_wrk(output: str) -> dict:
 
 
 def wrk_post(url: str, body: bytes, connections: int, seconds: float, lua_dir: Path,
-             commands: list[list[str]] | None = None) -> dict:
-    """POST ``body`` (JSON) to ``url`` with ``wrk -t1 -c<connections>`` for ``seconds`` (whole)."""
+             commands: list[list[str]] | None = None, timeout_s: int | None = None) -> dict:
+    """POST ``body`` (JSON) to ``url`` with ``wrk -t1 -c<connections>`` for ``seconds`` (whole);
+    ``timeout_s``: wrk's per-request timeout (its default, 2 s, counts slower answers as errors
+    and leaves them out of the latencies)."""
     lua = Path(lua_dir) / "post.lua"
     lua.write_text('wrk.method = "POST"\n'
                    f"wrk.body = {json.dumps(body.decode())}\n"
                    'wrk.headers["Content-Type"] = "application/json"\n')
     seconds = max(1, round(seconds))
     argv = [shutil.which("wrk") or "wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency",
-            "-s", str(lua), url]
+            *(("--timeout", f"{timeout_s}s") if timeout_s else ()), "-s", str(lua), url]
     if commands is not None:
         commands.append(argv)
     out = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 30)

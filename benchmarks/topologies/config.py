@@ -19,7 +19,7 @@ VENV_PYTHON = ROOT / ".venv" / "bin" / "python"
 SCRIPT = ROOT / "scripts" / "bench-topologies"
 
 #: the parts of a run, in order (--only picks some)
-PARTS = ("topologies", "failover", "fanout", "tiny")
+PARTS = ("topologies", "failover", "fanout", "tiny", "upstream")
 CONNECTIONS = 32
 TERMINAL = ("succeeded", "failed", "cancelled")
 #: commands a Redis client sends itself; everything else in commandstats ran inside a Lua script

@@ -12,7 +12,12 @@ Starts, each in its own process on free loopback ports, one after another:
     worker, time until the job's job_started on the other one (3 times);
   * SSE fan-out: two gateways sharing one Redis, one job on A, subscribers split over A and B;
   * tiny SDXL (omnirt models make-tiny, backend cpu): sequential job latency through the single
-    process and through gateway + 1 worker vs a bare diffusers call in one process.
+    process and through gateway + 1 worker, each job paired with a bare diffusers call made beside
+    it in a warm child process (ratios to the goals of issue 19);
+  * upstream (benchmarks/topologies/upstream.py): the same tiny-SDXL scenarios against upstream
+    OmniRT 0.1.0 (its venv from `python -m tests.support.upstream`) and ours, one serve process
+    each: sync c=1/4/16 req/s and p99, async completion jobs/s, SSE terminal events delivered,
+    /healthz p99 during jobs, server RSS, with ratios ours / upstream.
 For each topology: sync POST /v1/generate at 32 connections (wrk + Lua body), async
 submit+complete jobs/s at 32 (omnirt bench --scenario async), the same at concurrency 1 for the
 dispatch overhead (job_enqueued -> job_started), cancel-to-stopped with a 100 ms step delay, and
@@ -59,7 +64,8 @@ from benchmarks.topologies.failover import (
 from benchmarks.topologies.markdown import draw_chart, wait_quiet, write_markdown
 from benchmarks.topologies.measure import measure_ceiling, measure_topology
 from benchmarks.topologies.tables import print_report
-from benchmarks.topologies.tiny import measure_tiny, phase_bare_tiny
+from benchmarks.topologies.tiny import build_tiny_weights, measure_tiny, phase_bare_tiny
+from benchmarks.topologies.upstream import measure_upstream
 from omnirt.bench.scenarios import build_bodies
 from omnirt.workers.spec import comma_list
 
@@ -85,6 +91,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--weights", help=argparse.SUPPRESS)
     parser.add_argument("--runs", type=int, default=10, help=argparse.SUPPRESS)
+    parser.add_argument("--paired", action="store_true", help=argparse.SUPPRESS)
     opts = parser.parse_args()
     if opts.phase == "sse-fanout":
         print(json.dumps(phase_sse_fanout(opts)))
@@ -93,7 +100,9 @@ def main() -> int:
         print(json.dumps(phase_sse_fanout_treq(opts)))
         return 0
     if opts.phase == "bare-tiny":
-        print(json.dumps(phase_bare_tiny(opts)))
+        info = phase_bare_tiny(opts)
+        if not opts.paired:
+            print(json.dumps(info))
         return 0
     if opts.phase:
         parser.error(f"unknown phase {opts.phase}")
@@ -184,6 +193,15 @@ def main() -> int:
                 results["tiny"] = measure_tiny(run)
         else:
             run.notes.append("tiny SDXL: skipped (time budget spent)")
+        if "upstream" not in only:
+            pass
+        elif run.left() > 60 or only <= {"upstream", "tiny"}:
+            weights = build_tiny_weights(run)
+            if weights is not None:
+                with run.phase("upstream 0.1.0 vs ours"):
+                    results["upstream"] = measure_upstream(run, weights)
+        else:
+            run.notes.append("upstream 0.1.0 vs ours: skipped (time budget spent)")
         if sizes.ceiling_again and run.left() > 15:
             say("ceiling again (drift check)")
             body = build_bodies(backend="cpu-stub").encoded("quick", sync=True)

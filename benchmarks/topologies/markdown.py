@@ -23,6 +23,7 @@ from benchmarks.topologies.tables import (
     shown,
     topology_rows,
 )
+from benchmarks.topologies.upstream import UPSTREAM_HEAD, upstream_rows
 
 #: BENCHMARKS.md from this line on is kept as it is when the report is written again
 KEPT_MARKER = "<!-- kept: everything below is kept by scripts/bench-topologies when it rewrites this file -->"
@@ -99,6 +100,20 @@ def write_markdown(r: dict, path: Path, chart: Path | None, chart_note: str) -> 
         md_table(EXTRA_HEAD, extra_rows(r)),
         "",
     ]
+    u = r.get("upstream")
+    if u:
+        o, p = u["ours"], u["upstream"]
+        lines += ["## Upstream OmniRT 0.1.0, the same tiny-SDXL scenarios", "",
+                  f"One `omnirt serve` process each that runs the tiny SDXL base itself (ours `--backend cpu "
+                  f"--model-path`, upstream {u['upstream_version']} from the package registry in its own venv, "
+                  "`--backend cpu-stub` = its CPU runtime, the same weights from an offline Hugging Face cache), "
+                  "one after the other in this run, `OMP_NUM_THREADS=1` in both; the same body (64x64, 2 steps, "
+                  "no backend named). Sync: wrk, 1 thread, 60 s request timeout, 3 / 4 / 8 s at c=1 / 4 / 16 after 3 warm-up calls. Async: "
+                  f"{u['async_jobs']} jobs submitted at once (ours POST /v1/jobs; upstream answers 501 there, so "
+                  "POST /v1/generate with async_run), one SSE stream per job; completion = first submit to the last "
+                  "job terminal in GET /v1/jobs/{id}. /healthz every 20 ms meanwhile. RSS from /proc (VmRSS). "
+                  f"Started in {o['start_s']} s (ours) and {p['start_s']} s (upstream).", "",
+                  md_table(UPSTREAM_HEAD, upstream_rows(u)), ""]
     fo = r.get("failover")
     if fo and fo.get("tries"):
         lines += ["Failover tries (gateway + 2 cpu-stub workers, a job of 40 steps x 50 ms, SIGKILL of its worker "
@@ -303,9 +318,14 @@ def reading(r: dict) -> list[str]:
                    "table). The tiny SDXL figures of this run are not reliable; measure them on a quiet machine.")
     if tiny and tiny.get("bare") and tiny.get("tiny-single"):
         bare = tiny["bare"]["median_ms"]
-        parts = [f"+{tiny['tiny-single']['median_ms'] - bare:.0f} ms in one process"]
+
+        def over(t: dict) -> str:
+            floor = t.get("bare_median_ms", bare)
+            return f"+{t['median_ms'] - floor:.0f} ms ({t['median_ms'] / floor:.2f}x)"
+
+        parts = [f"{over(tiny['tiny-single'])} in one process"]
         if tiny.get("tiny-gw-1w"):
-            parts.append(f"+{tiny['tiny-gw-1w']['median_ms'] - bare:.0f} ms through gateway + worker")
+            parts.append(f"{over(tiny['tiny-gw-1w'])} through gateway + worker")
         out.append(f"On real (tiny) SDXL a served job costs {', '.join(parts)} over a bare diffusers call of "
                    f"{bare:.0f} ms: HTTP, validation, events, PNG encoding + base64 and (remote) the gRPC hop with "
                    "the image bytes. On a real GPU model the seconds of denoising dwarf this.")
@@ -333,7 +353,12 @@ def draw_chart(r: dict, path: Path) -> str | None:
     sync_p99 = [(t.get("sync") or {}).get("p99") or 0 for t in topos]
     async_p99 = [pct_of((t.get("async") or {}).get("completion_ms"), "p99") or 0 for t in topos]
     c32 = r["ceiling"]["c32"]
-    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(11, 8.5), constrained_layout=True)
+    u = r.get("upstream")
+    if u:
+        fig, (ax1, ax2, ax3) = plt.subplots(3, 1, figsize=(11, 12.5), constrained_layout=True)
+        draw_upstream(ax3, u)
+    else:
+        fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(11, 8.5), constrained_layout=True)
     xs = range(len(topos))
     w = 0.38
     b1 = ax1.bar([x - w / 2 for x in xs], sync, w, label=f"sync POST /v1/generate, req/s (wrk c={CONNECTIONS})",
@@ -377,6 +402,30 @@ def draw_chart(r: dict, path: Path) -> str | None:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return None
+
+
+def draw_upstream(ax, u: dict) -> None:
+    """Ours vs upstream 0.1.0 on tiny SDXL: sync req/s at c=1/4/16 and async jobs/s."""
+    from benchmarks.topologies.upstream import CONCURRENCY
+
+    names = [f"sync c={c}" for c in CONCURRENCY] + ["async jobs/s"]
+    ours = [u["ours"][f"sync_c{c}"]["rps"] for c in CONCURRENCY] + [u["ours"]["async"]["jobs_per_s"] or 0]
+    theirs = [u["upstream"][f"sync_c{c}"]["rps"] for c in CONCURRENCY] + [u["upstream"]["async"]["jobs_per_s"] or 0]
+    xs = range(len(names))
+    w = 0.38
+    for offset, values, label, color in ((-w / 2, ours, "ours", "#4C72B0"),
+                                         (w / 2, theirs, f"upstream {u['upstream_version']}", "#999999")):
+        bars = ax.bar([x + offset for x in xs], values, w, label=label, color=color)
+        for bar in bars:
+            ax.annotate(f"{bar.get_height():.1f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                        ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(list(xs), names, fontsize=9)
+    ax.set_ylabel("per second")
+    ax.set_ylim(0, max(ours + theirs + [1]) * 1.25)
+    ax.set_title("Tiny SDXL (64x64, 2 steps, cpu), one serve process: ours vs upstream OmniRT "
+                 f"{u['upstream_version']}, same run", fontsize=11)
+    ax.legend(loc="upper left", fontsize=9)
+    ax.grid(axis="y", alpha=0.3)
 
 
 def wait_quiet(run: Run, max_wait_s: float, window_s: float = 2.0, threshold: float = 0.25,

@@ -256,8 +256,14 @@ class Dispatcher:
 
     def _pump_once(self) -> None:
         i = 0
+        # with every worker full, no job without exclusions can go: skip their picks (a queue
+        # hundreds deep is scanned at every enqueue and every job's end)
+        free = self.pool.any_free()
         while i < len(self.queue):
             q = self.queue[i]
+            if not q.excluded and not free:
+                i += 1
+                continue
             if q.excluded:
                 entry = self.pool.pick_retry(q.model, q.tags, q.excluded, adapters=q.adapters, also=q.also)
                 if entry is None and self.pool.only_lost_instances(q.model, q.tags, q.excluded, also=q.also):
@@ -273,6 +279,7 @@ class Dispatcher:
             self.pool.acquire(entry)
             self.dispatching.add(q.job_id)
             self.tasks.track(Deferred.fromCoroutine(self._dispatch(q, entry)), "dispatch failed unexpectedly")
+            free = self.pool.any_free()
 
     # -- one dispatch ------------------------------------------------------------------------
 

@@ -246,6 +246,12 @@ class WorkerPool:
             and not e.busy
         ]
 
+    def any_free(self) -> bool:
+        """Could any worker take a job now (healthy, answering, a free slot)? ``eligible`` less the
+        per-job checks: when False no queued job can be handed out, whatever its model or tags."""
+        return any(e.state == HEALTHY and e.inflight < e.capacity and not e.busy and self.answering(e)
+                   for e in self.entries.values())
+
     def can_serve(self, model: str, tags: Iterable[str] = (), exclude: Iterable[str] = (),
                   also: Iterable[str] = ()) -> bool:
         """Is a healthy worker outside ``exclude`` able to run ``model`` (and ``also``), free or not?"""
