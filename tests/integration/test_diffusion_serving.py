@@ -193,6 +193,19 @@ class RemoteModelStatusTests(Served):
         return port
 
     @inlineCallbacks
+    def models_once(self, ready, tries=60):
+        """/v1/models' cards by id once ``ready(cards)`` holds (bounded: "loaded on" comes from each
+        worker's Health, probed every 0.5 s), else the last answer."""
+        for _ in range(tries):
+            code, models = yield self.jcall("GET", "/v1/models")
+            self.assertEqual(code, 200, models)
+            cards = {m["id"]: m for m in models["data"]}
+            if ready(cards):
+                break
+            yield deferLater(reactor, 0.1, lambda: None)
+        return cards
+
+    @inlineCallbacks
     def test_weights_status_and_refiner_routing(self):
         """/v1/models shows, from the gRPC workers' Health, which worker has which model's weights (and
         where) and which has a model loaded; base + refiner jobs go only to the worker that serves both
@@ -229,8 +242,8 @@ class RemoteModelStatusTests(Served):
         for tag in ("a", "b"):  # the base warm on the two others: "warm model" alone would pick one of them
             warm = yield self.finish(dict(job_body(), routing_tags=[tag]))
             self.assertEqual(warm["state"], "succeeded", warm["error"])
-        code, models = yield self.jcall("GET", "/v1/models")
-        self.assertEqual(sorted({m["id"]: m for m in models["data"]}[BASE]["loaded_on"]), ["base-only", "no-refiner"])
+        cards = yield self.models_once(lambda c: sorted(c[BASE]["loaded_on"]) == ["base-only", "no-refiner"])
+        self.assertEqual(sorted(cards[BASE]["loaded_on"]), ["base-only", "no-refiner"])
 
         body = job_body(num_inference_steps=4, preview_every=2, refiner={"model": REFINER, "switch_at": 0.5})
         record = yield self.finish(body)
@@ -239,8 +252,7 @@ class RemoteModelStatusTests(Served):
         reasons = [e["data"]["reason"] for e in record["events"] if e["event"] == "job_dispatched"]
         self.assertEqual(reasons, [f"least loaded; serves {BASE} and the refiner {REFINER} (weights found)"])
 
-        code, models = yield self.jcall("GET", "/v1/models")
-        cards = {m["id"]: m for m in models["data"]}
+        cards = yield self.models_once(lambda c: c[REFINER]["loaded_on"] == ["both"] and len(c[BASE]["loaded_on"]) == 3)
         self.assertEqual(cards[REFINER]["loaded_on"], ["both"])
         self.assertEqual(sorted(cards[BASE]["loaded_on"]), ["base-only", "both", "no-refiner"])
         self.assertTrue({w["worker_id"]: w for w in cards[REFINER]["on_workers"]}["both"]["loaded"])

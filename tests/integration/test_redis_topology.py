@@ -339,6 +339,11 @@ class OneWriterTests(RedisTopology):
         sent in exactly one command, and the job still streams and ends once, every step in order."""
         _, wport = self.start_worker("w1", "--redis-url", self.redis.url(db=0))
         _, a = self.start_gateway([f"w1=127.0.0.1:{wport}"], name="a")
+        # a first job loads every script into Redis: MONITOR would show a script's first call twice
+        # (EVALSHA answered NOSCRIPT, then EVAL with the same arguments)
+        code, warm = yield self.jcall(a, "POST", "/v1/jobs", body(steps=2))
+        self.assertEqual(code, 202, warm)
+        yield self.wait_terminal(a, [warm["id"]])
         log = Path(self.mktemp())
         with open(log, "wb") as out:
             watch = subprocess.Popen([REDIS_CLI, "-h", "127.0.0.1", "-p", str(self.redis.port), "monitor"],
