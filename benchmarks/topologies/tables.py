@@ -129,7 +129,7 @@ def extra_rows(r: dict) -> list[list[str]]:
         lag = fan.get("b_minus_a_ms") or {}
         rows.append(["SSE: gateway B median arrival minus gateway A median, per event (p50 / p99)",
                      f"{num(pct_of(lag, 'p50'), 'ms')} / {num(pct_of(lag, 'p99'), 'ms')}", "-",
-                     "B reads the job's stream from Redis (XREAD); A also publishes in-process"])
+                     "both gateways read the job's stream from Redis (one blocking XREAD per store)"])
     tiny = r.get("tiny")
     if tiny and tiny.get("bare"):
         bare = tiny["bare"]["median_ms"]
