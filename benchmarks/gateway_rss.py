@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 from benchmarks.harness import Children, http_json, proc_cpu_s, wait_listening
+from benchmarks.memory_store import rss_kb
 from tests.support.procs import free_port
 
 REPO = Path(__file__).resolve().parent.parent
@@ -72,14 +73,6 @@ function response(status, headers, body)
   end
 end
 """
-
-
-def rss_kb(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise RuntimeError(f"no VmRSS for {pid}")
 
 
 def metrics(port: int) -> dict[str, float]:
