@@ -96,6 +96,19 @@ class Served(unittest.TestCase):
             yield deferLater(reactor, 0.05, lambda: None)
         raise AssertionError(f"job {job['id']} did not finish in {timeout}s")
 
+    @inlineCallbacks
+    def models_once(self, ready, tries=60):
+        """/v1/models' cards by id once ``ready(cards)`` holds (bounded: "loaded on" comes from each
+        worker's Health, probed every 0.5 s), else the last answer."""
+        for _ in range(tries):
+            code, models = yield self.jcall("GET", "/v1/models")
+            self.assertEqual(code, 200, models)
+            cards = {m["id"]: m for m in models["data"]}
+            if ready(cards):
+                break
+            yield deferLater(reactor, 0.1, lambda: None)
+        return cards
+
 
 class InProcessTests(Served):
     def setUp(self):
@@ -130,8 +143,7 @@ class InProcessTests(Served):
         record = yield self.finish(job_body(num_inference_steps=4, preview_every=2))
         self.assertEqual(record["state"], "succeeded", record["error"])
         yield self.check_previews(record, 2, 4)
-        code, models = yield self.jcall("GET", "/v1/models")
-        cards = {m["id"]: m for m in models["data"]}
+        cards = yield self.models_once(lambda c: all(w["loaded"] for w in c[BASE]["on_workers"]))
         (local,) = cards[BASE]["on_workers"]
         self.assertEqual((local["weights"], local["source"], local["where"], local["loaded"]),
                          ("found", "folder", str(Path(tiny_model_paths()[BASE]).resolve()), True))
@@ -191,19 +203,6 @@ class RemoteModelStatusTests(Served):
                             port, name=worker_id, env=env or {"HF_HUB_CACHE": hub, "HF_HOME": hub})
         proc.wait_until(lambda: "listening on" in proc.log(), timeout=60, what="listening line")
         return port
-
-    @inlineCallbacks
-    def models_once(self, ready, tries=60):
-        """/v1/models' cards by id once ``ready(cards)`` holds (bounded: "loaded on" comes from each
-        worker's Health, probed every 0.5 s), else the last answer."""
-        for _ in range(tries):
-            code, models = yield self.jcall("GET", "/v1/models")
-            self.assertEqual(code, 200, models)
-            cards = {m["id"]: m for m in models["data"]}
-            if ready(cards):
-                break
-            yield deferLater(reactor, 0.1, lambda: None)
-        return cards
 
     @inlineCallbacks
     def test_weights_status_and_refiner_routing(self):
