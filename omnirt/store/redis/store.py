@@ -3,7 +3,6 @@ shared stream reader (the key layout is in the package docstring)."""
 
 from __future__ import annotations
 
-import base64
 import json
 import uuid
 from collections.abc import Collection
@@ -40,6 +39,7 @@ from omnirt.store.redis.codec import (
     unpack,
 )
 from omnirt.store.redis.connection import UNAVAILABLE_REPLIES, Connection, describe, endpoint_for, retry_delay
+from omnirt.store.redis.leases import RedisLeases, artifact_payload
 from omnirt.store.redis.outbox import RedisOutbox
 from omnirt.store.redis.reader import RedisSubscription, StreamReader
 from omnirt.store.redis.scripts import load_scripts
@@ -49,7 +49,7 @@ from omnirt.store.redis.url import SentinelTarget, parse_store_url
 __all__ = ["RedisJobStore"]
 
 
-class RedisJobStore(RedisOutbox, JobStore):
+class RedisJobStore(RedisLeases, RedisOutbox, JobStore):
     """JobStore on Redis; see the module docstring for the keys. ``clock`` is the reactor (time,
     call deadlines, TCP). Call ``connect()`` before use and ``close()`` at the end.
 
@@ -381,7 +381,7 @@ class RedisJobStore(RedisOutbox, JobStore):
         dv = encode_fields(defaults or {})
         av: list[Any] = []
         for sha, mime, blob in artifacts:
-            av += [self._artifact_key(sha), _artifact_payload(mime, blob)]
+            av += [self._artifact_key(sha), artifact_payload(mime, blob)]
         sources = [s.value for s, targets in ALLOWED_TRANSITIONS.items() if target in targets]
         owner = (self.gateway_id or "") if target == JobState.running else ""
         durable = self.min_replicas > 0 and target.terminal
@@ -538,53 +538,6 @@ class RedisJobStore(RedisOutbox, JobStore):
         reply = arr(unpack(await self._eval("states", [], [self._prefix, *ids])))
         return {job_id: JobState(state) for job_id, state in zip(ids, reply, strict=False) if state}
 
-    async def refresh_lease(self, gateway_id: str, ttl_s: float) -> bool:
-        """Also checks the store's identity: a Redis that came back empty (restarted without
-        persistence, a replica that lost its data) is detected, logged, counted
-        (``store_resets``) and reported by ``status()``. True when this refresh found that no
-        lease holder could refresh for a while (the store was away) and set the fence."""
-        reply = await self._eval("lease", [], [self._prefix, gateway_id, max(1, int(ttl_s * 1000)), self.identity or ""])
-        if int(reply[0]) == 0 and self.identity:
-            await self._store_reset()
-        return bool(int(reply[1]))
-
-    async def _store_reset(self) -> None:
-        old = self.identity
-        self.identity = str(await self._eval("identity", [], [self._prefix, uuid.uuid4().hex]))
-        self.resets += 1
-        self.last_reset = (f"the store at {self.address} came back without its data (identity {old} is gone): "
-                           f"jobs accepted before may be lost")
-        self._count("store_resets")
-        log.msg(f"ALERT: {self.last_reset}")
-
-    async def live_gateways(self) -> set[str]:
-        return set(arr(unpack(await self._eval("live", [], [self._prefix]))))
-
-    async def orphans(self, live, limit: int = 500) -> list[tuple[str, str, JobState]]:
-        reply = arr(unpack(await self._eval("orphans", [], [self._prefix, int(limit), csv(live)])))
-        return [(job_id, owner, JobState(state)) for job_id, owner, state in reply]
-
-    async def adopt(self, job_id: str, from_owner: str, to_owner: str) -> bool:
-        return int(await self._eval("adopt", [self._job_key(job_id)], [from_owner, to_owner])) == 1
-
-    # -- artifacts (bytes shared by every gateway, kept for the retention) --------------------
-
-    def _artifact_key(self, sha256: str) -> str:
-        return f"{self._prefix}artifact:{sha256}"
-
-    #: ``transition`` takes ``artifacts``: outputs stored in the same round trip as the outcome
-    inline_artifacts = True
-
-    async def put_artifact(self, sha256: str, mime: str, blob: bytes) -> None:
-        await self._call("SET", self._artifact_key(sha256), _artifact_payload(mime, blob), "PX", self._retention_ms)
-
-    async def get_artifact(self, sha256: str) -> tuple[bytes, str] | None:
-        payload = await self._call("GET", self._artifact_key(sha256))
-        if not payload:
-            return None
-        mime, _, data = str(payload).partition("\n")
-        return base64.b64decode(data), mime
-
     # -- introspection (tests, readiness) -----------------------------------------------------
 
     def status(self) -> dict[str, Any]:
@@ -602,10 +555,6 @@ class RedisJobStore(RedisOutbox, JobStore):
 
     def subscriber_count(self) -> int:
         return 0 if self._reader is None else self._reader.subscriber_count()
-
-
-def _artifact_payload(mime: str, blob: bytes) -> str:
-    return mime + "\n" + base64.b64encode(blob).decode()
 
 
 def _key_of(args: tuple[Any, ...]) -> str:
