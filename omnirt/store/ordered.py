@@ -44,11 +44,11 @@ AppendEvent = Callable[[int, NewEvent], Awaitable]
 AppendEvents = Callable[[list[tuple[int, NewEvent]]], Awaitable]
 #: most events one coalesced write takes
 MAX_BURST = 64
-#: events an idle lane may hold back for its coalescing window (the rest, job and terminal
-#: events among them, go at once and take the held ones with them)
 #: the window the worker's recorder and the gateway's event writer use: a job's stage events wait
 #: this long for the ones right behind them (one store call for the burst)
 COALESCE_S = 0.005
+#: events an idle lane may hold back for its coalescing window (the rest, job and terminal
+#: events among them, go at once and take the held ones with them)
 COALESCED_EVENTS = frozenset({"job_started", "stage_start", "stage_progress", "stage_end"})
 
 
