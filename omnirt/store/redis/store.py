@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from typing import Any
 
 import txredisapi
@@ -468,9 +468,36 @@ class RedisJobStore(RedisLeases, RedisOutbox, JobStore):
     def subscribe(self, job_id: str, after_seq: int, on_event: EventCallback) -> Subscription:
         """Replay (XRANGE) from ``after_seq``, then join the shared reader; delivery is
         asynchronous (callbacks run on the reactor, in seq order, each seq once)."""
+        sub = RedisSubscription(self._live_reader(), job_id, max(after_seq, 0), on_event)
+        self._catch_up(sub)
+        return sub
+
+    async def open_stream(self, job_id: str, after_seq: int, on_event: EventCallback,
+                          accept: Callable[[JobRecord], bool] | None = None) -> Subscription | None:
+        """The record and the replay in ONE script call (``attach``); the replayed events are
+        delivered before this returns, then the subscription joins the shared reader (when the
+        reader has read past the replay meanwhile, the rest is replayed as ``subscribe`` does)."""
+        self._live_reader()
+        reply = unpack(await self._eval("attach", self._job_keys(job_id), [f"{max(after_seq, 0) + 1}-0"]))
+        if reply is None or (accept is not None and not accept(decode_record(reply[0]))):
+            return None
+        reader = self._live_reader()  # not closed meanwhile
+        sub = RedisSubscription(reader, job_id, max(after_seq, 0), on_event)
+        for entry in arr(reply[1]):
+            for event in decode_entry(entry):
+                sub.deliver(event)  # one at or before after_seq is skipped
+        if not sub.closed and not reader.attach(sub, int(reply[2])):
+            self._catch_up(sub)
+        return sub
+
+    def _live_reader(self) -> StreamReader:
         if self._reader is None or self._closed:
             raise StoreUnavailable(f"redis at {self.address}: not connected")
-        sub = RedisSubscription(self._reader, job_id, max(after_seq, 0), on_event)
+        return self._reader
+
+    def _catch_up(self, sub: RedisSubscription) -> None:
+        """Replay ``sub``'s events in the background until it can join the reader."""
+        job_id = sub.job_id
         d = Deferred.fromCoroutine(self._attach(sub))
         self._attaching.add(d)
 
@@ -480,7 +507,6 @@ class RedisJobStore(RedisLeases, RedisOutbox, JobStore):
                 log.err(result, f"event subscription of job {job_id} failed")
 
         d.addBoth(done)
-        return sub
 
     async def _attach(self, sub: RedisSubscription) -> None:
         """Replay until the subscriber has seen everything the reader has, then go live (the
