@@ -64,6 +64,8 @@ class RedisJobStore(RedisLeases, RedisOutbox, JobStore):
     idem_pending_grace_s = 30.0
     #: expire() drops at most this many jobs per Redis call (it loops)
     expire_batch = 500
+    #: ``transition(worker_events=...)``: a worker's last events and its outcome in one script
+    outcome_with_events = True
 
     def __init__(
         self,
@@ -372,24 +374,33 @@ class RedisJobStore(RedisLeases, RedisOutbox, JobStore):
         *,
         defaults: dict[str, Any] | None = None,
         artifacts: Collection[tuple[str, str, bytes]] = (),
+        worker_events: tuple[int, list[tuple[int, NewEvent]]] | None = None,
     ) -> JobRecord | None:
         """``defaults``: fields set only where the job has none yet (one call, no read first);
         ``artifacts``: ``(sha256, mime, bytes)`` put in the same script when the move applies
-        (an outcome and its outputs in one round trip)."""
+        (an outcome and its outputs in one round trip); ``worker_events``: ``(attempt, [(index,
+        event)])`` appended before ``event`` as ``append_worker_events`` would (also when the
+        move does not apply), in the same script."""
         target = JobState(target)
         fv = encode_fields({k: v for k, v in (fields or {}).items() if k != "state"})
         dv = encode_fields(defaults or {})
         av: list[Any] = []
         for sha, mime, blob in artifacts:
             av += [self._artifact_key(sha), artifact_payload(mime, blob)]
+        now = self._now_ms()
+        wv: list[Any] = ["", 0]
+        if worker_events is not None:
+            wv = [int(worker_events[0]), len(worker_events[1])]
+            for index, worker_event in worker_events[1]:
+                wv += [int(index), encode_event(worker_event, now)]
         sources = [s.value for s, targets in ALLOWED_TRANSITIONS.items() if target in targets]
         owner = (self.gateway_id or "") if target == JobState.running else ""
         durable = self.min_replicas > 0 and target.terminal
         reply = unpack(await self._eval("transition", self._job_keys(job_id), [
             self._prefix, job_id, csv(JobState(s).value for s in expected), target.value, csv(sources),
             "1" if target.terminal else "0", self._retention_ms,
-            encode_event(event, self._now_ms()) if event is not None else "", owner,
-            len(dv) // 2, *dv, len(av) // 2, *av, *fv,
+            encode_event(event, now) if event is not None else "", owner,
+            len(dv) // 2, *dv, len(av) // 2, *av, *wv, *fv,
         ], conn=self._dur if durable else None))
         code = int(reply[0])
         if code == 1:
