@@ -10,7 +10,7 @@ from twisted.internet.task import Clock
 from twisted.trial import unittest
 
 from omnirt.contract import JobState
-from omnirt.jobs.dispatcher import EventWriter
+from omnirt.jobs.event_writer import EventWriter
 from omnirt.jobs.transitions import JobTransitions
 from omnirt.store.base import NewEvent
 from omnirt.store.memory import MemoryJobStore
