@@ -7,7 +7,6 @@ dispatch, the worker's events in order, the terminal outcome, retries after a lo
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Awaitable, Callable
 
 from twisted.application.internet import TimerService
 from twisted.internet.defer import CancelledError, Deferred
@@ -17,12 +16,13 @@ from twisted.python import log
 from twisted.python.failure import Failure
 
 from omnirt.contract import GenerateRequest, JobRecord, JobState
+from omnirt.jobs.event_writer import EventWriter
 from omnirt.jobs.inputs import inline_inputs
 from omnirt.jobs.transitions import STORE_RETRIES, JobTransitions, store_backoff
 from omnirt.store.artifacts import ArtifactStore, RedisArtifactStore
-from omnirt.store.base import JobStore, NewEvent, StoreUnavailable
+from omnirt.store.base import JobStore, StoreUnavailable
 from omnirt.store.ordered import COALESCE_S, OrderedWrites, WriteMetrics
-from omnirt.store.previews import store_preview
+from omnirt.store.outcomes import WorkerEvents
 from omnirt.tasks import Tasks
 from omnirt.telemetry.metrics import GatewayMetrics
 from omnirt.telemetry.tracing import Tracing
@@ -76,80 +76,6 @@ class RunningJob:
     handed_back: bool = False
     #: the worker's instance when the job was sent there
     instance: str = ""
-
-
-class EventWriter:
-    """Appends a job's worker events to the store strictly in arrival order; while the store
-    cannot be reached they wait (bounded, ``omnirt.store.ordered``) and are retried with a
-    backoff, so none is skipped and no later one overtakes it. The events that arrive while a
-    write is under way go out together in the next write (one Redis round trip per burst).
-
-    ``held``: the worker records the job's events in this store itself (one writer per event):
-    the events are only kept here until the run ends; ``release`` stores them after all (the
-    worker's end did not say it recorded them: each still lands once, by its index) and
-    ``forget`` drops them (it did)."""
-
-    def __init__(self, transitions: JobTransitions, job_id: str, attempt: int,
-                 on_event: Callable[[WorkerUpdate], None], writes: OrderedWrites,
-                 artifacts: ArtifactStore | RedisArtifactStore | None = None, *, held: bool = False):
-        self._transitions = transitions
-        #: where a step preview's bytes are stored before its event is (None: previews are kept inline)
-        self._artifacts = artifacts
-        self._job_id = job_id
-        self._attempt = attempt
-        self._index = 0
-        self._lane = writes.lane(job_id, self._append, self._append_many)
-        self._on_event = on_event
-        #: the events kept while the worker writes them (None: this writer stores them as they come)
-        self._held: list[tuple[int, NewEvent]] | None = [] if held else None
-
-    @property
-    def holding(self) -> bool:
-        return self._held is not None
-
-    def push(self, update: WorkerUpdate) -> None:
-        self._on_event(update)
-        self._index += 1
-        event = NewEvent(update.event, update.stage, update.data)
-        if self._held is not None:
-            self._held.append((self._index, event))
-        else:
-            self._lane.event(self._index, event)
-
-    def release(self) -> None:
-        """Store the held events after all (in order, behind nothing: one burst)."""
-        held, self._held = self._held or [], None
-        for index, event in held:
-            self._lane.event(index, event)
-
-    def forget(self) -> None:
-        """The worker recorded the held events: drop them."""
-        self._held = None
-
-    def call(self, run: Callable[[], Awaitable]) -> None:
-        """Another write of this job, after its events, retried like them while the store is away."""
-        self._lane.call(run)
-
-    async def _append(self, index: int, event: NewEvent) -> None:
-        data = event.data
-        if self._artifacts is not None and "preview_b64" in data:
-            # the preview's bytes become an artifact; the event stores its url and sha256
-            data = await store_preview(self._artifacts, data)
-        await self._transitions.progress(self._job_id, self._attempt, index,
-                                         WorkerUpdate(event.event, event.stage, data))
-
-    async def _append_many(self, events: list[tuple[int, NewEvent]]) -> None:
-        updates = []
-        for index, event in events:
-            data = event.data
-            if self._artifacts is not None and "preview_b64" in data:
-                data = await store_preview(self._artifacts, data)
-            updates.append((index, WorkerUpdate(event.event, event.stage, data)))
-        await self._transitions.progress_many(self._job_id, self._attempt, updates)
-
-    def drain(self) -> Deferred:
-        """Fires once every pushed event is stored (or given up at shutdown)."""
-        return self._lane.drained()
 
 
 class Dispatcher:
@@ -347,8 +273,13 @@ class Dispatcher:
                 await writer.drain()
                 return
             writer.release()
-            await writer.drain()
-            await self._finish_patiently(q, record, running, outcome, error)
+
+            async def finish(before: WorkerEvents | None) -> None:
+                await self._finish(q, record, running, outcome, error, before)
+
+            # the outcome rides behind the events, the last of them in its store call
+            if not await writer.finish(finish):
+                await self._finish_patiently(q, record, running, outcome, error)
         finally:
             self._gauge()
             self.pump()
@@ -389,21 +320,27 @@ class Dispatcher:
         log.msg(f"gave up recording the end of job {q.job_id}: store unreachable")
 
     async def _finish(
-        self, q: QueuedJob, record: JobRecord, running: RunningJob, outcome: RunOutcome | None, error: BaseException | None
+        self, q: QueuedJob, record: JobRecord, running: RunningJob, outcome: RunOutcome | None,
+        error: BaseException | None, before: WorkerEvents | None = None,
     ) -> None:
+        """Record the attempt's end; ``before``: its worker events not stored yet, stored first
+        (with a terminal outcome, in the outcome's store call)."""
         job_id = q.job_id
         t = self.transitions
         if outcome is not None:
-            await t.succeed(record, self.artifacts, running.entry.worker_id, outcome)
+            await t.succeed(record, self.artifacts, running.entry.worker_id, outcome, before=before)
             return
         if isinstance(error, JobFailed):
-            await t.fail(record, str(error) or "job failed", status=getattr(error, "status", None))
+            await t.fail(record, str(error) or "job failed", status=getattr(error, "status", None), before=before)
             return
+        if not running.handed_back and isinstance(error, (JobCancelled, CancelledError)):
+            await t.cancelled(record, before=before)
+            return
+        if before is not None:
+            await t.progress_many(job_id, before.attempt,
+                                  [(i, WorkerUpdate(e.event, e.stage, e.data)) for i, e in before.events])
         if running.handed_back:
             await self._requeue(q, running, "gateway_shutdown", str(error or ""), count_attempt=False, enqueue=False)
-            return
-        if isinstance(error, (JobCancelled, CancelledError)):
-            await t.cancelled(record)
             return
         # the worker is gone or refused: never the job's fault
         busy = isinstance(error, WorkerBusy)

@@ -288,20 +288,36 @@ class JobService:
 
     async def subscribe(self, job_id: str, after_seq: int, on_event: Callable[[JobEvent], None], *,
                         owner: str | None = None) -> Subscription:
-        """Replay then live events of a job; raises JobNotFoundError."""
-        await self._owned(job_id, owner)
-        return self._track(job_id, after_seq, on_event)
+        """Replay then live events of a job; raises JobNotFoundError. The ownership check and
+        the replay are one store call where the store can (``open_stream``)."""
+        tracked = self._counted(job_id, after_seq, on_event, counted=True)
+        try:
+            inner = await self.store.open_stream(job_id, after_seq, tracked.deliver,
+                                                 None if owner is None else (lambda r: r.tenant == owner))
+        except BaseException:
+            tracked.close()
+            raise
+        if inner is None:
+            tracked.close()
+            raise JobNotFoundError(f"unknown job {job_id!r}")
+        tracked.attach(inner)
+        return tracked
 
     def _track(self, job_id: str, after_seq: int, on_event: Callable[[JobEvent], None], *,
                counted: bool = True) -> Subscription:
         """Subscribe through the store, kept in ``_open``; ``counted``: a client's stream (the
         ``event_subscribers`` gauge), not a sync request's wait."""
+        tracked = self._counted(job_id, after_seq, on_event, counted=counted)
+        tracked.attach(self.store.subscribe(job_id, after_seq, tracked.deliver))
+        return tracked
+
+    def _counted(self, job_id: str, after_seq: int, on_event: Callable[[JobEvent], None], *,
+                 counted: bool) -> _CountedSubscription:
         gauge = self.dispatcher.metrics.event_subscribers if counted else None
         if gauge is not None:
             gauge.inc()
         tracked = _CountedSubscription(job_id, after_seq, on_event, gauge, self._open.discard)
         self._open.add(tracked)  # before the replay, which may already end it
-        tracked.attach(self.store.subscribe(job_id, after_seq, tracked.deliver))
         return tracked
 
     def store_lost(self, detail: str) -> None:

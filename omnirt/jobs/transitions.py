@@ -22,7 +22,7 @@ from twisted.python import log
 from omnirt.contract import JobRecord, JobState
 from omnirt.engine.base import RunOutcome
 from omnirt.store.base import JobNotFound, JobStore, NewEvent, StoreUnavailable
-from omnirt.store.outcomes import RUNNING_STATES, record_success, record_terminal
+from omnirt.store.outcomes import RUNNING_STATES, WorkerEvents, record_success, record_terminal
 from omnirt.telemetry.metrics import GatewayMetrics
 from omnirt.telemetry.tracing import SERVICE_GATEWAY, JobTrace, Tracing, merge_spans
 from omnirt.workers.base import WorkerUpdate
@@ -174,11 +174,13 @@ class JobTransitions:
         return await self.store.transition(job_id, (R,), C)
 
     async def cancelled(self, record: JobRecord, from_states: Iterable[JobState] = RUNNING_STATES, *,
-                        patient: bool = True, status: int | None = None) -> JobRecord | None:
+                        patient: bool = True, status: int | None = None,
+                        before: WorkerEvents | None = None) -> JobRecord | None:
         """queued | running | cancelling -> cancelled (``job_cancelled``)."""
         from_states = tuple(from_states)
         extra = {"queue_position": None} if Q in from_states else {}
-        return await self._terminal(record, JobState.cancelled, from_states=from_states, fields=extra, patient=patient)
+        return await self._terminal(record, JobState.cancelled, from_states=from_states, fields=extra, patient=patient,
+                                    before=before)
 
     # -- terminal ----------------------------------------------------------------------------
 
@@ -186,12 +188,15 @@ class JobTransitions:
         """running | cancelling -> succeeded (``job_finished``) with the result."""
         return await self._terminal(record, JobState.succeeded, fields={"result": result})
 
-    async def succeed(self, record: JobRecord, artifacts: Any, worker_id: str, outcome: RunOutcome) -> JobRecord | None:
+    async def succeed(self, record: JobRecord, artifacts: Any, worker_id: str, outcome: RunOutcome, *,
+                      before: WorkerEvents | None = None) -> JobRecord | None:
         """running | cancelling -> succeeded (``job_finished``): the outputs stored and the result
-        recorded, in one store call where the store can (Redis keeps both)."""
+        recorded, in one store call where the store can (Redis keeps both), with the worker
+        events ``before`` it (the attempt's last ones, not stored yet)."""
 
         async def write(now: int, fields: dict[str, Any]) -> JobRecord | None:
-            return await record_success(self.store, artifacts, record, worker_id, outcome, now_ms=now, fields=fields)
+            return await record_success(self.store, artifacts, record, worker_id, outcome, now_ms=now, fields=fields,
+                                        before=before)
 
         return await self._terminal(record, JobState.succeeded, write=write)
 
@@ -214,10 +219,12 @@ class JobTransitions:
         self.observe_terminal(record.model_copy(update={"state": state, "error": error, "finished_at_ms": now}), now)
 
     async def fail(self, record: JobRecord, error: str,
-                   from_states: Iterable[JobState] = RUNNING_STATES, *, status: int | None = None) -> JobRecord | None:
+                   from_states: Iterable[JobState] = RUNNING_STATES, *, status: int | None = None,
+                   before: WorkerEvents | None = None) -> JobRecord | None:
         """queued | running | cancelling -> failed (``job_failed``) with the error; ``status``: the
         HTTP status when the failure is the client's (a worker rejected the input)."""
-        done = await self._terminal(record, JobState.failed, error=error, from_states=from_states, status=status)
+        done = await self._terminal(record, JobState.failed, error=error, from_states=from_states, status=status,
+                                    before=before)
         if done is not None:
             tenant = f" (tenant {record.tenant})" if record.tenant else ""
             log.msg(f"job {record.id}{tenant} failed: {error}", job_id=record.id, trace_id=record.trace_id,
@@ -228,10 +235,12 @@ class JobTransitions:
                         fields: dict[str, Any] | None = None, from_states: Iterable[JobState] = RUNNING_STATES,
                         patient: bool = True, status: int | None = None,
                         write: Callable[[int, dict[str, Any]], Awaitable[JobRecord | None]] | None = None,
-                        ) -> JobRecord | None:
+                        before: WorkerEvents | None = None) -> JobRecord | None:
         """Record the outcome; while the store is unreachable keep trying (bounded backoff), so an
         accepted job still reaches its terminal state once the store is back. ``patient`` False
-        (a client waits for the answer): one try, StoreUnavailable raised."""
+        (a client waits for the answer): one try, StoreUnavailable raised. ``before``: worker
+        events stored right before the outcome's event, in the same store call where the store
+        can (each once, by its index, also when another writer was first)."""
         now = self.now_ms()
         spans = self.tracing.job(record.id, record).finish(state.value, error)
         fields = {**(fields or {}), "spans": spans}
@@ -241,7 +250,7 @@ class JobTransitions:
                     done = await write(now, fields)
                 else:
                     done = await record_terminal(self.store, record.id, state, now_ms=now, error=error, fields=fields,
-                                                 from_states=from_states, status=status)
+                                                 from_states=from_states, status=status, before=before)
                 break
             except JobNotFound:
                 log.msg(f"job {record.id} is gone from the store (it lost its data): its {state.value} "

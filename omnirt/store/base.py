@@ -119,6 +119,17 @@ class JobStore(abc.ABC):
         """Deliver every event with ``seq > after_seq``: the stored ones, then live ones, with no
         gap and no duplicate. The subscriber closes the subscription (e.g. after a terminal event)."""
 
+    async def open_stream(self, job_id: str, after_seq: int, on_event: EventCallback,
+                          accept: Callable[[JobRecord], bool] | None = None) -> Subscription | None:
+        """The start of an event stream: the job's record read and, when ``accept(record)`` (if
+        given) is true, ``subscribe(job_id, after_seq, on_event)``. None, nothing delivered, when
+        the job does not exist or is not accepted. This default makes the read and the
+        subscription's replay two store calls; a store may do both in one."""
+        record = await self.get(job_id)
+        if record is None or (accept is not None and not accept(record)):
+            return None
+        return self.subscribe(job_id, after_seq, on_event)
+
     @abc.abstractmethod
     async def claim_idempotency(self, key: str, fingerprint: str, job_id: str) -> tuple[str, str] | None:
         """Claim ``key`` for ``job_id``; when already claimed return the (job_id, fingerprint) held."""

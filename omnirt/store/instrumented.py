@@ -7,7 +7,7 @@ import time
 from omnirt.store.base import JobStore, StoreUnavailable
 
 _TIMED = ("create", "get", "list", "transition", "update", "append_event", "events", "claim_idempotency",
-          "expire", "ping", "states", "refresh_lease", "live_gateways", "orphans", "adopt")
+          "expire", "ping", "states", "open_stream", "refresh_lease", "live_gateways", "orphans", "adopt")
 
 
 class InstrumentedStore:

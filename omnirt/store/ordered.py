@@ -28,7 +28,8 @@ from twisted.python import log
 from omnirt.store.base import JobNotFound, NewEvent, StoreUnavailable
 from omnirt.tasks import fire_waiter
 
-__all__ = ["COALESCE_S", "FOLDABLE_EVENTS", "GAP_EVENT", "MAX_BUFFERED_EVENTS", "Lane", "OrderedWrites", "WriteMetrics"]
+__all__ = ["COALESCE_S", "FOLDABLE_EVENTS", "GAP_EVENT", "MAX_BUFFERED_EVENTS", "Lane", "OrderedWrites", "TakingEvents",
+           "WriteMetrics"]
 
 #: waiting event writes (all lanes) past which progress events are folded into a gap marker
 MAX_BUFFERED_EVENTS = 10_000
@@ -72,13 +73,19 @@ class WriteMetrics:
                             registry=r)
 
 
+#: a write that stores the events queued right before it in the same store call (an outcome)
+TakingEvents = Callable[[list[tuple[int, NewEvent]]], Awaitable]
+
+
 class _Write:
-    __slots__ = ("kind", "index", "event", "run", "started", "count")
+    __slots__ = ("kind", "index", "event", "run", "takes", "started", "count")
 
     def __init__(self, kind: str, run: Callable[[], Awaitable] | None = None, index: int = 0,
-                 event: NewEvent | None = None):
+                 event: NewEvent | None = None, takes: TakingEvents | None = None):
         self.kind = kind  # event | gap | call
         self.run = run
+        #: a call that takes the event writes queued before it (run is then None)
+        self.takes = takes
         self.index = index
         self.event = event
         self.started = False  # handed to the store at least once (a gap then stops absorbing)
@@ -117,6 +124,12 @@ class Lane:
         """Run ``run()`` (a store write) after everything queued before it; retried like events.
         It ends a coalescing window at once (an outcome is never delayed)."""
         self._queue(_Write("call", run))
+
+    def call_with_events(self, run: TakingEvents) -> None:
+        """Like ``call``, but ``run(events)`` is handed the event writes still waiting right
+        before it, ``(index, event)`` in order (none when they already went), to store in its
+        own store call: a fast job's last events and its outcome cost one round trip."""
+        self._queue(_Write("call", takes=run))
 
     def drained(self) -> Deferred:
         """Fires once everything queued so far reached the store (or was given up)."""
@@ -184,6 +197,8 @@ class Lane:
         burst: list[_Write] = []
         for write in self.pending:
             if write.kind == "call" or len(burst) == MAX_BURST:
+                if write.takes is not None and len(burst) < MAX_BURST:
+                    burst.append(write)  # the events go with it
                 break
             burst.append(write)
         return burst
@@ -217,7 +232,14 @@ class Lane:
 
     async def _perform(self, burst: list[_Write]) -> None:
         head = burst[0]
-        if head.run is not None:
+        tail = burst[-1]
+        if tail.takes is not None:
+            events = []
+            for write in burst[:-1]:
+                assert write.event is not None
+                events.append((write.index, write.event))
+            await tail.takes(events)
+        elif head.run is not None:
             await head.run()
         elif len(burst) == 1 or self._append_many is None:
             assert head.event is not None

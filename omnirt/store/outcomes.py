@@ -16,6 +16,27 @@ RUNNING_STATES = (JobState.running, JobState.cancelling)
 
 
 @dataclasses.dataclass(frozen=True)
+class WorkerEvents:
+    """A worker's events of one attempt, ``(index, event)`` in order, to store right before its
+    outcome: with the outcome in ONE store call where the store can (``outcome_with_events``),
+    else appended first (``append_worker_events``)."""
+
+    attempt: int
+    events: list[tuple[int, NewEvent]]
+
+
+async def _transition(store: JobStore, job_id: str, expected: tuple[JobState, ...], target: JobState,
+                      event: NewEvent, fields: dict[str, Any], before: WorkerEvents | None,
+                      **kw: Any) -> JobRecord | None:
+    if before is not None and before.events:
+        if getattr(store, "outcome_with_events", False):
+            kw["worker_events"] = (before.attempt, before.events)
+        else:
+            await store.append_worker_events(job_id, before.attempt, before.events)
+    return await store.transition(job_id, expected, target, event, fields, **kw)
+
+
+@dataclasses.dataclass(frozen=True)
 class JobFacts:
     """What a result's metadata says about its job (a ``JobRecord`` has them all; a worker knows
     them from its ``RunRequest`` without reading the record)."""
@@ -70,21 +91,24 @@ def _inline(store: JobStore, artifacts) -> bool:
 
 async def record_success(store: JobStore, artifacts, record: JobRecord | JobFacts, worker_id: str,
                          outcome: RunOutcome, *, now_ms: int, fields: dict[str, Any] | None = None,
-                         from_states: Iterable[JobState] = RUNNING_STATES) -> JobRecord | None:
+                         from_states: Iterable[JobState] = RUNNING_STATES,
+                         before: WorkerEvents | None = None) -> JobRecord | None:
     """``succeeded`` with the result, the outputs stored first; where the store can, outputs and
-    outcome go in ONE call (put only when the outcome applies). None when another writer was first."""
+    outcome go in ONE call (put only when the outcome applies), with the worker's events
+    ``before`` it. None when another writer was first."""
     facts = record if isinstance(record, JobFacts) else JobFacts.of(record)
     if not _inline(store, artifacts):
         result = await store_outputs(artifacts, facts, worker_id, outcome)
         return await record_terminal(store, facts.id, JobState.succeeded, now_ms=now_ms,
-                                     fields={**(fields or {}), "result": result}, from_states=from_states)
+                                     fields={**(fields or {}), "result": result}, from_states=from_states,
+                                     before=before)
     blobs = []
     for artifact, blob in zip(outcome.result.outputs, outcome.blobs, strict=False):
         blobs.append((hashlib.sha256(blob).hexdigest(), artifact.mime, blob))
     result = _result(facts, worker_id, outcome, [(sha, "") for sha, _, _ in blobs])
     update = {"finished_at_ms": now_ms, "error": None, **(fields or {}), "result": result}
-    return await store.transition(facts.id, tuple(from_states), JobState.succeeded,  # type: ignore[call-arg]
-                                  terminal_event(facts.id, JobState.succeeded), update, artifacts=blobs)
+    return await _transition(store, facts.id, tuple(from_states), JobState.succeeded,
+                             terminal_event(facts.id, JobState.succeeded), update, before, artifacts=blobs)
 
 
 def terminal_event(job_id: str, state: JobState, error: str | None = None, status: int | None = None) -> NewEvent:
@@ -100,7 +124,10 @@ def terminal_event(job_id: str, state: JobState, error: str | None = None, statu
 
 async def record_terminal(store: JobStore, job_id: str, state: JobState, *, now_ms: int, error: str | None = None,
                           fields: dict[str, Any] | None = None,
-                          from_states: Iterable[JobState] = RUNNING_STATES, status: int | None = None) -> JobRecord | None:
-    """``from_states`` -> ``state`` with its terminal event; None when another writer was first."""
+                          from_states: Iterable[JobState] = RUNNING_STATES, status: int | None = None,
+                          before: WorkerEvents | None = None) -> JobRecord | None:
+    """``from_states`` -> ``state`` with its terminal event (the worker's events ``before`` it);
+    None when another writer was first."""
     update = {"finished_at_ms": now_ms, "error": error, **(fields or {})}
-    return await store.transition(job_id, tuple(from_states), state, terminal_event(job_id, state, error, status), update)
+    return await _transition(store, job_id, tuple(from_states), state, terminal_event(job_id, state, error, status),
+                             update, before)

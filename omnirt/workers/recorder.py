@@ -28,7 +28,7 @@ from omnirt.engine.base import JobRejected, RunOutcome
 from omnirt.store.artifacts import RedisArtifactStore
 from omnirt.store.base import NewEvent, StoreUnavailable
 from omnirt.store.ordered import COALESCE_S, GAP_EVENT, MAX_BUFFERED_EVENTS, Lane, OrderedWrites, WriteMetrics
-from omnirt.store.outcomes import JobFacts, record_success, record_terminal
+from omnirt.store.outcomes import JobFacts, WorkerEvents, record_success, record_terminal
 from omnirt.store.previews import store_preview
 from omnirt.workers.base import WorkerJob
 
@@ -119,8 +119,7 @@ class StoreRecorder:
         entry = self._jobs[job_id] = _JobLog(job_id, attempt, facts)
 
         async def append_many(events: list[tuple[int, NewEvent]]) -> None:
-            stored = [(index, NewEvent(e.event, e.stage, await store_preview(self.artifacts, e.data)))
-                      for index, e in events]
+            stored = await self._stored(events)
             fields = None if entry.marked else {"runner": self.runner}
             await self.store.append_worker_events(job_id, attempt, stored, fields=fields)
             entry.marked = True
@@ -129,6 +128,11 @@ class StoreRecorder:
             await append_many([(index, event)])
 
         entry.lane = self.writes.lane(job_id, append, append_many)
+
+    async def _stored(self, events: list[tuple[int, NewEvent]]) -> list[tuple[int, NewEvent]]:
+        """The events as stored: a preview's bytes put in the artifact store, referenced."""
+        return [(index, NewEvent(e.event, e.stage, await store_preview(self.artifacts, e.data)))
+                for index, e in events]
 
     def event(self, job_id: str, event: str, stage: str, data: dict) -> None:
         entry = self._jobs.get(job_id)
@@ -148,8 +152,9 @@ class StoreRecorder:
         finished_ms = int(time.time() * 1000)  # when it ended, not when a replay records it
         landed: Deferred[str] = Deferred()
 
-        async def record() -> None:
-            applied = await self._record(entry, state, outcome, message, finished_ms)
+        async def record(events: list[tuple[int, NewEvent]]) -> None:
+            before = WorkerEvents(entry.attempt, await self._stored(events)) if events else None
+            applied = await self._record(entry, state, outcome, message, finished_ms, before)
             if not landed.called:
                 landed.callback(self.store_id if applied else "")
 
@@ -158,27 +163,31 @@ class StoreRecorder:
                 landed.callback("")
             return result
 
-        entry.lane.call(record)
+        entry.lane.call_with_events(record)  # the events still waiting go with the outcome
         entry.lane.drained().addBoth(skipped)
         return landed
 
     async def _record(self, entry: _JobLog, state: str, outcome: RunOutcome | None, message: str,
-                      now: int) -> bool:
-        """The outcome (with its outputs) in one store call; True when this call recorded it."""
+                      now: int, before: WorkerEvents | None) -> bool:
+        """The outcome (with its outputs, and the events ``before`` it) in one store call; True
+        when this call recorded it."""
         facts = entry.facts
+        fields = None if entry.marked or before is None else {"runner": self.runner}
         if state == "succeeded" and outcome is not None:
             if facts is None:  # a gateway that did not say when the job was enqueued: ask the record
                 record = await self.store.get(entry.job_id)
                 if record is None or record.state.terminal:
                     return False
                 facts = JobFacts.of(record)
-            done = await record_success(self.store, self.artifacts, facts, self.worker_id, outcome, now_ms=now)
+            done = await record_success(self.store, self.artifacts, facts, self.worker_id, outcome, now_ms=now,
+                                        fields=fields, before=before)
         elif state in ("failed", "rejected"):
             done = await record_terminal(self.store, entry.job_id, JobState.failed, now_ms=now,
-                                         error=message or "job failed",
+                                         error=message or "job failed", fields=fields, before=before,
                                          status=JobRejected.status if state == "rejected" else None)
         elif state == "cancelled":
-            done = await record_terminal(self.store, entry.job_id, JobState.cancelled, now_ms=now)
+            done = await record_terminal(self.store, entry.job_id, JobState.cancelled, now_ms=now, fields=fields,
+                                         before=before)
         else:
             return False
         return done is not None

@@ -339,6 +339,18 @@ class OneWriterTests(RedisTopology):
         sent in exactly one command, and the job still streams and ends once, every step in order."""
         _, wport = self.start_worker("w1", "--redis-url", self.redis.url(db=0))
         _, a = self.start_gateway([f"w1=127.0.0.1:{wport}"], name="a")
+        yield self.assert_one_writer(a)
+
+    @inlineCallbacks
+    def test_in_process_engine_writes_each_event_once(self):
+        """One process (the engine in the gateway), whose last events go with the outcome's
+        store call: each denoise step's event is still sent in exactly one command, the job
+        ends once, the terminal event last, every step in order."""
+        _, a = self.start_gateway([], "--backend", "cpu-stub", name="a")
+        yield self.assert_one_writer(a)
+
+    @inlineCallbacks
+    def assert_one_writer(self, a):
         # a first job loads every script into Redis: MONITOR would show a script's first call twice
         # (EVALSHA answered NOSCRIPT, then EVAL with the same arguments)
         code, warm = yield self.jcall(a, "POST", "/v1/jobs", body(steps=2))

@@ -179,6 +179,33 @@ class RedisStoreTests(_RedisStores, unittest.TestCase):
         self.assertEqual(far, [])
 
     @inlineCallbacks
+    def test_open_stream_while_the_shared_reader_moves_on(self):
+        """Streams opened (one round trip: record + replay) while another store writes the job's
+        events and a live subscriber keeps the shared reader reading them: each stream gets every
+        event after its seq exactly once, in order, through the terminal one."""
+        writer = yield self.open_store()
+        store = yield self.open_store()
+        yield self._job(writer, "j1")
+        first: list[int] = []
+        self.addCleanup(store.subscribe("j1", 0, lambda e: first.append(e.seq)).close)
+        yield wait_until(lambda: store.subscriber_count() == 1, what="first subscriber live")
+        streams: list[tuple[int, list[int]]] = []
+        for step in range(30):
+            writes = d(writer.append_event("j1", NewEvent("stage_progress", "denoise", {"step": step})))
+            got: list[int] = []
+            after = step % 4
+            sub = yield d(store.open_stream("j1", after, lambda e, got=got: got.append(e.seq)))
+            self.addCleanup(sub.close)
+            streams.append((after, got))
+            yield writes
+        yield d(writer.transition("j1", [JobState.queued], JobState.cancelled, NewEvent("job_cancelled")))
+        yield wait_until(lambda: all(got[-1:] == [32] for _, got in streams), what="every stream at the end")
+        yield sleep(0.1)
+        for after, got in streams:
+            self.assertEqual(got, list(range(after + 1, 33)))
+        self.assertEqual(first, list(range(1, 33)))
+
+    @inlineCallbacks
     def test_compare_and_set_is_atomic_under_concurrency(self):
         """50 concurrent queued->running transitions from 5 connections: exactly one wins, and
         the stream holds exactly one job_dispatched."""

@@ -143,6 +143,50 @@ class JobStoreSuite:
         self.assertEqual(seen, [2, 3, 4, 5])
 
     @inlineCallbacks
+    def test_open_stream_is_get_then_subscribe(self):
+        """open_stream delivers what get(with_events) holds past after_seq, then live events up to
+        the terminal one, each once; a job that finished before it opened gets its whole stream."""
+        yield self._create("j1")
+        yield d(self.store.append_event("j1", NewEvent("a")))
+        for after in (0, 1, 2, 5):
+            seen = []
+            sub = yield d(self.store.open_stream("j1", after, lambda e, seen=seen: seen.append((e.seq, e.event))))
+            self.addCleanup(sub.close)
+            rec = yield d(self.store.get("j1", with_events=True))
+            self.assertEqual(seen, [(e.seq, e.event) for e in rec.events if e.seq > after])
+        seen = []
+        sub = yield d(self.store.open_stream("j1", 1, lambda e: seen.append((e.seq, e.event))))
+        self.addCleanup(sub.close)
+        yield d(self.store.append_event("j1", NewEvent("b")))
+        yield d(self.store.transition("j1", [JobState.queued], JobState.cancelled, NewEvent("job_cancelled")))
+        yield self._settle(until=lambda: len(seen) >= 3)
+        self.assertEqual(seen, [(2, "a"), (3, "b"), (4, "job_cancelled")])
+        late = []
+        sub = yield d(self.store.open_stream("j1", 0, lambda e: late.append(e.seq)))
+        self.addCleanup(sub.close)
+        yield self._settle()
+        self.assertEqual(late, [1, 2, 3, 4])
+
+    @inlineCallbacks
+    def test_open_stream_unknown_or_refused_job(self):
+        """open_stream answers None for a job that does not exist, and for one ``accept`` refuses
+        (it is given the record; nothing is delivered then, live events included)."""
+        missing = yield d(self.store.open_stream("nope", 0, lambda e: None))
+        self.assertIsNone(missing)
+        yield self._create("j1", tenant="alice")
+        seen, tenants = [], []
+
+        def accept(record):
+            tenants.append(record.tenant)
+            return record.tenant == "bob"
+
+        refused = yield d(self.store.open_stream("j1", 0, seen.append, accept))
+        self.assertIsNone(refused)
+        yield d(self.store.append_event("j1", NewEvent("a")))
+        yield self._settle()
+        self.assertEqual((seen, tenants), ([], ["alice"]))
+
+    @inlineCallbacks
     def test_closed_subscription_gets_nothing(self):
         """After close(), a subscriber receives no more events."""
         yield self._create("j1")

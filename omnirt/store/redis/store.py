@@ -20,13 +20,11 @@ from twisted.python import log
 from omnirt.contract import ALLOWED_TRANSITIONS, IllegalTransition, JobEvent, JobRecord, JobState
 from omnirt.store import upstream_format
 from omnirt.store.base import (
-    EventCallback,
     JobNotFound,
     JobStore,
     NewEvent,
     NotReplicated,
     StoreUnavailable,
-    Subscription,
 )
 from omnirt.store.redis.codec import (
     STATE_NAMES,
@@ -38,18 +36,19 @@ from omnirt.store.redis.codec import (
     encode_fields,
     unpack,
 )
-from omnirt.store.redis.connection import UNAVAILABLE_REPLIES, Connection, describe, endpoint_for, retry_delay
+from omnirt.store.redis.connection import UNAVAILABLE_REPLIES, Connection, describe, endpoint_for
 from omnirt.store.redis.leases import RedisLeases, artifact_payload
 from omnirt.store.redis.outbox import RedisOutbox
-from omnirt.store.redis.reader import RedisSubscription, StreamReader
+from omnirt.store.redis.reader import StreamReader
 from omnirt.store.redis.scripts import load_scripts
 from omnirt.store.redis.sentinel import MasterEndpoint, SentinelMonitor
+from omnirt.store.redis.streams import RedisStreams
 from omnirt.store.redis.url import SentinelTarget, parse_store_url
 
 __all__ = ["RedisJobStore"]
 
 
-class RedisJobStore(RedisLeases, RedisOutbox, JobStore):
+class RedisJobStore(RedisStreams, RedisLeases, RedisOutbox, JobStore):
     """JobStore on Redis; see the module docstring for the keys. ``clock`` is the reactor (time,
     call deadlines, TCP). Call ``connect()`` before use and ``close()`` at the end.
 
@@ -64,6 +63,8 @@ class RedisJobStore(RedisLeases, RedisOutbox, JobStore):
     idem_pending_grace_s = 30.0
     #: expire() drops at most this many jobs per Redis call (it loops)
     expire_batch = 500
+    #: ``transition(worker_events=...)``: a worker's last events and its outcome in one script
+    outcome_with_events = True
 
     def __init__(
         self,
@@ -372,24 +373,33 @@ class RedisJobStore(RedisLeases, RedisOutbox, JobStore):
         *,
         defaults: dict[str, Any] | None = None,
         artifacts: Collection[tuple[str, str, bytes]] = (),
+        worker_events: tuple[int, list[tuple[int, NewEvent]]] | None = None,
     ) -> JobRecord | None:
         """``defaults``: fields set only where the job has none yet (one call, no read first);
         ``artifacts``: ``(sha256, mime, bytes)`` put in the same script when the move applies
-        (an outcome and its outputs in one round trip)."""
+        (an outcome and its outputs in one round trip); ``worker_events``: ``(attempt, [(index,
+        event)])`` appended before ``event`` as ``append_worker_events`` would (also when the
+        move does not apply), in the same script."""
         target = JobState(target)
         fv = encode_fields({k: v for k, v in (fields or {}).items() if k != "state"})
         dv = encode_fields(defaults or {})
         av: list[Any] = []
         for sha, mime, blob in artifacts:
             av += [self._artifact_key(sha), artifact_payload(mime, blob)]
+        now = self._now_ms()
+        wv: list[Any] = ["", 0]
+        if worker_events is not None:
+            wv = [int(worker_events[0]), len(worker_events[1])]
+            for index, worker_event in worker_events[1]:
+                wv += [int(index), encode_event(worker_event, now)]
         sources = [s.value for s, targets in ALLOWED_TRANSITIONS.items() if target in targets]
         owner = (self.gateway_id or "") if target == JobState.running else ""
         durable = self.min_replicas > 0 and target.terminal
         reply = unpack(await self._eval("transition", self._job_keys(job_id), [
             self._prefix, job_id, csv(JobState(s).value for s in expected), target.value, csv(sources),
             "1" if target.terminal else "0", self._retention_ms,
-            encode_event(event, self._now_ms()) if event is not None else "", owner,
-            len(dv) // 2, *dv, len(av) // 2, *av, *fv,
+            encode_event(event, now) if event is not None else "", owner,
+            len(dv) // 2, *dv, len(av) // 2, *av, *wv, *fv,
         ], conn=self._dur if durable else None))
         code = int(reply[0])
         if code == 1:
@@ -459,53 +469,6 @@ class RedisJobStore(RedisLeases, RedisOutbox, JobStore):
             return True
         return int(await self._eval("set_fields", [self._job_key(job_id)], encode_fields(fields))) == 1
 
-    async def events(self, job_id: str, after_seq: int = 0) -> list[JobEvent]:
-        reply = unpack(await self._eval("events", self._job_keys(job_id), [f"{max(after_seq, 0) + 1}-0"]))
-        if reply is None:
-            raise JobNotFound(job_id)
-        return [ev for e in arr(reply[0]) for ev in decode_entry(e) if ev.seq > after_seq]
-
-    def subscribe(self, job_id: str, after_seq: int, on_event: EventCallback) -> Subscription:
-        """Replay (XRANGE) from ``after_seq``, then join the shared reader; delivery is
-        asynchronous (callbacks run on the reactor, in seq order, each seq once)."""
-        if self._reader is None or self._closed:
-            raise StoreUnavailable(f"redis at {self.address}: not connected")
-        sub = RedisSubscription(self._reader, job_id, max(after_seq, 0), on_event)
-        d = Deferred.fromCoroutine(self._attach(sub))
-        self._attaching.add(d)
-
-        def done(result):
-            self._attaching.discard(d)
-            if isinstance(result, defer.Failure) and not result.check(defer.CancelledError):
-                log.err(result, f"event subscription of job {job_id} failed")
-
-        d.addBoth(done)
-        return sub
-
-    async def _attach(self, sub: RedisSubscription) -> None:
-        """Replay until the subscriber has seen everything the reader has, then go live (the
-        check and the registration happen in one reactor turn: no gap, no duplicate)."""
-        key = self._events_key(sub.job_id)
-        failures = 0
-        while not sub.closed and not self._closed:
-            cursor = self._reader.cursor(sub.job_id)
-            if cursor is not None and sub.last >= cursor:
-                self._reader.attach(sub, cursor)  # the reader has read nothing this one needs
-                return
-            try:
-                entries, last_id = unpack(await self._eval("replay", [key], [f"{sub.last + 1}-0"]))
-            except StoreUnavailable as exc:
-                log.msg(f"replay of job {sub.job_id} events: {exc}; retrying")
-                await deferLater(self._clock, retry_delay(failures))
-                failures += 1
-                continue
-            for entry in arr(entries):
-                for event in decode_entry(entry):
-                    sub.deliver(event)  # one already seen (seq <= last) is skipped
-            stream_last = int(str(last_id).split("-", 1)[0]) if last_id else 0
-            if sub.closed or self._reader.attach(sub, stream_last):
-                return
-
     async def claim_idempotency(self, key: str, fingerprint: str, job_id: str) -> tuple[str, str] | None:
         held = await self._eval("claim", [f"{self._prefix}idem:{key}"], [
             self._prefix, job_id, fingerprint, int(self.idem_pending_grace_s * 1000),
@@ -553,8 +516,6 @@ class RedisJobStore(RedisLeases, RedisOutbox, JobStore):
             out["last_reset"] = self.last_reset
         return out
 
-    def subscriber_count(self) -> int:
-        return 0 if self._reader is None else self._reader.subscriber_count()
 
 
 def _key_of(args: tuple[Any, ...]) -> str:
