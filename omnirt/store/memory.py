@@ -16,7 +16,8 @@ retention sweep delete rows. The packing is lossless: ``get`` (with or without e
 ``events`` and ``subscribe`` answer exactly what they answered before the job finished; a rare
 write to a finished job reads it back, unpacks, applies, repacks and writes it back.
 ``compact=False`` keeps finished jobs as objects in RAM (the representation before, for
-benchmarks; ``malloc_trim`` after each sweep that dropped some)."""
+benchmarks). The objects of a job that left the heap are freed chunks among live ones: every
+``TRIM_AFTER_JOBS`` such jobs the store calls glibc's ``malloc_trim`` to hand them back."""
 
 from __future__ import annotations
 
@@ -40,6 +41,9 @@ from omnirt.webhooks.model import OutboxEntry
 #: what a retained finished job costs besides its packed bytes (its row's header columns and
 #: index entries), counted towards ``max_bytes``
 JOB_OVERHEAD_BYTES = 400
+#: jobs whose objects left the heap (a finished job moved to its row, or one kept as objects
+#: dropped) after which the store asks the allocator to hand the freed memory back to the system
+TRIM_AFTER_JOBS = 1000
 #: the orphan-artifact sweep (a directory walk) runs at most this often, whatever the retention
 ARTIFACT_SWEEP_S = 60.0
 
@@ -98,6 +102,7 @@ class MemoryJobStore(JobStore):
         #: finished jobs dropped, by reason: retention | count | bytes
         self.evictions: Counter[str] = Counter()
         self.trims = 0
+        self._left_heap = 0
         self._artifact_swept_at: float | None = None
         #: omnirt.store.artifacts.ArtifactStore whose files expire with the jobs, or None
         self.artifacts = artifacts
@@ -188,6 +193,7 @@ class MemoryJobStore(JobStore):
                            model=job.model, tenant=job.tenant, idempotency=claim, outputs=job.outputs, size=size,
                            packed=job.packed)
         job.stored = True
+        self._jobs_left_heap()
 
     async def create(self, record: JobRecord, event: NewEvent) -> JobRecord:
         if record.id in self._jobs:
@@ -438,6 +444,7 @@ class MemoryJobStore(JobStore):
         else:
             key = None
         self._forget(Dropped(job_id, job.outputs, key), reason)
+        self._jobs_left_heap()
 
     def _enforce_bound(self) -> None:
         if not self.compact:
@@ -456,9 +463,15 @@ class MemoryJobStore(JobStore):
         if dropped is not None:
             self._forget(dropped, reason)
 
+    def _jobs_left_heap(self, jobs: int = 1) -> None:
+        self._left_heap += jobs
+        if self._left_heap >= TRIM_AFTER_JOBS:
+            self._maybe_trim()
+
     def _maybe_trim(self) -> None:
-        """Hand the freed heap back to the system (glibc): after a sweep dropped finished jobs
-        kept as objects (finished jobs kept compact are not in the heap)."""
+        """Hand the freed heap back to the system (glibc): the objects of the jobs that left the
+        heap are free chunks scattered between live ones, which the allocator keeps otherwise."""
+        self._left_heap = 0
         if _MALLOC_TRIM is not None:
             _MALLOC_TRIM(0)
             self.trims += 1
