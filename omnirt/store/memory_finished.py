@@ -7,7 +7,8 @@ its space goes when the connection closes (``close``, or when the FinishedJobs i
 the process ends). It is exactly as volatile as the memory store always was: no journal, no fsync; a crash or
 a restart loses the finished jobs, as it always lost the memory store's jobs. A small page cache
 (``CACHE_KIB``) bounds what SQLite keeps in RAM; the rest is the kernel's page cache, not the
-gateway's heap.
+gateway's heap. On disk the file takes about what the store's byte bound counts (``max_bytes``,
+256 MiB by default): deleted rows' pages are reused, never vacuumed.
 
 A row holds a finished job's packed bytes (omnirt.store.memory.pack) and the header fields the
 store answers from without unpacking: state, model, tenant, idempotency key (and its
