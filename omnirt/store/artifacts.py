@@ -37,8 +37,10 @@ class ArtifactStore:
         self.directory.mkdir(parents=True, exist_ok=True)
         self._reactor = reactor
         self._pool = threadpool
-        #: sha256 -> how many times its bytes were put (guarded by ``_lock``, shared with the
-        #: pool's threads): a discard only deletes a file that was not put again since its reference
+        #: sha256 -> how many times its bytes were put since a job last referenced them (guarded by
+        #: ``_lock``, shared with the pool's threads): a discard only deletes a file that was not
+        #: put again since its reference. ``reference`` takes the entry out, so this holds the
+        #: bytes no job names yet, not one entry per file ever written
         self._generation: dict[str, int] = {}
         self._lock = threading.Lock()
 
@@ -68,8 +70,11 @@ class ArtifactStore:
     # -- expiry (driven by the job store) ----------------------------------------------------
 
     def reference(self, sha256: str) -> int:
-        """A token for a job that now names ``sha256`` (call after the put it records)."""
-        return self._generation.get(sha256, 0)  # one dict read: atomic, no need to wait for a writer
+        """A token for a job that now names ``sha256`` (call after the put it records): the puts
+        before it are forgotten; a put after it makes a later discard keep the file."""
+        # one dict operation: atomic, no need to wait for a writer (a put racing it only leaves
+        # an entry behind: the file is then kept, and swept once no job names it)
+        return self._generation.pop(sha256, 0)
 
     def discard(self, refs: Iterable[tuple[str, int]]):
         """Deferred[int]: delete each ``(sha256, token)`` file no one put again since its
@@ -79,11 +84,10 @@ class ArtifactStore:
 
     def _discard(self, refs: list[tuple[str, int]]) -> int:
         deleted = 0
-        for sha, token in refs:
+        for sha, _token in refs:
             with self._lock:
-                if self._generation.get(sha, 0) != token:
-                    continue
-                self._generation.pop(sha, None)
+                if sha in self._generation:
+                    continue  # put again since the reference: a newer job is about to name it
                 found = self.find(sha)
                 if found is not None:
                     found[0].unlink(missing_ok=True)

@@ -6,42 +6,44 @@ kept, and their packed size stays under ``max_bytes`` (oldest finished jobs are 
 ``evictions`` counts them by reason). With an artifact store, the files a job names (its outputs
 and its step previews) go when the last job naming them is dropped.
 
-Compaction: once a job is terminal its record and events are kept as ONE packed ``bytes`` (the
-record's JSON and the events' JSON, each zlib-compressed) instead of pydantic objects: about a
-twentieth of the memory, and a few large allocations the allocator can hand back to the system
-when they go (the store calls ``malloc_trim`` after dropping many). The packing is lossless:
-``get`` (with or without events), ``list``, ``events`` and ``subscribe`` answer exactly what they
-answered before the job finished; a rare write to a finished job unpacks it, applies, repacks.
-``compact=False`` keeps the objects (the representation before, for benchmarks)."""
+Finished jobs leave the Python heap: once a job is terminal its record and events are packed
+into ONE ``bytes`` (the record's JSON and the events' JSON, each zlib-compressed) and that goes,
+with the header fields ``list``, the filters, idempotency keys and the bounds need, into a
+private temporary SQLite database (omnirt.store.memory_finished: as volatile as this store always
+was, gone when the store closes). RAM holds only live jobs (and the subscribers of finished ones),
+so the gateway's memory stays flat however many finished jobs are retained; the bounds and the
+retention sweep delete rows. The packing is lossless: ``get`` (with or without events), ``list``,
+``events`` and ``subscribe`` answer exactly what they answered before the job finished; a rare
+write to a finished job reads it back, unpacks, applies, repacks and writes it back.
+``compact=False`` keeps finished jobs as objects in RAM (the representation before, for
+benchmarks). The objects of a job that left the heap are freed chunks among live ones: every
+``TRIM_AFTER_JOBS`` such jobs the store calls glibc's ``malloc_trim`` to hand them back."""
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import struct
-import sys
-import zlib
 from collections import Counter, OrderedDict
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
 from typing import Any
 
-from pydantic import TypeAdapter
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.interfaces import IReactorTime
 from twisted.python import log
 
 from omnirt.contract import JobEvent, JobRecord, JobState, check_transition
 from omnirt.store.base import EventCallback, JobNotFound, JobStore, NewEvent, Subscription
+from omnirt.store.memory_finished import Dropped, FinishedJobs
+from omnirt.store.memory_job import MemoryJob, MemoryJobs, unpack_record
 from omnirt.store.memory_outbox import MemoryOutbox
 from omnirt.webhooks.model import OutboxEntry
 
-_EVENTS = TypeAdapter(list[JobEvent])
-_LEN = struct.Struct("<I")
-#: what a retained finished job costs besides its packed bytes (dict slots, the _Job, its id and
-#: header strings), counted towards ``max_bytes``
+#: what a retained finished job costs besides its packed bytes (its row's header columns and
+#: index entries), counted towards ``max_bytes``
 JOB_OVERHEAD_BYTES = 400
-#: freed packed bytes after which the store asks the allocator to return memory to the system
-TRIM_AFTER_BYTES = 8 << 20
+#: jobs whose objects left the heap (a finished job moved to its row, or one kept as objects
+#: dropped) after which the store asks the allocator to hand the freed memory back to the system
+TRIM_AFTER_JOBS = 1000
 #: the orphan-artifact sweep (a directory walk) runs at most this often, whatever the retention
 ARTIFACT_SWEEP_S = 60.0
 
@@ -67,84 +69,6 @@ def sweep_interval_for(retention_s: float) -> float:
     return min(60.0, max(0.25, retention_s / 10.0))
 
 
-def pack(record: JobRecord, events: list[JobEvent]) -> bytes:
-    head = zlib.compress(record.model_dump_json(exclude={"events"}).encode(), 1)
-    tail = zlib.compress(_EVENTS.dump_json(events), 1)
-    return _LEN.pack(len(head)) + head + tail
-
-
-def unpack_record(blob: bytes) -> JobRecord:
-    (n,) = _LEN.unpack_from(blob)
-    return JobRecord.model_validate_json(zlib.decompress(blob[4:4 + n]))
-
-
-def unpack_events(blob: bytes) -> list[JobEvent]:
-    (n,) = _LEN.unpack_from(blob)
-    return _EVENTS.validate_json(zlib.decompress(blob[4 + n:]))
-
-
-class _Job:
-    """One job: live (``record`` + ``events`` objects) or, once finished, ``packed`` bytes; the
-    header (state, model, tenant) answers ``list`` filters without unpacking."""
-
-    __slots__ = ("_record", "_events", "packed", "listeners", "state", "model", "tenant", "idempotency_key", "marks",
-                 "outputs")
-
-    def __init__(self, record: JobRecord):
-        self._record: JobRecord | None = record
-        self._events: list[JobEvent] | None = []
-        self.packed: bytes | None = None
-        self.listeners: list[_MemorySubscription] = []
-        self.state = record.state
-        self.model = sys.intern(record.request.model)  # one string per model, not per job
-        self.tenant = sys.intern(record.tenant) if record.tenant else None
-        self.idempotency_key = record.idempotency_key
-        #: attempt -> the highest worker event index stored (append_worker_event)
-        self.marks: dict[int, int] | None = None
-        #: sha256 of the artifacts this job references in the artifact store (its outputs and the
-        #: step previews its events announce): kept beside the packed bytes, so dropping a job
-        #: releases them without unpacking it
-        self.outputs: tuple[str, ...] = ()
-
-    @property
-    def record(self) -> JobRecord:
-        if self._record is not None:
-            return self._record
-        assert self.packed is not None
-        return unpack_record(self.packed)
-
-    @record.setter
-    def record(self, record: JobRecord) -> None:
-        self.thaw()
-        self._record = record
-        self.state = record.state
-
-    @property
-    def events(self) -> list[JobEvent]:
-        """The events (a fresh list when packed: read it, do not append to it)."""
-        if self._events is not None:
-            return self._events
-        assert self.packed is not None
-        return unpack_events(self.packed)
-
-    def thaw(self) -> None:
-        """Back to objects (before a write)."""
-        if self.packed is not None:
-            self._record = unpack_record(self.packed)
-            self._events = unpack_events(self.packed)
-            self.packed = None
-
-    def freeze(self) -> int:
-        """To packed bytes; returns their size."""
-        if self.packed is None:
-            assert self._record is not None and self._events is not None
-            self.packed = pack(self._record, self._events)
-            self._record = None
-            self._events = None
-            self.marks = None  # a finished job takes no more worker events
-        return len(self.packed)
-
-
 class _MemorySubscription(Subscription):
     def __init__(self, store: MemoryJobStore, job_id: str, on_event: EventCallback):
         self._store = store
@@ -156,9 +80,11 @@ class _MemorySubscription(Subscription):
         if self.closed:
             return
         self.closed = True
-        job = self._store._jobs.get(self.job_id)
-        if job is not None and self in job.listeners:
-            job.listeners.remove(self)
+        listeners = self._store._listeners.get(self.job_id)
+        if listeners is not None and self in listeners:
+            listeners.remove(self)
+            if not listeners:
+                del self._store._listeners[self.job_id]
 
 
 class MemoryJobStore(JobStore):
@@ -169,30 +95,31 @@ class MemoryJobStore(JobStore):
     def __init__(self, clock: IReactorTime, *, retention_s: float = 86400.0, max_terminal_jobs: int = 100_000,
                  artifacts=None, max_bytes: int | None = None, compact: bool = True, registry=None):
         self._clock = clock
-        #: keep finished jobs packed (see the module docstring); False: as objects, no byte bound
+        #: finished jobs to the table, packed (see the module docstring); False: as objects, no byte bound
         self.compact = compact
         #: bound on the finished jobs' packed bytes (+ JOB_OVERHEAD_BYTES each); None = no bound
         self.max_bytes = max_bytes
-        #: bytes the retained finished jobs take (packed + overhead); 0 when not compact
-        self.terminal_bytes = 0
         #: finished jobs dropped, by reason: retention | count | bytes
         self.evictions: Counter[str] = Counter()
-        #: finished job id -> the bytes it counts for
-        self._sizes: dict[str, int] = {}
-        self._freed_since_trim = 0
         self.trims = 0
+        self._left_heap = 0
         self._artifact_swept_at: float | None = None
         #: omnirt.store.artifacts.ArtifactStore whose files expire with the jobs, or None
         self.artifacts = artifacts
-        #: sha256 -> {job id: the artifact store's reference token}
-        self._artifact_refs: dict[str, dict[str, int]] = {}
+        #: the finished jobs (compact) and every job's artifact references
+        self._finished = FinishedJobs()
         #: artifact deletions under way (``close`` waits for them)
         self._discarding: set[Deferred] = set()
         self.retention_s = retention_s
         self.max_terminal_jobs = max_terminal_jobs
-        self._jobs: dict[str, _Job] = {}
-        #: terminal job id -> time it became terminal, oldest first
+        self._jobs = MemoryJobs(self._finished)
+        self._created = 0
+        #: job id -> its open subscriptions (live or finished jobs; only while some are open)
+        self._listeners: dict[str, list[_MemorySubscription]] = {}
+        #: not compact: terminal job id -> time it became terminal, oldest first
         self._terminal: OrderedDict[str, float] = OrderedDict()
+        #: key -> (job id, fingerprint) of claims whose job is live or not created yet (a finished
+        #: job's key is in its row)
         self._idempotency: dict[str, tuple[str, str]] = {}
         #: claims whose job may not exist yet: key -> (job id, time claimed), oldest first; a
         #: claim whose job was never created (the submit was refused after claiming) is dropped
@@ -203,6 +130,11 @@ class MemoryJobStore(JobStore):
             registry.register(_StoreCollector(self))
 
     @property
+    def terminal_bytes(self) -> int:
+        """Bytes the retained finished jobs count for (packed + overhead); 0 when not compact."""
+        return self._finished.bytes
+
+    @property
     def sweep_interval_s(self) -> float:
         """How often the owner should call ``expire`` (derived from the retention)."""
         return sweep_interval_for(self.retention_s)
@@ -210,13 +142,13 @@ class MemoryJobStore(JobStore):
     def _now_ms(self) -> int:
         return int(self._clock.seconds() * 1000)
 
-    def _job(self, job_id: str) -> _Job:
+    def _job(self, job_id: str) -> MemoryJob:
         job = self._jobs.get(job_id)
         if job is None:
             raise JobNotFound(job_id)
         return job
 
-    def _append(self, job: _Job, event: NewEvent) -> JobEvent:
+    def _append(self, job_id: str, job: MemoryJob, event: NewEvent) -> JobEvent:
         job.thaw()
         assert job._events is not None
         stored = JobEvent(
@@ -227,12 +159,11 @@ class MemoryJobStore(JobStore):
             data=dict(event.data),
         )
         job._events.append(stored)
-        job_id = job.record.id
         self._outbox.on_event(job_id, stored)  # same step as the append: no event without its webhooks
         preview = stored.data.get("preview_sha256")
         if isinstance(preview, str) and preview:
             self._reference(job, job_id, preview)
-        for sub in list(job.listeners):
+        for sub in list(self._listeners.get(job_id, ())):
             if not sub.closed:
                 try:
                     sub.on_event(stored)
@@ -240,26 +171,44 @@ class MemoryJobStore(JobStore):
                     log.err(None, f"event subscriber of job {job_id} failed")
         return stored
 
-    def _settle(self, job_id: str, job: _Job) -> None:
-        """After a write: a finished job goes (back) to packed bytes and counts towards the bound."""
-        if not (self.compact and job.state.terminal and job_id in self._jobs):
+    def _settle(self, job_id: str, job: MemoryJob) -> None:
+        """After a write: a finished job goes (back) to its row, packed, and counts towards the bound."""
+        if not (self.compact and job.state.terminal):
+            return
+        if job.stored:  # a finished job written to again (unless a bound dropped it meanwhile)
+            size = job.freeze() + JOB_OVERHEAD_BYTES
+            assert job.packed is not None
+            self._finished.rewrite(job_id, state=job.state.value, outputs=job.outputs, size=size, packed=job.packed)
+            return
+        if self._jobs.live.get(job_id) is not job:
             return
         size = job.freeze() + JOB_OVERHEAD_BYTES
-        self.terminal_bytes += size - self._sizes.get(job_id, 0)
-        self._sizes[job_id] = size
+        assert job.packed is not None and job.finished_at is not None
+        del self._jobs.live[job_id]
+        key = job.idempotency_key
+        claim: tuple[str, str] | None = None
+        if key is not None and self._idempotency.get(key, ("",))[0] == job_id:
+            claim = (key, self._idempotency.pop(key)[1])  # the row holds it from now on
+        self._finished.add(job_id, created=job.created, finished_at=job.finished_at, state=job.state.value,
+                           model=job.model, tenant=job.tenant, idempotency=claim, outputs=job.outputs, size=size,
+                           packed=job.packed)
+        job.stored = True
+        self._jobs_left_heap()
 
     async def create(self, record: JobRecord, event: NewEvent) -> JobRecord:
         if record.id in self._jobs:
             raise ValueError(f"job {record.id} exists")
-        job = _Job(record.model_copy(update={"events": []}))
-        self._jobs[record.id] = job
+        self._created += 1
+        job = MemoryJob(record.model_copy(update={"events": []}), self._created)
+        self._jobs.live[record.id] = job
         self._outbox.created(record, self.webhook_progress_interval_ms)
-        self._append(job, event)
+        self._append(record.id, job, event)
         if record.state.terminal:
-            self._finished(record.id)
+            self._finished_now(record.id, job)
+        out = job.record
         self._settle(record.id, job)
         self._enforce_bound()
-        return job.record
+        return out
 
     async def get(self, job_id: str, *, with_events: bool = False) -> JobRecord | None:
         job = self._jobs.get(job_id)
@@ -271,17 +220,28 @@ class MemoryJobStore(JobStore):
 
     async def list(self, *, state: JobState | None = None, model: str | None = None, limit: int = 50,
                    tenant: str | None = None) -> list[JobRecord]:
+        def live() -> Iterator[MemoryJob]:
+            for job in reversed(self._jobs.live.values()):  # dicts keep insertion order: newest last
+                if state is not None and job.state != state:
+                    continue
+                if model is not None and job.model != model:
+                    continue
+                if tenant is not None and job.tenant != tenant:
+                    continue
+                yield job
+
+        finished = self._finished.newest(state=None if state is None else state.value, model=model, tenant=tenant,
+                                         limit=limit)
         out: list[JobRecord] = []
-        for job in reversed(self._jobs.values()):  # dicts keep insertion order: newest last
-            if state is not None and job.state != state:
-                continue
-            if model is not None and job.model != model:
-                continue
-            if tenant is not None and job.tenant != tenant:
-                continue
-            out.append(job.record)
+        at = 0  # live and finished jobs, merged newest created first
+        for job in live():
+            while at < len(finished) and finished[at][0] > job.created and len(out) < limit:
+                out.append(unpack_record(finished[at][1]))
+                at += 1
             if len(out) >= limit:
-                break
+                return out
+            out.append(job.record)
+        out.extend(unpack_record(packed) for _, packed in finished[at:at + limit - len(out)])
         return out
 
     async def transition(
@@ -306,10 +266,10 @@ class MemoryJobStore(JobStore):
         if "result" in update:
             self._reference_outputs(job, job.record)
         if event is not None:
-            self._append(job, event)
+            self._append(job_id, job, event)
         record = job.record
         if target.terminal:
-            self._finished(job_id)
+            self._finished_now(job_id, job)
         self._settle(job_id, job)
         self._enforce_bound()
         return record
@@ -324,7 +284,7 @@ class MemoryJobStore(JobStore):
         if "result" in fields:
             self._reference_outputs(job, job.record)
         if event is not None:
-            self._append(job, event)
+            self._append(job_id, job, event)
         record = job.record
         self._settle(job_id, job)
         self._enforce_bound()
@@ -332,7 +292,7 @@ class MemoryJobStore(JobStore):
 
     async def append_event(self, job_id: str, event: NewEvent) -> JobEvent:
         job = self._job(job_id)
-        stored = self._append(job, event)
+        stored = self._append(job_id, job, event)
         self._settle(job_id, job)
         self._enforce_bound()
         return stored
@@ -360,12 +320,15 @@ class MemoryJobStore(JobStore):
                 return sub
             on_event(stored)
         if not sub.closed:
-            job.listeners.append(sub)
+            self._listeners.setdefault(job_id, []).append(sub)
         return sub
 
     async def claim_idempotency(self, key: str, fingerprint: str, job_id: str) -> tuple[str, str] | None:
         held = self._idempotency.get(key)
         if held is not None and held[0] in self._jobs:
+            return held
+        held = self._finished.idempotency(key)
+        if held is not None:
             return held
         self._idempotency[key] = (job_id, fingerprint)
         self._pending_claims.pop(key, None)
@@ -375,7 +338,7 @@ class MemoryJobStore(JobStore):
     @property
     def claim_count(self) -> int:
         """Idempotency keys held (bounded by the retained jobs plus recent pending claims)."""
-        return len(self._idempotency)
+        return len(self._idempotency) + self._finished.keys
 
     def _expire_pending_claims(self) -> None:
         cutoff = self._clock.seconds() - self.idem_pending_grace_s
@@ -384,36 +347,32 @@ class MemoryJobStore(JobStore):
             if claimed > cutoff:
                 break
             del self._pending_claims[key]
-            if job_id not in self._jobs and self._idempotency.get(key, ("",))[0] == job_id:
+            if self._idempotency.get(key, ("",))[0] == job_id and job_id not in self._jobs:
                 del self._idempotency[key]  # the job was never created: nothing will drop it
 
     # -- artifacts that expire with their jobs -------------------------------------------------
 
-    def _reference(self, job: _Job, job_id: str, sha256: str) -> None:
+    def _reference(self, job: MemoryJob, job_id: str, sha256: str) -> None:
         if self.artifacts is None:
             return
-        self._artifact_refs.setdefault(sha256, {})[job_id] = self.artifacts.reference(sha256)
+        self._finished.reference(sha256, job_id, self.artifacts.reference(sha256))
         if sha256 not in job.outputs:
             job.outputs += (sha256,)
 
-    def _reference_outputs(self, job: _Job, record: JobRecord) -> None:
+    def _reference_outputs(self, job: MemoryJob, record: JobRecord) -> None:
         if record.result is None:
             return
         for artifact in record.result.outputs:
             if artifact.sha256:
                 self._reference(job, record.id, artifact.sha256)
 
-    def _release_artifacts(self, job_id: str, job: _Job) -> None:
+    def _release_artifacts(self, job_id: str, outputs: tuple[str, ...]) -> None:
         if self.artifacts is None:
             return
         unreferenced = []
-        for sha256 in job.outputs:
-            refs = self._artifact_refs.get(sha256)
-            if refs is None or job_id not in refs:
-                continue
-            token = refs.pop(job_id)
-            if not refs:
-                del self._artifact_refs[sha256]
+        for sha256 in outputs:
+            token = self._finished.release(sha256, job_id)
+            if token is not None:
                 unreferenced.append((sha256, token))
         if unreferenced:
             d = self.artifacts.discard(unreferenced)
@@ -422,6 +381,9 @@ class MemoryJobStore(JobStore):
             d.addBoth(lambda _: self._discarding.discard(d))
 
     async def close(self) -> None:
+        """Wait for the artifact deletions under way. The store still answers afterwards (callers
+        use this to wait for the deletions); its finished jobs' database goes with the store (the
+        connection closes when it is collected, or when the process ends)."""
         if self._discarding:
             await DeferredList(list(self._discarding), consumeErrors=True)
 
@@ -451,40 +413,65 @@ class MemoryJobStore(JobStore):
 
     # -- bounds ----------------------------------------------------------------------------------
 
-    def _finished(self, job_id: str) -> None:
-        self._terminal[job_id] = self._clock.seconds()
+    def _finished_now(self, job_id: str, job: MemoryJob) -> None:
+        now = self._clock.seconds()
+        if self.compact:
+            job.finished_at = now
+        else:
+            self._terminal[job_id] = now
 
-    def _drop(self, job_id: str, reason: str) -> None:
-        job = self._jobs.pop(job_id, None)
-        self._terminal.pop(job_id, None)
-        size = self._sizes.pop(job_id, 0)
-        self.terminal_bytes -= size
-        self._freed_since_trim += size
-        if job is None:
-            return
+    def _forget(self, dropped: Dropped, reason: str) -> None:
+        """What goes with a dropped job: its webhooks, artifacts, subscribers, pending claim."""
+        job_id = dropped.id
         self.evictions[reason] += 1
         self._outbox.dropped(job_id)
-        self._release_artifacts(job_id, job)
-        for sub in list(job.listeners):
+        self._release_artifacts(job_id, dropped.outputs)
+        for sub in list(self._listeners.get(job_id, ())):
             sub.close()
+        key = dropped.idempotency_key
+        if key is not None and self._pending_claims.get(key, ("",))[0] == job_id:
+            del self._pending_claims[key]
+
+    def _drop(self, job_id: str, reason: str) -> None:
+        """Not compact: drop a finished job kept as objects."""
+        job = self._jobs.live.pop(job_id, None)
+        self._terminal.pop(job_id, None)
+        if job is None:
+            return
         key = job.idempotency_key
         if key is not None and self._idempotency.get(key, ("",))[0] == job_id:
             del self._idempotency[key]
-            self._pending_claims.pop(key, None)
+        else:
+            key = None
+        self._forget(Dropped(job_id, job.outputs, key), reason)
+        self._jobs_left_heap()
 
     def _enforce_bound(self) -> None:
-        while len(self._terminal) > self.max_terminal_jobs:
-            self._drop(next(iter(self._terminal)), "count")
+        if not self.compact:
+            while len(self._terminal) > self.max_terminal_jobs:
+                self._drop(next(iter(self._terminal)), "count")
+            return
+        finished = self._finished
+        while finished.count > self.max_terminal_jobs:
+            self._forget_oldest("count")
         if self.max_bytes is not None:
-            while self._terminal and self.terminal_bytes > self.max_bytes:
-                self._drop(next(iter(self._terminal)), "bytes")
-        self._maybe_trim()
+            while finished.count and finished.bytes > self.max_bytes:
+                self._forget_oldest("bytes")
+
+    def _forget_oldest(self, reason: str) -> None:
+        dropped = self._finished.pop_oldest()
+        if dropped is not None:
+            self._forget(dropped, reason)
+
+    def _jobs_left_heap(self, jobs: int = 1) -> None:
+        self._left_heap += jobs
+        if self._left_heap >= TRIM_AFTER_JOBS:
+            self._maybe_trim()
 
     def _maybe_trim(self) -> None:
-        """After many finished jobs went, hand the freed heap back to the system (glibc)."""
-        if self._freed_since_trim < TRIM_AFTER_BYTES:
-            return
-        self._freed_since_trim = 0
+        """Hand the freed heap back to the system (glibc): the objects of the jobs that left the
+        heap are free chunks scattered between live ones, which the allocator keeps otherwise."""
+        self._left_heap = 0
         if _MALLOC_TRIM is not None:
             _MALLOC_TRIM(0)
             self.trims += 1
@@ -494,21 +481,25 @@ class MemoryJobStore(JobStore):
         now = self._clock.seconds()
         cutoff = now - self.retention_s
         dropped = 0
-        while self._terminal:
-            job_id, finished = next(iter(self._terminal.items()))
-            if finished > cutoff:
-                break
-            self._drop(job_id, "retention")
-            dropped += 1
-        if not self.compact and dropped:
-            self._freed_since_trim += TRIM_AFTER_BYTES  # no sizes without packing: trim per sweep
-        self._maybe_trim()
+        if self.compact:
+            for gone in self._finished.pop_expired(cutoff):
+                self._forget(gone, "retention")
+                dropped += 1
+        else:
+            while self._terminal:
+                job_id, finished = next(iter(self._terminal.items()))
+                if finished > cutoff:
+                    break
+                self._drop(job_id, "retention")
+                dropped += 1
+            if dropped:
+                self._maybe_trim()
         if self.artifacts is not None and (
                 self._artifact_swept_at is None or now - self._artifact_swept_at >= ARTIFACT_SWEEP_S):
             # files no retained job names (an earlier run's, or orphans): a directory walk, so
             # not at every sweep of a short retention
             self._artifact_swept_at = now
-            await self.artifacts.sweep(set(self._artifact_refs), self.retention_s)
+            await self.artifacts.sweep(self._finished.referenced(), self.retention_s)
         return dropped
 
     def __len__(self) -> int:
