@@ -111,7 +111,7 @@ def write_markdown(r: dict, path: Path, chart: Path | None, chart_note: str) -> 
                   "no backend named). Sync: wrk, 1 thread, 60 s request timeout, 3 / 4 / 8 s at c=1 / 4 / 16 after 3 warm-up calls. Async: "
                   f"{u['async_jobs']} jobs submitted at once (ours POST /v1/jobs; upstream answers 501 there, so "
                   "POST /v1/generate with async_run), one SSE stream per job; completion = first submit to the last "
-                  "job terminal in GET /v1/jobs/{id}. /healthz every 20 ms meanwhile. RSS from /proc (VmRSS). "
+                  "job terminal in GET /v1/jobs/{id}. /healthz every 20 ms through the sync and async scenarios. RSS from /proc (VmRSS). "
                   f"Started in {o['start_s']} s (ours) and {p['start_s']} s (upstream).", "",
                   md_table(UPSTREAM_HEAD, upstream_rows(u)), ""]
     fo = r.get("failover")

@@ -113,3 +113,15 @@ class GatewayConfigTests(unittest.TestCase):
             with self.assertRaises(WorkerConfigError) as caught:
                 WorkerConfig.from_args(build_parser().parse_args(["worker", *bad]))
             self.assertIn(words, str(caught.exception))
+
+
+class SwitchIntervalTests(unittest.TestCase):
+    def test_shorter_only_beside_an_in_process_engine_that_computes(self):
+        """A single process with a real engine serves with the 1 ms switch interval; a gateway in
+        front of remote workers, or the cpu-stub engine, keeps the interpreter's default."""
+        from omnirt.commands.serve import ENGINE_SWITCH_INTERVAL_S, switch_interval_for
+
+        self.assertEqual(switch_interval_for(parse("--backend", "cpu")), ENGINE_SWITCH_INTERVAL_S)
+        self.assertEqual(switch_interval_for(parse()), ENGINE_SWITCH_INTERVAL_S)  # auto: cpu here, cuda elsewhere
+        self.assertIsNone(switch_interval_for(parse("--backend", "cpu-stub")))
+        self.assertIsNone(switch_interval_for(parse("--remote-worker", "w1=127.0.0.1:50051")))
