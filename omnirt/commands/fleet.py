@@ -77,10 +77,12 @@ class _Problems(Exception):
 
 
 def _guard(func):
-    """FleetError -> one ``error:`` line per problem and exit status 2."""
-    from omnirt.fleet import FleetError
+    """FleetError -> one ``error:`` line per problem and exit status 2 (omnirt.fleet, which loads
+    supervisor's XML-RPC client, is imported when a fleet command runs, not for every command)."""
 
     def wrapper(args) -> int:
+        from omnirt.fleet import FleetError
+
         try:
             return func(args)
         except _Problems as p:

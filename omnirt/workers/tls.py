@@ -1,14 +1,20 @@
 """TLS between gateway and workers: server credentials for ``omnirt worker`` (mutual TLS when a
 CA is given) and channel credentials for the gateway's connections. Plaintext stays the default
-for loopback; a plaintext connection to a non-loopback worker is warned about."""
+for loopback; a plaintext connection to a non-loopback worker is warned about.
+
+grpc is imported where credentials or channels are made, not with this module: the gateway's
+flag parsing uses ``is_loopback_host``, and a gateway with no remote worker never loads grpc
+(about 11 MB of its RSS)."""
 
 from __future__ import annotations
 
 import dataclasses
 import ipaddress
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import grpc
+if TYPE_CHECKING:
+    import grpc
 
 
 class TLSConfigError(ValueError):
@@ -44,6 +50,8 @@ class ClientTLS:
         return cls(_read(ca, "CA file"), _read(cert, "certificate"), _read(key, "key"), server_name)
 
     def credentials(self) -> grpc.ChannelCredentials:
+        import grpc
+
         return grpc.ssl_channel_credentials(root_certificates=self.ca, private_key=self.key, certificate_chain=self.cert)
 
     def options(self) -> list[tuple[str, str]]:
@@ -58,10 +66,14 @@ def server_credentials(cert: str | None, key: str | None, ca: str | None) -> grp
         raise TLSConfigError("--grpc-tls-cert and --grpc-tls-key go together")
     chain, private = _read(cert, "certificate"), _read(key, "key")
     root = _read(ca, "CA file")
+    import grpc
+
     return grpc.ssl_server_credentials([(private, chain)], root_certificates=root, require_client_auth=root is not None)
 
 
 def secure_or_insecure_channel(address: str, tls: ClientTLS | None, options: list) -> grpc.aio.Channel:
+    import grpc.aio
+
     if tls is None:
         return grpc.aio.insecure_channel(address, options=options)
     return grpc.aio.secure_channel(address, tls.credentials(), options=[*options, *tls.options()])

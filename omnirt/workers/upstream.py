@@ -30,13 +30,15 @@ import os
 import tempfile
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from omnirt.contract import Artifact, GenerateRequest, GenerateResult
 from omnirt.engine.base import JobFailed, RunOutcome
-from omnirt.workers import wire
 from omnirt.workers.base import WorkerHealth, WorkerUpdate
 from omnirt.workers.tls import is_loopback_host
+
+if TYPE_CHECKING:  # the messages (protobuf) are loaded where a worker's answer is read, not with
+    from omnirt.workers import wire  # the flags: a gateway without remote workers never loads them
 
 __all__ = [
     "SHARED_DIR_FLAG",
@@ -209,6 +211,8 @@ def outcome_from_upstream(message: wire.pb.GenerateResult, *, address: str,
 
     Reads files (run off the loop). ``JobFailed`` for an artifact that cannot be read here.
     """
+    from omnirt.workers import wire
+
     roots = options.readable_roots(address)
     own = os.path.realpath(options.scratch_dir)
     artifacts: list[Artifact] = []
