@@ -175,6 +175,27 @@ class ExportFailureTests(unittest.TestCase):
         self.assertEqual(span.resource.attributes["omnirt.worker_id"], "w1")
         self.assertTrue(span.resource.attributes["host.name"])
 
+    def test_a_finished_trace_keeps_its_summaries_not_its_spans(self):
+        """Once a job's trace is finished its spans are exported and the trace holds only their
+        summaries: a late terminal call gets the same summaries, and nothing new starts under it."""
+        exporter = InMemorySpanExporter()
+        tracing = Tracing(exporter=exporter)
+        self.addCleanup(tracing.provider.shutdown)
+        trace = tracing.start_job("j1", model="m", task="text2image", backend="cpu-stub")
+        trace.begin_dispatch(1, "w1")
+        trace.end_dispatch(1, "succeeded")
+        first = trace.finish("succeeded")
+        tracing.provider.force_flush(5000)
+        self.assertEqual(sorted(s.name for s in exporter.get_finished_spans()), ["dispatch", "omnirt.job", "queue_wait"])
+        self.assertEqual(sorted(s["name"] for s in first), ["dispatch", "omnirt.job", "queue_wait"])
+        self.assertIsNone(trace.root)
+        self.assertIs(tracing.live("j1"), trace)
+        self.assertEqual(tracing.job("j1").finish("succeeded"), first)
+        self.assertEqual(trace.begin_dispatch(2, "w2"), {})
+        self.assertEqual(trace.trace_id, format(exporter.get_finished_spans()[0].context.trace_id, "032x"))
+        tracing.provider.force_flush(5000)
+        self.assertEqual(len(exporter.get_finished_spans()), 3)
+
     @inlineCallbacks
     def test_shutdown_with_a_hung_collector_is_bounded(self):
         """shutdown() flushes off the reactor thread and gives up after its timeout when the export

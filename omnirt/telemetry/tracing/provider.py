@@ -32,8 +32,9 @@ __all__ = ["Tracing"]
 
 log = logging.getLogger(__name__)
 
-#: finished jobs whose JobTrace is kept for a late terminal call (a lost compare-and-set)
-_RETIRED_KEEP = 1024
+#: finished jobs whose JobTrace is kept for a late terminal call (a lost compare-and-set, which
+#: comes within a store round trip or two); an older job's trace is rebuilt from its record
+_RETIRED_KEEP = 256
 
 
 class Tracing:
