@@ -34,13 +34,13 @@ class EventWriter:
     def __init__(self, transitions: JobTransitions, job_id: str, attempt: int,
                  on_event: Callable[[WorkerUpdate], None], writes: OrderedWrites,
                  artifacts: ArtifactStore | RedisArtifactStore | None = None, *, held: bool = False):
-        self._transitions = transitions
-        #: where a step preview's bytes are stored before its event is (None: previews are kept inline)
-        self._artifacts = artifacts
-        self._job_id = job_id
         self._attempt = attempt
         self._index = 0
-        self._lane = writes.lane(job_id, self._append, self._append_many)
+        # the lane holds the appender's methods, not this writer's: no reference cycle between
+        # the writer and its lane, so an attempt's objects (writer, lane, its closures, the job's
+        # record) are freed by reference counting when it ends, not by a later full collection
+        self._appender = _Appender(transitions, artifacts, job_id, attempt)
+        self._lane = writes.lane(job_id, self._appender.append, self._appender.append_many)
         self._on_event = on_event
         #: the events kept while the worker writes them (None: this writer stores them as they come)
         self._held: list[tuple[int, NewEvent]] | None = [] if held else None
@@ -84,7 +84,7 @@ class EventWriter:
 
         async def take(events: list[tuple[int, NewEvent]]) -> None:
             nonlocal ran, failure
-            before = WorkerEvents(self._attempt, await self._stored(events)) if events else None
+            before = WorkerEvents(self._attempt, await self._appender.stored(events)) if events else None
             try:
                 await run(before)
             except StoreUnavailable:
@@ -99,7 +99,26 @@ class EventWriter:
             failure.raiseException()
         return ran
 
-    async def _stored(self, events: list[tuple[int, NewEvent]]) -> list[tuple[int, NewEvent]]:
+    def drain(self) -> Deferred:
+        """Fires once every pushed event is stored (or given up at shutdown)."""
+        return self._lane.drained()
+
+
+class _Appender:
+    """What a writer's lane runs to store its events: the job's identity and the store's write
+    path, and no reference back to the writer or the lane."""
+
+    __slots__ = ("_artifacts", "_attempt", "_job_id", "_transitions")
+
+    def __init__(self, transitions: JobTransitions, artifacts: ArtifactStore | RedisArtifactStore | None,
+                 job_id: str, attempt: int):
+        self._transitions = transitions
+        #: where a step preview's bytes are stored before its event is (None: previews are kept inline)
+        self._artifacts = artifacts
+        self._job_id = job_id
+        self._attempt = attempt
+
+    async def stored(self, events: list[tuple[int, NewEvent]]) -> list[tuple[int, NewEvent]]:
         """The events as stored: a preview's bytes become an artifact, the event stores its url
         and sha256."""
         stored = []
@@ -111,15 +130,11 @@ class EventWriter:
             stored.append((index, event))
         return stored
 
-    async def _append(self, index: int, event: NewEvent) -> None:
-        [(_, event)] = await self._stored([(index, event)])
+    async def append(self, index: int, event: NewEvent) -> None:
+        [(_, event)] = await self.stored([(index, event)])
         await self._transitions.progress(self._job_id, self._attempt, index,
                                          WorkerUpdate(event.event, event.stage, event.data))
 
-    async def _append_many(self, events: list[tuple[int, NewEvent]]) -> None:
-        updates = [(index, WorkerUpdate(e.event, e.stage, e.data)) for index, e in await self._stored(events)]
+    async def append_many(self, events: list[tuple[int, NewEvent]]) -> None:
+        updates = [(index, WorkerUpdate(e.event, e.stage, e.data)) for index, e in await self.stored(events)]
         await self._transitions.progress_many(self._job_id, self._attempt, updates)
-
-    def drain(self) -> Deferred:
-        """Fires once every pushed event is stored (or given up at shutdown)."""
-        return self._lane.drained()
