@@ -53,7 +53,7 @@ class Sizes:
 FULL = Sizes(budget_s=480, wrk_warm_s=2, wrk_s=6, ceiling_c1_s=3, async_total=1000, async_limit_s=30,
              async1_total=100, cancel_total=20, redis_idle_s=2.0, redis_jobs=30, quiet_wait_s=90, failover_tries=3, sse_subscribers=500,
              sse_rounds=3, tiny_runs=10, ceiling_again=True)
-QUICK = Sizes(budget_s=190, wrk_warm_s=1, wrk_s=2, ceiling_c1_s=2, async_total=150, async_limit_s=10,
+QUICK = Sizes(budget_s=250, wrk_warm_s=1, wrk_s=2, ceiling_c1_s=2, async_total=150, async_limit_s=10,
               async1_total=30, cancel_total=5, redis_idle_s=1.0, redis_jobs=10, quiet_wait_s=30, failover_tries=3, sse_subscribers=500,
               sse_rounds=1, tiny_runs=5, ceiling_again=False)
 

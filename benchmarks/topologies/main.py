@@ -25,7 +25,7 @@ with Redis the commands per job (INFO commandstats delta). Every figure is print
 to the ceiling of the same run. The machine may be shared: the run first waits (bounded) for other
 processes to leave the cores alone, records per phase how much CPU others took, measures a
 topology again (up to twice) when they took half a core or more, and says so in the report.
-Every loop is bounded; the whole run has a time budget (~8 min, --quick ~3 min; the first quiet
+Every loop is bounded; the whole run has a time budget (~8 min, --quick ~4 min; the first quiet
 wait is extra); every child is killed at the end, on errors and on Ctrl-C.
 
 This module: the run, parts in order under one time budget, then the report.
