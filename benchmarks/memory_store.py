@@ -186,7 +186,7 @@ class Gateway:
 
 
 def measure_gateway(jobs: int, retention_s: float, warmup: int = 1200, wave: int = 250) -> dict:
-    # the warm-up runs past the gateway's fixed-size caches (the tracer keeps the last 1,024
+    # the warm-up runs past the gateway's fixed-size caches (the tracer keeps the last 256
     # finished jobs' traces): the baseline has them full, the figures are about the store
     """A real gateway: RSS per retained job, RSS after every job expired."""
     gw = Gateway(retention_s=retention_s)
