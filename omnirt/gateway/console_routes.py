@@ -1,5 +1,6 @@
 """The web console (``/``) and the interactive API page (``/docs``): static files shipped in the
-package under ``omnirt/gateway/console/``, served from memory (a fixed whitelist, no directory
+package under ``omnirt/gateway/console/`` and Swagger UI's from the ``openapi-ui-bundles``
+distribution (its static files, no code), served from memory (a fixed whitelist, no directory
 listing, no path from the URL ever reaches the filesystem). The pages hold no data: they are open
 without a key and ask for one themselves when the API needs it."""
 
@@ -8,17 +9,20 @@ from __future__ import annotations
 import hashlib
 from importlib import resources
 
-#: URL path -> (file under omnirt/gateway/console/, content type)
-STATIC_FILES: dict[str, tuple[str, str]] = {
-    "/": ("index.html", "text/html; charset=utf-8"),
-    "/docs": ("docs.html", "text/html; charset=utf-8"),
-    "/console/console.css": ("console.css", "text/css; charset=utf-8"),
-    "/console/console.js": ("console.js", "text/javascript; charset=utf-8"),
-    "/console/docs.js": ("docs.js", "text/javascript; charset=utf-8"),
-    "/console/favicon.svg": ("favicon.svg", "image/svg+xml"),
+_OURS = "omnirt.gateway"
+_SWAGGER_UI = "openapi_ui_bundles.swagger_ui"
+
+#: URL path -> (package, file under the package's folder, content type)
+STATIC_FILES: dict[str, tuple[str, str, str]] = {
+    "/": (_OURS, "console/index.html", "text/html; charset=utf-8"),
+    "/docs": (_OURS, "console/docs.html", "text/html; charset=utf-8"),
+    "/console/console.css": (_OURS, "console/console.css", "text/css; charset=utf-8"),
+    "/console/console.js": (_OURS, "console/console.js", "text/javascript; charset=utf-8"),
+    "/console/docs.js": (_OURS, "console/docs.js", "text/javascript; charset=utf-8"),
+    "/console/favicon.svg": (_OURS, "console/favicon.svg", "image/svg+xml"),
     "/console/vendor/swagger-ui/swagger-ui-bundle.js": (
-        "vendor/swagger-ui/swagger-ui-bundle.js", "text/javascript; charset=utf-8"),
-    "/console/vendor/swagger-ui/swagger-ui.css": ("vendor/swagger-ui/swagger-ui.css", "text/css; charset=utf-8"),
+        _SWAGGER_UI, "vendor/swagger-ui-bundle.js", "text/javascript; charset=utf-8"),
+    "/console/vendor/swagger-ui/swagger-ui.css": (_SWAGGER_UI, "vendor/swagger-ui.css", "text/css; charset=utf-8"),
 }
 
 #: paths open without an API key (the API calls the pages make carry the key themselves)
@@ -33,15 +37,15 @@ _cache: dict[str, tuple[bytes, str]] = {}
 
 def load(path: str) -> tuple[bytes, str, str] | None:
     """``(body, content type, etag)`` of a console URL path, or None. Files are small (the largest,
-    Swagger UI's bundle, about 1.7 MB) and read once per process."""
+    Swagger UI's bundle, about 1.5 MB) and read once per process."""
     entry = STATIC_FILES.get(path)
     if entry is None:
         return None
-    name, mime = entry
-    if name not in _cache:
-        body = resources.files("omnirt.gateway").joinpath("console", *name.split("/")).read_bytes()
-        _cache[name] = (body, '"' + hashlib.sha256(body).hexdigest()[:32] + '"')
-    body, etag = _cache[name]
+    package, name, mime = entry
+    if path not in _cache:
+        body = resources.files(package).joinpath(*name.split("/")).read_bytes()
+        _cache[path] = (body, '"' + hashlib.sha256(body).hexdigest()[:32] + '"')
+    body, etag = _cache[path]
     return body, mime, etag
 
 

@@ -36,14 +36,21 @@ class ConsoleRouteTests(unittest.TestCase):
 
     @inlineCallbacks
     def test_vendored_swagger_ui_served_locally(self):
-        """The docs page loads Swagger UI from the gateway itself (no CDN), and the bundle is served."""
+        """The docs page loads Swagger UI from the gateway itself (no CDN): its bundle and CSS are the
+        files of the installed openapi-ui-bundles distribution."""
+        from openapi_ui_bundles.swagger_ui import static_path
+
         _, page = yield self.h.request("GET", "/docs")
         self.assertIn(b'src="/console/vendor/swagger-ui/swagger-ui-bundle.js"', page)
         self.assertNotIn(b"//cdn", page)
-        resp, content = yield self.h.request("GET", "/console/vendor/swagger-ui/swagger-ui-bundle.js")
-        self.assertEqual(resp.code, 200)
-        self.assertIn(b"SwaggerUIBundle", content)
-        self.assertEqual(resp.headers.getRawHeaders("content-type"), ["text/javascript; charset=utf-8"])
+        for name, mime in (("swagger-ui-bundle.js", "text/javascript; charset=utf-8"),
+                           ("swagger-ui.css", "text/css; charset=utf-8")):
+            resp, content = yield self.h.request("GET", f"/console/vendor/swagger-ui/{name}")
+            self.assertEqual(resp.code, 200, name)
+            self.assertEqual(content, (static_path / name).read_bytes())
+            self.assertEqual(resp.headers.getRawHeaders("content-type"), [mime])
+            if name.endswith(".js"):
+                self.assertIn(b"SwaggerUIBundle", content)
 
     @inlineCallbacks
     def test_no_page_references_another_origin(self):
