@@ -9,6 +9,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import json
+import re
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -92,6 +93,12 @@ class AdapterRef(_Strict):
     scale: float = 1.0
 
 
+#: a routing tag (JSON Schema ``pattern`` and the check alike): not empty, no ASCII whitespace,
+#: no comma (a worker's ``--tags`` is a comma list, each item stripped)
+ROUTING_TAG_PATTERN = r"^[^ \t\n\r\f\v,]+$"
+_ROUTING_TAG = re.compile(ROUTING_TAG_PATTERN)
+
+
 class GenerateRequest(_Strict):
     """``POST /v1/generate`` and ``POST /v1/jobs`` body; also what a worker receives."""
 
@@ -109,11 +116,23 @@ class GenerateRequest(_Strict):
     config: dict[str, Any] = Field(default_factory=dict, description="width, height, steps, seed, ...")
     adapters: list[AdapterRef] | None = None
     async_run: bool = False
-    routing_tags: list[str] = Field(default_factory=list)
+    routing_tags: list[str] = Field(default_factory=list, description="tags a worker must all have (its --tags)",
+                                    json_schema_extra={"items": {"type": "string", "pattern": ROUTING_TAG_PATTERN}})
     webhook: str | None = Field(None, description="http(s) URL that receives signed job webhooks",
                                 json_schema_extra={"pattern": WEBHOOK_URL_PATTERN, "maxLength": 2048})
     webhook_events_filter: list[Literal["start", "progress", "output", "completed"]] | None = Field(
         None, description="webhook kinds to send (default: completed)", json_schema_extra={"minItems": 1})
+
+    @field_validator("routing_tags")
+    @classmethod
+    def _tags(cls, value: list[str]) -> list[str]:
+        """A tag as a worker's ``--tags`` can hold one: not empty, no whitespace, no comma (any
+        other tag could never match a worker: refused here, not answered 503 later)."""
+        for tag in value:
+            if not _ROUTING_TAG.fullmatch(tag):
+                raise ValueError(f"routing tag {tag!r} is not a tag a worker can have (non-empty, no whitespace "
+                                 "or comma)")
+        return value
 
     @field_validator("webhook")
     @classmethod

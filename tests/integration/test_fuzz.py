@@ -324,6 +324,13 @@ def keep_fast(body):
     # (reported: for a single-process server that is a 503/400 case, not a failed job)
     if body.get("backend") in ("cpu", "cuda", "ascend"):
         body["backend"] = "cpu-stub"
+    # a well-formed routing tag that no worker of this server has is API.md's 503 "no worker can
+    # serve the model", not a client's mistake: only malformed tags (empty, whitespace, commas:
+    # a 400) stay in the mix
+    tags = body.get("routing_tags")
+    if isinstance(tags, list) and tags and all(isinstance(t, str) and t and not any(c in " \t\n\r\f\v," for c in t)
+                                               for t in tags):
+        body["routing_tags"] = []
     return body
 
 

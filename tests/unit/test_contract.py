@@ -42,6 +42,8 @@ json_values = st.recursive(
 )
 json_objects = st.dictionaries(st.text(max_size=12), json_values, max_size=5)
 names = st.text(min_size=1, max_size=16)
+#: what a worker's --tags can hold: no ASCII whitespace, no comma
+tags = names.filter(lambda t: not any(c in " \t\n\r\f\v," for c in t))
 
 requests = st.builds(
     GenerateRequest,
@@ -52,7 +54,7 @@ requests = st.builds(
     config=json_objects,
     adapters=st.none() | st.lists(st.builds(AdapterRef, kind=names, path=names, scale=st.floats(-10, 10)), max_size=2),
     async_run=st.booleans(),
-    routing_tags=st.lists(names, max_size=3),
+    routing_tags=st.lists(tags, max_size=3),
 )
 events = st.builds(
     JobEvent,
@@ -159,6 +161,16 @@ class ParseRequestTests(SynchronousTestCase):
         self.assertEqual(locs, {("task",), ("model",), ("inputs",), ("bogus",), ("async_run",)})
         self.assertEqual(len(exc.detail()), 5)
         self.assertEqual(exc.status, 400)
+
+    def test_malformed_routing_tag_is_a_problem_naming_the_field(self):
+        """An empty routing tag, or one with whitespace or a comma, can never match a worker's
+        --tags: a 400 naming routing_tags (it was a 503 "no worker serves ... with tags")."""
+        body = {"task": "text2image", "model": "sdxl-base-1.0"}
+        for bad in ([""], ["gpu", "a b"], ["a,b"], [" gpu"]):
+            exc = self.assertRaises(RequestInvalid, parse_generate_request, {**body, "routing_tags": bad})
+            self.assertEqual([p.loc[:1] for p in exc.problems], [("routing_tags",)], bad)
+            self.assertEqual(exc.status, 400)
+        self.assertEqual(parse_generate_request({**body, "routing_tags": ["gpu", "a100"]}).routing_tags, ["gpu", "a100"])
 
     def test_problem_render(self):
         """A problem renders as 'dotted.path: message' (the CLI prints one per line)."""
