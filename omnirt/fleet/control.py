@@ -331,7 +331,7 @@ def probe_health(address: str, timeout: float = 1.0):
     from omnirt.workers.proto.omnirt.worker.v1 import worker_pb2 as pb
     from omnirt.workers.proto.omnirt.worker.v1 import worker_pb2_grpc as pb_grpc
 
-    with grpc.insecure_channel(address) as channel:
+    with grpc.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
         try:
             reply = pb_grpc.WorkerStub(channel).Health(pb.HealthRequest(), timeout=timeout)
         except grpc.RpcError as exc:

@@ -56,6 +56,10 @@ CHANNEL_OPTIONS = (
     ("grpc.initial_reconnect_backoff_ms", 250),
     ("grpc.min_reconnect_backoff_ms", 250),
     ("grpc.max_reconnect_backoff_ms", 2000),
+    # each connection keeps its own subchannels: gRPC otherwise shares them, reconnect backoff
+    # included, between channels with the same address and options, so a new connection to a
+    # worker restarted at a dead one's address failed while an older channel was backing off
+    ("grpc.use_local_subchannel_pool", 1),
 )
 
 _BUSY_CODES = frozenset(

@@ -95,8 +95,8 @@ class WorkerTestCase(TestCase):
     timeout = 90
 
     def start_worker(self, *extra: str, worker_id: str = "w1", backend: str = "cpu-stub",
-                     capacity: int = 1) -> tuple[Proc, str]:
-        port = free_port()
+                     capacity: int = 1, port: int = 0) -> tuple[Proc, str]:
+        port = port or free_port()
         argv = ["worker", "--port", str(port), "--worker-id", worker_id, "--backend", backend,
                 "--max-concurrency", str(capacity), *extra]
         proc = start_omnirt(self, argv, port, name=worker_id)
@@ -407,6 +407,27 @@ class FaultTests(WorkerTestCase):
         yield self.expect_failure(running, WorkerLost, timeout=5)
         yield self.wait_health(watcher, lambda h: h.inflight == 0, timeout=5)
         yield self.expect_failure(conn.health(), WorkerLost)
+
+    @inlineCallbacks
+    def test_a_new_worker_at_a_dead_workers_address_is_reached_at_once(self):
+        """A worker replaced at the same address while another connection to the old one is still
+        open and backing off (a connection not yet closed, a probe): a new connection reaches the new
+        worker at once. gRPC shares subchannels, with their reconnect backoff, between channels of
+        the same address and options unless each channel keeps its own pool; without that, the new
+        connection's first job failed 'failed to connect to all addresses ... Connection refused'."""
+        old_proc, address = self.start_worker(worker_id="old")
+        old = self.connect(address, worker_id="old")
+        yield old.health()
+        old_proc.stop()
+        for _ in range(3):  # the old channel's reconnect attempts fail: its subchannel backs off
+            yield self.expect_failure(old.health(), WorkerLost)
+            yield sleep(0.3)
+        self.start_worker(worker_id="new", port=int(address.rsplit(":", 1)[1]))
+        new = self.connect(address, worker_id="new")
+        outcome = yield new.run(job("j-new", request(steps=2)), Recorder())
+        self.assertTrue(outcome.blobs[0].startswith(PNG_SIGNATURE))
+        health = yield new.health()
+        self.assertEqual(health.worker_id, "new")
 
     @inlineCallbacks
     def test_connection_refused_is_worker_lost(self):
