@@ -212,9 +212,15 @@ def _merge_rounds(rounds: list[dict], n: int) -> dict:
 
 
 def _follow(conn, targets: list[tuple[str, int]], path: str, attach_until: float) -> None:
-    """One measuring process: attach every stream, say so, read to the end, send the arrivals."""
+    """One measuring process: attach every stream, say so, read to the end, send the arrivals.
+    The collector is off while it reads: the (time, bytes) pairs it keeps are thousands of live
+    objects, and a full collection of them stopped this process (and the arrival times of its
+    streams on both gateways alike) for tens of ms in the middle of a job."""
+    import gc
+
     from omnirt.bench.rawsse import Follower, arrivals
 
+    gc.disable()
     follower = Follower(targets, path)
     try:
         follower.connect()

@@ -10,6 +10,7 @@ from twisted.internet.tcp import Connection
 from omnirt.contract import JobEvent
 from omnirt.gateway.edge import parse_int_arg
 from omnirt.store.base import StoreUnavailable
+from omnirt.store.fanout import after_round, at_round_end
 
 
 def resume_point(request) -> int:
@@ -45,15 +46,20 @@ class SseWriter:
     (``writeSomeData``), so a fan-out to N streams costs N ``send`` calls and no reactor
     write-registration per stream. Anything else (headers not sent yet, HTTP/1.0, a TLS or other
     non-TCP transport, bytes still buffered, a partial send) goes through Twisted's buffered
-    write, in order. ``request.sentLength`` is kept as ``request.write`` keeps it."""
+    write, in order. ``request.sentLength`` is kept as ``request.write`` keeps it.
 
-    __slots__ = ("request", "_tcp", "_checked")
+    Inside a store's delivery round (``omnirt.store.fanout``: several events in one reactor
+    turn) the chunks are held and sent together when the round ends: one ``send`` per round."""
+
+    __slots__ = ("request", "_tcp", "_checked", "_held")
 
     def __init__(self, request):
         self.request = request
         #: the connection's TCP transport when it is one (checked once), else None
         self._tcp: Connection | None = None
         self._checked = False
+        #: chunks held until the open delivery round ends (None: nothing held)
+        self._held: list[bytes] | None = None
 
     @staticmethod
     def frame(payload: bytes) -> bytes:
@@ -62,17 +68,35 @@ class SseWriter:
     def write_event(self, event: JobEvent) -> None:
         request = self.request
         if not request.startedWriting or not request.chunked:
+            self.flush()
             request.write(encode_event(event))
             return
         chunk = encode_chunk(event)
         if request.finished or request._disconnected:
+            self.flush()
             request.write(chunk)  # raises after finish, as request.write does; nothing when gone
             return
         request.sentLength += len(encode_event(event))
         self.write_chunk(chunk)
 
     def write_chunk(self, chunk: bytes) -> None:
-        """``chunk`` (already framed) to the connection, now if the socket takes it."""
+        """``chunk`` (already framed) to the connection: held while a delivery round is open,
+        else now if the socket takes it."""
+        held = self._held
+        if held is not None:
+            held.append(chunk)
+        elif at_round_end(self.flush):
+            self._held = [chunk]
+        else:
+            self._send(chunk)
+
+    def flush(self) -> None:
+        """Send the chunks held in this round (if any), in order; before any other write."""
+        held, self._held = self._held, None
+        if held:
+            self._send(held[0] if len(held) == 1 else b"".join(held))
+
+    def _send(self, chunk: bytes) -> None:
         if not self._checked:
             transport = self.request.channel.transport
             self._tcp = transport if isinstance(transport, Connection) else None
@@ -104,20 +128,31 @@ async def stream_events(service, reactor, request, job_id: str, after: int, keep
             request.setHeader(b"X-Accel-Buffering", b"no")
 
     writer = SseWriter(request)
+    terminal_seen = [False]
+
+    def end() -> None:
+        if not done.called:
+            writer.flush()
+            done.callback(None)
 
     def on_event(event: JobEvent) -> None:
-        if done.called:
+        if done.called or terminal_seen[0]:
             return
         send_headers()
         writer.write_event(event)
         if event.terminal:
-            done.callback(None)
+            # in a delivery round the response ends after the round: the terminal event goes to
+            # every subscriber before any of them finishes its response (the finish, the access
+            # log and the connection's bookkeeping do not sit between two writes)
+            terminal_seen[0] = True
+            if not after_round(end):
+                end()
 
     # subscribe raises JobNotFoundError (404) before anything is written
     subscription = await service.subscribe(job_id, after, on_event, owner=owner)
     send_headers()
     try:
-        ended = not done.called and await service.ended_before(job_id, after)
+        ended = not (done.called or terminal_seen[0]) and await service.ended_before(job_id, after)
     except StoreUnavailable:
         ended = False  # the store went away after the replay: keep streaming, the events follow
     except BaseException:
@@ -125,14 +160,20 @@ async def stream_events(service, reactor, request, job_id: str, after: int, keep
         raise
     if ended:
         done.callback(None)  # resumed after the terminal event: nothing more will come
-    keepalive = LoopingCall(lambda: request.write(b": keep-alive\n\n"))
+
+    def keep_alive() -> None:
+        writer.flush()
+        request.write(b": keep-alive\n\n")
+
+    keepalive = LoopingCall(keep_alive)
     keepalive.clock = reactor
     try:
         if not done.called:
             send_headers()
-            request.write(b": connected\n\n")
             request.notifyFinish().addBoth(lambda _: done.called or done.cancel())
-            keepalive.start(keepalive_s, now=False)
+            if not terminal_seen[0]:  # else the replay brought the end: the response ends next
+                request.write(b": connected\n\n")
+                keepalive.start(keepalive_s, now=False)
             await done
     except CancelledError:
         pass  # the client went away

@@ -13,6 +13,7 @@ from twisted.python import log
 
 from omnirt.contract import JobEvent
 from omnirt.store.base import EventCallback, Subscription
+from omnirt.store.fanout import delivery_round
 from omnirt.store.redis.codec import decode_entry
 from omnirt.store.redis.connection import Connection, describe, retry_delay
 
@@ -182,23 +183,29 @@ class StreamReader:
             if failures:
                 log.msg(f"redis event reader ({store.address}): reading again")
             failures = 0
-            for key, entries in reply or ():
-                if key == self._wake_key:
-                    if entries:
-                        self._wake_cursor = entries[-1][0]
+            if reply:
+                # one delivery round per reply: a subscriber's writer sends the reply's events at once
+                with delivery_round():
+                    self._fan_out(reply)
+
+    def _fan_out(self, reply: list) -> None:
+        for key, entries in reply:
+            if key == self._wake_key:
+                if entries:
+                    self._wake_cursor = entries[-1][0]
+                continue
+            stream = self._by_key.get(key)
+            if stream is None:
+                continue
+            for entry in entries:
+                try:
+                    events = decode_entry(entry)
+                except Exception:
+                    log.err(None, f"unreadable event entry {entry[0]!r} in {key}; skipped")
                     continue
-                stream = self._by_key.get(key)
-                if stream is None:
-                    continue
-                for entry in entries:
-                    try:
-                        events = decode_entry(entry)
-                    except Exception:
-                        log.err(None, f"unreadable event entry {entry[0]!r} in {key}; skipped")
+                for event in events:
+                    if event.seq <= stream.cursor:
                         continue
-                    for event in events:
-                        if event.seq <= stream.cursor:
-                            continue
-                        stream.cursor = event.seq
-                        for sub in list(stream.subs):
-                            sub.deliver(event)
+                    stream.cursor = event.seq
+                    for sub in list(stream.subs):
+                        sub.deliver(event)

@@ -13,6 +13,7 @@ from twisted.python import log
 
 from omnirt.contract import JobEvent, JobRecord
 from omnirt.store.base import EventCallback, JobNotFound, StoreUnavailable, Subscription
+from omnirt.store.fanout import delivery_round
 from omnirt.store.redis.codec import arr, decode_entry, decode_record, unpack
 from omnirt.store.redis.connection import retry_delay
 from omnirt.store.redis.reader import RedisSubscription, StreamReader
@@ -53,9 +54,10 @@ class RedisStreams:
             return None
         reader = self._live_reader()  # not closed meanwhile
         sub = RedisSubscription(reader, job_id, max(after_seq, 0), on_event)
-        for entry in arr(reply[1]):
-            for event in decode_entry(entry):
-                sub.deliver(event)  # one at or before after_seq is skipped
+        with delivery_round():  # the replay goes out in one write
+            for entry in arr(reply[1]):
+                for event in decode_entry(entry):
+                    sub.deliver(event)  # one at or before after_seq is skipped
         if not sub.closed and not reader.attach(sub, int(reply[2])):
             self._catch_up(sub)
         return sub
@@ -95,9 +97,10 @@ class RedisStreams:
                 await deferLater(self._clock, retry_delay(failures))
                 failures += 1
                 continue
-            for entry in arr(entries):
-                for event in decode_entry(entry):
-                    sub.deliver(event)  # one already seen (seq <= last) is skipped
+            with delivery_round():
+                for entry in arr(entries):
+                    for event in decode_entry(entry):
+                        sub.deliver(event)  # one already seen (seq <= last) is skipped
             stream_last = int(str(last_id).split("-", 1)[0]) if last_id else 0
             if sub.closed or self._reader.attach(sub, stream_last):
                 return
