@@ -33,6 +33,7 @@ from twisted.python import log
 
 from omnirt.contract import JobEvent, JobRecord, JobState, check_transition
 from omnirt.store.base import EventCallback, JobNotFound, JobStore, NewEvent, Subscription
+from omnirt.store.fanout import delivery_round
 from omnirt.store.memory_finished import Dropped, FinishedJobs
 from omnirt.store.memory_job import MemoryJob, MemoryJobs, unpack_record
 from omnirt.store.memory_outbox import MemoryOutbox
@@ -308,17 +309,26 @@ class MemoryJobStore(JobStore):
         job.marks = marks
         return await self.append_event(job_id, event)
 
+    async def append_worker_events(self, job_id: str, attempt: int, events: list[tuple[int, NewEvent]], *,
+                                   fields: dict[str, Any] | None = None) -> list[JobEvent | None]:
+        """The burst in one delivery round (``omnirt.store.fanout``): a subscriber's writer sends
+        it in one write. Every step here is synchronous: the round never spans a reactor turn."""
+        with delivery_round():
+            return await super().append_worker_events(job_id, attempt, events, fields=fields)
+
     async def events(self, job_id: str, after_seq: int = 0) -> list[JobEvent]:
         return list(self._job(job_id).events[max(after_seq, 0):])
 
     def subscribe(self, job_id: str, after_seq: int, on_event: EventCallback) -> Subscription:
         job = self._job(job_id)
         sub = _MemorySubscription(self, job_id, on_event)
-        # Replay and registration happen in one reactor turn: no gap, no duplicate.
-        for stored in job.events[max(after_seq, 0):]:
-            if sub.closed:
-                return sub
-            on_event(stored)
+        # Replay and registration happen in one reactor turn: no gap, no duplicate; the replay
+        # is one delivery round (one write)
+        with delivery_round():
+            for stored in job.events[max(after_seq, 0):]:
+                if sub.closed:
+                    return sub
+                on_event(stored)
         if not sub.closed:
             self._listeners.setdefault(job_id, []).append(sub)
         return sub

@@ -13,7 +13,6 @@ from twisted.trial import unittest
 
 from omnirt.contract import GenerateRequest, JobRecord, JobState
 from omnirt.store.base import JobNotFound, NewEvent, StoreUnavailable
-from omnirt.store.fanout import at_round_end
 from omnirt.store.redis import RedisJobStore, parse_redis_url
 from tests.support.redis import start_redis
 from tests.unit.outbox_suite import OutboxSuite
@@ -136,40 +135,6 @@ class RedisStoreTests(_RedisStores, unittest.TestCase):
         self.assertEqual(names.count("omnirt-gw-a-reader"), 1)
         self.assertEqual(names.count("omnirt-gw-a-cmd"), 1)
         self.assertEqual(len([n for n in names if n.startswith("omnirt-gw-a")]), 2)
-
-    @inlineCallbacks
-    def test_a_burst_reaches_every_subscriber_in_one_delivery_round(self):
-        """Events stored in one call come in one XREAD reply, delivered to every live subscriber
-        inside one delivery round: a writer holding its writes until the round ends
-        (``at_round_end``, what the SSE writer does) is flushed after the whole burst, once per
-        subscriber and event it held. The replay of ``open_stream`` is one round too."""
-        store = yield self.open_store()
-        yield self._job(store, "j1")
-        log: list = []
-
-        def subscriber(name):
-            def on_event(event):
-                held = at_round_end(lambda: log.append(("flush", name, event.seq)))
-                log.append((name, event.seq, held))
-            return on_event
-
-        for name in ("a", "b"):
-            sub = store.subscribe("j1", 1, subscriber(name))
-            self.addCleanup(sub.close)
-        yield wait_until(lambda: store.subscriber_count() == 2, what="2 live subscribers")
-        self.assertEqual(at_round_end(lambda: log.append("never")), False)  # no round is open here
-        burst = [(i, NewEvent("stage_progress", "denoise", {"step": i})) for i in (1, 2, 3)]
-        yield d(store.append_worker_events("j1", 1, burst))
-        yield wait_until(lambda: len(log) == 12, what="3 events and 3 flushes per subscriber")
-        deliveries = [entry for entry in log if entry[0] != "flush"]
-        self.assertEqual(sorted(deliveries), [(n, seq, True) for n in "ab" for seq in (2, 3, 4)])
-        self.assertEqual(log[:6], deliveries)  # every delivery of the burst before any flush
-        self.assertEqual(sorted(log[6:]), [("flush", n, seq) for n in "ab" for seq in (2, 3, 4)])
-        log.clear()
-        sub = yield d(store.open_stream("j1", 0, subscriber("late")))
-        self.addCleanup(sub.close)
-        self.assertEqual(log[:4], [("late", seq, True) for seq in (1, 2, 3, 4)])
-        self.assertEqual(log[4:], [("flush", "late", seq) for seq in (1, 2, 3, 4)])
 
     @inlineCallbacks
     def test_subscribers_across_jobs_and_stores(self):

@@ -10,6 +10,7 @@ from twisted.internet.defer import Deferred, ensureDeferred, inlineCallbacks
 
 from omnirt.contract import GenerateRequest, IllegalTransition, JobRecord, JobState
 from omnirt.store.base import NewEvent
+from omnirt.store.fanout import at_round_end
 
 
 def _record(job_id: str, model: str = "sdxl-base-1.0", key: str | None = None, tenant: str | None = None) -> JobRecord:
@@ -166,6 +167,39 @@ class JobStoreSuite:
         self.addCleanup(sub.close)
         yield self._settle()
         self.assertEqual(late, [1, 2, 3, 4])
+
+    @inlineCallbacks
+    def test_a_burst_reaches_every_subscriber_in_one_delivery_round(self):
+        """A worker's burst stored in one call reaches every live subscriber inside one delivery
+        round (``omnirt.store.fanout``): a writer that holds its writes until the round ends, as
+        the SSE writer does, is flushed after the whole burst, once per event it held. A replay
+        (``open_stream``) is one round too."""
+        yield self._create("j1")
+        log: list = []
+
+        def subscriber(name):
+            def on_event(event):
+                held = at_round_end(lambda: log.append(("flush", name, event.seq)))
+                log.append((name, event.seq, held))
+            return on_event
+
+        for name in ("a", "b"):
+            sub = self.store.subscribe("j1", 1, subscriber(name))
+            self.addCleanup(sub.close)
+        yield self._settle()
+        self.assertFalse(at_round_end(lambda: log.append("never")))  # no round is open here
+        burst = [(i, NewEvent("stage_progress", "denoise", {"step": i})) for i in (1, 2, 3)]
+        yield d(self.store.append_worker_events("j1", 1, burst))
+        yield self._settle(until=lambda: len(log) >= 12)
+        deliveries = [entry for entry in log if entry[0] != "flush"]
+        self.assertEqual(sorted(deliveries), [(n, seq, True) for n in "ab" for seq in (2, 3, 4)])
+        self.assertEqual(log[:6], deliveries)  # every delivery of the burst before any flush
+        self.assertEqual(sorted(log[6:]), [("flush", n, seq) for n in "ab" for seq in (2, 3, 4)])
+        log.clear()
+        sub = yield d(self.store.open_stream("j1", 0, subscriber("late")))
+        self.addCleanup(sub.close)
+        self.assertEqual(log[:4], [("late", seq, True) for seq in (1, 2, 3, 4)])
+        self.assertEqual(log[4:], [("flush", "late", seq) for seq in (1, 2, 3, 4)])
 
     @inlineCallbacks
     def test_open_stream_unknown_or_refused_job(self):
