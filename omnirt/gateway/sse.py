@@ -130,9 +130,8 @@ async def stream_events(service, reactor, request, job_id: str, after: int, keep
     writer = SseWriter(request)
     terminal_seen = [False]
 
-    def end() -> None:
+    def end() -> None:  # after the round's writes (or at once outside a round): nothing is held
         if not done.called:
-            writer.flush()
             done.callback(None)
 
     def on_event(event: JobEvent) -> None:
@@ -152,7 +151,7 @@ async def stream_events(service, reactor, request, job_id: str, after: int, keep
     subscription = await service.subscribe(job_id, after, on_event, owner=owner)
     send_headers()
     try:
-        ended = not (done.called or terminal_seen[0]) and await service.ended_before(job_id, after)
+        ended = not done.called and await service.ended_before(job_id, after)
     except StoreUnavailable:
         ended = False  # the store went away after the replay: keep streaming, the events follow
     except BaseException:
@@ -160,20 +159,14 @@ async def stream_events(service, reactor, request, job_id: str, after: int, keep
         raise
     if ended:
         done.callback(None)  # resumed after the terminal event: nothing more will come
-
-    def keep_alive() -> None:
-        writer.flush()
-        request.write(b": keep-alive\n\n")
-
-    keepalive = LoopingCall(keep_alive)
+    keepalive = LoopingCall(lambda: request.write(b": keep-alive\n\n"))  # its own turn: nothing held
     keepalive.clock = reactor
     try:
         if not done.called:
             send_headers()
+            request.write(b": connected\n\n")
             request.notifyFinish().addBoth(lambda _: done.called or done.cancel())
-            if not terminal_seen[0]:  # else the replay brought the end: the response ends next
-                request.write(b": connected\n\n")
-                keepalive.start(keepalive_s, now=False)
+            keepalive.start(keepalive_s, now=False)
             await done
     except CancelledError:
         pass  # the client went away
